@@ -234,6 +234,11 @@ class TrainRunConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         if not self.out_dir:
             raise UserError("out_dir is empty; give the run a directory, e.g. out_dir=out/myrun")
+        if self.optim.name == "muon" and self.train.parallelism == "fsdp":
+            raise UserError(
+                "optim.name=muon needs whole matrices, but train.parallelism=fsdp shards them; "
+                "use optim.name=adamw with fsdp, or train.parallelism=ddp with muon"
+            )
 
 
 @dataclass

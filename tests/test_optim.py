@@ -1,0 +1,119 @@
+"""Optimizer grouping, Muon, schedules and optimizer state round trips."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gpt2.config import OptimConfig
+from gpt2.errors import UserError
+from gpt2.model import GPT, GPTConfig
+from gpt2.optim import build_optimizer, lr_at, set_lr
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+
+
+def test_cosine_schedule_warmup_peak_and_floor():
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
+    assert lr_at(0, cfg, 200) == pytest.approx(1 / 11)
+    assert lr_at(9, cfg, 200) == pytest.approx(10 / 11)
+    assert lr_at(10, cfg, 200) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 200) == pytest.approx(0.55)  # halfway down the cosine
+    assert lr_at(110, cfg, 200) == pytest.approx(0.1)
+    assert lr_at(150, cfg, 200) == pytest.approx(0.1)
+    # the decay horizon defaults to max_iters
+    assert lr_at(99, OptimConfig(lr=1.0, min_lr=0.0, warmup_iters=0), 100) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 99 / 100))
+    )
+
+
+def test_wsd_schedule_holds_then_decays_linearly():
+    cfg = OptimConfig(lr=1.0, min_lr=0.0, warmup_iters=10, schedule="wsd", decay_fraction=0.2)
+    lrs = [lr_at(s, cfg, 100) for s in range(100)]
+    assert lrs[10:80] == [1.0] * 70  # stable phase
+    assert lrs[80] == 1.0 and lrs[90] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.05)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_adamw_decays_only_matrices_and_embeddings():
+    model = tiny_model()
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1), "cpu")
+    (adamw,) = opt.optimizers
+    decay, no_decay = adamw.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    n_opt = sum(p.numel() for g in adamw.param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in model.parameters())  # tied weight counted once
+
+
+def test_adamw_matches_torch_adamw():
+    """Our grouping + schedule plumbing steps exactly like a hand-built torch AdamW."""
+    a, b = tiny_model(), tiny_model()
+    cfg = OptimConfig(lr=1e-2, min_lr=1e-3, weight_decay=0.1, warmup_iters=2)
+    ours = build_optimizer(a, cfg, "cpu")
+    decay = [p for p in b.parameters() if p.dim() >= 2]
+    no_decay = [p for p in b.parameters() if p.dim() < 2]
+    ref = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], betas=(0.9, 0.95)
+    )
+    x = torch.randint(0, 64, (4, 16))
+    for step in range(5):
+        lr = set_lr(ours, step, cfg, max_iters=10)
+        for g in ref.param_groups:
+            g["lr"] = lr
+        for model, opt in ((a, ours), (b, ref)):
+            model(x, x)[1].backward()
+            opt.step()
+            opt.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def test_muon_splits_hidden_matrices_and_trains():
+    model = tiny_model()
+    cfg = OptimConfig(name="muon", lr=3e-3, muon_lr=0.02, warmup_iters=0, weight_decay=0.0)
+    opt = build_optimizer(model, cfg, "cpu")
+    muon, adamw = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon)
+    muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        expect_muon = p.dim() == 2 and name.startswith("transformer.h.")
+        assert (id(p) in muon_params) == expect_muon, name
+    x = torch.randint(0, 64, (8, 16))
+    losses = []
+    for step in range(20):
+        set_lr(opt, step, cfg, max_iters=20)
+        _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_set_lr_scales_muon_groups_by_the_same_factor():
+    model = tiny_model()
+    cfg = OptimConfig(name="muon", lr=1e-3, min_lr=1e-4, muon_lr=0.02, warmup_iters=0)
+    opt = build_optimizer(model, cfg, "cpu")
+    lr = set_lr(opt, 100, cfg, max_iters=100)
+    assert lr == pytest.approx(1e-4)
+    assert opt.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.002)
+    assert all(g["lr"] == pytest.approx(1e-4) for g in opt.optimizers[1].param_groups)
+
+
+def test_state_round_trip_and_mismatch():
+    model = tiny_model()
+    opt = build_optimizer(model, OptimConfig(), "cpu")
+    model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))[1].backward()
+    opt.step()
+    state = opt.state_dict()
+    fresh = build_optimizer(model, OptimConfig(), "cpu")
+    fresh.load_state_dict(state)
+    assert fresh.state_dict()["optimizers"][0]["state"].keys() == state["optimizers"][0]["state"].keys()
+    with pytest.raises(UserError, match="optim.name"):
+        build_optimizer(model, OptimConfig(name="muon"), "cpu").load_state_dict(state)
