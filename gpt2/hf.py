@@ -283,8 +283,9 @@ def load_pretrained(name_or_dir: str | os.PathLike, dropout: float = 0.0) -> GPT
     """A GPT with Hugging Face GPT-2 weights, in fp32 on the CPU, in eval mode.
 
     `name_or_dir`: a hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`; downloaded once into the HF cache,
-    or read from it offline; a bare hub name never means a local folder, write `./gpt2` for that) or a local directory holding config.json and model.safetensors (or a sharded
-    model.safetensors.index.json, or pytorch_model.bin). `dropout` is ours to choose (HF configs say 0.1; 0 is the
+    or read from it offline; a bare hub name never means a local folder, write `./gpt2` for that) or a local
+    directory holding config.json and model.safetensors (or a sharded model.safetensors.index.json, or
+    pytorch_model.bin). `dropout` is ours to choose (HF configs say 0.1; 0 is the
     usual choice for fine-tuning). Raises UserError for an unknown name, a missing download, or a directory that
     is not a GPT-2 checkpoint (other model_type, missing files, keys or shapes that do not match).
     """
