@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import replace
 from pathlib import Path
 
@@ -223,6 +224,7 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a model.safetensors, a sharded model.safetensors.index.json, or a pytorch_model.bin."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
@@ -232,7 +234,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(path)
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
         raise UserError(f"cannot read weights {path}: {type(e).__name__}: {e}") from e
 
 
