@@ -1,0 +1,260 @@
+"""The GPT-2 model: shapes, loss over the real vocab, KV cache equivalence, init, sizes, FLOPs, compile."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from gpt2 import GPT, GPTConfig, KVCache
+from gpt2.config import ModelConfig
+from gpt2.errors import UserError
+from gpt2.model import PRESETS, preset
+
+
+def tiny(vocab_size: int = 100, **overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=vocab_size), **overrides}))
+
+
+def test_forward_shapes_and_loss():
+    model = tiny(vocab_size=100)
+    idx = torch.randint(0, 100, (3, 17))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 17, 100) and loss is None
+    logits, loss = model(idx, targets=torch.randint(0, 100, (3, 17)))
+    assert loss.shape == () and math.isfinite(loss.item())
+    # A fresh model predicts nearly uniformly: loss on random targets ~ ln(V).
+    assert abs(loss.item() - math.log(100)) < 0.1
+
+
+def test_loss_is_cross_entropy_over_real_vocab_only():
+    model = tiny(vocab_size=100)  # padded to 128
+    assert model.config.padded_vocab_size == 128
+    with torch.no_grad():  # make the padded logits huge: they would dominate a softmax that included them
+        model.transformer.wte.weight[100:] = 1.0
+        model.transformer.ln_f.bias.fill_(1.0)
+    idx = torch.randint(0, 100, (2, 16))
+    targets = torch.randint(0, 100, (2, 16))
+    targets[0, :5] = -1  # ignored positions
+    logits, loss = model(idx, targets)
+    full = model.lm_head(model.transformer.ln_f(_hidden(model, idx)))  # (B, T, Vp)
+    assert full[..., 100:].min() > full[..., :100].max()
+    logp = full[..., :100].log_softmax(-1)
+    keep = targets != -1
+    manual = -logp[keep].gather(-1, targets[keep][:, None]).mean()
+    torch.testing.assert_close(loss, manual)
+    torch.testing.assert_close(logits, full[..., :100])
+
+
+def _hidden(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The residual stream before ln_f, computed outside `forward`."""
+    pos = torch.arange(idx.shape[1])
+    x = model.transformer.wte(idx) + model.transformer.wpe(pos)
+    for block in model.transformer.h:
+        x = block(x)
+    return x
+
+
+def test_sequence_longer_than_block_size():
+    model = tiny(block_size=8)
+    with pytest.raises(ValueError, match="exceeds the model's block_size 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_kv_cache_prefill_then_decode_equals_full_forward():
+    model = tiny().eval()
+    idx = torch.randint(0, 100, (2, 20))
+    full, _ = model(idx)  # (B, T, V)
+    cache = KVCache(model.config, batch_size=2)
+    prefill, _ = model(idx[:, :12], kv_cache=cache)  # the prompt at once
+    assert cache.pos == 12
+    torch.testing.assert_close(prefill, full[:, :12], atol=1e-5, rtol=0)
+    chunk, _ = model(idx[:, 12:16], kv_cache=cache)  # a chunk after a prefix (needs the offset causal mask)
+    torch.testing.assert_close(chunk, full[:, 12:16], atol=1e-5, rtol=0)
+    for t in range(16, 20):  # then one token at a time
+        step, _ = model(idx[:, t : t + 1], kv_cache=cache)
+        torch.testing.assert_close(step, full[:, t : t + 1], atol=1e-5, rtol=0)
+    assert cache.pos == 20
+    cache.reset()
+    again, _ = model(idx[:, :5], kv_cache=cache)
+    torch.testing.assert_close(again, full[:, :5], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_greedy_decoding_with_and_without_cache_is_identical():
+    model = tiny().eval()
+    prompt = torch.randint(0, 100, (2, 5))
+    plain = prompt
+    for _ in range(20):
+        logits, _ = model(plain)
+        plain = torch.cat([plain, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    cache = KVCache(model.config, batch_size=2)
+    cached, nxt = prompt, prompt
+    for _ in range(20):
+        logits, _ = model(nxt, kv_cache=cache)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        cached = torch.cat([cached, nxt], dim=1)
+    assert torch.equal(plain, cached)
+
+
+def test_kv_cache_overflow():
+    model = tiny(block_size=8).eval()
+    cache = KVCache(model.config, batch_size=1)
+    model(torch.zeros(1, 8, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="exceeds the model's block_size"):
+        model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+def test_init_stds_match_init_weights_docstring():
+    """std 0.02; residual projections 0.02/sqrt(2 n_layer); biases 0; LayerNorm 1/0; padding rows 0; tied."""
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=256, vocab_size=1000)
+    model = GPT(config)
+    residual = 0.02 / math.sqrt(2 * config.n_layer)
+    sd = model.state_dict()
+    wte = sd["transformer.wte.weight"]
+    assert wte.shape == (1024, 256)
+    assert not wte[1000:].any()
+    assert wte[:1000].std().item() == pytest.approx(0.02, rel=0.02)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    checked = 0
+    for name, t in sd.items():
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            continue
+        if ".ln_" in name or name.startswith("transformer.ln_f"):
+            assert torch.all(t == (1.0 if name.endswith("weight") else 0.0)), name
+        elif name.endswith("bias"):
+            assert not t.any(), name
+        else:
+            want = residual if name.endswith("c_proj.weight") else 0.02
+            assert t.mean().abs().item() < 0.1 * want, name
+            assert t.std().item() == pytest.approx(want, rel=0.02), name
+        checked += 1
+    assert checked == len(sd) - 2
+
+
+# Parameter counts of OpenAI's releases (HF GPT2LMHeadModel, tied head counted once, vocab 50257).
+RELEASED = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_preset_parameter_counts(name):
+    config = preset(name)
+    with torch.device("meta"):
+        model = GPT(config)
+    padding = (config.padded_vocab_size - config.vocab_size) * config.n_embd
+    assert model.num_params(non_embedding=False) - padding == RELEASED[name]
+    assert model.num_params() == model.num_params(non_embedding=False) - config.block_size * config.n_embd
+
+
+def test_released_counts_are_transformers_counts():
+    transformers = pytest.importorskip("transformers")
+    for name in ("gpt2", "gpt2-medium"):
+        c = PRESETS[name]
+        hf_config = transformers.GPT2Config(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"])
+        with torch.device("meta"):
+            hf = transformers.GPT2LMHeadModel(hf_config)
+        assert sum(p.numel() for p in hf.parameters()) == RELEASED[name]
+
+
+def test_unknown_preset():
+    with pytest.raises(UserError, match="unknown model preset 'gpt5'"):
+        preset("gpt5")
+
+
+def test_bad_config_values():
+    with pytest.raises(UserError, match="n_embd .* divisible by model.n_head"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(UserError, match="model.dropout"):
+        GPTConfig(dropout=1.0)
+
+
+def test_model_yaml_presets_match_python_presets():
+    """configs/model/<name>.yaml are what users select; they must agree with `gpt2.model.PRESETS`."""
+    yaml_names = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl",
+                  "tiny": "gpt2-tiny", "mini": "gpt2-mini"}  # fmt: skip
+    assert {p.stem for p in (ROOT / "configs" / "model").glob("*.yaml")} >= set(yaml_names)
+    for yaml_name, preset_name in yaml_names.items():
+        cfg = OmegaConf.merge(
+            OmegaConf.structured(ModelConfig), OmegaConf.load(ROOT / "configs" / "model" / f"{yaml_name}.yaml")
+        )
+        model_cfg: ModelConfig = OmegaConf.to_object(cfg)
+        from_yaml = GPTConfig(**{k: getattr(model_cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size")})
+        assert from_yaml == preset(preset_name), yaml_name
+        assert model_cfg.dropout == 0.0 and model_cfg.bias is True
+
+
+def test_weight_tying_shares_storage_and_gradients():
+    model = tiny()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.num_params(non_embedding=False) == sum(p.numel() for p in set(model.parameters()))
+    idx = torch.randint(0, 100, (2, 8))
+    model(idx, targets=idx)[1].backward()
+    grad = model.transformer.wte.weight.grad
+    assert grad is not None and grad[:100].abs().sum() > 0
+    assert not grad[100:].any()  # padded rows get no gradient, so they stay zero under AdamW too
+    model.to(torch.float64)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_eval_is_deterministic_and_dropout_only_acts_in_training():
+    model = tiny(dropout=0.2)
+    idx = torch.randint(0, 100, (2, 16))
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+    no_dropout = tiny(dropout=0.0).train()
+    assert torch.equal(no_dropout(idx)[0], no_dropout(idx)[0])
+
+
+def test_flops_per_token():
+    """6 N (N: parameters without wpe, with the padded wte/lm_head) + 12 n_layer n_embd T."""
+    with torch.device("meta"):
+        model = GPT(preset("gpt2"))
+    n = 124_439_808 + 47 * 768 - 1024 * 768  # released count + padding rows - wpe
+    assert model.num_params() == n == 123_689_472
+    assert model.flops_per_token() == 6 * n + 12 * 12 * 768 * 1024 == 855_383_040
+    assert model.flops_per_token(seq_len=256) == 6 * n + 12 * 12 * 768 * 256
+
+
+@pytest.mark.slow  # ~30 s of inductor compilation on 2 CPU cores
+def test_compiled_matches_eager():
+    model = tiny()
+    idx = torch.randint(0, 100, (2, 16))
+    eager_logits, eager_loss = model(idx, targets=idx)
+    eager_loss.backward()
+    eager_grad = model.transformer.h[0].attn.c_attn.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    compiled = torch.compile(model)
+    logits, loss = compiled(idx, targets=idx)
+    loss.backward()
+    torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight.grad, eager_grad, atol=1e-5, rtol=1e-4)
+    assert time.perf_counter() - start < 120
+
+
+def test_bias_false_has_no_biases():
+    model = tiny(bias=False)
+    assert not [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    idx = torch.randint(0, 100, (1, 8))
+    assert model(idx, targets=idx)[1].isfinite()
+
+
+def test_loss_under_bf16_autocast_is_close_to_fp32():
+    model = tiny()
+    idx = torch.randint(0, 100, (2, 16))
+    _, fp32 = model(idx, targets=idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, bf16 = model(idx, targets=idx)
+    assert bf16.dtype == torch.float32  # cross-entropy runs in fp32 under autocast
+    assert abs(bf16.item() - fp32.item()) < 0.05
