@@ -1,0 +1,251 @@
+"""Data preparation: built-in counts, custom corpora of every file type, splits, shards, atomicity, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import ROOT, SHAKESPEARE, requires_shakespeare, requires_tiktoken
+from gpt2.data import open_dataset
+from gpt2.data import prepare as prepare_mod
+from gpt2.data import sources
+from gpt2.data.dataset import BUILTIN
+from gpt2.data.prepare import run
+from gpt2.errors import UserError
+
+EOT = 50256
+
+
+def prepare(data_root, *overrides: str):
+    """Compose configs/prepare.yaml with `overrides` (as the CLI does) and run it."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("prepare", overrides=[f"data_root={data_root}", *overrides])
+    return run(cfg)
+
+
+def all_tokens(ds, split: str) -> np.ndarray:
+    return np.concatenate([np.asarray(ds.tokens(s)) for s in ds.shards(split)]).astype(np.int64)
+
+
+def with_shakespeare(data_root, name: str):
+    (data_root / name).mkdir(parents=True)
+    shutil.copy(SHAKESPEARE, data_root / name / "input.txt")
+
+
+def gpt2_enc():
+    import tiktoken
+
+    return tiktoken.get_encoding("gpt2")
+
+
+@requires_shakespeare
+def test_shakespeare_char_counts_match_nanogpt(tmp_path):
+    with_shakespeare(tmp_path, "shakespeare_char")
+    ds = open_dataset(str(prepare(tmp_path, "data=shakespeare_char")))
+    assert (ds.num_tokens("train"), ds.num_tokens("val")) == (1_003_854, 111_540)
+    assert ds.vocab_size == 65 and ds.meta["tokenizer"]["name"] == "char"
+    text = SHAKESPEARE.read_text()
+    assert ds.tokenizer.decode(all_tokens(ds, "train").tolist()) == text[:1_003_854]
+    assert ds.tokenizer.decode(all_tokens(ds, "val").tolist()) == text[1_003_854:]
+
+
+@requires_shakespeare
+@requires_tiktoken
+def test_shakespeare_gpt2_counts_match_nanogpt_plus_one_eot_per_split(tmp_path):
+    with_shakespeare(tmp_path, "shakespeare")
+    ds = open_dataset(str(prepare(tmp_path, "data=shakespeare")))
+    train, val = all_tokens(ds, "train"), all_tokens(ds, "val")
+    assert (len(train), len(val)) == (301_966 + 1, 36_059 + 1)
+    assert train[-1] == EOT and val[-1] == EOT
+    text = SHAKESPEARE.read_text()
+    n = int(len(text) * 0.9)
+    assert train[:-1].tolist() == gpt2_enc().encode_ordinary(text[:n])
+    assert val[:-1].tolist() == gpt2_enc().encode_ordinary(text[n:])
+
+
+def make_corpus(root):
+    """A folder of every supported type (plus a file to ignore); returns the documents in preparation order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir()
+    (root / "sub").mkdir()
+    docs = {}
+    docs["a.txt"] = ["First text file.\nTwo lines."]
+    (root / "a.txt").write_text(docs["a.txt"][0])
+    docs["b.jsonl"] = ["jsonl one", "jsonl <|endoftext|> two", "jsonl three"]
+    (root / "b.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n\n" for i, t in enumerate(docs["b.jsonl"])))
+    docs["c.json"] = ["json list item", "json string item"]
+    (root / "c.json").write_text(json.dumps([{"text": docs["c.json"][0]}, docs["c.json"][1]]))
+    docs["d.parquet"] = ["parquet row one", "parquet row two"]
+    pq.write_table(pa.table({"text": docs["d.parquet"], "n": [1, 2]}), root / "d.parquet")
+    docs["skip.csv"] = []
+    (root / "skip.csv").write_text("not,a,document\n")
+    docs["sub/e.md"] = ["# Markdown\n\nin a subfolder"]
+    (root / "sub" / "e.md").write_text(docs["sub/e.md"][0])
+    return [t for name in sorted(docs) for t in docs[name]]
+
+
+@requires_tiktoken
+def test_custom_folder_of_every_type_prepares_and_loads(tmp_path):
+    from gpt2.data import TokenLoader
+
+    docs = make_corpus(tmp_path / "corpus")
+    prepare(tmp_path, "data=text", "data.name=mine", f"data.source={tmp_path / 'corpus'}", "data.val_fraction=0.25")
+    ds = open_dataset("mine", data_root=tmp_path)
+    enc = gpt2_enc()
+    expected = [enc.encode_ordinary(d) + [EOT] for d in docs]
+    assert ds.meta["splits"]["train"]["documents"] + ds.meta["splits"]["val"]["documents"] == len(docs) == 9
+    assert ds.meta["splits"]["val"]["documents"] == round(9 * 0.25)
+
+    def split_docs(tokens):
+        cuts = np.flatnonzero(tokens == EOT) + 1
+        return [d.tolist() for d in np.split(tokens, cuts)[:-1]]
+
+    got = split_docs(all_tokens(ds, "train")) + split_docs(all_tokens(ds, "val"))
+    assert sorted(got) == sorted(expected)  # every document exactly once, each ending with EOT
+    # "<|endoftext|>" inside a document is text, never a separator.
+    assert sum(d.count(EOT) for d in got) == len(docs)
+    x, y = TokenLoader(ds, "train", batch_size=2, block_size=4).next_batch()
+    assert x.shape == y.shape == (2, 4) and x.dtype == y.dtype == __import__("torch").int64
+
+
+@requires_tiktoken
+def test_glob_val_source_and_seeded_split(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc{i:02d}.txt").write_text(f"document number {i}")
+    (corpus / "held.jsonl").write_text(json.dumps({"body": "held out"}) + "\n")
+
+    def val_docs(name, *extra):
+        ds = open_dataset(str(prepare(tmp_path, "data=text", f"data.name={name}", *extra)))
+        return gpt2_enc().decode(all_tokens(ds, "val").tolist()).split("<|endoftext|>")[:-1], ds
+
+    a, ds = val_docs("a", f"data.source={corpus}/doc*.txt", "data.seed=1")
+    b, _ = val_docs("b", f"data.source={corpus}/doc*.txt", "data.seed=1")
+    c, _ = val_docs("c", f"data.source={corpus}/doc*.txt", "data.seed=2")
+    assert len(a) == 4 and a == b and a != c  # 10% of 40, the same for a seed
+    assert ds.meta["splits"]["train"]["documents"] == 36
+    v, ds = val_docs("v", f"data.source={corpus}/doc*.txt", f"data.val_source={corpus}/held.jsonl",
+                     "data.text_field=body")
+    assert v == ["held out"] and ds.meta["splits"]["train"]["documents"] == 40
+
+
+@requires_shakespeare
+@requires_tiktoken
+def test_small_shards_and_small_pieces_give_the_same_tokens(tmp_path, monkeypatch):
+    with_shakespeare(tmp_path, "shakespeare")
+    ref = open_dataset(str(prepare(tmp_path, "data=shakespeare")))
+    # Many shards, and the text file read in ~1k-character pieces cut at safe newlines.
+    monkeypatch.setattr(sources, "PIECE_CHARS", 1000)
+    ds = open_dataset(str(prepare(tmp_path, "data=text", "data.name=small", "data.shard_tokens=10000",
+                                  f"data.source={SHAKESPEARE}")))
+    assert len(ds.shards("train")) == 31 and len(ds.shards("val")) == 4
+    assert all(s.tokens == 10000 for s in ds.shards("train")[:-1])
+    assert [s.path.name for s in ds.shards("val")] == [f"val_{i:06d}.bin" for i in range(4)]
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(all_tokens(ds, split), all_tokens(ref, split))
+
+
+def test_safe_cut_only_between_non_space_characters():
+    assert sources._safe_cut("ab\ncd\n\nef") == len("ab\n")
+    assert sources._safe_cut("ab \ncd") == 0 and sources._safe_cut("ab\n cd") == 0
+    assert sources._safe_cut("x\ny z\nw") == len("x\ny z\n")
+
+
+@requires_tiktoken
+def test_local_hf_dataset_and_hf_stream_first_shard_is_val(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hub = tmp_path / "hub_ds"
+    hub.mkdir()
+    texts = [f"row {i} " + "word " * (i % 7) for i in range(200)]
+    pq.write_table(pa.table({"text": texts}), hub / "train.parquet")
+    ds = open_dataset(str(prepare(tmp_path, "data=text", "data.name=hf", f"data.source=hf:{hub}")))
+    assert ds.meta["splits"]["val"]["documents"] == 20 and ds.meta["splits"]["train"]["documents"] == 180
+
+    ds = open_dataset(str(prepare(tmp_path, "data=fineweb_edu", "data.name=stream", f"data.source=hf:{hub}",
+                                  "data.subset=null", "data.shard_tokens=500")))
+    stream = np.array([t for text in texts for t in gpt2_enc().encode_ordinary(text) + [EOT]])
+    assert ds.num_tokens("val") == 500 and len(ds.shards("val")) == 1
+    np.testing.assert_array_equal(all_tokens(ds, "val"), stream[:500])
+    np.testing.assert_array_equal(all_tokens(ds, "train"), stream[500:])
+
+
+@requires_shakespeare
+def test_prepared_dataset_is_skipped_unless_overwrite(tmp_path, capsys):
+    with_shakespeare(tmp_path, "shakespeare_char")
+    out = prepare(tmp_path, "data=shakespeare_char")
+    stamp = json.loads((out / "meta.json").read_text())["prepared_at"]
+    (out / "train_000000.bin").touch()
+    prepare(tmp_path, "data=shakespeare_char")
+    assert "already prepared" in capsys.readouterr().out
+    assert json.loads((out / "meta.json").read_text())["prepared_at"] == stamp
+    prepare(tmp_path, "data=shakespeare_char", "overwrite=true", "data.shard_tokens=600000")
+    assert sorted(p.name for p in out.glob("*.bin")) == ["train_000000.bin", "train_000001.bin", "val_000000.bin"]
+
+
+@requires_shakespeare
+def test_interrupted_preparation_is_detected_and_rebuilt(tmp_path, monkeypatch):
+    with_shakespeare(tmp_path, "shakespeare_char")
+    real_write = prepare_mod.ShardWriter.write
+
+    def write_then_die(self, tokens):
+        real_write(self, tokens[: len(tokens) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_mod.ShardWriter, "write", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path, "data=shakespeare_char", "data.shard_tokens=100000")
+    out = tmp_path / "shakespeare_char"
+    assert not (out / "meta.json").exists() and not list(out.glob("*.tmp"))
+    assert len(list(out.glob("train_*.bin"))) == 5  # whole shards only
+    with pytest.raises(UserError, match="preparation was interrupted.*python data/prepare.py data=shakespeare_char"):
+        open_dataset("shakespeare_char", data_root=tmp_path)
+    monkeypatch.undo()
+    prepare(tmp_path, "data=shakespeare_char")
+    assert open_dataset("shakespeare_char", data_root=tmp_path).num_tokens("train") == 1_003_854
+    assert sorted(p.name for p in out.glob("*.bin")) == ["train_000000.bin", "val_000000.bin"]
+
+
+def test_bad_sources_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="data.source is not set"):
+        prepare(tmp_path, "data=text", "data.name=x")
+    with pytest.raises(UserError, match="does not exist"):
+        prepare(tmp_path, "data=text", f"data.source={tmp_path}/missing")
+    (tmp_path / "rows.jsonl").write_text('{"content": "x"}\n')
+    with pytest.raises(UserError, match=r"rows.jsonl:1: no 'text' field \(keys: content\).*data.text_field"):
+        prepare(tmp_path, "data=text", f"data.source={tmp_path}/rows.jsonl", "data.tokenizer=char")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="matches no"):
+        prepare(tmp_path, "data=text", f"data.source={tmp_path}/empty")
+    with pytest.raises(UserError, match="cannot download .*put the file at"):
+        sources.fetch_url("http://127.0.0.1:9/input.txt", tmp_path / "dl" / "input.txt")
+    assert not (tmp_path / "dl" / "input.txt.tmp").exists()
+
+
+def test_builtin_names_match_the_config_group():
+    names = {p.stem for p in (ROOT / "configs" / "data").glob("*.yaml")}
+    assert names == set(BUILTIN) | {"text"}
+
+
+@requires_shakespeare
+def test_cli_prepares_and_rejects_bad_input_with_one_line(tmp_path):
+    with_shakespeare(tmp_path, "shakespeare_char")
+    cmd = [sys.executable, str(ROOT / "data" / "prepare.py")]
+    ok = subprocess.run(cmd + ["data=shakespeare_char", f"data_root={tmp_path}"], capture_output=True, text=True,
+                        cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "train: 1,003,854 tokens" in ok.stdout
+    bad = subprocess.run(cmd + ["data=text", f"data_root={tmp_path}", "data.val_fraction=1.5"], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["error: data.val_fraction must be in [0, 1), got 1.5"]
