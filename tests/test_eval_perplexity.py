@@ -174,3 +174,53 @@ def test_window_above_block_size_and_too_short_text_are_user_errors():
         perplexity.evaluate(model, np.arange(20) % 10, window=9)
     with pytest.raises(UserError, match="at least 2 tokens"):
         perplexity.evaluate(model, np.array([1]))
+
+
+def prepare_char_dataset(tmp_path, text: str, name: str = "tiny"):
+    from gpt2.config import DataConfig
+    from gpt2.data import open_dataset
+    from gpt2.data.prepare import prepare
+
+    (tmp_path / f"{name}.txt").write_text(text)
+    prepare(DataConfig(name=name, tokenizer="char", source=str(tmp_path / f"{name}.txt"), val_fraction=0.2),
+            data_root=tmp_path / "data")
+    return open_dataset(name, data_root=tmp_path / "data")
+
+
+def test_prepared_val_split_equals_the_trainers_mean_loss_over_chunks(tmp_path, capsys):
+    from gpt2.eval.__main__ import main
+
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(60))
+    ds = prepare_char_dataset(tmp_path, text)
+    model = tiny_model(vocab_size=ds.vocab_size, block_size=16, seed=3)
+    save_checkpoint(tmp_path / "run" / "ckpt.pt", model, ds.tokenizer)
+    val = np.concatenate([ds.tokens(s) for s in ds.shards("val")]).astype(np.int64)
+    n_chunks = (len(val) - 1) // 16
+    x = torch.from_numpy(val[: n_chunks * 16]).view(n_chunks, 16)  # (chunks, T): the trainer's val windows
+    y = torch.from_numpy(val[1 : n_chunks * 16 + 1]).view(n_chunks, 16)
+    with torch.no_grad():
+        _, reference = model(x, y)
+    result = main(["perplexity", f"checkpoint={tmp_path / 'run'}", "data=tiny", f"data_root={tmp_path / 'data'}",
+                   "split=val", "window=16", "stride=16", f"max_tokens={n_chunks * 16 + 1}", "device=cpu",
+                   "dtype=float32"])
+    assert result["tokens"] == n_chunks * 16
+    assert result["loss"] == pytest.approx(reference.item(), rel=1e-6)
+    assert result["bytes"] == n_chunks * 16  # ASCII: one byte per character
+    assert "tiny/val" in capsys.readouterr().out
+
+
+@requires_tiktoken
+def test_checkpoint_tokenizer_must_match_the_prepared_data(tmp_path, capsys):
+    text = "".join(f"line {i}: the quick brown fox.\n" for i in range(40))
+    prepare_char_dataset(tmp_path, text)
+    root = f"data_root={tmp_path / 'data'}"
+    bpe = GPT2Tokenizer()
+    save_checkpoint(tmp_path / "bpe" / "ckpt.pt", tiny_model(vocab_size=bpe.vocab_size), bpe)
+    err = cli_error(capsys, "perplexity", f"checkpoint={tmp_path / 'bpe'}", "data=tiny", root)
+    assert "prepared with tokenizer char but the model uses gpt2" in err
+    other = CharTokenizer.from_text("xyz\n")
+    save_checkpoint(tmp_path / "char" / "ckpt.pt", tiny_model(vocab_size=other.vocab_size), other)
+    err = cli_error(capsys, "perplexity", f"checkpoint={tmp_path / 'char'}", "data=tiny", root)
+    assert "different" in err
+    err = cli_error(capsys, "perplexity", f"checkpoint={tmp_path / 'char'}", "data=nothere", root)
+    assert "is not prepared" in err

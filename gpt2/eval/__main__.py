@@ -13,21 +13,21 @@ USAGE = (
 
 
 @exit_on_user_error
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> dict | None:
+    """Run one command; returns its result dict (for scripts and tests)."""
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
-        return
+        return None
     command, args = argv[0], argv[1:]
     if command == "perplexity":
         from gpt2.eval import perplexity
 
-        perplexity.main(args)
-    elif command == "hellaswag":
+        return perplexity.main(args)
+    if command == "hellaswag":
         from gpt2.eval import hellaswag
 
-        hellaswag.main(args)
-    else:
-        raise UserError(f"unknown command {command!r}; use `python -m gpt2.eval perplexity|hellaswag key=value ...`")
+        return hellaswag.main(args)
+    raise UserError(f"unknown command {command!r}; use `python -m gpt2.eval perplexity|hellaswag key=value ...`")
 
 
 if __name__ == "__main__":

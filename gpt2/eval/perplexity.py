@@ -190,25 +190,13 @@ def split_tokens(data: str, data_root: str, split: str, tokenizer: Any) -> np.nd
     The dataset's tokenizer must be the model's: ids of one vocabulary mean nothing to another.
     """
     from gpt2.data import open_dataset
-    from gpt2.data.shards import open_tokens, read_header
 
     ds = open_dataset(data, data_root=data_root)
-    if ds.tokenizer.to_dict() != tokenizer.to_dict():
-        raise UserError(
-            f"dataset {data} was prepared with the {_describe(ds.tokenizer)} tokenizer but the model uses "
-            f"{_describe(tokenizer)}; prepare the data with the model's tokenizer (data.tokenizer=...)"
-        )
-    paths = sorted(Path(ds.dir).glob(f"{split}_*.bin"))
-    if not paths:
-        raise UserError(f"dataset {data} has no {split} shards in {ds.dir}; prepare it again")
-    parts = [open_tokens(p, read_header(p)) for p in paths]
-    return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
-
-
-def _describe(tokenizer: Any) -> str:
-    if tokenizer.name == "char":
-        return f"char ({tokenizer.vocab_size} characters)"
-    return tokenizer.name
+    ds.check_tokenizer(tokenizer.to_dict(), what="the model")
+    parts = [ds.tokens(shard) for shard in ds.shards(split)]
+    if not parts or sum(len(p) for p in parts) < 2:
+        raise UserError(f"dataset {data} has no {split} tokens in {ds.dir}; prepare it with a {split} split")
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def run(cfg: PerplexityConfig) -> PerplexityResult:
