@@ -97,30 +97,38 @@ def test_custom_folder_of_every_type_prepares_and_loads(tmp_path):
     from gpt2.data import TokenLoader
 
     docs = make_corpus(tmp_path / "corpus")
-    prepare(tmp_path, "data=text", "data.name=mine", f"data.source={tmp_path / 'corpus'}", "data.val_fraction=0.25")
+    prepare(tmp_path, "data=text", "data.name=mine", f"data.source={tmp_path / 'corpus'}", "data.val_fraction=0")
     ds = open_dataset("mine", data_root=tmp_path)
     enc = gpt2_enc()
-    expected = [enc.encode_ordinary(d) + [EOT] for d in docs]
-    assert ds.meta["splits"]["train"]["documents"] + ds.meta["splits"]["val"]["documents"] == len(docs) == 9
-    assert ds.meta["splits"]["val"]["documents"] == round(9 * 0.25)
-
-    def split_docs(tokens):
-        cuts = np.flatnonzero(tokens == EOT) + 1
-        return [d.tolist() for d in np.split(tokens, cuts)[:-1]]
-
-    got = split_docs(all_tokens(ds, "train")) + split_docs(all_tokens(ds, "val"))
-    assert sorted(got) == sorted(expected)  # every document exactly once, each ending with EOT
-    # "<|endoftext|>" inside a document is text, never a separator.
-    assert sum(d.count(EOT) for d in got) == len(docs)
+    # Every document once, in order (files sorted by path), each ending with EOT; "<|endoftext|>" inside a
+    # document is text, never a separator.
+    assert all_tokens(ds, "train").tolist() == [t for d in docs for t in enc.encode_ordinary(d) + [EOT]]
+    assert ds.meta["splits"]["train"]["documents"] == len(docs) == 9 and ds.num_tokens("val") == 0
     x, y = TokenLoader(ds, "train", batch_size=2, block_size=4).next_batch()
     assert x.shape == y.shape == (2, 4) and x.dtype == y.dtype == __import__("torch").int64
+    with pytest.raises(UserError, match="val split of .* is empty.*data.val_fraction > 0"):
+        TokenLoader(ds, "val", batch_size=2, block_size=4)
+
+
+@requires_tiktoken
+def test_few_documents_are_each_split_by_characters(tmp_path):
+    corpus = tmp_path / "books"
+    corpus.mkdir()
+    books = [f"Book {i}.\n" + "It was a dark and stormy night. " * (50 + 30 * i) for i in range(3)]
+    for i, book in enumerate(books):
+        (corpus / f"book{i}.txt").write_text(book)
+    ds = open_dataset(str(prepare(tmp_path, "data=text", "data.name=books", f"data.source={corpus}")))
+    enc = gpt2_enc()
+    cuts = [int(len(b) * 0.9) for b in books]
+    assert all_tokens(ds, "train").tolist() == [t for b, c in zip(books, cuts) for t in enc.encode_ordinary(b[:c]) + [EOT]]
+    assert all_tokens(ds, "val").tolist() == [t for b, c in zip(books, cuts) for t in enc.encode_ordinary(b[c:]) + [EOT]]
 
 
 @requires_tiktoken
 def test_glob_val_source_and_seeded_split(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for i in range(40):
+    for i in range(200):
         (corpus / f"doc{i:02d}.txt").write_text(f"document number {i}")
     (corpus / "held.jsonl").write_text(json.dumps({"body": "held out"}) + "\n")
 
@@ -131,11 +139,11 @@ def test_glob_val_source_and_seeded_split(tmp_path):
     a, ds = val_docs("a", f"data.source={corpus}/doc*.txt", "data.seed=1")
     b, _ = val_docs("b", f"data.source={corpus}/doc*.txt", "data.seed=1")
     c, _ = val_docs("c", f"data.source={corpus}/doc*.txt", "data.seed=2")
-    assert len(a) == 4 and a == b and a != c  # 10% of 40, the same for a seed
-    assert ds.meta["splits"]["train"]["documents"] == 36
+    assert len(a) == 20 and a == b and a != c  # 10% of 200 whole documents, the same for a seed
+    assert ds.meta["splits"]["train"]["documents"] == 180
     v, ds = val_docs("v", f"data.source={corpus}/doc*.txt", f"data.val_source={corpus}/held.jsonl",
                      "data.text_field=body")
-    assert v == ["held out"] and ds.meta["splits"]["train"]["documents"] == 40
+    assert v == ["held out"] and ds.meta["splits"]["train"]["documents"] == 200
 
 
 @requires_shakespeare

@@ -36,6 +36,11 @@ class _Windows:
         per_shard = np.array([max(0, s.tokens - block_size) for s in self.shards], dtype=np.int64)
         self.ends = np.cumsum(per_shard)
         self.count = int(self.ends[-1]) if len(self.ends) else 0
+        if not self.shards:
+            raise UserError(
+                f"the {split} split of {ds.dir} is empty ({ds.meta.get('split_rule', '')}); re-prepare it with "
+                "data.val_fraction > 0 or a data.val_source (and overwrite=true)"
+            )
         if self.count == 0:
             largest = max((s.tokens for s in self.shards), default=0)
             more = " or raise data.val_fraction and re-prepare" if split == "val" else ""

@@ -8,9 +8,11 @@ rejects and the next run rebuilds from scratch.
 
 Train/validation split (deterministic):
 - `data.val_source` given: the source is train, the val source is val.
-- one document (e.g. tiny-shakespeare): split by characters, the first (1 - val_fraction) is train (nanoGPT).
-- several documents: round(N * val_fraction) of the N documents (at least 1, at most N - 1), chosen by a
-  generator seeded with `data.seed`, are val.
+- few documents (N * val_fraction < 10, e.g. tiny-shakespeare's one or a folder of a few books): every document
+  is split by characters, its first (1 - val_fraction) train and the rest val (nanoGPT's rule for one document),
+  so the fraction is exact and val covers every document.
+- more documents: round(N * val_fraction) of the N documents (at most N - 1), chosen by a generator seeded with
+  `data.seed`, are val, whole.
 - `data.builder=hf_stream`: the first `data.shard_tokens` tokens of the stream are val (one shard, as
   build-nanogpt does for FineWeb-Edu), the rest train; `val_fraction` is not used.
 With the GPT-2 tokenizer every document (and each side of a one-document split) ends with end-of-text (50256).
@@ -37,6 +39,7 @@ from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 
 BATCH_PIECES = 2048  # documents tokenized together (spread over the threads)
 BATCH_CHARS = 1 << 24  # ... or ~16M characters, whichever comes first: bounds memory
+MIN_VAL_DOCS = 10  # fewer held-out documents than this: split each document by characters instead
 Item = tuple[str, str, bool]  # (split, text, ends_document)
 
 
@@ -69,7 +72,7 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
     _clear(out_dir)
 
     # Plan the split before reading the corpus for real (a cheap pass: counts, not tokens).
-    single_doc_chars: Optional[int] = None
+    cuts: Optional[list[int]] = None  # per-document character split points
     val_mask: Optional[np.ndarray] = None
     chars: set[str] = set()
     if streaming:
@@ -80,15 +83,16 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
         rule = "no validation split (data.val_fraction=0)"
     else:
         n_docs = source.count_documents()
-        if n_docs == 1:
-            single_doc_chars, chars = _scan_chars(source)
-            rule = f"one document: first {1 - data.val_fraction:g} of its characters train, the rest val"
+        if n_docs * data.val_fraction < MIN_VAL_DOCS:
+            lengths, chars = _scan_chars(source)
+            cuts = [int(n * (1 - data.val_fraction)) for n in lengths]
+            rule = f"{n_docs} document(s), each split by characters: the first {1 - data.val_fraction:g} train"
         else:
             val_mask = _val_mask(n_docs, data.val_fraction, data.seed)
             rule = f"{int(val_mask.sum())} of {n_docs} documents val, chosen with seed {data.seed}"
 
     if data.tokenizer == "char":
-        if single_doc_chars is None:
+        if cuts is None:
             for src in (source, val_source):
                 chars |= _scan_chars(src)[1] if src is not None else set()
         if len(chars) > MAX_VOCAB:
@@ -101,8 +105,8 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
         num_threads = data.num_proc or os.cpu_count() or 1
         encode = lambda texts: [np.array(ids, dtype=TOKEN_DTYPE) for ids in tokenizer.encode_batch(texts, num_threads)]
 
-    if single_doc_chars is not None:
-        items = _split_by_chars(source, int(single_doc_chars * (1 - data.val_fraction)))
+    if cuts is not None:
+        items = _split_by_chars(source, cuts)
     else:
         items = _split_by_docs(source, val_source, val_mask)
 
@@ -183,13 +187,16 @@ def _summary(meta_path: Path) -> str:
         return "meta.json unreadable"
 
 
-def _scan_chars(source: Source) -> tuple[int, set[str]]:
-    """(number of characters, set of characters) of a source, streaming."""
-    n, chars = 0, set()
-    for text, _ in source.pieces():
+def _scan_chars(source: Source) -> tuple[list[int], set[str]]:
+    """(characters in each document, set of characters) of a source, streaming."""
+    lengths, n, chars = [], 0, set()
+    for text, end in source.pieces():
         n += len(text)
         chars.update(text)
-    return n, chars
+        if end:
+            lengths.append(n)
+            n = 0
+    return lengths, chars
 
 
 def _val_mask(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -209,10 +216,11 @@ def _split_by_docs(source: Source, val_source: Optional[Source], val_mask: Optio
             yield "val", text, end
 
 
-def _split_by_chars(source: Source, cut: int) -> Iterator[Item]:
-    """One document: characters [0, cut) are train, the rest val; each side ends as a document."""
-    pos = 0
+def _split_by_chars(source: Source, cuts: list[int]) -> Iterator[Item]:
+    """Characters [0, cuts[i]) of document i are train, the rest val; each side ends as a document."""
+    doc, pos = 0, 0
     for text, end in source.pieces():
+        cut = cuts[doc]
         if pos >= cut:
             yield "val", text, end
         else:
@@ -222,6 +230,8 @@ def _split_by_chars(source: Source, cut: int) -> Iterator[Item]:
             if reached:
                 yield "val", tail, end
         pos += len(text)
+        if end:
+            doc, pos = doc + 1, 0
 
 
 def _char_encoder(tokenizer: CharTokenizer):
