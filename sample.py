@@ -1,0 +1,17 @@
+"""Sample text from a checkpoint or OpenAI's GPT-2: `python sample.py checkpoint=out/run prompt="..."`.
+
+Keys: configs/sample.yaml and gpt2/config.py (SampleConfig); the work happens in gpt2.sampling.run.
+"""
+
+import hydra
+
+from gpt2.sampling import run
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+def main(cfg) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""The sampler's engine and text layer on tiny CPU models: equivalences (cached vs uncached, batched vs single,
+top_k=1 vs greedy), invariants (seeds, EOT, stop strings, sliding window) and unit tests of the logit filters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import requires_tiktoken
+
+from gpt2.model import GPT, GPTConfig
+from gpt2.sampling import (
+    Sampler,
+    SamplingParams,
+    TextStream,
+    apply_repetition_penalty,
+    apply_temperature,
+    generate,
+    sample_next_token,
+    top_k_filter,
+    top_p_filter,
+    window_size,
+)
+from gpt2.tokenizer import CharTokenizer
+
+GREEDY = SamplingParams(temperature=0.0)
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpeak, speak.\n"
+
+
+def tiny_model(block_size: int = 32, vocab_size: int = 65, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size))
+    # A larger init than GPT-2's 0.02 so a random model's greedy path is not one repeated token.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def run(model: GPT, idx: torch.Tensor, n: int, params: SamplingParams = GREEDY, **kw) -> torch.Tensor:
+    """All steps of `generate` as (B, steps)."""
+    return torch.stack(list(generate(model, idx, n, params, **kw)), dim=1)
+
+
+@torch.no_grad()
+def uncached_greedy(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Reference: the full forward of GPT.forward over the same context window policy as `generate`, no cache."""
+    block_size, keep = model.config.block_size, window_size(model.config.block_size)
+    context, out = idx, []
+    for _ in range(n):
+        token = model(context)[0][:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        out.append(token)
+        # generate() slides when the cache is full: the next pass sees the last `keep` tokens, new one included
+        context = torch.cat([context, token], 1) if context.size(1) < block_size else torch.cat(
+            [context[:, block_size - keep + 1 :], token], 1
+        )
+    return torch.cat(out, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure functions over logits.
+
+
+def test_temperature_scales_logits():
+    logits = torch.tensor([[2.0, -1.0]])
+    assert torch.equal(apply_temperature(logits, 0.5), torch.tensor([[4.0, -2.0]]))
+    assert apply_temperature(logits, 1.0) is logits
+
+
+def test_top_k_filter_keeps_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    out = top_k_filter(logits, 2)
+    assert torch.isinf(out).tolist() == [[True, False, True, False, True]]
+    assert torch.equal(top_k_filter(logits, 0), logits) and torch.equal(top_k_filter(logits, 9), logits)
+    assert torch.equal(logits, torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]]))  # input untouched
+
+
+@pytest.mark.parametrize(
+    "p, kept",
+    [
+        (0.3, {0}),  # the top token alone has 0.5 >= 0.3
+        (0.5, {0}),  # exactly reaching p is enough
+        (0.7, {0, 1}),  # 0.5 < 0.7 <= 0.8
+        (0.8, {0, 1}),
+        (0.81, {0, 1, 2}),  # 0.8 < 0.81 <= 0.95
+        (1.0, {0, 1, 2, 3}),
+    ],
+)
+def test_top_p_keeps_smallest_set_reaching_p(p, kept):
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    order = torch.tensor([2, 0, 3, 1])  # shuffled so vocabulary order differs from rank order
+    logits = torch.empty(4)
+    logits[order] = probs.log()
+    out = top_p_filter(logits[None], p)[0]
+    assert {int(order[i]) for i in range(4) if torch.isfinite(out[order[i]])} == {int(order[i]) for i in kept}
+
+
+def test_repetition_penalty_matches_ctrl_and_transformers():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert torch.equal(out, torch.tensor([[1.0, -4.0, 1.0, -1.0]]))
+    transformers = pytest.importorskip("transformers")
+    processor = transformers.RepetitionPenaltyLogitsProcessor(penalty=2.0)
+    assert torch.equal(processor(torch.tensor([[0, 1]]), logits.clone()), out)
+
+
+def test_sample_next_token_greedy_seeded_and_restricted():
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next_token(logits, temperature=0.0), logits.argmax(-1))
+    draw = lambda seed, **kw: sample_next_token(  # noqa: E731
+        logits, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw
+    )
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(torch.stack([draw(s) for s in range(5)]), torch.stack([draw(s) for s in range(5, 10)]))
+    top2 = logits.topk(2).indices
+    for seed in range(20):
+        token = draw(seed, top_k=2)
+        assert (top2 == token[:, None]).any(-1).all()
+    assert torch.equal(draw(3, top_k=1), logits.argmax(-1))
+    assert torch.equal(draw(3, top_p=1e-6), logits.argmax(-1))
+
+
+def test_sample_next_token_follows_the_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).log_softmax(-1).expand(20000, 3)
+    counts = torch.bincount(sample_next_token(logits, generator=torch.Generator().manual_seed(0)), minlength=3)
+    torch.testing.assert_close(counts / 20000, logits[0].exp(), atol=0.015, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine.
+
+
+def test_cached_equals_uncached_greedy_including_sliding_window():
+    model = tiny_model(block_size=16)
+    idx = torch.randint(0, 65, (2, 5), generator=torch.Generator().manual_seed(1))
+    n = 40  # slides twice past block_size=16
+    cached = run(model, idx, n)
+    assert cached.shape == (2, n)
+    assert torch.equal(cached, uncached_greedy(model, idx, n))
+    assert len(set(cached[0].tolist())) > 3  # a real path, not one repeated token
+
+
+def test_prompt_filling_the_context_slides_immediately():
+    model = tiny_model(block_size=16)
+    idx = torch.randint(0, 65, (1, 16), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(run(model, idx, 10), uncached_greedy(model, idx, 10))
+
+
+def test_batch_equals_single_runs_greedy():
+    model = tiny_model()
+    idx = torch.randint(0, 65, (4, 6), generator=torch.Generator().manual_seed(3))
+    batched = run(model, idx, 20)
+    singles = torch.cat([run(model, idx[i : i + 1], 20) for i in range(4)])
+    assert torch.equal(batched, singles)
+
+
+def test_top_k_1_equals_greedy():
+    model = tiny_model()
+    idx = torch.randint(0, 65, (2, 4), generator=torch.Generator().manual_seed(4))
+    sampled = run(model, idx, 20, SamplingParams(temperature=1.3, top_k=1), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(sampled, run(model, idx, 20))
+
+
+def test_same_seed_same_tokens_different_seed_different():
+    model = tiny_model()
+    idx = torch.zeros(3, 1, dtype=torch.long)
+    params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9)
+    draw = lambda seed: run(model, idx, 20, params, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(draw(7), draw(7))
+    assert not torch.equal(draw(7), draw(8))
+
+
+def test_repetition_penalty_changes_greedy_path():
+    model = tiny_model()
+    idx = torch.randint(0, 65, (1, 4), generator=torch.Generator().manual_seed(6))
+    plain = run(model, idx, 30)
+    penalised = run(model, idx, 30, SamplingParams(temperature=0.0, repetition_penalty=1e3))
+    # With a huge penalty a token already in the context wins only if every unseen logit is below it.
+    assert len(set(penalised[0].tolist())) > len(set(plain[0].tolist()))
+
+
+def test_eot_finishes_rows_and_generation_ends_when_all_are_done():
+    model = tiny_model()
+    idx = torch.randint(0, 65, (3, 4), generator=torch.Generator().manual_seed(8))
+    free = run(model, idx, 30)
+    eot = int(free[0, 2])  # row 0 emits it at step 2; other rows at their first occurrence, if any
+    first = [row.tolist().index(eot) if eot in row.tolist() else None for row in free]
+    stopped = run(model, idx, 30, eot_id=eot)
+    for row, f in enumerate(first):
+        if f is None:
+            assert torch.equal(stopped[row], free[row, : stopped.size(1)])
+        else:
+            assert torch.equal(stopped[row, : f + 1], free[row, : f + 1])  # EOT itself is yielded
+            assert (stopped[row, f + 1 :] == -1).all()
+    if all(f is not None for f in first):
+        assert stopped.size(1) == max(first) + 1  # ends once every row has finished
+
+
+def test_prompt_longer_than_context_keeps_its_tail_with_warning():
+    tok = CharTokenizer.from_text(TEXT)
+    sampler = Sampler(tiny_model(block_size=32, vocab_size=tok.vocab_size), tok, device="cpu", dtype="float32")
+    with pytest.warns(UserWarning, match="more than the model's context"):
+        ids = sampler.encode_prompt(TEXT, max_new_tokens=10)
+    assert ids == tok.encode(TEXT)[-22:]  # block_size - max_new_tokens
+    with pytest.warns(UserWarning):
+        assert len(sampler.encode_prompt(TEXT, max_new_tokens=30)) == 16  # never less than half the context
+    with pytest.warns(UserWarning):
+        texts = sampler.generate(TEXT, max_new_tokens=50, temperature=0.0)  # slides past the context too
+    assert len(texts[0]) == 50
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text: stop strings, UTF-8, and the Sampler API.
+
+
+def feed(stream: TextStream, tokenizer, text: str) -> list[str]:
+    return [stream.push(t) for t in tokenizer.encode(text)]
+
+
+def test_text_stream_cuts_at_stop_string_and_holds_back_prefixes():
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ")
+    stream = TextStream(tok, stop=["world", "xyz"])
+    pieces = feed(stream, tok, "hello wor")
+    assert "".join(pieces) == "hello "  # "wor" may still become "world"
+    assert stream.push(tok.encode("l")[0]) == "" and not stream.stopped
+    assert stream.push(tok.encode("d")[0]) == "" and stream.stopped
+    assert stream.text == "hello "
+    assert stream.push(tok.encode("a")[0]) == ""  # nothing after a stop
+
+    stream = TextStream(tok, stop=["xyz"])
+    pieces = feed(stream, tok, "abxyq")
+    assert pieces == ["a", "b", "", "", "xyq"]  # released once "xyz" is ruled out
+    assert stream.finish() == "" and stream.text == "abxyq"
+
+    stream = TextStream(tok, stop=["xyz"])
+    assert "".join(feed(stream, tok, "abxy")) == "ab" and stream.finish() == "xy"  # flushed at the end
+
+
+@requires_tiktoken
+def test_text_stream_never_shows_partial_utf8():
+    from gpt2.tokenizer import GPT2Tokenizer
+
+    tok = GPT2Tokenizer()
+    text = "naïve 🦄 café"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some token splits a character
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids] + [stream.finish()]
+    assert all("\ufffd" not in p for p in pieces) and "".join(pieces) == text
+
+
+def test_sampler_generate_stream_stop_and_batches():
+    tok = CharTokenizer.from_text(TEXT)
+    sampler = Sampler(tiny_model(vocab_size=tok.vocab_size), tok, device="cpu", dtype="float32")
+    kw = dict(max_new_tokens=40, temperature=1.0, top_k=0, seed=3)
+    texts = sampler.generate("All:", num_samples=5, batch_size=2, **kw)
+    assert len(texts) == 5 and all(len(t) == 40 for t in texts)
+    assert texts == sampler.generate("All:", num_samples=5, batch_size=2, **kw)  # seeded
+    assert "".join(sampler.stream("All:", **kw)) == sampler.generate("All:", **kw)[0]
+
+    greedy = sampler.generate("All:", max_new_tokens=40, temperature=0.0)[0]
+    stop = greedy[10:12]
+    cut = sampler.generate("All:", max_new_tokens=40, temperature=0.0, stop=[stop])[0]
+    assert cut == greedy[: greedy.index(stop)]
+    assert "".join(sampler.stream("All:", max_new_tokens=40, temperature=0.0, stop=[stop])) == cut
+
+
+def test_empty_prompt_starts_from_newline_for_char_and_eot_for_gpt2():
+    tok = CharTokenizer.from_text(TEXT)
+    sampler = Sampler(tiny_model(vocab_size=tok.vocab_size), tok, device="cpu", dtype="float32")
+    assert sampler.encode_prompt("", 10) == tok.encode("\n")
+
+    class EOTTokenizer(CharTokenizer):
+        eot_id = 3
+
+    sampler.tokenizer = EOTTokenizer(tok.chars)
+    assert sampler.encode_prompt("", 10) == [3]
