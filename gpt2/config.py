@@ -80,7 +80,8 @@ class DataConfig:
     val_source: Optional[str] = None
     """A separate validation source; otherwise `val_fraction` of the documents is held out."""
     val_fraction: float = 0.1
-    """Fraction held out for validation (of documents, or of the text when there is one document)."""
+    """Fraction held out for validation: whole documents chosen with `seed`, or, when fewer than 10 documents
+    would be held out, the last fraction of every document's characters (hf_stream: the first shard is val)."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.json/.parquet files and Hugging Face datasets."""
     shard_tokens: int = 100_000_000

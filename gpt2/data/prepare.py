@@ -102,7 +102,7 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
         encode = _char_encoder(tokenizer)
     else:
         tokenizer = GPT2Tokenizer()
-        num_threads = data.num_proc or os.cpu_count() or 1
+        num_threads = data.num_proc or _cpu_count()
         encode = lambda texts: [np.array(ids, dtype=TOKEN_DTYPE) for ids in tokenizer.encode_batch(texts, num_threads)]
 
     if cuts is not None:
@@ -160,6 +160,11 @@ def main() -> None:
 
     configs = Path(__file__).resolve().parents[2] / "configs"
     hydra.main(version_base="1.3", config_path=str(configs), config_name="prepare")(_cli)()
+
+
+def _cpu_count() -> int:
+    """Cores this process may use (the affinity mask under Slurm/containers; macOS has none)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _source_spec(data: DataConfig, out_dir: Path) -> str:
