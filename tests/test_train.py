@@ -1,0 +1,341 @@
+"""Trainer tests on CPU: end to end through the CLI, exact resume after SIGTERM and kill -9, fine-tuning,
+optimizers and schedules, wandb offline, divergence, and every bad input failing with one line.
+
+Tiny models (2 layers, 32-64 wide) in fp32, so equalities are exact. Distributed runs: test_train_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, SHAKESPEARE
+
+TRAIN = [sys.executable, str(ROOT / "train.py")]
+
+# A 2-layer character model, fp32, no compile: a step takes a few ms, and resume must be exact.
+TINY = [
+    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+    "train.batch_size=4", "train.eval_iters=2", "train.log_interval=1",
+    "optim.warmup_iters=5", "optim.lr=3e-3", "device=cpu", "dtype=float32", "compile=false",
+]  # fmt: skip
+
+
+def corpus_text() -> str:
+    if SHAKESPEARE.exists():
+        return SHAKESPEARE.read_text()[:60_000]
+    return "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(1500))
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory) -> Path:
+    """A character-level dataset prepared with the data helper's API into a temp data root."""
+    from gpt2.config import DataConfig
+    from gpt2.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("data")
+    src = root / "corpus.txt"
+    src.write_text(corpus_text())
+    prepare(DataConfig(name="chars", source=str(src), tokenizer="char", val_fraction=0.1), data_root=root)
+    return root / "chars"
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ)
+    e.pop("WORLD_SIZE", None)
+    e["OMP_NUM_THREADS"] = "1"  # tiny models: threads only add contention on a shared 2-core machine
+    e.update(extra)
+    return e
+
+
+def train(args: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
+    p = subprocess.run(TRAIN + args, cwd=cwd, capture_output=True, text=True, env=env(**extra_env), timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def records(out: Path, kind: str = "train") -> list[dict]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if ("loss" in r) == (kind == "train")]
+
+
+def weights(out: Path, name: str = "ckpt.pt") -> dict[str, torch.Tensor]:
+    return torch.load(out / name, weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def test_cli_trains_checkpoints_and_logs(char_data, tmp_path):
+    out = tmp_path / "run"
+    p = train([f"data.name={char_data}", f"out_dir={out}", "train.max_iters=40", "train.eval_interval=20", *TINY],
+              tmp_path)  # fmt: skip
+    assert "step 40 | loss" in p.stdout and "val loss" in p.stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # safe to load: plain types and tensors only
+    assert ckpt["step"] == 40 and ckpt["tokens_seen"] == 40 * 4 * 32
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    assert ckpt["model_config"]["n_layer"] == 2 and ckpt["tokenizer"]["name"] == "char"
+    assert ckpt["config"]["train"]["max_iters"] == 40 and len(ckpt["loader"]) == len(ckpt["rng"]) == 1
+    assert (out / "best.pt").exists() and (out / "config.yaml").exists()
+    train_lines, eval_lines = records(out, "train"), records(out, "eval")
+    assert [r["step"] for r in train_lines] == list(range(1, 41))
+    assert {"step", "loss", "lr", "grad_norm", "ms_per_step", "tokens_per_sec", "mfu"} <= train_lines[0].keys()
+    assert [r["step"] for r in eval_lines] == [0, 20, 40]
+    assert {"train_loss", "val_loss"} <= eval_lines[0].keys()
+    assert eval_lines[-1]["val_loss"] < eval_lines[0]["val_loss"] - 0.5  # it learns
+    assert ckpt["best_val_loss"] == min(r["val_loss"] for r in eval_lines)
+
+    sample = ROOT / "sample.py"
+    if sample.exists():
+        s = subprocess.run([sys.executable, str(sample), f"checkpoint={out}", "max_new_tokens=20", "seed=1",
+                            "device=cpu"], cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=120)  # fmt: skip
+        assert s.returncode == 0, s.stderr
+        assert s.stdout.strip()
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+RESUME = ["train.max_iters=150", "train.eval_interval=40", "model.dropout=0.1", "optim.lr_decay_iters=150"]
+"""Long enough (a second or more) to interrupt; dropout on, so the RNG state has to be restored too."""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(char_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("resume") / "full"
+    train([f"data.name={char_data}", f"out_dir={out}", *TINY, *RESUME], out.parent)
+    return out
+
+
+def interrupt(args: list[str], cwd: Path, out: Path, at_step: int, sig: int) -> int:
+    """Start a run, send `sig` once it has logged `at_step`, and return its exit status."""
+    proc = subprocess.Popen(TRAIN + args, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(
+            json.loads(line)["step"] >= at_step for line in metrics.read_text().splitlines() if line.endswith("}")
+        ):
+            proc.send_signal(sig)
+            break
+        time.sleep(0.01)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, f"the run ended before the signal:\n{output[-2000:]}"
+    return proc.returncode
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_resume_after_interrupt_is_exact(char_data, tmp_path, uninterrupted, sig):
+    out = tmp_path / "run"
+    args = [f"data.name={char_data}", f"out_dir={out}", *TINY, *RESUME]
+    code = interrupt(args, tmp_path, out, at_step=50, sig=sig)
+    stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    if sig == signal.SIGTERM:
+        assert code == 128 + signal.SIGTERM
+        assert 50 <= stopped_at < 150  # saved where the signal arrived, not at the last eval
+    else:
+        assert code == -signal.SIGKILL
+        assert stopped_at % 40 == 0 and 40 <= stopped_at < 150  # the last periodic checkpoint
+    p = train(args, tmp_path)
+    assert f"resuming {out / 'ckpt.pt'} at step {stopped_at}" in p.stdout
+    assert_same_weights(weights(out), weights(uninterrupted))
+    assert records(out) == [] or [r["loss"] for r in records(out)] == [r["loss"] for r in records(uninterrupted)]
+    assert [r["step"] for r in records(out, "eval")] == [r["step"] for r in records(uninterrupted, "eval")]
+
+
+def test_finetune_from_our_checkpoint_starts_at_step_zero(char_data, tmp_path, uninterrupted):
+    out = tmp_path / "ft"
+    p = train([f"data.name={char_data}", f"out_dir={out}", f"init_from={uninterrupted}", *TINY,
+               "train.max_iters=5", "train.eval_interval=5", "model.dropout=0.0", "model.block_size=16"],
+              tmp_path)  # fmt: skip
+    assert f"fine-tuning from {uninterrupted}" in p.stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 5 and ckpt["model_config"]["n_embd"] == 32  # architecture from the init
+    assert ckpt["model_config"]["block_size"] == 16 and ckpt["model"]["transformer.wpe.weight"].shape[0] == 16
+    assert records(out, "eval")[0]["val_loss"] < 3.0  # starts from trained weights, not from scratch (~4.2)
+
+
+# ------------------------------------------------------------------------------------------------ fine-tune from HF
+
+
+@pytest.fixture(scope="module")
+def bpe_data(tmp_path_factory) -> Path:
+    from gpt2.config import DataConfig
+    from gpt2.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("bpe")
+    src = root / "corpus.txt"
+    src.write_text(corpus_text()[:20_000])
+    prepare(DataConfig(name="bpe", source=str(src), tokenizer="gpt2", val_fraction=0.1), data_root=root)
+    return root / "bpe"
+
+
+def hf_model_dir(path: Path, vocab_size: int = 50257) -> Path:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab_size)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def test_finetune_from_hf_directory(bpe_data, tmp_path):
+    hf_dir = hf_model_dir(tmp_path / "hf")
+    out = tmp_path / "ft"
+    args = [f"data.name={bpe_data}", f"out_dir={out}", f"init_from={hf_dir}", "train.batch_size=2",
+            "train.max_iters=12", "train.eval_interval=12", "train.eval_iters=2", "train.log_interval=1",
+            "optim.lr=1e-3", "optim.warmup_iters=2", "device=cpu", "dtype=float32", "compile=false"]  # fmt: skip
+    train([*args, "model.block_size=32"], tmp_path)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"] | {"dropout": 0.0} == dict(
+        n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50257, dropout=0.0, bias=True
+    )
+    evals = records(out, "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+    # The architecture comes from the init: a disagreeing override, or more positions than it has, is an error.
+    for bad, message in [("model.n_layer=3", "model.n_layer=3 disagrees with init_from"),
+                         ("model.block_size=128", "model.block_size=128 is larger than")]:  # fmt: skip
+        p = train([*args, f"out_dir={tmp_path / 'bad'}", bad], tmp_path, check=False)
+        assert p.returncode == 2 and message in p.stderr, p.stderr
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+
+
+@pytest.mark.parametrize("optim", [["optim=muon"], ["optim.schedule=wsd", "optim.decay_fraction=0.5"]],
+                         ids=["muon", "adamw-wsd"])  # fmt: skip
+def test_optimizer_and_schedule_runs_learn(char_data, tmp_path, optim):
+    out = tmp_path / "run"
+    train([f"data.name={char_data}", f"out_dir={out}", *TINY, "train.max_iters=40", "train.eval_interval=40",
+           *optim], tmp_path)  # fmt: skip
+    evals = records(out, "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    lrs = [r["lr"] for r in records(out)]
+    if "optim.schedule=wsd" in optim:
+        assert lrs[5] == lrs[15] == pytest.approx(3e-3)  # stable phase, then a linear decay
+        assert lrs[-1] < lrs[25] < 3e-3
+
+
+# ------------------------------------------------------------------------------------------------ wandb
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_writes_files_and_resumes_same_run(char_data, tmp_path):
+    pytest.importorskip("wandb")
+    out, wandb_dir = tmp_path / "run", tmp_path / "wandb"
+    wandb_dir.mkdir()
+    args = [f"data.name={char_data}", f"out_dir={out}", *TINY, "train.max_iters=4", "train.eval_interval=2",
+            "wandb.enabled=true", "wandb.mode=offline", "wandb.project=test"]  # fmt: skip
+    train(args, tmp_path, WANDB_DIR=str(wandb_dir))
+    run_id = torch.load(out / "ckpt.pt", weights_only=True)["wandb_run_id"]
+    assert run_id
+    runs = list((wandb_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert runs and list(runs[0].glob("*.wandb")), list(wandb_dir.rglob("*"))
+    train([*args, "train.max_iters=6"], tmp_path, WANDB_DIR=str(wandb_dir))  # resume: same wandb run id
+    assert torch.load(out / "ckpt.pt", weights_only=True)["wandb_run_id"] == run_id
+
+
+# ------------------------------------------------------------------------------------------------ failures
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from gpt2.training import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("train", overrides=list(overrides))
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(char_data, tmp_path):
+    from gpt2.config import TrainRunConfig, to_object
+    from gpt2.distributed import DistInfo
+    from gpt2.training import Trainer, TrainingDiverged
+
+    out = tmp_path / "run"
+    cfg = to_object(compose(f"data.name={char_data}", f"out_dir={out}", *TINY, "train.max_iters=20",
+                            "train.eval_interval=5"), TrainRunConfig)  # fmt: skip
+    trainer = Trainer(cfg, DistInfo())
+    calls = {"n": 0}
+
+    def poison(module, args):  # the 8th training forward (step 7) sees a NaN weight
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == 8:
+                module.transformer.ln_f.weight.data.fill_(float("nan"))
+
+    trainer.model.register_forward_pre_hook(poison)
+    with pytest.raises(TrainingDiverged, match="training diverged at step 7: loss nan.*last good checkpoint"):
+        trainer.fit()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 5 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_bad_inputs_fail_with_one_line(char_data, tmp_path):
+    from gpt2.config import TrainRunConfig, to_object
+    from gpt2.distributed import DistInfo
+    from gpt2.errors import UserError
+    from gpt2.training import Trainer
+
+    base = [f"data.name={char_data}", f"out_dir={tmp_path / 'run'}", *TINY]
+
+    def error(*overrides: str, world_size: int = 1) -> str:
+        with pytest.raises(UserError) as e:
+            Trainer(to_object(compose(*base, *overrides), TrainRunConfig), DistInfo(world_size=world_size))
+        return str(e.value)
+
+    assert "optim.lr must be > 0" in error("optim.lr=0")
+    assert "train.grad_accum_steps=3 is not divisible by the 2 processes" in error(
+        "train.grad_accum_steps=3", world_size=2
+    )
+    missing = error(f"data.name={tmp_path / 'nope'}")
+    assert "nope" in missing and "prepare" in missing
+    assert "init_from='gpt5'" in error("init_from=gpt5")
+
+    # The CLI prints one line and exits 2; unknown keys fail in Hydra before anything runs.
+    p = train([*base, "optim.lr=-1"], tmp_path, check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == ["error: optim.lr must be > 0, got -1.0"]
+    p = train([*base, "train.bach_size=4"], tmp_path, check=False)
+    assert p.returncode != 0 and "bach_size" in p.stderr
+
+
+def test_resume_with_other_architecture_or_data_fails(char_data, tmp_path):
+    from gpt2.config import DataConfig
+    from gpt2.data.prepare import prepare
+
+    out = tmp_path / "run"
+    base = [f"data.name={char_data}", f"out_dir={out}", *TINY, "train.max_iters=2", "train.eval_interval=2"]
+    train(base, tmp_path)
+    p = train([*base, "model.n_layer=3"], tmp_path, check=False)
+    assert p.returncode == 2 and "model.n_layer=3 disagrees with the run being resumed" in p.stderr, p.stderr
+
+    (tmp_path / "digits.txt").write_text("0123456789 " * 2000)  # another character vocabulary
+    prepare(DataConfig(name="digits", source=str(tmp_path / "digits.txt"), tokenizer="char"), data_root=tmp_path)
+    p = train([*base, f"data.name={tmp_path / 'digits'}"], tmp_path, check=False)
+    assert p.returncode == 2 and "tokenizer" in p.stderr, p.stderr
+
+
+def test_multirun_jobs_get_their_own_out_dirs(char_data, tmp_path):
+    out = tmp_path / "sweep"
+    train(["-m", f"data.name={char_data}", f"out_dir={out}", *TINY, "train.max_iters=2", "train.eval_interval=0",
+           "optim.lr=1e-3,2e-3"], tmp_path)  # fmt: skip
+    ckpts = sorted(out.rglob("ckpt.pt"))
+    assert len(ckpts) == 2 and ckpts[0].parent != ckpts[1].parent
+    assert {torch.load(c, weights_only=True)["config"]["optim"]["lr"] for c in ckpts} == {1e-3, 2e-3}
