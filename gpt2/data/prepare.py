@@ -259,8 +259,12 @@ def _write(items: Iterator[Item], encode, eot_id: Optional[int], writers: dict[s
            desc: str) -> dict[str, int]:
     """Tokenize items batch by batch into the writers; returns documents written per split.
 
-    `head` > 0 sends the first `head` tokens of the stream to val and the rest to train (hf_stream's split).
+    Double-buffered: batch i is tokenized in a background thread (whose tiktoken threads release the GIL) while
+    this thread reads and parses batch i + 1, so at most two batches are in memory. `head` > 0 sends the first
+    `head` tokens of the stream to val and the rest to train (hf_stream's split).
     """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from tqdm import tqdm
 
     docs = {"train": 0, "val": 0}
@@ -270,10 +274,10 @@ def _write(items: Iterator[Item], encode, eot_id: Optional[int], writers: dict[s
     bar = tqdm(desc=f"tokenizing {desc}", unit="tok", unit_scale=True, smoothing=0.1, mininterval=1.0)
     batch: list[Item] = []
     size = 0
+    pending: Optional[tuple[list[Item], Future]] = None
 
-    def flush() -> None:
+    def store(batch: list[Item], ids: list[np.ndarray]) -> None:
         nonlocal stream_pos
-        ids = encode([text for _, text, _ in batch])
         parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         for (split, text, end), tokens in zip(batch, ids):
             parts[split].append(tokens)
@@ -294,18 +298,24 @@ def _write(items: Iterator[Item], encode, eot_id: Optional[int], writers: dict[s
                 _route(tokens, split, writers, head)
         bar.update(n)
         bar.set_postfix(docs=docs["train"] + docs["val"], refresh=False)
-        batch.clear()
 
-    try:
-        for item in items:
-            batch.append(item)
-            size += len(item[1])
-            if len(batch) >= BATCH_PIECES or size >= BATCH_CHARS:
-                flush()
-                size = 0
-        flush()
-    finally:
-        bar.close()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
+        try:
+            for item in items:
+                batch.append(item)
+                size += len(item[1])
+                if len(batch) >= BATCH_PIECES or size >= BATCH_CHARS:
+                    if pending is not None:
+                        store(pending[0], pending[1].result())
+                    pending = batch, pool.submit(encode, [text for _, text, _ in batch])
+                    batch, size = [], 0
+            if pending is not None:
+                store(pending[0], pending[1].result())
+            store(batch, encode([text for _, text, _ in batch]))
+        finally:
+            if pending is not None:
+                pending[1].cancel()
+            bar.close()
     return docs
 
 
