@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import hydra
 import torch
 
+from gpt2.config import SampleConfig, to_object  # importing gpt2.config registers `sample_schema` with Hydra
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.model import GPT, KVCache
 
@@ -483,8 +484,6 @@ def read_prompt(prompt: str, prompt_file: str | None) -> str:
 @exit_on_user_error
 def run(cfg: Any) -> list[str]:
     """Sample as `cfg` (a SampleConfig or Hydra DictConfig) says; print the samples; return them."""
-    from gpt2.config import SampleConfig, to_object
-
     c = cfg if isinstance(cfg, SampleConfig) else to_object(cfg, SampleConfig)
     prompt = read_prompt(c.prompt, c.prompt_file)
     kwargs = dict(device=c.device, dtype=c.dtype, compile=c.compile)

@@ -1,0 +1,156 @@
+"""`sample.py` end to end: checkpoints built here (char and gpt2 tokenizers), a Hugging Face-layout directory,
+prompt sources, jsonl output, and one clear line (exit 2) for each bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, requires_tiktoken
+from omegaconf import OmegaConf
+
+from gpt2 import checkpoint
+from gpt2.model import GPT, GPTConfig
+from gpt2.sampling import run
+from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
+
+TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET:\nAy me.\n"
+
+
+def save_checkpoint(path: Path, tokenizer, block_size: int = 32) -> Path:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=tokenizer.vocab_size))
+    config = {"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": block_size}}
+    checkpoint.save(path / "ckpt.pt", {**checkpoint.model_state(model), "tokenizer": tokenizer.to_dict(), "config": config})
+    return path
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("char_run"), CharTokenizer.from_text(TEXT))
+
+
+def sample(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    """`python sample.py ...` in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), "device=cpu", *args],
+        input=input, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+
+
+def run_ok(capsys, **cfg) -> str:
+    """`run` as the CLI calls it, in process (no interpreter start-up): returns what it printed."""
+    run(OmegaConf.create({"device": "cpu", **cfg}))
+    return capsys.readouterr().out
+
+
+def test_cli_char_checkpoint_writes_jsonl(char_run, tmp_path, capsys):
+    out = tmp_path / "samples.jsonl"
+    r = sample(f"checkpoint={char_run}", "prompt=ROMEO:", "num_samples=3", "max_new_tokens=25", "temperature=0",
+               f"output={out}")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 3
+    assert {line["prompt"] for line in lines} == {"ROMEO:"}
+    assert len({line["sample"] for line in lines}) == 1 and len(lines[0]["sample"]) == 25  # greedy
+    assert lines[0]["settings"]["temperature"] == 0 and lines[0]["settings"]["checkpoint"] == str(char_run)
+    assert r.stdout.count("ROMEO:" + lines[0]["sample"]) == 3
+    # Same seed, same text, streamed or not; the .pt file works as well as its run dir; output appends.
+    kw = dict(prompt="ROMEO:", max_new_tokens=25, seed=5, temperature=1.0)
+    streamed = run_ok(capsys, checkpoint=str(char_run / "ckpt.pt"), output=str(out), stream=True, **kw)
+    assert streamed == run_ok(capsys, checkpoint=str(char_run), stream=False, **kw)
+    assert streamed != run_ok(capsys, checkpoint=str(char_run), stream=False, **{**kw, "seed": 6})
+    assert len(out.read_text().splitlines()) == 4
+
+
+def test_cli_prompt_from_stdin_and_files(char_run, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("JULIET:")
+    r = sample(f"checkpoint={char_run}", "max_new_tokens=10", "temperature=0", "prompt=-", input="JULIET:")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("JULIET:")
+    kw = dict(checkpoint=str(char_run), max_new_tokens=10, temperature=0)
+    assert run_ok(capsys, prompt_file=str(tmp_path / "p.txt"), **kw) == r.stdout
+    assert run_ok(capsys, prompt=f"FILE:{tmp_path / 'p.txt'}", **kw) == r.stdout
+    assert run_ok(capsys, prompt="", **kw).startswith("\n")  # empty prompt: starts from a newline
+
+
+@requires_tiktoken
+def test_cli_gpt2_tokenizer_checkpoint_with_stop(tmp_path, capsys):
+    run_dir = save_checkpoint(tmp_path / "bpe_run", GPT2Tokenizer(), block_size=16)
+    kw = dict(checkpoint=str(run_dir), prompt="Hello world", max_new_tokens=30, temperature=0, ignore_eot=True)
+    run_ok(capsys, output=str(tmp_path / "s.jsonl"), **kw)  # also slides past block_size=16
+    full = json.loads((tmp_path / "s.jsonl").read_text())["sample"]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    run_ok(capsys, output=str(tmp_path / "t.jsonl"), stop=[stop], **kw)
+    assert json.loads((tmp_path / "t.jsonl").read_text())["sample"] == full[: full.index(stop)]
+
+
+@requires_tiktoken
+def test_cli_hf_layout_dir(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64))
+    hf.save_pretrained(tmp_path / "hf")
+    r = sample(f"init_from={tmp_path / 'hf'}", "prompt=The", "max_new_tokens=8", "temperature=0", "ignore_eot=true",
+               f"output={tmp_path / 's.jsonl'}")
+    assert r.returncode == 0, r.stderr
+    ours = json.loads((tmp_path / "s.jsonl").read_text())["sample"]
+    # transformers' own greedy decoding of the same weights gives the same text.
+    tok = GPT2Tokenizer()
+    idx = torch.tensor([tok.encode("The")])
+    ref = hf.eval().generate(idx, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert ours == tok.decode(ref[0, 1:].tolist())
+
+
+class Gadget:
+    """A pickled object of a custom class: weights_only loading refuses it."""
+
+
+def test_cli_bad_inputs_subprocess(char_run, tmp_path):
+    torch.save({"model": Gadget()}, tmp_path / "evil.pt")
+    r = sample(f"checkpoint={tmp_path / 'evil.pt'}")
+    assert r.returncode == 2, r.stderr
+    assert "refusing to load" in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def run_in_process(capsys, **cfg) -> str:
+    """`run` as the CLI calls it, in process: returns the error line it printed before exiting with 2."""
+    with pytest.raises(SystemExit) as e:
+        run(OmegaConf.create(cfg))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    return err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, "top_p must be in (0, 1]"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+        ({"device": "tpu"}, "device='tpu' is not valid"),
+        ({"prompt": "ROMEO: ~~~"}, "character '~' is not in this char vocabulary"),
+        ({"prompt_file": "/nonexistent/prompt.txt"}, "prompt file /nonexistent/prompt.txt does not exist"),
+        ({"prompt": "FILE:/nonexistent/p.txt"}, "prompt file /nonexistent/p.txt does not exist"),
+    ],
+)
+def test_bad_inputs_one_line_exit_2(char_run, capsys, overrides, message):
+    err = run_in_process(capsys, **{"checkpoint": str(char_run), "device": "cpu", "max_new_tokens": 5, **overrides})
+    assert message in err
+
+
+def test_corrupt_missing_and_unsafe_checkpoints(tmp_path, capsys):
+    torch.save({"model": Gadget()}, tmp_path / "evil.pt")
+    assert "refusing to load" in run_in_process(capsys, checkpoint=str(tmp_path / "evil.pt"))
+    assert "does not exist" in run_in_process(capsys, checkpoint=str(tmp_path / "missing"))
+    (tmp_path / "ckpt.pt").write_bytes(b"not a zip file at all")
+    assert "not a readable checkpoint" in run_in_process(capsys, checkpoint=str(tmp_path))
+    assert "nothing to sample from" in run_in_process(capsys)
+    assert "does not exist" in run_in_process(capsys, init_from=str(tmp_path / "no_such_dir"))
