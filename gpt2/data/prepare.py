@@ -71,44 +71,19 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear(out_dir)
 
-    # Plan the split before reading the corpus for real (a cheap pass: counts, not tokens).
-    cuts: Optional[list[int]] = None  # per-document character split points
-    val_mask: Optional[np.ndarray] = None
-    chars: set[str] = set()
-    if streaming:
-        rule = "val_source" if val_source else f"first {data.shard_tokens} tokens of the stream are val"
-    elif val_source:
-        rule = "val_source"
-    elif data.val_fraction == 0:
-        rule = "no validation split (data.val_fraction=0)"
-    else:
-        n_docs = source.count_documents()
-        if n_docs * data.val_fraction < MIN_VAL_DOCS:
-            lengths, chars = _scan_chars(source)
-            cuts = [int(n * (1 - data.val_fraction)) for n in lengths]
-            rule = f"{n_docs} document(s), each split by characters: the first {1 - data.val_fraction:g} train"
-        else:
-            val_mask = _val_mask(n_docs, data.val_fraction, data.seed)
-            rule = f"{int(val_mask.sum())} of {n_docs} documents val, chosen with seed {data.seed}"
-
-    if data.tokenizer == "char":
-        if cuts is None:
-            for src in (source, val_source):
-                chars |= _scan_chars(src)[1] if src is not None else set()
+    # The GPT-2 vocabulary first: fail fast when it is unavailable, before any pass over the corpus.
+    tokenizer: CharTokenizer | GPT2Tokenizer | None = GPT2Tokenizer() if data.tokenizer == "gpt2" else None
+    rule, cuts, val_mask, chars = _plan_split(data, source, val_source, char_vocab=tokenizer is None)
+    if tokenizer is None:
         if len(chars) > MAX_VOCAB:
             raise UserError(f"the corpus has {len(chars)} distinct characters, more than uint16 shards hold; "
                             "use data.tokenizer=gpt2")
-        tokenizer: CharTokenizer | GPT2Tokenizer = CharTokenizer(sorted(chars))
+        tokenizer = CharTokenizer(sorted(chars))
         encode = _char_encoder(tokenizer)
     else:
-        tokenizer = GPT2Tokenizer()
-        num_threads = data.num_proc or _cpu_count()
-        encode = lambda texts: [np.array(ids, dtype=TOKEN_DTYPE) for ids in tokenizer.encode_batch(texts, num_threads)]
-
-    if cuts is not None:
-        items = _split_by_chars(source, cuts)
-    else:
-        items = _split_by_docs(source, val_source, val_mask)
+        gpt2, num_threads = tokenizer, data.num_proc or _cpu_count()
+        encode = lambda texts: [np.array(ids, dtype=TOKEN_DTYPE) for ids in gpt2.encode_batch(texts, num_threads)]
+    items = _split_by_chars(source, cuts) if cuts is not None else _split_by_docs(source, val_source, val_mask)
 
     writers = {split: ShardWriter(out_dir, split, data.shard_tokens) for split in ("train", "val")}
     head = data.shard_tokens if streaming and val_source is None else 0
@@ -190,6 +165,35 @@ def _summary(meta_path: Path) -> str:
         return ", ".join(f"{s}: {v['tokens']:,} tokens in {v['num_shards']} shard(s)" for s, v in splits.items())
     except (OSError, ValueError, KeyError, TypeError):
         return "meta.json unreadable"
+
+
+def _plan_split(data: DataConfig, source: Source, val_source: Optional[Source], char_vocab: bool
+                ) -> tuple[str, Optional[list[int]], Optional[np.ndarray], set[str]]:
+    """Decide the train/val split (module docstring) with a cheap pass over the corpus (counts, not tokens).
+
+    Returns (rule for meta.json, per-document character cut points or None, val mask over documents or None,
+    the corpus's characters when `char_vocab` or a character split needed them).
+    """
+    cuts, val_mask, chars = None, None, set()
+    if data.builder == "hf_stream":
+        rule = "val_source" if val_source else f"first {data.shard_tokens} tokens of the stream are val"
+    elif val_source:
+        rule = "val_source"
+    elif data.val_fraction == 0:
+        rule = "no validation split (data.val_fraction=0)"
+    else:
+        n_docs = source.count_documents()
+        if n_docs * data.val_fraction < MIN_VAL_DOCS:
+            lengths, chars = _scan_chars(source)
+            cuts = [int(n * (1 - data.val_fraction)) for n in lengths]
+            rule = f"{n_docs} document(s), each split by characters: the first {1 - data.val_fraction:g} train"
+        else:
+            val_mask = _val_mask(n_docs, data.val_fraction, data.seed)
+            rule = f"{int(val_mask.sum())} of {n_docs} documents val, chosen with seed {data.seed}"
+    if char_vocab and cuts is None:
+        for src in (source, val_source):
+            chars |= _scan_chars(src)[1] if src is not None else set()
+    return rule, cuts, val_mask, chars
 
 
 def _scan_chars(source: Source) -> tuple[list[int], set[str]]:
