@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
+import string
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,7 @@ WANDB_KEYS = {
     "val_loss": "val/loss",
 }
 
+_ID_CHARS = string.ascii_lowercase + string.digits
 _CPU_CEILING: dict[torch.dtype, float] = {}
 
 
@@ -134,7 +137,8 @@ class MetricsLogger:
 
             import wandb
 
-            self.wandb_run_id = wandb_run_id or wandb.util.generate_id()
+            # Our own id (8 lowercase letters/digits, wandb's format), stored in the checkpoint for resume.
+            self.wandb_run_id = wandb_run_id or "".join(secrets.choice(_ID_CHARS) for _ in range(8))
             self._wandb = wandb.init(
                 project=wandb_cfg.project,
                 name=wandb_cfg.run_name or Path(out_dir).resolve().name,
