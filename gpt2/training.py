@@ -200,9 +200,7 @@ class Trainer:
             loss_sum += loss.detach()
         self.optimizer.unscale_(self.scaler)
         clip = self.cfg.train.grad_clip or math.inf  # inf: measure the norm, clip nothing
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), clip)
         loss_value = distributed.all_reduce_mean(loss_sum).item()  # also waits for the device
         norm_value = float(grad_norm)
         if not math.isfinite(loss_value) or (not self.scaler.is_enabled() and not math.isfinite(norm_value)):
@@ -260,7 +258,10 @@ class Trainer:
         best = metrics["val_loss"] < self.state.best_val_loss
         if best:
             self.state.best_val_loss = metrics["val_loss"]
-        self.save_checkpoint(best=best)
+        # Nothing to save before the first step (a rerun starts over identically). It also matters: gathering
+        # an FSDP2 optimizer's still-empty state would initialise it with a step, changing Adam's first update.
+        if self.state.step > 0:
+            self.save_checkpoint(best=best)
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
@@ -387,6 +388,21 @@ class Trainer:
             f"batch: {self.tokens_per_step:,} tokens per step = {tc.batch_size} sequences x {self.block_size} tokens "
             f"x {self.accum} micro-steps x {info.world_size} ranks; {tc.max_iters} steps; out_dir {self.out_dir}"
         )
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale gradients so their global L2 norm is at most `max_norm`; return the norm before clipping.
+
+    As torchtitan: under FSDP2 the norm of sharded (DTensor) gradients is reduced to the full norm *before*
+    the clip coefficient is computed (`torch.nn.utils.clip_grad_norm_` would scale each shard by a
+    coefficient from a partial norm, and the run would drift from the single-process one).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if hasattr(total, "full_tensor"):  # a DTensor: sum the shards' squared norms across ranks
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
 
 
 def _compile(model: GPT, parallelism: str) -> None:
