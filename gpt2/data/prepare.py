@@ -37,8 +37,8 @@ from gpt2.data.sources import Source, open_source
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 
-BATCH_PIECES = 2048  # documents tokenized together (spread over the threads)
-BATCH_CHARS = 1 << 24  # ... or ~16M characters, whichever comes first: bounds memory
+BATCH_PIECES = 1024  # documents tokenized together (spread over the threads)
+BATCH_CHARS = 1 << 22  # ... or ~4M characters, whichever comes first: bounds memory (~50 MB of token lists)
 MIN_VAL_DOCS = 10  # fewer held-out documents than this: split each document by characters instead
 Item = tuple[str, str, bool]  # (split, text, ends_document)
 

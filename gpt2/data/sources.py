@@ -24,7 +24,7 @@ from gpt2.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
-PIECE_CHARS = 1 << 22  # ~4M characters per piece of a large text file
+PIECE_CHARS = 1 << 18  # 256K characters per piece of a large text file (several per batch: parallelism)
 Piece = tuple[str, bool]  # (text, this piece ends its document)
 
 
