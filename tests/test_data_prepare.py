@@ -259,3 +259,28 @@ def test_cli_prepares_and_rejects_bad_input_with_one_line(tmp_path):
                          text=True, cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: data.val_fraction must be in [0, 1), got 1.5"]
+
+
+def test_url_source_is_downloaded_once_then_reused(tmp_path, capsys):
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "rows.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/rows.jsonl"
+    args = ("data=text", "data.name=web", f"data.source={url}", "data.tokenizer=char", "data.val_fraction=0")
+    try:
+        prepare(tmp_path, *args)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (tmp_path / "web" / "input.jsonl").read_text() == (www / "rows.jsonl").read_text()
+    assert "downloading" in capsys.readouterr().out
+    ds = open_dataset(str(prepare(tmp_path, *args, "overwrite=true")))  # server gone: the saved copy is used
+    assert "already downloaded" in capsys.readouterr().out
+    assert ds.tokenizer.decode(all_tokens(ds, "train").tolist()) == "".join(f"row {i}" for i in range(5))

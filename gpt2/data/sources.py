@@ -7,7 +7,8 @@ tokenizing the pieces gives exactly the tokens of tokenizing the whole file.
 
 Spec syntax (`data.source`, `data.val_source`):
 - a file (.txt, .md, .jsonl, .json, .parquet), a folder (searched recursively for those), or a glob (`**` ok);
-- `http(s)://...`: downloaded once to `data/<name>/input.txt` (kept; an existing file there is used instead);
+- `http(s)://...`: downloaded once to `data/<name>/input.txt` (`input.jsonl` etc. when the URL names such a
+  file; kept, and an existing file there is used instead of downloading);
 - `hf:<dataset>`: `datasets.load_dataset(<dataset>, data.subset, split=data.split)`, a hub name or a local dir.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional
@@ -132,7 +134,9 @@ def open_source(
     if streaming:
         raise UserError(f"data.builder=hf_stream streams a Hugging Face dataset; set {key}=hf:<dataset>, got {spec!r}")
     if spec.startswith(("http://", "https://")):
-        return FileSource([fetch_url(spec, data_dir / "input.txt")], text_field, spec)
+        suffix = Path(urllib.parse.urlparse(spec).path).suffix.lower()
+        dest = data_dir / ("input" + (suffix if suffix in SUFFIXES else ".txt"))  # .jsonl stays .jsonl
+        return FileSource([fetch_url(spec, dest)], text_field, spec)
     path = Path(spec).expanduser()
     if any(c in spec for c in "*?["):
         files = [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
