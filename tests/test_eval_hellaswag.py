@@ -140,6 +140,20 @@ def test_ranks_score_disjoint_examples_that_sum_to_the_whole(model, tok, example
     assert hellaswag.all_reduce(whole, "cpu") == whole  # no process group: unchanged
 
 
+def test_every_rank_runs_the_same_number_of_forward_passes(model, tok, examples):
+    calls = []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        counts = []
+        for rank in range(4):  # 5 examples over 4 ranks, batch 1: ranks get 2, 1, 1, 1 examples
+            calls.clear()
+            hellaswag.evaluate(model, tok, examples, "cpu", torch.float32, rank=rank, world_size=4, batch_size=1)
+            counts.append(len(calls))
+    finally:
+        hook.remove()
+    assert counts == [2, 2, 2, 2]  # FSDP's forward is a collective: no rank may skip one
+
+
 def test_long_contexts_are_cut_from_the_left(tok):
     ex = hellaswag.Example(ctx="word " * 200, endings=["yes it is.", "no."], label=0)
     rows = hellaswag._rows(ex, tok, max_len=33)
@@ -231,3 +245,31 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
             main(["hellaswag", *args, "device=cpu"])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, (args, err)
+
+
+def _rank_worker(rank: int, world_size: int, init_file: str, jsonl: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        tok = GPT2Tokenizer()
+        examples = hellaswag.read_examples(jsonl)
+        right = {t for ex in examples for t in tok.encode(" " + ex.endings[ex.label])}
+        model = unigram_model(right, set())
+        result = hellaswag.all_reduce(hellaswag.evaluate(model, tok, examples, "cpu", torch.float32, rank,
+                                                         world_size, batch_size=2), "cpu")
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(result, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # ~17 s: two spawned processes import torch
+def test_two_gloo_ranks_all_reduce_to_the_single_process_result(tmp_path, tok, examples):
+    import torch.multiprocessing as mp
+
+    write_jsonl(tmp_path / "hs.jsonl")
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "hs.jsonl"), str(tmp_path / "r.json")),
+             nprocs=2, join=True)
+    right = {t for ex in examples for t in tok.encode(" " + ex.endings[ex.label])}
+    expected = hellaswag.evaluate(unigram_model(right, set()), tok, examples, "cpu", torch.float32)
+    assert json.loads((tmp_path / "r.json").read_text()) == expected and expected["n"] == 5

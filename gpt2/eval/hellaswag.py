@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,11 +156,6 @@ def _rows(example: Example, tokenizer: Any, max_len: int) -> list[tuple[list[int
     return rows
 
 
-def _chunks(items: Sequence[Example], n: int) -> Iterator[Sequence[Example]]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
-
-
 @torch.no_grad()
 def ending_losses(
     model: GPT, rows: list[tuple[list[int], int]], device: torch.device, dtype: torch.dtype
@@ -210,19 +205,27 @@ def evaluate(
     """Score `examples[rank::world_size]`: {"acc", "acc_norm", "correct", "correct_norm", "n"} of this rank.
 
     `acc`/`acc_norm` are this rank's fractions; with several ranks, `all_reduce` the result to get the global
-    ones. `batch_size` examples (4 rows each) share one forward pass. Restores the model's train/eval mode.
+    ones. `batch_size` examples (4 rows each) share one forward pass. Every rank runs the same number of forward
+    passes (a rank with fewer examples scores a throw-away batch), since FSDP's forward is a collective.
+    Restores the model's train/eval mode.
     """
     from tqdm import tqdm
 
     check_tokenizer(tokenizer)
     device = torch.device(device)
     mine = list(examples[rank::world_size])
+    per_rank = -(-len(examples) // world_size)  # the most any rank gets
+    num_batches = -(-per_rank // batch_size)
     max_len = model.config.block_size + 1  # inputs are row[:-1]
     was_training = model.training
     model.eval()
     correct = correct_norm = done = 0
     bar = tqdm(total=len(mine), unit="ex", desc="hellaswag", disable=not progress, dynamic_ncols=True)
-    for chunk in _chunks(mine, batch_size):
+    for b in range(num_batches):
+        chunk = mine[b * batch_size : (b + 1) * batch_size]
+        if not chunk:  # keep step with the other ranks' forward passes; the result is discarded
+            ending_losses(model, _rows(examples[0], tokenizer, max_len), device, dtype)
+            continue
         rows = [r for ex in chunk for r in _rows(ex, tokenizer, max_len)]
         total, mean = ending_losses(model, rows, device, dtype)
         i = 0
