@@ -18,6 +18,7 @@ from gpt2.sampling import (
     sample_next_token,
     top_k_filter,
     top_p_filter,
+    use_decode_layout,
     window_size,
 )
 from gpt2.tokenizer import CharTokenizer
@@ -276,3 +277,17 @@ def test_empty_prompt_starts_from_newline_for_char_and_eot_for_gpt2():
 
     sampler.tokenizer = EOTTokenizer(tok.chars)
     assert sampler.encode_prompt("", 10) == [3]
+
+
+def test_decode_layout_keeps_values_tie_and_logits():
+    model = tiny_model()
+    idx = torch.randint(0, 65, (2, 10), generator=torch.Generator().manual_seed(9))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logits = model(idx)[0]
+    use_decode_layout(model)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert not model.transformer.h[0].mlp.c_fc.weight.is_contiguous()  # (in, out) storage
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    torch.testing.assert_close(model(idx)[0], logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(run(model, idx, 20), uncached_greedy(model, idx, 20))

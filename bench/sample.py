@@ -1,0 +1,133 @@
+"""Generation speed: this engine vs the same model without a KV cache vs `transformers` generate, one run.
+
+    python bench/sample.py                    # GPT-2 124M shape, random weights, CPU fp32; a few minutes on 2 cores
+    python bench/sample.py --new-tokens 64 --reps 1 --no-append
+
+For batch 1 and 8, a prompt of 4 tokens and `--new-tokens` new ones (sampling: temperature 1, top_k 200):
+- `gpt2 engine`: `gpt2.sampling.generate` on the model as `Sampler` prepares it (weights in the decode
+  layout on CPU, see `use_decode_layout`), KV cache preallocated once;
+- `gpt2 engine, nn.Linear layout` (batch 1): the same without the decode layout, to show what it buys;
+- `gpt2 engine, bfloat16` (batch 1): weights and cache in bf16, the alternative `dtype=auto` was measured against;
+- `no KV cache`: the same model, a full forward over the whole context for every token (`--nocache-tokens`
+  new tokens, fewer because its cost grows with the context; tokens/s is still comparable, and flattering
+  to it since its contexts are shorter);
+- `transformers generate`: `GPT2LMHeadModel.generate` on the same weights, exported with `gpt2.hf.save_pretrained`
+  and loaded with `from_pretrained`.
+Engines run round-robin `--reps` times and the best tokens/s is kept (the machine is shared). Prints a markdown
+table and appends it to BENCHMARKS.md unless --no-append.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gpt2.model import GPT, GPTConfig
+from gpt2.sampling import SamplingParams, generate, sample_next_token, use_decode_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = SamplingParams(temperature=1.0, top_k=200)
+
+
+def engine(model: GPT, idx: torch.Tensor, n: int) -> int:
+    steps = sum(1 for _ in generate(model, idx, n, PARAMS, generator=torch.Generator().manual_seed(0)))
+    return steps * idx.size(0)
+
+
+@torch.inference_mode()
+def no_cache(model: GPT, idx: torch.Tensor, n: int) -> int:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        logits = model(idx[:, -model.config.block_size :])[0][:, -1]
+        token = sample_next_token(logits, temperature=PARAMS.temperature, top_k=PARAMS.top_k, generator=g)
+        idx = torch.cat([idx, token[:, None]], dim=1)
+    return n * idx.size(0)
+
+
+@torch.inference_mode()
+def hf_generate(hf_model, idx: torch.Tensor, n: int) -> int:
+    torch.manual_seed(0)
+    out = hf_model.generate(
+        idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n, do_sample=True,
+        temperature=PARAMS.temperature, top_k=PARAMS.top_k, pad_token_id=50256,
+    )
+    return (out.size(1) - idx.size(1)) * idx.size(0)
+
+
+def timed(fn: Callable[[], int]) -> float:
+    t0 = time.perf_counter()
+    tokens = fn()
+    return tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--nocache-tokens", type=int, default=64)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    args = p.parse_args()
+
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig()).eval()  # GPT-2 124M shape, random weights
+    with tempfile.TemporaryDirectory() as tmp:
+        plain.save_pretrained(tmp)
+        hf_model = GPT2LMHeadModel.from_pretrained(tmp).eval()
+    ours = use_decode_layout(copy.deepcopy(plain))
+    ours_bf16 = use_decode_layout(copy.deepcopy(plain).to(torch.bfloat16))
+    load = os.getloadavg()[0]
+
+    rows = []
+    for B in (int(b) for b in args.batch_sizes.split(",")):
+        idx = torch.randint(0, 50257, (B, 4), generator=torch.Generator().manual_seed(B))
+        n, nc = args.new_tokens, args.nocache_tokens
+        cases: list[tuple[str, str, int, Callable[[], int]]] = [
+            ("gpt2 engine (KV cache)", "float32", n, lambda: engine(ours, idx, n)),
+            ("no KV cache (full forward per token)", "float32", nc, lambda: no_cache(ours, idx, nc)),
+            ("transformers generate", "float32", n, lambda: hf_generate(hf_model, idx, n)),
+        ]
+        if B == 1:
+            cases.insert(1, ("gpt2 engine, nn.Linear layout", "float32", n, lambda: engine(plain, idx, n)))
+            cases.insert(2, ("gpt2 engine, bfloat16", "bfloat16", n, lambda: engine(ours_bf16, idx, n)))
+        engine(ours, idx, 4), engine(ours_bf16, idx, 4), hf_generate(hf_model, idx, 4)  # warm up kernels
+        best = {name: 0.0 for name, *_ in cases}
+        for rep in range(args.reps):
+            for name, _, _, fn in cases:
+                best[name] = max(best[name], timed(fn))
+                print(f"batch {B} rep {rep}: {name}: {best[name]:.1f} tok/s", flush=True)
+        hf = best["transformers generate"]
+        for name, dtype, tokens, _ in cases:
+            rows.append(f"| {B} | {name} | {dtype} | {tokens} | {best[name]:.1f} | {best[name] / hf:.2f}x |")
+
+    header = (
+        f"## Sampling speed ({datetime.date.today()})\n\n"
+        f"`python bench/sample.py --new-tokens {args.new_tokens} --nocache-tokens {args.nocache_tokens} "
+        f"--reps {args.reps}` on 2-core x86 CPU sandbox ({platform.machine()}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads (load average {load:.1f} at start: the machine is shared, so compare "
+        "rows of one table). GPT-2 124M shape, random weights, prompt of 4 tokens, sampling with temperature 1 "
+        "and top_k 200; tokens/s = new tokens x batch / wall time, best of the round-robin repetitions.\n\n"
+        "| batch | engine | dtype | new tokens | tokens/s | vs transformers |\n|---:|---|---|---:|---:|---:|\n"
+    )
+    table = header + "\n".join(rows) + "\n"
+    print("\n" + table)
+    if not args.no_append:
+        with open(ROOT / "BENCHMARKS.md", "a") as f:
+            f.write("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
