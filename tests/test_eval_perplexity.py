@@ -224,3 +224,21 @@ def test_checkpoint_tokenizer_must_match_the_prepared_data(tmp_path, capsys):
     assert "different" in err
     err = cli_error(capsys, "perplexity", f"checkpoint={tmp_path / 'char'}", "data=nothere", root)
     assert "is not prepared" in err
+
+
+@requires_tiktoken
+def test_init_from_a_hugging_face_dir_scores_like_the_same_checkpoint(tmp_path, capsys):
+    from gpt2.eval.__main__ import main
+    from gpt2.hf import save_pretrained
+
+    tok = GPT2Tokenizer()
+    model = tiny_model(vocab_size=tok.vocab_size, block_size=16, seed=4)
+    save_pretrained(model, tmp_path / "hf")
+    save_checkpoint(tmp_path / "run" / "ckpt.pt", model, tok)
+    (tmp_path / "t.txt").write_text("It was the best of times, it was the worst of times, it was the age of wisdom.")
+    common = [f"text={tmp_path / 't.txt'}", "stride=8", "device=cpu", "dtype=float32"]
+    from_hf = main(["perplexity", f"init_from={tmp_path / 'hf'}", *common])
+    from_ckpt = main(["perplexity", f"checkpoint={tmp_path / 'run'}", *common])
+    assert from_hf["tokens"] == from_ckpt["tokens"] == len(tok.encode((tmp_path / "t.txt").read_text()))
+    assert from_hf["loss"] == pytest.approx(from_ckpt["loss"], rel=1e-5)
+    assert "(Hugging Face GPT-2 weights)" in capsys.readouterr().out

@@ -25,4 +25,4 @@ def load(checkpoint: Optional[str], init_from: Optional[str], device: torch.devi
     from gpt2.hf import load_pretrained
 
     model = load_pretrained(init_from).to(device).eval()
-    return model, get_tokenizer("gpt2"), f"{init_from} (OpenAI weights)"
+    return model, get_tokenizer("gpt2"), f"{init_from} (Hugging Face GPT-2 weights)"
