@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -196,8 +197,9 @@ def generate(
     emits it has finished: later steps hold -1 in its place, and the generator returns once every row has
     finished. Moving the sampled ids to the CPU is the only host sync per step.
 
-    The KV cache is allocated once, for block_size positions. When it is full, the context slides: the last
-    `window_size(block_size)` tokens (the new one included) are prefilled again and decoding goes on.
+    The KV cache is allocated once, for min(T + max_new_tokens, block_size) positions. When it is full (only
+    when T + max_new_tokens > block_size), the context slides: the last `window_size(block_size)` tokens (the
+    new one included) are prefilled again and decoding goes on.
     `decode` is the decode-step function (e.g. a torch.compile'd `decode_step`).
     """
     B, T = idx.shape
@@ -206,7 +208,7 @@ def generate(
         raise ValueError(f"prompt length {T} must be in [1, block_size={block_size}]")
     device = idx.device
     dtype = model.lm_head.weight.dtype
-    cache = KVCache(model.config, B, block_size, device=device, dtype=dtype)
+    cache = KVCache(model.config, B, min(T + max_new_tokens, block_size), device=device, dtype=dtype)
     context = torch.empty(B, block_size, dtype=torch.long, device=device)  # the tokens the cache holds
     context[:, :T] = idx
     seen = None
@@ -233,7 +235,7 @@ def generate(
             return
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
-        if cache.pos < block_size:
+        if cache.pos < cache.max_len:
             context[:, cache.pos] = token
             logits = decode(model, token[:, None], cache)
         else:  # the cache is full: slide the window and re-prefill
@@ -493,8 +495,15 @@ class Sampler:
 # The command line: `python sample.py checkpoint=out/run prompt="..."` (see configs/sample.yaml).
 
 
+def unescape(text: str) -> str:
+    r"""Command-line text with `\n`, `\t` and `\\` turned into newline, tab and backslash (Hydra passes them
+    through literally, and a stop string of two newlines is common)."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
 def read_prompt(prompt: str, prompt_file: str | None) -> str:
-    """The prompt text: `prompt_file` or `prompt=FILE:path` reads a file, `prompt=-` reads stdin."""
+    """The prompt text: `prompt_file` or `prompt=FILE:path` reads a file, `prompt=-` reads stdin; a prompt
+    typed on the command line goes through `unescape`."""
     if prompt_file and prompt:
         raise UserError("give either prompt=... or prompt_file=..., not both")
     if prompt.startswith("FILE:"):
@@ -506,7 +515,7 @@ def read_prompt(prompt: str, prompt_file: str | None) -> str:
         return path.read_text(encoding="utf-8")
     if prompt == "-":
         return sys.stdin.read()
-    return prompt
+    return unescape(prompt)
 
 
 @exit_on_user_error
@@ -521,7 +530,7 @@ def run(cfg: Any) -> list[str]:
         sampler = Sampler.from_pretrained(str(c.init_from), **kwargs)
     settings = GenerationSettings(
         max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-        repetition_penalty=c.repetition_penalty, stop=list(c.stop), ignore_eot=c.ignore_eot, seed=c.seed,
+        repetition_penalty=c.repetition_penalty, stop=[unescape(x) for x in c.stop], ignore_eot=c.ignore_eot, seed=c.seed,
     )
     sampler.encode_prompt(prompt, c.max_new_tokens)  # bad prompt characters fail before any work
     stream = c.stream if c.stream is not None else (c.num_samples == 1 and sys.stdout.isatty())
@@ -544,7 +553,7 @@ def run(cfg: Any) -> list[str]:
 
     if c.output:
         source = {"checkpoint": c.checkpoint} if c.checkpoint else {"init_from": c.init_from}
-        record = {**source, **asdict(settings), "device": str(sampler.device), "dtype": str(sampler.dtype)}
+        record = {**source, **asdict(settings), "device": str(sampler.device), "dtype": str(sampler.dtype).removeprefix("torch.")}
         with open(c.output, "a", encoding="utf-8") as f:
             for text in samples:
                 f.write(json.dumps({"prompt": prompt, "sample": text, "settings": record}) + "\n")

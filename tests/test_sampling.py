@@ -291,3 +291,13 @@ def test_decode_layout_keeps_values_tie_and_logits():
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     torch.testing.assert_close(model(idx)[0], logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(run(model, idx, 20), uncached_greedy(model, idx, 20))
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager():
+    tok = CharTokenizer.from_text(TEXT)
+    kw = dict(max_new_tokens=30, temperature=0.0)
+    eager = Sampler(tiny_model(vocab_size=tok.vocab_size), tok, device="cpu", dtype="float32")
+    compiled = Sampler(tiny_model(vocab_size=tok.vocab_size), tok, device="cpu", dtype="float32", compile=True)
+    assert compiled.decode is not eager.decode
+    assert compiled.generate("All:", num_samples=2, **kw) == eager.generate("All:", num_samples=2, **kw)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from gpt2 import checkpoint
 from gpt2.model import GPT, GPTConfig
-from gpt2.sampling import run
+from gpt2.sampling import run, unescape
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET:\nAy me.\n"
@@ -154,3 +154,9 @@ def test_corrupt_missing_and_unsafe_checkpoints(tmp_path, capsys):
     assert "not a readable checkpoint" in run_in_process(capsys, checkpoint=str(tmp_path))
     assert "nothing to sample from" in run_in_process(capsys)
     assert "does not exist" in run_in_process(capsys, init_from=str(tmp_path / "no_such_dir"))
+
+
+def test_command_line_escapes_in_prompt_and_stop(char_run, capsys):
+    assert unescape(r"a\n\nb\tc\\n ü") == "a\n\nb\tc\\n ü"
+    out = run_ok(capsys, checkpoint=str(char_run), prompt=r"JULIET:\nAy", max_new_tokens=5, temperature=0)
+    assert out.startswith("JULIET:\nAy")
