@@ -85,8 +85,13 @@ def _x(run: Run, points: list[tuple[int, float]], axis: str) -> list[float]:
 
     if not run.tokens:
         raise UserError(f"run {run.name} logged no tokens_seen; plot it with --x step")
-    known_steps, known_tokens = zip(*run.tokens)
-    return list(np.interp(steps, known_steps, known_tokens))
+    known = ([(0, 0.0)] if run.tokens[0][0] > 0 else []) + run.tokens  # no tokens are seen before step 0
+    ks, kt = (np.array(v, dtype=float) for v in zip(*known))
+    xs = np.interp(steps, ks, kt)
+    if len(ks) > 1:  # past the last training line (a final eval): extend at the last tokens-per-step rate
+        rate = (kt[-1] - kt[-2]) / (ks[-1] - ks[-2])
+        xs = np.where(np.array(steps) > ks[-1], kt[-1] + (np.array(steps) - ks[-1]) * rate, xs)
+    return list(xs)
 
 
 def default_output(runs: Sequence[str | Path]) -> Path:

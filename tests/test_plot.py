@@ -106,3 +106,12 @@ def test_cli_prints_the_path(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(tmp_path / "run" / "loss.png")
     assert (tmp_path / "run" / "loss.png").stat().st_size > 10_000
+
+
+def test_tokens_axis_maps_eval_steps_through_tokens_seen(tmp_path):
+    write_metrics(tmp_path / "run", steps=40, eval_every=20)  # training lines from step 0, 4096 tokens/step
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 50, "train_loss": 2.0, "val_loss": 2.1}) + "\n")  # after the last log
+    run = plot.read_run(tmp_path / "run")
+    run.tokens = run.tokens[1:]  # as the trainer logs: the first training line is at step 10
+    assert plot._x(run, run.val_loss, "tokens") == [0.0, 20 * 4096, 40 * 4096, 50 * 4096]
