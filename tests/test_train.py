@@ -194,6 +194,7 @@ def hf_model_dir(path: Path, vocab_size: int = 50257) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_finetune_from_hf_directory(bpe_data, tmp_path):
     hf_dir = hf_model_dir(tmp_path / "hf")
     out = tmp_path / "ft"
