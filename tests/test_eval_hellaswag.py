@@ -256,6 +256,8 @@ def _rank_worker(rank: int, world_size: int, init_file: str, jsonl: str, out: st
         model = unigram_model(right, set())
         result = hellaswag.all_reduce(hellaswag.evaluate(model, tok, examples, "cpu", torch.float32, rank,
                                                          world_size, batch_size=2), "cpu")
+        result["metrics"] = hellaswag.training_metrics(model, tok, examples, "cpu", torch.float32, rank,
+                                                       world_size, batch_size=3)
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(result, f)
@@ -272,4 +274,6 @@ def test_two_gloo_ranks_all_reduce_to_the_single_process_result(tmp_path, tok, e
              nprocs=2, join=True)
     right = {t for ex in examples for t in tok.encode(" " + ex.endings[ex.label])}
     expected = hellaswag.evaluate(unigram_model(right, set()), tok, examples, "cpu", torch.float32)
-    assert json.loads((tmp_path / "r.json").read_text()) == expected and expected["n"] == 5
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got.pop("metrics") == {"hellaswag_acc": expected["acc"], "hellaswag_acc_norm": expected["acc_norm"]}
+    assert got == expected and expected["n"] == 5

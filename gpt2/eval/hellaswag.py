@@ -10,9 +10,10 @@ lm-evaluation-harness (which normalises by characters and formats the context sl
 The validation set (10,042 examples) is downloaded once from its public location into a cache directory
 (atomically: a temp file renamed into place), or read from a local file in the same jsonl schema.
 
-In training: `load_examples(...)` once, then `evaluate(model, tokenizer, examples, device, dtype, rank,
-world_size)` on every rank (each scores `examples[rank::world_size]`) and `all_reduce(result, device)` to sum
-the counts over ranks.
+In training: `load_examples(...)` once, then `training_metrics(model, tokenizer, examples, device, dtype, rank,
+world_size)` on every rank: each rank scores `examples[rank::world_size]` (`evaluate`), the counts are summed
+over ranks (`all_reduce`), and the result comes back under the metrics.jsonl keys `hellaswag_acc` and
+`hellaswag_acc_norm`.
 """
 
 from __future__ import annotations
@@ -251,6 +252,23 @@ def all_reduce(result: dict[str, float | int], device: torch.device | str) -> di
     counts = torch.tensor([result["correct"], result["correct_norm"], result["n"]], dtype=torch.long, device=device)
     dist.all_reduce(counts)
     return _result(*(int(c) for c in counts.tolist()))
+
+
+def training_metrics(
+    model: GPT,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """For the trainer: `evaluate` on every rank, `all_reduce`, and the metrics.jsonl keys that `gpt2.plot`
+    reads: {"hellaswag_acc", "hellaswag_acc_norm"} (the same on every rank)."""
+    result = all_reduce(evaluate(model, tokenizer, examples, device, dtype, rank, world_size,
+                                 batch_size=batch_size), device)
+    return {"hellaswag_acc": float(result["acc"]), "hellaswag_acc_norm": float(result["acc_norm"])}
 
 
 # --- command -------------------------------------------------------------------------------------------------
