@@ -75,6 +75,7 @@ def main() -> None:
     p.add_argument("--nocache-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = p.parse_args()
 
@@ -82,6 +83,8 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     plain = GPT(GPTConfig()).eval()  # GPT-2 124M shape, random weights
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +119,7 @@ def main() -> None:
     header = (
         f"## Sampling speed ({datetime.date.today()})\n\n"
         f"`python bench/sample.py --new-tokens {args.new_tokens} --nocache-tokens {args.nocache_tokens} "
-        f"--reps {args.reps}` on 2-core x86 CPU sandbox ({platform.machine()}), torch {torch.__version__}, "
+        f"--reps {args.reps}{f' --threads {args.threads}' if args.threads else ''}` on 2-core x86 CPU sandbox ({platform.machine()}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads (load average {load:.1f} at start: the machine is shared, so compare "
         "rows of one table). GPT-2 124M shape, random weights, prompt of 4 tokens, sampling with temperature 1 "
         "and top_k 200; tokens/s = new tokens x batch / wall time, best of the round-robin repetitions.\n\n"

@@ -308,15 +308,16 @@ class TextStream:
 
 @dataclass
 class GenerationSettings:
-    """Everything that shapes a sample besides the prompt (also what `output=` records per line)."""
+    """Everything that shapes a sample besides the prompt (also what `output=` records per line). Defaults and
+    meanings are SampleConfig's, except `seed`: None (a fresh random seed) for the Python API."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.8
-    top_k: int = 200
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    max_new_tokens: int = SampleConfig.max_new_tokens
+    temperature: float = SampleConfig.temperature
+    top_k: int = SampleConfig.top_k
+    top_p: float = SampleConfig.top_p
+    repetition_penalty: float = SampleConfig.repetition_penalty
     stop: list[str] = field(default_factory=list)
-    ignore_eot: bool = False
+    ignore_eot: bool = SampleConfig.ignore_eot
     seed: int | None = None
 
     def __post_init__(self) -> None:
