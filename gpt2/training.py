@@ -310,7 +310,8 @@ class Trainer:
         scratch = ckpt.get("config", {}).get("init_from", "scratch") == "scratch"
         # A run from scratch takes its architecture from the config, so the whole config must agree; a
         # fine-tune run's came from its init, so only the keys typed on the command line are compared.
-        keys = (*ARCH_KEYS, "block_size", "dropout") if scratch else tuple(k for k in (*ARCH_KEYS, "block_size", "dropout") if k in explicit)
+        all_keys = (*ARCH_KEYS, "block_size", "dropout")
+        keys = all_keys if scratch else tuple(k for k in all_keys if k in explicit)
         for key in keys:
             if getattr(self.cfg.model, key) != saved[key]:
                 raise UserError(

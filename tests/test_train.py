@@ -102,8 +102,8 @@ def test_cli_trains_checkpoints_and_logs(char_data, tmp_path):
 
     sample = ROOT / "sample.py"
     if sample.exists():
-        s = subprocess.run([sys.executable, str(sample), f"checkpoint={out}", "max_new_tokens=20", "seed=1",
-                            "device=cpu"], cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=120)  # fmt: skip
+        cmd = [sys.executable, str(sample), f"checkpoint={out}", "max_new_tokens=20", "seed=1", "device=cpu"]
+        s = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=120)
         assert s.returncode == 0, s.stderr
         assert s.stdout.strip()
 
