@@ -214,6 +214,10 @@ def test_finetune_from_hf_directory(bpe_data, tmp_path):
                          ("model.block_size=128", "model.block_size=128 is larger than")]:  # fmt: skip
         p = train([*args, f"out_dir={tmp_path / 'bad'}", bad], tmp_path, check=False)
         assert p.returncode == 2 and message in p.stderr, p.stderr
+    # A model whose vocabulary is smaller than the dataset's token ids.
+    small = hf_model_dir(tmp_path / "hf100", vocab_size=100)
+    p = train([*args, f"out_dir={tmp_path / 'bad'}", f"init_from={small}"], tmp_path, check=False)
+    assert p.returncode == 2 and "the model's vocabulary has 100 tokens" in p.stderr, p.stderr
 
 
 # ------------------------------------------------------------------------------------------------ optimizers
