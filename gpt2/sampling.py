@@ -364,7 +364,7 @@ class Sampler:
         for piece in s.stream("ROMEO:", max_new_tokens=100): print(piece, end="", flush=True)
 
     `generate` returns the continuations (the prompt not included). Keyword arguments are the fields of
-    `GenerationSettings`.
+    `GenerationSettings`. The Sampler takes over `model`: it is moved, cast and (on CPU) re-laid out in place.
     """
 
     def __init__(
