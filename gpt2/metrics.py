@@ -60,6 +60,8 @@ WANDB_KEYS = {
     "mfu": "perf/mfu",
     "train_loss": "eval/train_loss",
     "val_loss": "val/loss",
+    "hellaswag_acc": "eval/hellaswag_acc",
+    "hellaswag_acc_norm": "eval/hellaswag_acc_norm",
 }
 
 _ID_CHARS = string.ascii_lowercase + string.digits
@@ -186,6 +188,8 @@ def format_line(r: dict[str, Any]) -> str:
         "grad_norm": "grad norm {:.3f}",
         "ms_per_step": "{:.1f} ms",
         "tokens_per_sec": "{:,.0f} tok/s",
+        "hellaswag_acc": "hellaswag acc {:.4f}",
+        "hellaswag_acc_norm": "acc_norm {:.4f}",
     }
     for key, f in fmt.items():
         if key in r:

@@ -149,6 +149,7 @@ class Trainer:
             resume_step=self.state.step if self.resumed_at is not None else None,
         )
         self.state.wandb_run_id = self.logger.wandb_run_id
+        self.hellaswag = self._load_hellaswag() if cfg.eval.hellaswag_interval else None
         self._stop_signal: int | None = None
         # Last, so that nothing above draws from it: dropout masks differ across ranks, and a resumed run
         # continues this rank's RNG stream where it stopped.
@@ -168,6 +169,8 @@ class Trainer:
                 step = self.state.step
                 if tc.eval_interval and step % tc.eval_interval == 0 and step != self.resumed_at:
                     self.evaluate_and_checkpoint()
+                if self.hellaswag and step % self.cfg.eval.hellaswag_interval == 0 and step != self.resumed_at:
+                    self.evaluate_hellaswag()
                 metrics = self.train_step()
                 self.state.step += 1
                 if self.state.step % tc.log_interval == 0 or self.state.step == tc.max_iters:
@@ -262,6 +265,27 @@ class Trainer:
         # an FSDP2 optimizer's still-empty state would initialise it with a step, changing Adam's first update.
         if self.state.step > 0:
             self.save_checkpoint(best=best)
+
+    def evaluate_hellaswag(self) -> None:
+        """HellaSwag acc / acc_norm (ranks score disjoint examples, then all-reduce), logged like val loss."""
+        from gpt2.eval import hellaswag
+
+        metrics = hellaswag.training_metrics(
+            self.model, self.ds.tokenizer, self.hellaswag, self.device, self.dtype,
+            self.info.rank, self.info.world_size,
+        )
+        self.logger.log(metrics, self.state.step)
+
+    def _load_hellaswag(self) -> list:
+        """The examples for in-training HellaSwag: checked before training, downloaded once by rank 0."""
+        from gpt2.eval import hellaswag
+
+        ec = self.cfg.eval
+        hellaswag.check_tokenizer(self.ds.tokenizer)
+        if self.info.is_main:
+            hellaswag.load_examples(ec.hellaswag_path, ec.hellaswag_limit)
+        distributed.barrier()
+        return hellaswag.load_examples(ec.hellaswag_path, ec.hellaswag_limit)
 
     # ------------------------------------------------------------------------------------------- checkpoints
 

@@ -220,6 +220,26 @@ def test_finetune_from_hf_directory(bpe_data, tmp_path):
     assert p.returncode == 2 and "the model's vocabulary has 100 tokens" in p.stderr, p.stderr
 
 
+def test_hellaswag_during_training_is_logged_like_val_loss(bpe_data, char_data, tmp_path):
+    """eval.hellaswag_interval scores a local HellaSwag file every N steps into metrics.jsonl; a char-vocabulary
+    dataset is refused before training."""
+    hs = tmp_path / "hellaswag_val.jsonl"
+    rows = [("A man slices bread. He", ["eats it.", "flies away.", "sings.", "swims."], i % 4) for i in range(6)]
+    hs.write_text("".join(json.dumps({"ind": i, "ctx": c, "endings": e, "label": y, "activity_label": "t",
+                                      "ctx_a": c, "ctx_b": "", "split": "val", "split_type": "indomain",
+                                      "source_id": str(i)}) + "\n" for i, (c, e, y) in enumerate(rows)))
+    out = tmp_path / "run"
+    args = [*TINY, "train.max_iters=6", "train.eval_interval=0", "eval.hellaswag_interval=3",
+            f"eval.hellaswag_path={hs}", "eval.hellaswag_limit=4"]  # fmt: skip
+    train([f"data.name={bpe_data}", f"out_dir={out}", *args], tmp_path)
+    scored = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "hellaswag_acc" in r]
+    assert [r["step"] for r in scored] == [0, 3]
+    assert all(r["hellaswag_acc_norm"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in scored)  # 4 examples scored
+
+    p = train([f"data.name={char_data}", f"out_dir={tmp_path / 'char'}", *args], tmp_path, check=False)
+    assert p.returncode == 2 and "HellaSwag needs a model with the gpt2 tokenizer" in p.stderr, p.stderr
+
+
 # ------------------------------------------------------------------------------------------------ optimizers
 
 
