@@ -33,6 +33,30 @@ def _check_device(key: str, value: str) -> None:
         raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(DEVICES)} (or cuda:N)")
 
 
+def check_model_source(checkpoint: Optional[str], init_from: Optional[str], purpose: str) -> None:
+    """Exactly one of `checkpoint` / `init_from` names the model (sampling and evaluation)."""
+    if checkpoint and init_from:
+        raise UserError("give either checkpoint=... or init_from=..., not both")
+    if not checkpoint and not init_from:
+        raise UserError(f"no model to {purpose}: pass checkpoint=<run dir or .pt> or init_from=gpt2")
+
+
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float
+) -> None:
+    """The sampling knobs' ranges (SampleConfig and the Python API's GenerationSettings)."""
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k < 0:
+        raise UserError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise UserError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
+
+
 @dataclass
 class ModelConfig:
     """Architecture (the vocabulary size comes from the dataset's tokenizer, or from the pretrained init)."""
@@ -280,22 +304,10 @@ class SampleConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.checkpoint and self.init_from:
-            raise UserError("give either checkpoint=... or init_from=..., not both")
-        if not self.checkpoint and not self.init_from:
-            raise UserError("nothing to sample from: pass checkpoint=<run dir or .pt> or init_from=gpt2")
+        check_model_source(self.checkpoint, self.init_from, "sample from")
         if self.num_samples < 1:
             raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
         if self.batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
         _check_device("device", self.device)

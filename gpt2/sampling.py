@@ -32,7 +32,7 @@ import hydra
 import torch
 import torch.nn as nn
 
-from gpt2.config import SampleConfig, to_object  # importing gpt2.config registers `sample_schema` with Hydra
+from gpt2.config import SampleConfig, check_sampling, to_object  # importing gpt2.config registers `sample_schema` with Hydra
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.model import GPT, KVCache
 
@@ -321,16 +321,7 @@ class GenerationSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
 
     @property
     def params(self) -> SamplingParams:
@@ -347,13 +338,7 @@ def sampling_dtype(name: str, device: torch.device) -> torch.dtype:
     """
     from gpt2.device import resolve_dtype
 
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu":
-            return torch.float32
-        return torch.float32
-    return resolve_dtype(name, device)
+    return resolve_dtype(name, device, cpu_auto=torch.float32)
 
 
 class Sampler:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gpt2.config import DTYPES, _check_choice, _check_device, to_object
+from gpt2.config import DTYPES, _check_choice, _check_device, check_model_source, to_object
 from gpt2.errors import UserError
 
 
@@ -22,13 +22,6 @@ def default_cache_dir() -> str:
     """`$XDG_CACHE_HOME/gpt2/hellaswag`, else `~/.cache/gpt2/hellaswag`."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return str(Path(base) / "gpt2" / "hellaswag")
-
-
-def _check_source(checkpoint: Optional[str], init_from: Optional[str]) -> None:
-    if checkpoint and init_from:
-        raise UserError("give either checkpoint=... or init_from=..., not both")
-    if not checkpoint and not init_from:
-        raise UserError("no model to evaluate: pass checkpoint=<run dir or .pt> or init_from=gpt2")
 
 
 @dataclass
@@ -61,7 +54,7 @@ class PerplexityConfig:
     """auto (bf16 where supported), float32, bfloat16 or float16."""
 
     def __post_init__(self) -> None:
-        _check_source(self.checkpoint, self.init_from)
+        check_model_source(self.checkpoint, self.init_from, "evaluate")
         if bool(self.data) == bool(self.text):
             raise UserError("give exactly one of data=<prepared dataset> or text=<file> to evaluate on")
         _check_choice("split", self.split, ("train", "val"))
@@ -99,7 +92,7 @@ class HellaSwagConfig:
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_source(self.checkpoint, self.init_from)
+        check_model_source(self.checkpoint, self.init_from, "evaluate")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"limit must be >= 1, got {self.limit}")
         if self.batch_size < 1:
