@@ -180,6 +180,9 @@ class TrainConfig:
     """Sequences per micro-step per rank."""
     grad_accum_steps: int = 1
     """Micro-steps per optimizer step summed over all ranks (divided evenly among them)."""
+    tokens_per_step: Optional[int] = None
+    """Global batch in tokens; when set, grad_accum_steps is derived from it (batch_size x block_size per
+    micro-step)."""
     max_iters: int = 2000
     """Optimizer steps to train for."""
     eval_interval: int = 250
@@ -197,6 +200,8 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum_steps", "max_iters", "eval_iters", "log_interval"):
             if getattr(self, key) < 1:
                 raise UserError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.tokens_per_step is not None and self.tokens_per_step < 1:
+            raise UserError(f"train.tokens_per_step must be >= 1 (or null), got {self.tokens_per_step}")
         if self.eval_interval < 0:
             raise UserError(f"train.eval_interval must be >= 0, got {self.eval_interval}")
         if self.grad_clip < 0:

@@ -27,7 +27,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2 import checkpoint, distributed
-from gpt2.config import PRETRAINED, TrainRunConfig, to_dict, to_object
+from gpt2.config import PRETRAINED, TrainConfig, TrainRunConfig, to_dict, to_object
 from gpt2.data import TokenLoader, eval_batches, open_dataset
 from gpt2.device import autocast, configure_backends, resolve_dtype
 from gpt2.distributed import DistInfo, print0
@@ -93,12 +93,6 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         configure_backends(self.device)
         tc = cfg.train
-        if tc.grad_accum_steps % info.world_size:
-            raise UserError(
-                f"train.grad_accum_steps={tc.grad_accum_steps} is not divisible by the {info.world_size} processes; "
-                f"make it a multiple of {info.world_size} (the global batch is batch_size x grad_accum_steps)"
-            )
-        self.accum = tc.grad_accum_steps // info.world_size  # micro-steps per rank per optimizer step
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_path = self.out_dir / checkpoint.CKPT_NAME
         self.ds = open_dataset(cfg.data.name)
@@ -119,6 +113,8 @@ class Trainer:
         cfg.model = type(cfg.model)(**{k: getattr(model.config, k) for k in asdict(cfg.model)})  # the truth
         self.model = model.to(self.device).train()
         self.block_size = model.config.block_size
+        tc.grad_accum_steps = _grad_accum_steps(tc, self.block_size, info.world_size)
+        self.accum = tc.grad_accum_steps // info.world_size  # micro-steps per rank per optimizer step
 
         self.compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         if self.compile:
@@ -413,6 +409,27 @@ class Trainer:
             f"batch: {self.tokens_per_step:,} tokens per step = {tc.batch_size} sequences x {self.block_size} tokens "
             f"x {self.accum} micro-steps x {info.world_size} ranks; {tc.max_iters} steps; out_dir {self.out_dir}"
         )
+
+
+def _grad_accum_steps(tc: TrainConfig, block_size: int, world_size: int) -> int:
+    """Micro-steps per optimizer step over all ranks: `train.grad_accum_steps`, or derived from
+    `train.tokens_per_step` when set. Either way a multiple of the world size."""
+    steps = tc.grad_accum_steps
+    if tc.tokens_per_step is not None:
+        per_micro = tc.batch_size * block_size
+        if tc.tokens_per_step % (per_micro * world_size):
+            raise UserError(
+                f"train.tokens_per_step={tc.tokens_per_step} is not a multiple of batch_size x block_size x "
+                f"processes = {tc.batch_size} x {block_size} x {world_size} = {per_micro * world_size}; "
+                "round it to a multiple of that"
+            )
+        steps = tc.tokens_per_step // per_micro
+    if steps % world_size:
+        raise UserError(
+            f"train.grad_accum_steps={steps} is not divisible by the {world_size} processes; "
+            f"make it a multiple of {world_size} (the global batch is batch_size x grad_accum_steps)"
+        )
+    return steps
 
 
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -333,6 +333,13 @@ def test_bad_inputs_fail_with_one_line(char_data, tmp_path):
     missing = error(f"data.name={tmp_path / 'nope'}")
     assert "nope" in missing and "prepare" in missing
     assert "init_from='gpt5'" in error("init_from=gpt5")
+    assert "train.tokens_per_step=200 is not a multiple of batch_size x block_size x processes = 4 x 32 x 1" in error(
+        "train.tokens_per_step=200"
+    )
+
+    # A tokens-per-step target sets grad accumulation: 512 tokens = 4 micro-steps of 4 x 32 (2 per rank on 2).
+    trainer = Trainer(to_object(compose(*base, "train.tokens_per_step=512"), TrainRunConfig), DistInfo())
+    assert (trainer.accum, trainer.tokens_per_step, trainer.cfg.train.grad_accum_steps) == (4, 512, 4)
 
     # The CLI prints one line and exits 2; unknown keys fail in Hydra before anything runs.
     p = train([*base, "optim.lr=-1"], tmp_path, check=False)
