@@ -328,19 +328,6 @@ class GenerationSettings:
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
 
 
-def sampling_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype the sampler casts the weights and KV cache to (inference keeps no fp32 master copy).
-
-    auto: bf16 on CUDA when supported (else fp16), fp32 on MPS, and on CPU the faster of the two for batch-1
-    decoding as measured by bench/sample.py: fp32 (28.6 tokens/s vs 24.4 for bf16 weights, GPT-2 124M on the
-    2-core AVX512-BF16 x86 sandbox; BENCHMARKS.md).
-    Explicit names go through `gpt2.device.resolve_dtype` (which refuses fp16 on CPU).
-    """
-    from gpt2.device import resolve_dtype
-
-    return resolve_dtype(name, device, cpu_auto=torch.float32)
-
-
 class Sampler:
     """A model and its tokenizer, ready to sample text.
 
@@ -361,10 +348,10 @@ class Sampler:
         dtype: str = "auto",
         compile: bool = False,
     ) -> None:
-        from gpt2.device import resolve_device
+        from gpt2.device import resolve_device, resolve_dtype
 
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.dtype = sampling_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)  # weights and KV cache: no fp32 master copy
         self.model = model.eval().to(device=self.device, dtype=self.dtype)
         if self.device.type == "cpu":
             use_decode_layout(self.model)

@@ -95,7 +95,7 @@ def test_cli_hf_layout_dir(tmp_path):
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64))
     hf.save_pretrained(tmp_path / "hf")
-    r = sample(f"init_from={tmp_path / 'hf'}", "prompt=The", "max_new_tokens=8", "temperature=0", "ignore_eot=true",
+    r = sample(f"init_from={tmp_path / 'hf'}", "prompt=The", "max_new_tokens=8", "dtype=float32", "temperature=0", "ignore_eot=true",
                f"output={tmp_path / 's.jsonl'}")
     assert r.returncode == 0, r.stderr
     ours = json.loads((tmp_path / "s.jsonl").read_text())["sample"]
