@@ -305,8 +305,12 @@ class SampleConfig:
     """A .jsonl file to append prompt/sample/settings to."""
     seed: int = 1337
     device: str = "auto"
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     dtype: str = "auto"
+    """Weights and KV cache: auto (bf16 on CUDA and on CPUs with fast bf16 kernels, else fp32), float32,
+    bfloat16 or float16."""
     compile: bool = False
+    """torch.compile the one-token decode step."""
 
     def __post_init__(self) -> None:
         check_model_source(self.checkpoint, self.init_from, "sample from")
@@ -340,7 +344,8 @@ def to_object(cfg: DictConfig, schema: type[T]) -> T:
     except OmegaConfBaseException as e:
         if isinstance(e.__cause__, UserError):
             raise e.__cause__ from None
-        raise UserError(str(e).splitlines()[0]) from None
+        key = getattr(e, "full_key", None) or "?"  # a value of the wrong type: name the key
+        raise UserError(f"bad value for {key}: {str(e).splitlines()[0]}") from None
     assert isinstance(obj, schema)
     return obj
 

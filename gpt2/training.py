@@ -388,9 +388,10 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         """Whether any rank got SIGTERM/SIGINT (ranks must agree: the checkpoint save is collective)."""
+        if not self.info.is_distributed:
+            return self._stop_signal is not None  # no device round trip per step
         flag = torch.tensor(float(self._stop_signal or 0), device=self.device)
-        if self.info.is_distributed:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() and self._stop_signal is None:
             self._stop_signal = int(flag.item())
         return self._stop_signal is not None
