@@ -4,12 +4,15 @@ Keys: configs/sample.yaml and gpt2/config.py (SampleConfig); the work happens in
 """
 
 import hydra
+from omegaconf import DictConfig
 
+from gpt2.errors import exit_on_user_error
 from gpt2.sampling import run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
-def main(cfg) -> None:
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
     run(cfg)
 
 

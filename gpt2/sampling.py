@@ -489,7 +489,6 @@ def read_prompt(prompt: str, prompt_file: str | None) -> str:
     return unescape(prompt)
 
 
-@exit_on_user_error
 def run(cfg: Any) -> list[str]:
     """Sample as `cfg` (a SampleConfig or Hydra DictConfig) says; print the samples; return them."""
     c = cfg if isinstance(cfg, SampleConfig) else to_object(cfg, SampleConfig)
@@ -532,6 +531,7 @@ def run(cfg: Any) -> list[str]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="sample")
+@exit_on_user_error
 def main(cfg: Any) -> None:
     """Console script `gpt2-sample`: the same command as `python sample.py`."""
     run(cfg)

@@ -14,6 +14,7 @@ from conftest import ROOT, requires_tiktoken
 from omegaconf import OmegaConf
 
 from gpt2 import checkpoint
+from gpt2.errors import exit_on_user_error
 from gpt2.model import GPT, GPTConfig
 from gpt2.sampling import run, unescape
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
@@ -120,7 +121,7 @@ def test_cli_bad_inputs_subprocess(char_run, tmp_path):
 def run_in_process(capsys, **cfg) -> str:
     """`run` as the CLI calls it, in process: returns the error line it printed before exiting with 2."""
     with pytest.raises(SystemExit) as e:
-        run(OmegaConf.create(cfg))
+        exit_on_user_error(run)(OmegaConf.create(cfg))  # as sample.py wraps it
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
