@@ -216,14 +216,29 @@ def test_interrupted_preparation_is_detected_and_rebuilt(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare(tmp_path, "data=shakespeare_char", "data.shard_tokens=100000")
     out = tmp_path / "shakespeare_char"
-    assert not (out / "meta.json").exists() and not list(out.glob("*.tmp"))
-    assert len(list(out.glob("train_*.bin"))) == 5  # whole shards only
+    assert not (out / "meta.json").exists() and not list(out.glob("*.bin")) and not (out / ".staging").exists()
     with pytest.raises(UserError, match="preparation was interrupted.*python data/prepare.py data=shakespeare_char"):
         open_dataset("shakespeare_char", data_root=tmp_path)
     monkeypatch.undo()
     prepare(tmp_path, "data=shakespeare_char")
     assert open_dataset("shakespeare_char", data_root=tmp_path).num_tokens("train") == 1_003_854
     assert sorted(p.name for p in out.glob("*.bin")) == ["train_000000.bin", "val_000000.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["input.txt", "meta.json", "train_000000.bin", "val_000000.bin"]
+
+
+def test_failed_rebuild_keeps_the_previous_dataset(tmp_path, monkeypatch):
+    """overwrite=true with a source that fails midway (a corrupt line, Ctrl-C) loses nothing: the new shards are
+    staged and only replace the old ones once the whole corpus is done."""
+    with_shakespeare(tmp_path, "shakespeare_char")
+    prepare(tmp_path, "data=shakespeare_char", "data.shard_tokens=300000")
+    out = tmp_path / "shakespeare_char"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n' * 20 + "not json\n")
+    with pytest.raises(UserError, match="bad.jsonl:21"):
+        prepare(tmp_path, "data=shakespeare_char", f"data.source={bad}", "overwrite=true")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert open_dataset("shakespeare_char", data_root=tmp_path).num_tokens("train") == 1_003_854
 
 
 def test_bad_sources_are_user_errors(tmp_path):

@@ -3,8 +3,9 @@
 The pipeline streams: documents are read piece by piece (see `sources`), tokenized in batches by several
 threads (tiktoken's `encode_ordinary_batch`, `data.num_proc`), and appended to the open shard of their split,
 which is renamed into place when full (see `shards`). Memory stays bounded by one batch of text, whatever the
-corpus size. `meta.json` is written last: a folder without it is an incomplete preparation, which the loader
-rejects and the next run rebuilds from scratch.
+corpus size. Shards are staged in `data/<name>/.staging/` and replace a previous preparation only once the whole
+corpus is done, so a failed or interrupted rebuild loses nothing; `meta.json` is written last: a folder without
+it is an incomplete preparation, which the loader rejects and the next run rebuilds from scratch.
 
 Train/validation split (deterministic):
 - `data.val_source` given: the source is train, the val source is val.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -39,6 +41,7 @@ from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 
 BATCH_PIECES = 1024  # documents tokenized together (spread over the threads)
 BATCH_CHARS = 1 << 22  # ... or ~4M characters, whichever comes first: bounds memory (~50 MB of token lists)
+STAGE_DIR = ".staging"  # shards of a preparation in progress, inside the dataset folder
 MIN_VAL_DOCS = 10  # fewer held-out documents than this: split each document by characters instead
 Item = tuple[str, str, bool]  # (split, text, ends_document)
 
@@ -68,9 +71,6 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
         val_source = open_source(data.val_source, data_dir=out_dir, text_field=data.text_field,
                                  subset=data.subset, split=data.split, streaming=streaming, key="data.val_source")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clear(out_dir)
-
     # The GPT-2 vocabulary first: fail fast when it is unavailable, before any pass over the corpus.
     tokenizer: CharTokenizer | GPT2Tokenizer | None = GPT2Tokenizer() if data.tokenizer == "gpt2" else None
     rule, cuts, val_mask, chars = _plan_split(data, source, val_source, char_vocab=tokenizer is None)
@@ -85,7 +85,12 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
         encode = lambda texts: [np.array(ids, dtype=TOKEN_DTYPE) for ids in gpt2.encode_batch(texts, num_threads)]
     items = _split_by_chars(source, cuts) if cuts is not None else _split_by_docs(source, val_source, val_mask)
 
-    writers = {split: ShardWriter(out_dir, split, data.shard_tokens) for split in ("train", "val")}
+    # Shards are written into a staging folder and moved in only once the whole corpus is done, so a failing
+    # rebuild (overwrite=true with a bad file, Ctrl-C) leaves the previous dataset as it was.
+    stage = out_dir / STAGE_DIR
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    writers = {split: ShardWriter(stage, split, data.shard_tokens) for split in ("train", "val")}
     head = data.shard_tokens if streaming and val_source is None else 0
     print(f"preparing {out_dir} from {source!r}" + (f" (val: {val_source!r})" if val_source else "")
           + f"; tokenizer {tokenizer.name}; split: {rule}", flush=True)
@@ -95,9 +100,11 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
     except BaseException:
         for w in writers.values():
             w.abort()
+        shutil.rmtree(stage, ignore_errors=True)
         raise
 
     if writers["train"].num_tokens == 0:
+        shutil.rmtree(stage, ignore_errors=True)
         raise UserError(f"data.source={data.source or source!r} holds no text; check the path and data.text_field")
     meta = {
         "name": data.name,
@@ -117,6 +124,10 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
         "data": to_dict(data),
         "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    _clear(out_dir)  # the previous dataset: meta.json first, so the folder reads incomplete until the end
+    for shard in stage.iterdir():
+        os.replace(shard, out_dir / shard.name)
+    stage.rmdir()
     tmp = meta_path.with_name(META_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(tmp, meta_path)  # last: its presence marks the dataset complete
