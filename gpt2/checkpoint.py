@@ -82,15 +82,10 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
 
 def model_from_state(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> GPT:
     """Build the GPT a checkpoint describes and assign its weights (meta-device build, no double init)."""
-    config = GPTConfig(**ckpt["model_config"])
-    with torch.device("meta"):
-        model = GPT(config)
-    state = ckpt["model"]
     try:
-        model.load_state_dict(state, strict=True, assign=True)
+        model = GPT.from_state_dict(GPTConfig(**ckpt["model_config"]), ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"checkpoint weights do not match its model_config: {str(e).splitlines()[0]}") from None
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor
     return model.to(device)
 
 

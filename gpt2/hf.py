@@ -298,11 +298,7 @@ def load_pretrained(name_or_dir: str | os.PathLike, dropout: float = 0.0) -> GPT
         raise UserError(f"cannot read {config_path}: {e}") from e
     config = config_from_hf(hf_config, dropout=dropout)
     sd = state_dict_from_hf(_read_weights(weights_path), config, source=str(weights_path))
-    with torch.device("meta"):
-        model = GPT(config)
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced both; tie them again
-    return model.eval()
+    return GPT.from_state_dict(config, sd).eval()  # keys and shapes were checked by state_dict_from_hf
 
 
 def save_pretrained(model: GPT, out_dir: str | os.PathLike) -> None:

@@ -253,6 +253,16 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
+    @classmethod
+    def from_state_dict(cls, config: GPTConfig, state: dict[str, torch.Tensor]) -> "GPT":
+        """A GPT holding `state`'s tensors as its parameters (no init, no copy): built on the meta device, then
+        assigned. Raises RuntimeError when keys or shapes do not match `config`."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor; tie again
+        return model
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (tied weights once). `non_embedding` drops the positional embedding, as in the
         scaling-law papers; the token embedding stays since it is also the LM head."""
