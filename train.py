@@ -11,7 +11,7 @@ from gpt2.errors import exit_on_user_error
 from gpt2.training import run
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@hydra.main(version_base="1.3", config_path="gpt2/configs", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     run(cfg)

@@ -27,7 +27,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "offline" / "tinyshakespeare" / "input.txt"
+sys.path.insert(0, str(ROOT))
+
+from gpt2.resources import TINY_SHAKESPEARE  # noqa: E402
+from gpt2.tokenizer import gpt2_encoding  # noqa: E402
 
 
 def rss_mb(peak: bool) -> float:
@@ -60,7 +63,7 @@ def generate(out_dir: Path, total_bytes: int, sample_bytes: int, seed: int = 0) 
     """Write `total_bytes` of text as .jsonl files (256 MB each) and a sample file of the first documents."""
     import numpy as np
 
-    text = SHAKESPEARE.read_text() if SHAKESPEARE.exists() else (ROOT / "README.md").read_text() * 200
+    text = TINY_SHAKESPEARE.read_text()
     rng = np.random.default_rng(seed)
     corpus, sample_dir = out_dir / "corpus", out_dir / "sample"
     corpus.mkdir(parents=True)
@@ -108,7 +111,6 @@ def main() -> None:
         source, data_root, name, threads, val_fraction = args.child
         return child_prepare(source, data_root, name, int(threads), float(val_fraction))
 
-    import tiktoken
     import torch
 
     from gpt2.data import TokenLoader, eval_batches, open_dataset
@@ -121,7 +123,7 @@ def main() -> None:
     gen_s = time.perf_counter() - t0
     print(f"generated {args.gb:g} GB ({docs:,} documents) in {gen_s:.0f}s", file=sys.stderr, flush=True)
 
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     texts = [json.loads(line)["text"] for line in open(sample)]
     t0, c0 = time.perf_counter(), time.process_time()
     raw_tokens = sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(texts, num_threads=threads))  # + EOT each

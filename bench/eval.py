@@ -27,17 +27,16 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "offline" / "tinyshakespeare" / "input.txt"
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "offline" / "tiktoken-cache"))
 sys.path.insert(0, str(ROOT))
 
 from gpt2.eval import hellaswag, perplexity  # noqa: E402
+from gpt2.resources import TINY_SHAKESPEARE  # noqa: E402
 from gpt2.model import GPT, preset  # noqa: E402
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
 
 
 def bench_perplexity(chars: int) -> list[tuple[str, str, float]]:
-    text = SHAKESPEARE.read_text()[:chars] if SHAKESPEARE.exists() else (ROOT / "README.md").read_text()[:chars]
+    text = TINY_SHAKESPEARE.read_text()[:chars]
     tok = CharTokenizer.from_text(text)
     tokens = np.array(tok.encode(text), dtype=np.uint16)
     torch.manual_seed(0)
@@ -56,7 +55,7 @@ def bench_perplexity(chars: int) -> list[tuple[str, str, float]]:
 
 
 def synthetic_examples(n: int, seed: int = 0) -> list[hellaswag.Example]:
-    words = (SHAKESPEARE.read_text() if SHAKESPEARE.exists() else (ROOT / "README.md").read_text()).split()
+    words = TINY_SHAKESPEARE.read_text().split()
     rng = random.Random(seed)
 
     def phrase(k: int) -> str:

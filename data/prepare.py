@@ -11,7 +11,7 @@ from gpt2.data.prepare import run
 from gpt2.errors import exit_on_user_error
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="prepare")
+@hydra.main(version_base="1.3", config_path="../gpt2/configs", config_name="prepare")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     run(cfg)

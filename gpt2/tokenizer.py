@@ -7,6 +7,8 @@ fine-tuning never need a tokenizer flag. `from_dict` is the inverse.
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Iterable, Protocol
 
 from gpt2.errors import UserError
@@ -30,10 +32,11 @@ class Tokenizer(Protocol):
 
 
 class GPT2Tokenizer:
-    """OpenAI's GPT-2 BPE through `tiktoken.get_encoding("gpt2")`; end-of-text is 50256.
+    """OpenAI's GPT-2 BPE on tiktoken's encoder; end-of-text is 50256.
 
-    tiktoken downloads the vocabulary once into its cache; offline, set TIKTOKEN_CACHE_DIR to a directory that
-    holds it (see README, "Offline use").
+    The vocabulary is read from the BPE files shipped in the package (`gpt2.resources.GPT2_BPE_DIR`), the same
+    files tiktoken's `get_encoding("gpt2")` downloads, so the tokenizer works offline and never touches the
+    network or tiktoken's cache. The encoding is built once per process.
     """
 
     name = "gpt2"
@@ -41,15 +44,7 @@ class GPT2Tokenizer:
     eot_id: int | None = GPT2_EOT
 
     def __init__(self) -> None:
-        import tiktoken
-
-        try:
-            self._enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:  # network or cache problems surface as requests/OS errors
-            raise UserError(
-                "cannot load tiktoken's 'gpt2' vocabulary (no network?): set TIKTOKEN_CACHE_DIR to a directory "
-                f"holding tiktoken's cached gpt2 files ({type(e).__name__}: {e})"
-            ) from e
+        self._enc = gpt2_encoding()
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids. Special tokens in the text are encoded as ordinary text, never as end-of-text."""
@@ -105,6 +100,27 @@ class CharTokenizer:
 
     def to_dict(self) -> dict:
         return {"name": "char", "chars": self.chars}
+
+
+@functools.cache
+def gpt2_encoding():
+    """tiktoken's `gpt2` encoding, built from the shipped `encoder.json` (tiktoken's own pattern and special
+    token). encoder.json keys are GPT-2's printable stand-ins for bytes (`bytes_to_unicode` in OpenAI's
+    encoder.py): printable Latin-1 characters stand for themselves, the other 68 bytes for chr(256 + i)."""
+    import tiktoken
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+    from gpt2.resources import GPT2_BPE_DIR
+
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    char_to_byte = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+    encoder = json.loads((GPT2_BPE_DIR / "encoder.json").read_text(encoding="utf-8"))
+    ranks = {bytes(char_to_byte[c] for c in token): rank for token, rank in encoder.items() if token != ENDOFTEXT}
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: GPT2_EOT},
+        explicit_n_vocab=GPT2Tokenizer.vocab_size,
+    )
 
 
 def from_dict(d: dict) -> GPT2Tokenizer | CharTokenizer:

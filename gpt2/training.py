@@ -34,9 +34,9 @@ from gpt2.distributed import DistInfo, print0
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.metrics import MetricsLogger, mfu, peak_flops
 from gpt2.model import GPT, GPTConfig
-from gpt2.optim import build_optimizer, set_lr
+from gpt2.optim import build_optimizer, schedule_warning, set_lr
+from gpt2.resources import CONFIG_DIR
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 BEST_NAME = "best.pt"
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "bias")
 """Model keys that define the architecture: a checkpoint's values win, and an override that disagrees is an error."""
@@ -410,6 +410,9 @@ class Trainer:
             f"batch: {self.tokens_per_step:,} tokens per step = {tc.batch_size} sequences x {self.block_size} tokens "
             f"x {self.accum} micro-steps x {info.world_size} ranks; {tc.max_iters} steps; out_dir {self.out_dir}"
         )
+        warning = schedule_warning(self.cfg.optim, tc.max_iters)
+        if warning:
+            print0(warning)
 
 
 def _grad_accum_steps(tc: TrainConfig, block_size: int, world_size: int) -> int:

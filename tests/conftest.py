@@ -1,4 +1,8 @@
-"""Test setup: offline assets from ../shared/offline, offline hubs, and clean global state per test."""
+"""Test setup: the package's own offline assets, offline hubs, and clean global state per test.
+
+Nothing here needs ../shared: tiny-shakespeare and the GPT-2 BPE files ship inside the package. When
+../shared/offline/tiktoken-cache exists, tests that compare with tiktoken's own downloaded encoding use it.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-OFFLINE = ROOT.parent / "shared" / "offline"
-SHAKESPEARE = OFFLINE / "tinyshakespeare" / "input.txt"
-GPT2_BPE = OFFLINE / "gpt2-bpe"
+from gpt2.resources import GPT2_BPE_DIR, TINY_SHAKESPEARE
 
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(OFFLINE / "tiktoken-cache"))
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = TINY_SHAKESPEARE
+GPT2_BPE = GPT2_BPE_DIR
+TIKTOKEN_CACHE = ROOT.parent / "shared" / "offline" / "tiktoken-cache"
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[var] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
-
-requires_shakespeare = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is missing")
-requires_tiktoken = pytest.mark.skipif(
-    not Path(os.environ["TIKTOKEN_CACHE_DIR"]).exists(), reason="tiktoken cache is missing"
-)
 
 
 @pytest.fixture(autouse=True)

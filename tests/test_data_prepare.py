@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import ROOT, SHAKESPEARE, requires_shakespeare, requires_tiktoken
+from conftest import ROOT, SHAKESPEARE
+from gpt2.resources import CONFIG_DIR
 from gpt2.data import open_dataset
 from gpt2.data import prepare as prepare_mod
 from gpt2.data import sources
@@ -24,7 +25,7 @@ EOT = 50256
 
 def prepare(data_root, *overrides: str):
     """Compose configs/prepare.yaml with `overrides` (as the CLI does) and run it."""
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("prepare", overrides=[f"data_root={data_root}", *overrides])
     return run(cfg)
 
@@ -33,20 +34,13 @@ def all_tokens(ds, split: str) -> np.ndarray:
     return np.concatenate([np.asarray(ds.tokens(s)) for s in ds.shards(split)]).astype(np.int64)
 
 
-def with_shakespeare(data_root, name: str):
-    (data_root / name).mkdir(parents=True)
-    shutil.copy(SHAKESPEARE, data_root / name / "input.txt")
-
-
 def gpt2_enc():
-    import tiktoken
+    from gpt2.tokenizer import gpt2_encoding
 
-    return tiktoken.get_encoding("gpt2")
+    return gpt2_encoding()
 
 
-@requires_shakespeare
 def test_shakespeare_char_counts_match_nanogpt(tmp_path):
-    with_shakespeare(tmp_path, "shakespeare_char")
     ds = open_dataset(str(prepare(tmp_path, "data=shakespeare_char")))
     assert (ds.num_tokens("train"), ds.num_tokens("val")) == (1_003_854, 111_540)
     assert ds.vocab_size == 65 and ds.meta["tokenizer"]["name"] == "char"
@@ -55,10 +49,7 @@ def test_shakespeare_char_counts_match_nanogpt(tmp_path):
     assert ds.tokenizer.decode(all_tokens(ds, "val").tolist()) == text[1_003_854:]
 
 
-@requires_shakespeare
-@requires_tiktoken
 def test_shakespeare_gpt2_counts_match_nanogpt_plus_one_eot_per_split(tmp_path):
-    with_shakespeare(tmp_path, "shakespeare")
     ds = open_dataset(str(prepare(tmp_path, "data=shakespeare")))
     train, val = all_tokens(ds, "train"), all_tokens(ds, "val")
     assert (len(train), len(val)) == (301_966 + 1, 36_059 + 1)
@@ -92,7 +83,6 @@ def make_corpus(root):
     return [t for name in sorted(docs) for t in docs[name]]
 
 
-@requires_tiktoken
 def test_custom_folder_of_every_type_prepares_and_loads(tmp_path):
     from gpt2.data import TokenLoader
 
@@ -110,7 +100,6 @@ def test_custom_folder_of_every_type_prepares_and_loads(tmp_path):
         TokenLoader(ds, "val", batch_size=2, block_size=4)
 
 
-@requires_tiktoken
 def test_few_documents_are_each_split_by_characters(tmp_path):
     corpus = tmp_path / "books"
     corpus.mkdir()
@@ -124,7 +113,6 @@ def test_few_documents_are_each_split_by_characters(tmp_path):
     assert all_tokens(ds, "val").tolist() == [t for b, c in zip(books, cuts) for t in enc.encode_ordinary(b[c:]) + [EOT]]
 
 
-@requires_tiktoken
 def test_glob_val_source_and_seeded_split(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -148,10 +136,7 @@ def test_glob_val_source_and_seeded_split(tmp_path, monkeypatch):
     assert v == ["held out"] and ds.meta["splits"]["train"]["documents"] == 200
 
 
-@requires_shakespeare
-@requires_tiktoken
 def test_small_shards_and_small_pieces_give_the_same_tokens(tmp_path, monkeypatch):
-    with_shakespeare(tmp_path, "shakespeare")
     ref = open_dataset(str(prepare(tmp_path, "data=shakespeare")))
     # Many shards, and the text file read in ~1k-character pieces cut at safe newlines.
     monkeypatch.setattr(sources, "PIECE_CHARS", 1000)
@@ -170,7 +155,6 @@ def test_safe_cut_only_between_non_space_characters():
     assert sources._safe_cut("x\ny z\nw") == len("x\ny z\n")
 
 
-@requires_tiktoken
 def test_local_hf_dataset_and_hf_stream_first_shard_is_val(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -190,9 +174,7 @@ def test_local_hf_dataset_and_hf_stream_first_shard_is_val(tmp_path):
     np.testing.assert_array_equal(all_tokens(ds, "train"), stream[500:])
 
 
-@requires_shakespeare
 def test_prepared_dataset_is_skipped_unless_overwrite(tmp_path, capsys):
-    with_shakespeare(tmp_path, "shakespeare_char")
     out = prepare(tmp_path, "data=shakespeare_char")
     stamp = json.loads((out / "meta.json").read_text())["prepared_at"]
     (out / "train_000000.bin").touch()
@@ -203,9 +185,7 @@ def test_prepared_dataset_is_skipped_unless_overwrite(tmp_path, capsys):
     assert sorted(p.name for p in out.glob("*.bin")) == ["train_000000.bin", "train_000001.bin", "val_000000.bin"]
 
 
-@requires_shakespeare
 def test_interrupted_preparation_is_detected_and_rebuilt(tmp_path, monkeypatch):
-    with_shakespeare(tmp_path, "shakespeare_char")
     real_write = prepare_mod.ShardWriter.write
 
     def write_then_die(self, tokens):
@@ -223,13 +203,12 @@ def test_interrupted_preparation_is_detected_and_rebuilt(tmp_path, monkeypatch):
     prepare(tmp_path, "data=shakespeare_char")
     assert open_dataset("shakespeare_char", data_root=tmp_path).num_tokens("train") == 1_003_854
     assert sorted(p.name for p in out.glob("*.bin")) == ["train_000000.bin", "val_000000.bin"]
-    assert sorted(p.name for p in out.iterdir()) == ["input.txt", "meta.json", "train_000000.bin", "val_000000.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train_000000.bin", "val_000000.bin"]
 
 
 def test_failed_rebuild_keeps_the_previous_dataset(tmp_path, monkeypatch):
     """overwrite=true with a source that fails midway (a corrupt line, Ctrl-C) loses nothing: the new shards are
     staged and only replace the old ones once the whole corpus is done."""
-    with_shakespeare(tmp_path, "shakespeare_char")
     prepare(tmp_path, "data=shakespeare_char", "data.shard_tokens=300000")
     out = tmp_path / "shakespeare_char"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -258,13 +237,11 @@ def test_bad_sources_are_user_errors(tmp_path):
 
 
 def test_builtin_names_match_the_config_group():
-    names = {p.stem for p in (ROOT / "configs" / "data").glob("*.yaml")}
+    names = {p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")}
     assert names == set(BUILTIN) | {"text"}
 
 
-@requires_shakespeare
 def test_cli_prepares_and_rejects_bad_input_with_one_line(tmp_path):
-    with_shakespeare(tmp_path, "shakespeare_char")
     cmd = [sys.executable, str(ROOT / "data" / "prepare.py")]
     ok = subprocess.run(cmd + ["data=shakespeare_char", f"data_root={tmp_path}"], capture_output=True, text=True,
                         cwd=tmp_path)

@@ -11,14 +11,12 @@ import threading
 import pytest
 import torch
 
-from conftest import requires_tiktoken
 from gpt2 import checkpoint
 from gpt2.errors import UserError
 from gpt2.eval import hellaswag
 from gpt2.model import GPT, GPTConfig
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 
-pytestmark = requires_tiktoken
 
 # (ctx, endings, label): hand-written, in the spirit of ActivityNet/WikiHow contexts.
 EXAMPLES = [

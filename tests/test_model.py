@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from gpt2 import GPT, GPTConfig, KVCache
+from gpt2.resources import CONFIG_DIR
 from gpt2.config import ModelConfig
 from gpt2.errors import UserError
 from gpt2.model import PRESETS, preset
@@ -180,10 +181,10 @@ def test_model_yaml_presets_match_python_presets():
     """configs/model/<name>.yaml are what users select; they must agree with `gpt2.model.PRESETS`."""
     yaml_names = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl",
                   "tiny": "gpt2-tiny", "mini": "gpt2-mini"}  # fmt: skip
-    assert {p.stem for p in (ROOT / "configs" / "model").glob("*.yaml")} >= set(yaml_names)
+    assert {p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")} >= set(yaml_names)
     for yaml_name, preset_name in yaml_names.items():
         cfg = OmegaConf.merge(
-            OmegaConf.structured(ModelConfig), OmegaConf.load(ROOT / "configs" / "model" / f"{yaml_name}.yaml")
+            OmegaConf.structured(ModelConfig), OmegaConf.load(CONFIG_DIR / "model" / f"{yaml_name}.yaml")
         )
         model_cfg: ModelConfig = OmegaConf.to_object(cfg)
         from_yaml = GPTConfig(**{k: getattr(model_cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size")})

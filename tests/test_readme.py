@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHAKESPEARE, requires_shakespeare
+from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
 ENTRY = {"train.py": ("train", "TrainRunConfig"), "sample.py": ("sample", "SampleConfig"),
@@ -65,12 +64,23 @@ def test_readme_shows_the_commands_users_need():
     assert "make test" in ci
 
 
+def test_readme_multinode_commands_use_flags_torchrun_honours():
+    """torchrun ignores --node_rank under the c10d rendezvous; the static one needs --master_addr."""
+    torchruns = [c for c in ALL if c[0] == "torchrun" and "--nnodes=2" in c]
+    assert len(torchruns) == 2
+    for argv in torchruns:
+        if "--rdzv_backend=c10d" in argv:
+            assert not any(a.startswith("--node_rank") for a in argv), argv
+        else:
+            assert any(a.startswith("--node_rank") for a in argv) and any(a.startswith("--master_addr") for a in argv)
+
+
 @pytest.mark.parametrize("command, parsed", CHECKED, ids=[c for c, _ in CHECKED])
 def test_readme_command_composes_and_validates(command, parsed):
     from hydra import compose, initialize_config_dir
 
     from gpt2 import config
-    from gpt2.training import CONFIG_DIR
+    from gpt2.resources import CONFIG_DIR
 
     entry, args = parsed
     if entry == "gpt2.eval":
@@ -86,12 +96,9 @@ def test_readme_command_composes_and_validates(command, parsed):
     config.to_object(cfg, getattr(config, schema))
 
 
-@requires_shakespeare
 @pytest.mark.slow
 def test_readme_demo_runs_as_written(tmp_path):
     """The demo block, verbatim, with tiny overrides appended so that it takes seconds."""
-    (tmp_path / "data" / "shakespeare_char").mkdir(parents=True)
-    shutil.copy(SHAKESPEARE, tmp_path / "data" / "shakespeare_char" / "input.txt")
     demo = commands(bash_blocks(README.split("## The demo, step by step")[1])[0])
     tiny = {"train.py": ["train.max_iters=30", "train.eval_interval=15", "train.eval_iters=2"],
             "sample.py": ["max_new_tokens=20"]}  # fmt: skip

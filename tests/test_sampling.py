@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import requires_tiktoken
 
 from gpt2.model import GPT, GPTConfig
 from gpt2.sampling import (
@@ -238,7 +237,6 @@ def test_text_stream_cuts_at_stop_string_and_holds_back_prefixes():
     assert "".join(feed(stream, tok, "abxy")) == "ab" and stream.finish() == "xy"  # flushed at the end
 
 
-@requires_tiktoken
 def test_text_stream_never_shows_partial_utf8():
     from gpt2.tokenizer import GPT2Tokenizer
 

@@ -6,14 +6,13 @@ import json
 
 import pytest
 
-from conftest import GPT2_BPE, SHAKESPEARE, requires_shakespeare, requires_tiktoken
+from conftest import GPT2_BPE, SHAKESPEARE, TIKTOKEN_CACHE
 from gpt2.errors import UserError
 from gpt2.tokenizer import GPT2_EOT, CharTokenizer, GPT2Tokenizer, from_dict, get_tokenizer
 
 UNICODE = "naïve café — 東京 😀 \u200b tabs\tand\nnewlines  double  spaces ﬁ"
 
 
-@requires_tiktoken
 def test_gpt2_known_ids_and_interface():
     tok = get_tokenizer("gpt2")
     assert tok.encode("Hello world") == [15496, 995]
@@ -25,7 +24,6 @@ def test_gpt2_known_ids_and_interface():
     assert from_dict(tok.to_dict()).encode("Hello world") == [15496, 995]
 
 
-@requires_tiktoken
 @pytest.mark.parametrize("text", ["", "Hello world", UNICODE, "ROMEO:\nBut soft!  What light?\n\n"])
 def test_gpt2_round_trip(text):
     tok = GPT2Tokenizer()
@@ -34,8 +32,6 @@ def test_gpt2_round_trip(text):
     assert tok.decode_bytes(ids) == text.encode("utf-8")
 
 
-@requires_tiktoken
-@requires_shakespeare
 def test_gpt2_ids_equal_transformers_tokenizer_on_shakespeare():
     transformers = pytest.importorskip("transformers")
     if not (GPT2_BPE / "encoder.json").exists():
@@ -86,3 +82,35 @@ def test_bad_tokenizer_names():
         get_tokenizer("char")
     with pytest.raises(ValueError, match="duplicate"):
         CharTokenizer(["a", "a"])
+
+
+def test_gpt2_needs_no_network_and_no_tiktoken_cache(tmp_path, monkeypatch):
+    """The shipped BPE files are the whole vocabulary: tiktoken's downloader is never called."""
+    import tiktoken.load
+
+    from gpt2.tokenizer import gpt2_encoding
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tiktoken tried to read a remote or cached file")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
+    monkeypatch.setattr(tiktoken.load, "read_file_cached", no_network)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    gpt2_encoding.cache_clear()
+    try:
+        assert GPT2Tokenizer().encode("Hello world") == [15496, 995]
+    finally:
+        gpt2_encoding.cache_clear()
+
+
+@pytest.mark.skipif(not TIKTOKEN_CACHE.exists(), reason="no downloaded tiktoken cache to compare with")
+def test_gpt2_equals_tiktokens_downloaded_encoding(monkeypatch):
+    import tiktoken
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+    theirs = tiktoken.get_encoding("gpt2")
+    ours = GPT2Tokenizer()._enc
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:200_000] + UNICODE + bytes(range(256)).decode("latin-1")
+    assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
+    assert ours.encode("a<|endoftext|>b", allowed_special="all") == theirs.encode("a<|endoftext|>b", allowed_special="all")
+    assert ours.n_vocab == theirs.n_vocab == 50257

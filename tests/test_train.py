@@ -283,7 +283,7 @@ def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from gpt2.training import CONFIG_DIR
+    from gpt2.resources import CONFIG_DIR
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose("train", overrides=list(overrides))

@@ -144,8 +144,9 @@ def main() -> None:
     """Console script `gpt2-prepare`: the same Hydra command line as `python data/prepare.py`."""
     import hydra
 
-    configs = Path(__file__).resolve().parents[2] / "configs"
-    hydra.main(version_base="1.3", config_path=str(configs), config_name="prepare")(_cli)()
+    from gpt2.resources import CONFIG_DIR
+
+    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="prepare")(_cli)()
 
 
 def _cpu_count() -> int:

@@ -9,7 +9,8 @@ Spec syntax (`data.source`, `data.val_source`):
 - a file (.txt, .md, .jsonl, .json, .parquet), a folder (searched recursively for those), or a glob (`**` ok);
 - `http(s)://...`: downloaded once to `data/<name>/input.txt` (`input.jsonl` etc. when the URL names such a
   file; kept, and an existing file there is used instead of downloading);
-- `hf:<dataset>`: `datasets.load_dataset(<dataset>, data.subset, split=data.split)`, a hub name or a local dir.
+- `hf:<dataset>`: `datasets.load_dataset(<dataset>, data.subset, split=data.split)`, a hub name or a local dir;
+- `builtin:<name>`: a corpus shipped inside the package (`builtin:tinyshakespeare`, the demo's), never downloaded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from gpt2.errors import UserError
+from gpt2.resources import BUILTIN_SOURCES
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
@@ -131,6 +133,11 @@ def open_source(
     """Resolve a source spec (see the module docstring). `key` names the config key in error messages."""
     if spec.startswith("hf:"):
         return HFSource(spec[3:], subset, split, text_field, streaming)
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        if name not in BUILTIN_SOURCES:
+            raise UserError(f"{key}={spec}: no built-in corpus {name!r}; built in: {', '.join(BUILTIN_SOURCES)}")
+        return FileSource([BUILTIN_SOURCES[name]], text_field, spec)
     if streaming:
         raise UserError(f"data.builder=hf_stream streams a Hugging Face dataset; set {key}=hf:<dataset>, got {spec!r}")
     if spec.startswith(("http://", "https://")):
