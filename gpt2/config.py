@@ -8,8 +8,9 @@ Unknown or mistyped keys fail when Hydra composes the config. Values are checked
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional, TypeVar
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional, TypeVar, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -134,8 +135,8 @@ class OptimConfig:
     """adamw, or muon (torch.optim.Muon on 2-D hidden matrices, AdamW on the rest)."""
     lr: float = 1e-3
     """Peak learning rate (AdamW's; Muon's is `muon_lr`)."""
-    min_lr: float = 1e-4
-    """Learning rate at the end of the decay."""
+    min_lr: Optional[float] = None
+    """Learning rate at the end of the decay (default: lr / 10, as the recipes use)."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to 2-D weights only."""
     beta1: float = 0.9
@@ -157,8 +158,13 @@ class OptimConfig:
         _check_choice("optim.schedule", self.schedule, ("cosine", "wsd"))
         if self.lr <= 0:
             raise UserError(f"optim.lr must be > 0, got {self.lr}")
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
         if self.min_lr < 0 or self.min_lr > self.lr:
-            raise UserError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+            raise UserError(
+                f"optim.min_lr must be in [0, optim.lr={self.lr:g}], got {self.min_lr:g}; set it (e.g. "
+                f"optim.min_lr={self.lr / 10:g}) or drop it where a preset sets it (optim.min_lr=null: lr / 10)"
+            )
         if self.weight_decay < 0:
             raise UserError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         for key in ("beta1", "beta2"):
@@ -168,6 +174,11 @@ class OptimConfig:
             raise UserError(f"optim.warmup_iters must be >= 0, got {self.warmup_iters}")
         if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
             raise UserError(f"optim.lr_decay_iters must be >= 1, got {self.lr_decay_iters}")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < self.warmup_iters:
+            raise UserError(
+                f"optim.lr_decay_iters={self.lr_decay_iters} is before optim.warmup_iters={self.warmup_iters}: "
+                "the decay would end before the warmup does; raise optim.lr_decay_iters or lower optim.warmup_iters"
+            )
         if not 0.0 < self.decay_fraction <= 1.0:
             raise UserError(f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.muon_lr <= 0:
@@ -337,8 +348,38 @@ class PrepareConfig:
 T = TypeVar("T")
 
 
+def schema_keys(schema: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass (`optim.lr`, ...), nested dataclasses expanded."""
+    hints = get_type_hints(schema)
+    out = []
+    for f in fields(schema):
+        if is_dataclass(hints[f.name]):
+            out += schema_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def check_keys(cfg: DictConfig, schema: type, prefix: str = "") -> None:
+    """UserError for a key of `cfg` that `schema` does not have, naming the closest valid key. Hydra lets
+    `+key=value` add keys that a structured config would refuse, and `to_object` would then drop them."""
+    hints = get_type_hints(schema)
+    for key in cfg.keys():
+        if key not in hints:
+            full, valid = f"{prefix}{key}", schema_keys(schema, prefix)
+            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+            here = [f"{prefix}{k}" + ("." if is_dataclass(t) else "") for k, t in hints.items()]
+            hint = f"did you mean {close[0]}?" if close else f"valid keys here: {', '.join(here)}"
+            raise UserError(f"unknown config key {full!r}; {hint} (--cfg job prints every key)")
+        node = cfg._get_node(key)
+        if is_dataclass(hints[key]) and isinstance(node, DictConfig):
+            check_keys(node, hints[key], f"{prefix}{key}.")
+
+
 def to_object(cfg: DictConfig, schema: type[T]) -> T:
-    """Hydra's DictConfig -> the typed dataclass `schema`, running every `__post_init__` check."""
+    """Hydra's DictConfig -> the typed dataclass `schema`, running every `__post_init__` check. A key outside
+    the schema, however it was added, is an error naming the closest valid key."""
+    check_keys(cfg, schema)
     try:
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
     except OmegaConfBaseException as e:

@@ -249,7 +249,7 @@ def _download(name: str) -> Path:
     except Exception as e:  # offline mode, no network, proxy errors: all mean "not here, cannot fetch"
         raise UserError(
             f"cannot download {name!r} weights (offline? {type(e).__name__}): download them where there is a "
-            f"network with `huggingface-cli download {repo} config.json model.safetensors "
+            f"network with `hf download {repo} config.json model.safetensors "
             f"--local-dir <dir>` and pass that directory instead of {name!r}"
         ) from None
     return Path(path).parent

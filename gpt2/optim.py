@@ -39,6 +39,17 @@ def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
     return cfg.lr + ratio * (cfg.min_lr - cfg.lr)
 
 
+def schedule_warning(cfg: OptimConfig, max_iters: int) -> str | None:
+    """A warning when the run ends inside the warmup, so the learning rate never reaches `optim.lr`."""
+    if cfg.warmup_iters < max_iters:
+        return None
+    return (
+        f"warning: optim.warmup_iters={cfg.warmup_iters} >= train.max_iters={max_iters}: the learning rate never "
+        f"reaches optim.lr={cfg.lr:g} (it ends at {lr_at(max_iters - 1, cfg, max_iters):.3g}); lower "
+        f"optim.warmup_iters (e.g. optim.warmup_iters={max_iters // 10}) or raise train.max_iters"
+    )
+
+
 class Optimizers:
     """One or two torch optimizers stepped together (AdamW alone, or Muon + AdamW).
 

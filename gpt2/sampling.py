@@ -35,8 +35,7 @@ import torch.nn as nn
 from gpt2.config import SampleConfig, check_sampling, to_object  # importing gpt2.config registers `sample_schema` with Hydra
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.model import GPT, KVCache
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from gpt2.resources import CONFIG_DIR
 
 # ----------------------------------------------------------------------------------------------------------
 # Pure functions over logits (B, V). They never modify their input.
@@ -530,8 +529,9 @@ def run(cfg: Any) -> list[str]:
     return samples
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="sample")
-@exit_on_user_error
-def main(cfg: Any) -> None:
+def main() -> None:
     """Console script `gpt2-sample`: the same command as `python sample.py`."""
-    run(cfg)
+    from gpt2.cli import quote_free_text
+
+    sys.argv = quote_free_text(sys.argv)
+    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")(exit_on_user_error(run))()

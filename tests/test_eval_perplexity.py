@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, requires_tiktoken
+from conftest import ROOT
 from gpt2 import checkpoint
 from gpt2.errors import UserError
 from gpt2.eval import perplexity
@@ -117,7 +117,6 @@ def test_bits_per_byte_counts_utf8_bytes_of_char_text(tmp_path):
     assert perplexity.bits_per_byte(math.log(2), 10, 5) == pytest.approx(2.0)  # 10 bits over 5 bytes
 
 
-@requires_tiktoken
 def test_gpt2_text_scores_every_token_and_every_byte(tmp_path):
     text = "The quick brown fox jumps over the lazy dog. Ünïcödé ✓ — 日本語.\n"
     tok = GPT2Tokenizer()
@@ -209,7 +208,6 @@ def test_prepared_val_split_equals_the_trainers_mean_loss_over_chunks(tmp_path, 
     assert "tiny/val" in capsys.readouterr().out
 
 
-@requires_tiktoken
 def test_checkpoint_tokenizer_must_match_the_prepared_data(tmp_path, capsys):
     text = "".join(f"line {i}: the quick brown fox.\n" for i in range(40))
     prepare_char_dataset(tmp_path, text)
@@ -226,7 +224,6 @@ def test_checkpoint_tokenizer_must_match_the_prepared_data(tmp_path, capsys):
     assert "is not prepared" in err
 
 
-@requires_tiktoken
 def test_init_from_a_hugging_face_dir_scores_like_the_same_checkpoint(tmp_path, capsys):
     from gpt2.eval.__main__ import main
     from gpt2.hf import save_pretrained

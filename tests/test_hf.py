@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 
 import pytest
@@ -121,8 +123,16 @@ def test_hub_name_offline_says_how_to_fix(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(UserError, match=r"cannot download 'gpt2-medium' weights.*huggingface-cli download"):
+    with pytest.raises(UserError, match=r"cannot download 'gpt2-medium' weights.*hf download") as e:
         GPT.from_pretrained("gpt2-medium")
+    # The command it names exists in the installed huggingface_hub and takes those arguments.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = re.search(r"`hf (download [^`]*)`", str(e.value)).group(1).replace("<dir>", "x").split()
+    hf = Path(sys.executable).parent / "hf"
+    assert subprocess.run([str(hf), *command[:1], "--help"], capture_output=True).returncode == 0
 
 
 def test_unknown_name():

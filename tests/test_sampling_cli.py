@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, requires_tiktoken
+from conftest import ROOT
 from omegaconf import OmegaConf
 
 from gpt2 import checkpoint
@@ -79,7 +79,6 @@ def test_cli_prompt_from_stdin_and_files(char_run, tmp_path, capsys):
     assert run_ok(capsys, prompt="", **kw).startswith("\n")  # empty prompt: starts from a newline
 
 
-@requires_tiktoken
 def test_cli_gpt2_tokenizer_checkpoint_with_stop(tmp_path, capsys):
     run_dir = save_checkpoint(tmp_path / "bpe_run", GPT2Tokenizer(), block_size=16)
     kw = dict(checkpoint=str(run_dir), prompt="Hello world", max_new_tokens=30, temperature=0, ignore_eot=True)
@@ -90,7 +89,6 @@ def test_cli_gpt2_tokenizer_checkpoint_with_stop(tmp_path, capsys):
     assert json.loads((tmp_path / "t.jsonl").read_text())["sample"] == full[: full.index(stop)]
 
 
-@requires_tiktoken
 def test_cli_hf_layout_dir(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -1,0 +1,101 @@
+"""Checkpoints: boring, atomic, plain-keyed, self-describing files.
+
+`ckpt.pt` is a dict of plain Python types and tensors, loadable with `torch.load(weights_only=True)`:
+
+    format_version  int (CHECKPOINT_FORMAT)
+    model           state dict of the unwrapped, uncompiled GPT (no `_orig_mod.` / `module.` prefixes)
+    model_config    GPTConfig fields, vocab_size included
+    tokenizer       tokenizer.to_dict()
+    config          the resolved run config (plain dict)
+    optimizer, scaler, step, best_val_loss, tokens_seen, wandb_run_id   (trainer state, see gpt2.training)
+    loader, rng     one entry per rank: data-loader position and RNG states
+
+Writes go to a temporary file in the same directory, then `os.replace`, so a crash never leaves a broken file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2.errors import UserError
+from gpt2.model import GPT, GPTConfig
+from gpt2.tokenizer import from_dict as tokenizer_from_dict
+
+CHECKPOINT_FORMAT = 1
+CKPT_NAME = "ckpt.pt"
+
+
+def save(path: str | Path, state: dict[str, Any]) -> None:
+    """Write `state` to `path` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format_version": CHECKPOINT_FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def resolve(path: str | Path) -> Path:
+    """A run directory -> its ckpt.pt; a file stays as is. Missing -> UserError."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CKPT_NAME
+        if not p.exists():
+            raise UserError(f"no {CKPT_NAME} in {path}: train a run there first, or point at a .pt file")
+    elif not p.exists():
+        raise UserError(f"checkpoint {path} does not exist: pass a run's out_dir or its ckpt.pt")
+    return p
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (`weights_only=True`, memory-mapped). Corrupt or unsafe files -> UserError."""
+    p = resolve(path)
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"refusing to load {p}: it is not a plain checkpoint (it holds pickled code or objects that "
+            f"weights_only loading rejects: {str(e).splitlines()[0][:200]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{p} is not a readable checkpoint (truncated or corrupt: {e})".splitlines()[0]) from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{p} is not a gpt2 checkpoint (expected a dict with 'model' and 'model_config')")
+    version = ckpt.get("format_version")
+    if version != CHECKPOINT_FORMAT:
+        raise UserError(f"{p} has checkpoint format {version}; this version of gpt2 reads {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+def model_from_state(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> GPT:
+    """Build the GPT a checkpoint describes and assign its weights (meta-device build, no double init)."""
+    try:
+        model = GPT.from_state_dict(GPTConfig(**ckpt["model_config"]), ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not match its model_config: {str(e).splitlines()[0]}") from None
+    return model.to(device)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """A checkpoint -> (model in eval mode on `device`, tokenizer, the run config dict)."""
+    ckpt = load(path)
+    model = model_from_state(ckpt, device).eval()
+    return model, tokenizer_from_dict(ckpt["tokenizer"]), ckpt.get("config", {})
+
+
+def model_state(model: GPT) -> dict[str, Any]:
+    """The `model` and `model_config` entries of a checkpoint, from the unwrapped module."""
+    return {"model": model.state_dict(), "model_config": asdict(model.config)}

@@ -1,0 +1,366 @@
+"""Typed configuration: one dataclass per concern, registered as Hydra structured configs.
+
+The dataclass defaults are the only defaults; YAML files in `configs/` select presets and experiments.
+Unknown or mistyped keys fail when Hydra composes the config. Values are checked in `__post_init__`
+(which runs when `to_object` turns Hydra's DictConfig into these dataclasses): each problem raises
+`UserError` naming the key and the fix. Derived values are properties here, never re-derived elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, TypeVar
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gpt2.errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+
+def _check_device(key: str, value: str) -> None:
+    base = value.split(":")[0]
+    if base not in DEVICES:
+        raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(DEVICES)} (or cuda:N)")
+
+
+def check_model_source(checkpoint: Optional[str], init_from: Optional[str], purpose: str) -> None:
+    """Exactly one of `checkpoint` / `init_from` names the model (sampling and evaluation)."""
+    if checkpoint and init_from:
+        raise UserError("give either checkpoint=... or init_from=..., not both")
+    if not checkpoint and not init_from:
+        raise UserError(f"no model to {purpose}: pass checkpoint=<run dir or .pt> or init_from=gpt2")
+
+
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float
+) -> None:
+    """The sampling knobs' ranges (SampleConfig and the Python API's GenerationSettings)."""
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k < 0:
+        raise UserError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise UserError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture (the vocabulary size comes from the dataset's tokenizer, or from the pretrained init)."""
+
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 128
+    """Width of the residual stream."""
+    block_size: int = 64
+    """Context length in tokens."""
+    dropout: float = 0.0
+    """Dropout probability on embeddings, attention and residual outputs (0 for pretraining)."""
+    bias: bool = True
+    """Biases in Linear and LayerNorm layers, as GPT-2."""
+
+    def __post_init__(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, key) < 1:
+                raise UserError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DataConfig:
+    """A dataset: where its prepared shards live (training) and how to build them (`data/prepare.py`)."""
+
+    name: str = "shakespeare_char"
+    """Folder under data/ (or a path) holding {train,val}_NNNNNN.bin and meta.json."""
+    builder: str = "text"
+    """How prepare.py builds it: text (files, folders, globs, URLs or a Hugging Face dataset), or
+    hf_stream (a large Hugging Face dataset streamed into fixed-size shards)."""
+    tokenizer: str = "gpt2"
+    """gpt2 (tiktoken BPE) or char (a character vocabulary built from the corpus)."""
+    source: Optional[str] = None
+    """A file, folder (recursive), glob, http(s) URL, or `hf:<dataset>` name."""
+    subset: Optional[str] = None
+    """Hugging Face dataset subset (config name)."""
+    split: str = "train"
+    """Hugging Face dataset split to read."""
+    val_source: Optional[str] = None
+    """A separate validation source; otherwise `val_fraction` of the documents is held out."""
+    val_fraction: float = 0.1
+    """Fraction held out for validation: whole documents chosen with `seed`, or, when fewer than 10 documents
+    would be held out, the last fraction of every document's characters (hf_stream: the first shard is val)."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl/.json/.parquet files and Hugging Face datasets."""
+    shard_tokens: int = 100_000_000
+    """Tokens per shard file."""
+    num_proc: int = 0
+    """Tokenizer threads (0: all cores)."""
+    seed: int = 1337
+    """Seed of the train/val split."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise UserError("data.name is empty; give the dataset a folder name, e.g. data.name=mycorpus")
+        _check_choice("data.builder", self.builder, ("text", "hf_stream"))
+        _check_choice("data.tokenizer", self.tokenizer, ("gpt2", "char"))
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.shard_tokens < 1:
+            raise UserError(f"data.shard_tokens must be >= 1, got {self.shard_tokens}")
+        if self.num_proc < 0:
+            raise UserError(f"data.num_proc must be >= 0, got {self.num_proc}")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """adamw, or muon (torch.optim.Muon on 2-D hidden matrices, AdamW on the rest)."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW's; Muon's is `muon_lr`)."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to 2-D weights only."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_iters: int = 100
+    """Linear warmup steps from 0 to lr."""
+    lr_decay_iters: Optional[int] = None
+    """Step at which the decay reaches min_lr (default: train.max_iters)."""
+    schedule: str = "cosine"
+    """cosine (warmup, cosine to min_lr) or wsd (warmup, stable, linear decay over `decay_fraction`)."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of lr_decay_iters spent decaying."""
+    muon_lr: float = 0.02
+    """muon: learning rate of the hidden matrices."""
+    muon_momentum: float = 0.95
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, ("adamw", "muon"))
+        _check_choice("optim.schedule", self.schedule, ("cosine", "wsd"))
+        if self.lr <= 0:
+            raise UserError(f"optim.lr must be > 0, got {self.lr}")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        if self.weight_decay < 0:
+            raise UserError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise UserError(f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.warmup_iters < 0:
+            raise UserError(f"optim.warmup_iters must be >= 0, got {self.warmup_iters}")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            raise UserError(f"optim.lr_decay_iters must be >= 1, got {self.lr_decay_iters}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise UserError(f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.muon_lr <= 0:
+            raise UserError(f"optim.muon_lr must be > 0, got {self.muon_lr}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 12
+    """Sequences per micro-step per rank."""
+    grad_accum_steps: int = 1
+    """Micro-steps per optimizer step summed over all ranks (divided evenly among them)."""
+    tokens_per_step: Optional[int] = None
+    """Global batch in tokens; when set, grad_accum_steps is derived from it (batch_size x block_size per
+    micro-step)."""
+    max_iters: int = 2000
+    """Optimizer steps to train for."""
+    eval_interval: int = 250
+    """Evaluate (and checkpoint) every this many steps; 0 disables periodic eval."""
+    eval_iters: int = 20
+    """Batches averaged per split for an eval."""
+    log_interval: int = 10
+    """Log a training line every this many steps."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    parallelism: str = "ddp"
+    """Under torchrun: ddp (replicate the model) or fsdp (shard it with FSDP2's fully_shard)."""
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "grad_accum_steps", "max_iters", "eval_iters", "log_interval"):
+            if getattr(self, key) < 1:
+                raise UserError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.tokens_per_step is not None and self.tokens_per_step < 1:
+            raise UserError(f"train.tokens_per_step must be >= 1 (or null), got {self.tokens_per_step}")
+        if self.eval_interval < 0:
+            raise UserError(f"train.eval_interval must be >= 0, got {self.eval_interval}")
+        if self.grad_clip < 0:
+            raise UserError(f"train.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        _check_choice("train.parallelism", self.parallelism, ("ddp", "fsdp"))
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "gpt2"
+    run_name: Optional[str] = None
+    """Defaults to the out_dir's name."""
+    mode: str = "online"
+    """online, offline (writes files only, syncs later with `wandb sync`) or disabled."""
+
+    def __post_init__(self) -> None:
+        _check_choice("wandb.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class EvalConfig:
+    hellaswag_interval: int = 0
+    """Run HellaSwag every this many steps during training (0: off)."""
+    hellaswag_limit: Optional[int] = None
+    """Examples scored per in-training HellaSwag run (None: all 10,042)."""
+    hellaswag_path: Optional[str] = None
+    """A local hellaswag_val.jsonl (default: download into the cache)."""
+
+    def __post_init__(self) -> None:
+        if self.hellaswag_interval < 0:
+            raise UserError(f"eval.hellaswag_interval must be >= 0, got {self.hellaswag_interval}")
+
+
+@dataclass
+class TrainRunConfig:
+    """Everything `train.py` reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    dtype: str = "auto"
+    """auto (bf16 where supported, else fp16 with GradScaler on CUDA), float32, bfloat16 or float16."""
+    compile: Optional[bool] = None
+    """torch.compile the model (None: on for CUDA, off elsewhere)."""
+    seed: int = 1337
+    out_dir: str = "out/run"
+    """Run directory: ckpt.pt, config.yaml, metrics.jsonl. Rerunning with the same out_dir resumes."""
+    init_from: str = "scratch"
+    """scratch, a pretrained name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face-layout dir, or a
+    checkpoint of ours (a run dir or a .pt file) to fine-tune from."""
+
+    def __post_init__(self) -> None:
+        _check_device("device", self.device)
+        _check_choice("dtype", self.dtype, DTYPES)
+        if not self.out_dir:
+            raise UserError("out_dir is empty; give the run a directory, e.g. out_dir=out/myrun")
+        if self.optim.name == "muon" and self.train.parallelism == "fsdp":
+            raise UserError(
+                "optim.name=muon needs whole matrices, but train.parallelism=fsdp shards them; "
+                "use optim.name=adamw with fsdp, or train.parallelism=ddp with muon"
+            )
+
+
+@dataclass
+class SampleConfig:
+    """Everything `sample.py` reads."""
+
+    checkpoint: Optional[str] = None
+    """A run's out_dir or a .pt checkpoint file."""
+    init_from: Optional[str] = None
+    """Instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face-layout directory."""
+    prompt: str = ""
+    """Text to continue; '-' reads stdin, 'FILE:path' reads a file; empty starts from end-of-text (gpt2) or a
+    newline (char)."""
+    prompt_file: Optional[str] = None
+    num_samples: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    """0 is greedy decoding."""
+    top_k: int = 200
+    """Keep the k most likely tokens (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1: off)."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already in the context (CTRL's penalty; 1: off)."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a sample (not included in the output)."""
+    ignore_eot: bool = False
+    """Keep generating past end-of-text."""
+    batch_size: int = 8
+    """Samples generated together in one batch."""
+    stream: Optional[bool] = None
+    """Print tokens as they come (None: on for one sample on a terminal)."""
+    output: Optional[str] = None
+    """A .jsonl file to append prompt/sample/settings to."""
+    seed: int = 1337
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    dtype: str = "auto"
+    """Weights and KV cache: auto (bf16 on CUDA and on CPUs with fast bf16 kernels, else fp32), float32,
+    bfloat16 or float16."""
+    compile: bool = False
+    """torch.compile the one-token decode step."""
+
+    def __post_init__(self) -> None:
+        check_model_source(self.checkpoint, self.init_from, "sample from")
+        if self.num_samples < 1:
+            raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+        _check_device("device", self.device)
+        _check_choice("dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class PrepareConfig:
+    """Everything `data/prepare.py` reads."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    data_root: str = "data"
+    """Directory that holds one folder per prepared dataset."""
+    overwrite: bool = False
+    """Rebuild a dataset that is already prepared."""
+
+
+T = TypeVar("T")
+
+
+def to_object(cfg: DictConfig, schema: type[T]) -> T:
+    """Hydra's DictConfig -> the typed dataclass `schema`, running every `__post_init__` check."""
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+    except OmegaConfBaseException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        key = getattr(e, "full_key", None) or "?"  # a value of the wrong type: name the key
+        raise UserError(f"bad value for {key}: {str(e).splitlines()[0]}") from None
+    assert isinstance(obj, schema)
+    return obj
+
+
+def to_dict(obj: Any) -> dict:
+    """A config dataclass as plain Python types (for checkpoints, config.yaml and wandb)."""
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)  # type: ignore[return-value]
+
+
+def register() -> None:
+    """Register the schemas with Hydra's ConfigStore (the primary YAMLs list them first in `defaults`)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainRunConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)
+
+
+register()

@@ -1,0 +1,153 @@
+"""Batches of (x, y) from a prepared dataset: random windows for training, fixed windows for evaluation.
+
+Sampling (as nanoGPT): a *window* is `block_size + 1` consecutive tokens inside one shard; the windows of a
+split are numbered globally across its shards. Training draws a single global stream of micro-batches
+k = 0, 1, 2, ...: micro-batch k is `batch_size` windows drawn uniformly (with replacement) by a generator seeded
+with (seed, k), so it is a pure function of (seed, k) and the data. Rank r of W calls `next_batch` for the
+i-th time and gets global micro-batch `position + i * W + r`. Hence 1 process with 2 micro-steps and 2
+processes with 1 micro-step each see the same micro-batches {0, 1} at step 0, and the state to resume is one
+number (`position`, the micro-batches consumed by all ranks together), the same on every rank and valid for
+any world size.
+
+Evaluation uses `num_batches * batch_size` windows evenly spaced over the split (no randomness), so the same
+weights always get the same loss; global eval batch j goes to rank j % W.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from gpt2.data.dataset import TokenDataset
+from gpt2.errors import UserError
+
+
+class _Windows:
+    """The `block_size + 1`-token windows of one split, numbered 0 .. count - 1 across its shards."""
+
+    def __init__(self, ds: TokenDataset, split: str, block_size: int) -> None:
+        if block_size < 1:
+            raise UserError(f"block_size must be >= 1, got {block_size}")
+        self.ds, self.split, self.block_size = ds, split, block_size
+        self.shards = ds.shards(split)
+        # A shard of n tokens has n - block_size windows (starts 0 .. n - block_size - 1).
+        per_shard = np.array([max(0, s.tokens - block_size) for s in self.shards], dtype=np.int64)
+        self.ends = np.cumsum(per_shard)
+        self.count = int(self.ends[-1]) if len(self.ends) else 0
+        if not self.shards:
+            raise UserError(
+                f"the {split} split of {ds.dir} is empty ({ds.meta.get('split_rule', '')}); re-prepare it with "
+                "data.val_fraction > 0 or a data.val_source (and overwrite=true)"
+            )
+        if self.count == 0:
+            largest = max((s.tokens for s in self.shards), default=0)
+            more = " or raise data.val_fraction and re-prepare" if split == "val" else ""
+            raise UserError(
+                f"block_size={block_size} is too large for the {split} split of {ds.dir}: its largest shard holds "
+                f"{largest} tokens and one sequence needs block_size + 1 = {block_size + 1}; lower "
+                f"model.block_size{more}"
+            )
+
+    def gather(self, windows: np.ndarray) -> np.ndarray:
+        """Global window ids (N,) -> their tokens (N, block_size + 1) as int64, checked against the vocab."""
+        shard_ids = np.searchsorted(self.ends, windows, side="right")
+        starts = windows - np.concatenate(([0], self.ends))[shard_ids]
+        out = np.empty((len(windows), self.block_size + 1), dtype=np.int64)
+        for row, (s, start) in enumerate(zip(shard_ids.tolist(), starts.tolist())):
+            out[row] = self.ds.tokens(self.shards[s])[start : start + self.block_size + 1]
+        bad = out.max(axis=1) >= self.ds.vocab_size
+        if bad.any():
+            shard = self.shards[shard_ids[int(np.argmax(bad))]]
+            raise UserError(f"{shard.path} holds token id {int(out[bad].max())}, outside the dataset's vocabulary "
+                            f"of {self.ds.vocab_size} (corrupt shard); prepare the dataset again with overwrite=true")
+        return out
+
+
+def _to_device(tokens: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T + 1) int64 -> x, y (B, T) each, y shifted by one; one pinned, non-blocking copy on CUDA."""
+    xy = np.stack((tokens[:, :-1], tokens[:, 1:]))  # (2, B, T), contiguous
+    t = torch.from_numpy(xy)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    else:
+        t = t.to(device)
+    return t[0], t[1]
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
+class TokenLoader:
+    """Training batches for one rank (see the module docstring for the sampling scheme).
+
+    `next_batch()` returns x, y: int64 (batch_size, block_size) on `device`, y being x shifted by one token.
+    `state_dict()`/`load_state_dict()` save and restore the position: a restored loader yields exactly the
+    batches an uninterrupted one would have.
+    """
+
+    def __init__(self, ds: TokenDataset, split: str = "train", *, batch_size: int, block_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 1337, device: torch.device | str = "cpu") -> None:
+        _check_rank(rank, world_size)
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        if seed < 0:
+            raise UserError(f"seed must be >= 0 for the data loader, got {seed}")
+        self.windows = _Windows(ds, split, block_size)
+        self.batch_size, self.block_size = batch_size, block_size
+        self.rank, self.world_size = rank, world_size
+        self.seed = seed
+        self.device = torch.device(device)
+        self.position = 0  # global micro-batches consumed (by all ranks) before this loader's first call
+        self.calls = 0  # next_batch calls on this rank since `position`
+
+    def global_batch_windows(self, k: int) -> np.ndarray:
+        """The window ids of global micro-batch k: a pure function of (seed, k) and the split."""
+        rng = np.random.default_rng([self.seed, k])
+        return rng.integers(0, self.windows.count, size=self.batch_size)
+
+    def next_index(self) -> int:
+        """The global micro-batch the next `next_batch()` returns."""
+        return self.position + self.calls * self.world_size + self.rank
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.next_index()
+        self.calls += 1
+        return _to_device(self.windows.gather(self.global_batch_windows(k)), self.device)
+
+    def state_dict(self) -> dict:
+        """{"position": global micro-batches consumed by all ranks, "seed": seed}; equal on every rank."""
+        return {"position": self.position + self.calls * self.world_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+        self.seed = int(state["seed"])
+        self.calls = 0
+
+
+def eval_batches(ds: TokenDataset, split: str, *, num_batches: int, batch_size: int, block_size: int,
+                 rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The deterministic evaluation batches of `split` for this rank, as (x, y) like `TokenLoader.next_batch`.
+
+    The global set is `num_batches` batches of windows evenly spaced over the split (the same on every call);
+    rank r gets global batches r, r + W, r + 2W, ... < num_batches, so ranks get disjoint parts and, when
+    num_batches % W != 0, the first num_batches % W ranks get one more batch (average with the counts).
+    Errors (block_size too large, unknown split) are raised here, before the first batch.
+    """
+    _check_rank(rank, world_size)
+    if num_batches < 1 or batch_size < 1:
+        raise UserError(f"num_batches and batch_size must be >= 1, got {num_batches} and {batch_size}")
+    windows = _Windows(ds, split, block_size)
+    total = num_batches * batch_size
+    dev = torch.device(device)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for j in range(rank, num_batches, world_size):
+            m = np.arange(j * batch_size, (j + 1) * batch_size, dtype=np.int64)
+            yield _to_device(windows.gather(m * windows.count // total), dev)
+
+    return batches()

@@ -1,0 +1,345 @@
+"""Prepare a corpus into token shards: documents -> tokens (+ end-of-text) -> `data/<name>/{train,val}_NNNNNN.bin`.
+
+The pipeline streams: documents are read piece by piece (see `sources`), tokenized in batches by several
+threads (tiktoken's `encode_ordinary_batch`, `data.num_proc`), and appended to the open shard of their split,
+which is renamed into place when full (see `shards`). Memory stays bounded by one batch of text, whatever the
+corpus size. Shards are staged in `data/<name>/.staging/` and replace a previous preparation only once the whole
+corpus is done, so a failed or interrupted rebuild loses nothing; `meta.json` is written last: a folder without
+it is an incomplete preparation, which the loader rejects and the next run rebuilds from scratch.
+
+Train/validation split (deterministic):
+- `data.val_source` given: the source is train, the val source is val.
+- few documents (N * val_fraction < 10, e.g. tiny-shakespeare's one or a folder of a few books): every document
+  is split by characters, its first (1 - val_fraction) train and the rest val (nanoGPT's rule for one document),
+  so the fraction is exact and val covers every document.
+- more documents: round(N * val_fraction) of the N documents (at most N - 1), chosen by a generator seeded with
+  `data.seed`, are val, whole.
+- `data.builder=hf_stream`: the first `data.shard_tokens` tokens of the stream are val (one shard, as
+  build-nanogpt does for FineWeb-Edu), the rest train; `val_fraction` is not used.
+With the GPT-2 tokenizer every document (and each side of a one-document split) ends with end-of-text (50256).
+The char tokenizer has no such token: documents are concatenated as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+from omegaconf import DictConfig
+
+from gpt2.config import DataConfig, PrepareConfig, to_dict, to_object
+from gpt2.data.dataset import META_FILE, dataset_dir
+from gpt2.data.shards import MAX_VOCAB, TOKEN_DTYPE, ShardWriter
+from gpt2.data.sources import Source, open_source
+from gpt2.errors import UserError, exit_on_user_error
+from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
+
+BATCH_PIECES = 1024  # documents tokenized together (spread over the threads)
+BATCH_CHARS = 1 << 22  # ... or ~4M characters, whichever comes first: bounds memory (~50 MB of token lists)
+STAGE_DIR = ".staging"  # shards of a preparation in progress, inside the dataset folder
+MIN_VAL_DOCS = 10  # fewer held-out documents than this: split each document by characters instead
+Item = tuple[str, str, bool]  # (split, text, ends_document)
+
+
+def run(cfg: DictConfig | PrepareConfig) -> Path:
+    """`data/prepare.py` and `gpt2-prepare`: prepare `cfg.data` under `cfg.data_root`. Returns the dataset dir."""
+    pc = cfg if isinstance(cfg, PrepareConfig) else to_object(cfg, PrepareConfig)
+    return prepare(pc.data, data_root=pc.data_root, overwrite=pc.overwrite)
+
+
+def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = False) -> Path:
+    """Tokenize `data`'s source(s) into shards + meta.json under `dataset_dir(data.name, data_root)`.
+
+    A dataset that is already prepared (has meta.json) is left alone unless `overwrite`. Raises UserError for
+    missing or unreadable sources.
+    """
+    out_dir = dataset_dir(data.name, data_root)
+    meta_path = out_dir / META_FILE
+    if meta_path.exists() and not overwrite:
+        print(f"{out_dir} is already prepared ({_summary(meta_path)}); pass overwrite=true to rebuild it", flush=True)
+        return out_dir
+    streaming = data.builder == "hf_stream"
+    source = open_source(_source_spec(data, out_dir), data_dir=out_dir, text_field=data.text_field,
+                         subset=data.subset, split=data.split, streaming=streaming, key="data.source")
+    val_source = None
+    if data.val_source:
+        val_source = open_source(data.val_source, data_dir=out_dir, text_field=data.text_field,
+                                 subset=data.subset, split=data.split, streaming=streaming, key="data.val_source")
+
+    # The GPT-2 vocabulary first: fail fast when it is unavailable, before any pass over the corpus.
+    tokenizer: CharTokenizer | GPT2Tokenizer | None = GPT2Tokenizer() if data.tokenizer == "gpt2" else None
+    rule, cuts, val_mask, chars = _plan_split(data, source, val_source, char_vocab=tokenizer is None)
+    if tokenizer is None:
+        if len(chars) > MAX_VOCAB:
+            raise UserError(f"the corpus has {len(chars)} distinct characters, more than uint16 shards hold; "
+                            "use data.tokenizer=gpt2")
+        tokenizer = CharTokenizer(sorted(chars))
+        encode = _char_encoder(tokenizer)
+    else:
+        gpt2, num_threads = tokenizer, data.num_proc or _cpu_count()
+        encode = lambda texts: [np.array(ids, dtype=TOKEN_DTYPE) for ids in gpt2.encode_batch(texts, num_threads)]
+    items = _split_by_chars(source, cuts) if cuts is not None else _split_by_docs(source, val_source, val_mask)
+
+    # Shards are written into a staging folder and moved in only once the whole corpus is done, so a failing
+    # rebuild (overwrite=true with a bad file, Ctrl-C) leaves the previous dataset as it was.
+    stage = out_dir / STAGE_DIR
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    writers = {split: ShardWriter(stage, split, data.shard_tokens) for split in ("train", "val")}
+    head = data.shard_tokens if streaming and val_source is None else 0
+    print(f"preparing {out_dir} from {source!r}" + (f" (val: {val_source!r})" if val_source else "")
+          + f"; tokenizer {tokenizer.name}; split: {rule}", flush=True)
+    try:
+        docs = _write(items, encode, tokenizer.eot_id, writers, head, desc=data.name)
+        shards = {split: w.close() for split, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+    if writers["train"].num_tokens == 0:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise UserError(f"data.source={data.source or source!r} holds no text; check the path and data.text_field")
+    meta = {
+        "name": data.name,
+        "format": {"magic": 20240520, "version": 1, "header_bytes": 1024, "dtype": "uint16"},
+        "tokenizer": tokenizer.to_dict(),
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "splits": {
+            split: {"tokens": writers[split].num_tokens, "documents": docs[split], "num_shards": len(shards[split]),
+                    "shards": shards[split]}
+            for split in ("train", "val")
+        },
+        "source": repr(source),
+        "val_source": repr(val_source) if val_source else None,
+        "split_rule": rule,
+        "seed": data.seed,
+        "data": to_dict(data),
+        "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _clear(out_dir)  # the previous dataset: meta.json first, so the folder reads incomplete until the end
+    for shard in stage.iterdir():
+        os.replace(shard, out_dir / shard.name)
+    stage.rmdir()
+    tmp = meta_path.with_name(META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, meta_path)  # last: its presence marks the dataset complete
+    print(f"wrote {out_dir}: {_summary(meta_path)}", flush=True)
+    return out_dir
+
+
+@exit_on_user_error
+def _cli(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    """Console script `gpt2-prepare`: the same Hydra command line as `python data/prepare.py`."""
+    import hydra
+
+    from gpt2.resources import CONFIG_DIR
+
+    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="prepare")(_cli)()
+
+
+def _cpu_count() -> int:
+    """Cores this process may use (the affinity mask under Slurm/containers; macOS has none)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _source_spec(data: DataConfig, out_dir: Path) -> str:
+    if data.source:
+        return data.source
+    if (out_dir / "input.txt").exists():
+        return str(out_dir / "input.txt")
+    raise UserError(f"data.source is not set and {out_dir / 'input.txt'} does not exist; set data.source=<file, "
+                    "folder, glob, http(s) URL or hf:dataset>, e.g. data=text data.name=mycorpus data.source=texts/")
+
+
+def _clear(out_dir: Path) -> None:
+    """Remove a previous (possibly interrupted) preparation: meta.json first, so the folder reads incomplete."""
+    (out_dir / META_FILE).unlink(missing_ok=True)
+    for path in out_dir.iterdir():
+        if path.suffix == ".tmp" or (path.suffix == ".bin" and path.name.startswith(("train_", "val_"))):
+            path.unlink()
+
+
+def _summary(meta_path: Path) -> str:
+    try:
+        splits = json.loads(meta_path.read_text())["splits"]
+        return ", ".join(f"{s}: {v['tokens']:,} tokens in {v['num_shards']} shard(s)" for s, v in splits.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return "meta.json unreadable"
+
+
+def _plan_split(data: DataConfig, source: Source, val_source: Optional[Source], char_vocab: bool
+                ) -> tuple[str, Optional[list[int]], Optional[np.ndarray], set[str]]:
+    """Decide the train/val split (module docstring) with a cheap pass over the corpus (counts, not tokens).
+
+    Returns (rule for meta.json, per-document character cut points or None, val mask over documents or None,
+    the corpus's characters when `char_vocab` or a character split needed them).
+    """
+    cuts, val_mask, chars = None, None, set()
+    if data.builder == "hf_stream":
+        rule = "val_source" if val_source else f"first {data.shard_tokens} tokens of the stream are val"
+    elif val_source:
+        rule = "val_source"
+    elif data.val_fraction == 0:
+        rule = "no validation split (data.val_fraction=0)"
+    else:
+        n_docs = source.count_documents()
+        if n_docs * data.val_fraction < MIN_VAL_DOCS:
+            lengths, chars = _scan_chars(source)
+            cuts = [int(n * (1 - data.val_fraction)) for n in lengths]
+            rule = f"{n_docs} document(s), each split by characters: the first {1 - data.val_fraction:g} train"
+        else:
+            val_mask = _val_mask(n_docs, data.val_fraction, data.seed)
+            rule = f"{int(val_mask.sum())} of {n_docs} documents val, chosen with seed {data.seed}"
+    if char_vocab and cuts is None:
+        for src in (source, val_source):
+            chars |= _scan_chars(src)[1] if src is not None else set()
+    return rule, cuts, val_mask, chars
+
+
+def _scan_chars(source: Source) -> tuple[list[int], set[str]]:
+    """(characters in each document, set of characters) of a source, streaming."""
+    lengths, n, chars = [], 0, set()
+    for text, end in source.pieces():
+        n += len(text)
+        chars.update(text)
+        if end:
+            lengths.append(n)
+            n = 0
+    return lengths, chars
+
+
+def _val_mask(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    n_val = min(max(1, round(n_docs * val_fraction)), n_docs - 1)
+    mask = np.zeros(n_docs, dtype=bool)
+    mask[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
+    return mask
+
+
+def _split_by_docs(source: Source, val_source: Optional[Source], val_mask: Optional[np.ndarray]) -> Iterator[Item]:
+    doc = 0
+    for text, end in source.pieces():
+        yield ("val" if val_mask is not None and val_mask[doc] else "train"), text, end
+        doc += end
+    if val_source is not None:
+        for text, end in val_source.pieces():
+            yield "val", text, end
+
+
+def _split_by_chars(source: Source, cuts: list[int]) -> Iterator[Item]:
+    """Characters [0, cuts[i]) of document i are train, the rest val; each side ends as a document."""
+    doc, pos = 0, 0
+    for text, end in source.pieces():
+        cut = cuts[doc]
+        if pos >= cut:
+            yield "val", text, end
+        else:
+            head, tail = text[: cut - pos], text[cut - pos :]
+            reached = pos + len(text) >= cut
+            yield "train", head, end or reached
+            if reached:
+                yield "val", tail, end
+        pos += len(text)
+        if end:
+            doc, pos = doc + 1, 0
+
+
+def _char_encoder(tokenizer: CharTokenizer):
+    # Vectorised CharTokenizer.encode: ids are ranks in the sorted vocabulary, found by binary search on code points.
+    codepoints = np.array([ord(c) for c in tokenizer.chars], dtype=np.uint32)
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        out = []
+        for text in texts:
+            cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            ids = np.searchsorted(codepoints, cps)
+            assert (codepoints[np.minimum(ids, len(codepoints) - 1)] == cps).all(), "char missing from the vocab"
+            out.append(ids.astype(TOKEN_DTYPE))
+        return out
+
+    return encode
+
+
+def _write(items: Iterator[Item], encode, eot_id: Optional[int], writers: dict[str, ShardWriter], head: int,
+           desc: str) -> dict[str, int]:
+    """Tokenize items batch by batch into the writers; returns documents written per split.
+
+    Double-buffered: batch i is tokenized in a background thread (whose tiktoken threads release the GIL) while
+    this thread reads and parses batch i + 1, so at most two batches are in memory. `head` > 0 sends the first
+    `head` tokens of the stream to val and the rest to train (hf_stream's split).
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    docs = {"train": 0, "val": 0}
+    stream_pos = 0  # tokens of the train stream so far (hf_stream: the first `head` of them are val)
+    has_text = {"train": False, "val": False}  # the split's current document has text (so it gets an EOT)
+    eot = np.array([eot_id], dtype=TOKEN_DTYPE) if eot_id is not None else None
+    bar = tqdm(desc=f"tokenizing {desc}", unit="tok", unit_scale=True, smoothing=0.1, mininterval=1.0)
+    batch: list[Item] = []
+    size = 0
+    pending: Optional[tuple[list[Item], Future]] = None
+
+    def store(batch: list[Item], ids: list[np.ndarray]) -> None:
+        nonlocal stream_pos
+        parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+        for (split, text, end), tokens in zip(batch, ids):
+            parts[split].append(tokens)
+            has_text[split] |= bool(text)
+            if split == "train":
+                stream_pos += tokens.size
+            if end and has_text[split]:
+                if eot is not None:
+                    parts[split].append(eot)
+                    stream_pos += split == "train"
+                docs["val" if split == "train" and stream_pos <= head else split] += 1
+                has_text[split] = False
+        n = 0
+        for split, arrays in parts.items():
+            if arrays:
+                tokens = np.concatenate(arrays)
+                n += tokens.size
+                _route(tokens, split, writers, head)
+        bar.update(n)
+        bar.set_postfix(docs=docs["train"] + docs["val"], refresh=False)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
+        try:
+            for item in items:
+                batch.append(item)
+                size += len(item[1])
+                if len(batch) >= BATCH_PIECES or size >= BATCH_CHARS:
+                    if pending is not None:
+                        store(pending[0], pending[1].result())
+                    pending = batch, pool.submit(encode, [text for _, text, _ in batch])
+                    batch, size = [], 0
+            if pending is not None:
+                store(pending[0], pending[1].result())
+            store(batch, encode([text for _, text, _ in batch]))
+        finally:
+            if pending is not None:
+                pending[1].cancel()
+            bar.close()
+    return docs
+
+
+def _route(tokens: np.ndarray, split: str, writers: dict[str, ShardWriter], head: int) -> None:
+    if head:  # hf_stream: everything arrives as train; the first `head` tokens go to val
+        room = head - writers["val"].num_tokens
+        if room > 0:
+            writers["val"].write(tokens[:room])
+            tokens = tokens[room:]
+    if tokens.size:
+        writers[split].write(tokens)

@@ -1,0 +1,58 @@
+"""Device and precision policy, in one place for the trainer, the sampler and the evaluators."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from gpt2.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda if available, else mps, else cpu. An explicit device that is absent is a UserError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={name} but MPS is not available here; use device=cpu or device=auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bf16 on CUDA when supported, else fp16 (with a GradScaler when training); on CPU bf16 where
+    oneDNN has fast bf16 kernels (AVX-512 or Arm bf16; on the 2-core AVX512-BF16 sandbox bf16 measured 1.6x
+    faster for training and 1.26x for batch-1 decoding, BENCHMARKS.md), else fp32; fp32 on MPS."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu":
+            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        return torch.float32
+    if name not in DTYPES:
+        raise UserError(f"dtype={name!r} is not valid; choose one of: auto, {', '.join(DTYPES)}")
+    if name == "float16" and device.type == "cpu":
+        raise UserError("dtype=float16 is unusably slow on CPU; use dtype=bfloat16 or dtype=float32")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for forward passes: parameters stay fp32, matmuls run in `dtype`."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_backends(device: torch.device) -> None:
+    """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and newer)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

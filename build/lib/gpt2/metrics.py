@@ -1,0 +1,199 @@
+"""Training metrics: one logger that fans out to the console, `metrics.jsonl` and wandb; MFU.
+
+The trainer hands `MetricsLogger.log` flat dicts whose key names are the `metrics.jsonl` contract
+(DESIGN.md): training lines carry `step`, `loss`, `lr`, `grad_norm`, `ms_per_step`, `tokens_per_sec`, `mfu`,
+`tokens_seen`; eval lines carry `step`, `train_loss`, `val_loss`. wandb gets the same values under namespaced
+keys (`train/loss`, `val/loss`, `perf/tokens_per_sec`, `perf/mfu`, ...; see `WANDB_KEYS`). On non-main ranks
+`MetricsLogger` is a no-op, so the trainer never branches on the rank to log.
+
+MFU (model FLOPs utilisation) = achieved training FLOPs / peak FLOPs, where achieved FLOPs come from
+`GPT.flops_per_token()` times tokens/s, and the peak is, per device:
+- CUDA: a datasheet table by device name (dense bf16/fp16 tensor-core peak; TF32 counts as half of it);
+- CPU: a *measured* matmul ceiling: one large matmul in the training dtype, timed once per process and cached.
+  CPUs have no honest datasheet number (it depends on cores, AVX-512/AMX and clocks), so CPU MFU reads as
+  "fraction of what this machine's matmul kernel reaches", not of a theoretical peak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import string
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense (no sparsity) bf16/fp16 tensor-core peak per GPU, FLOP/s. Matched by substring of the device name,
+# first match wins, so the more specific names come first.
+CUDA_PEAK_FLOPS: list[tuple[str, float]] = [
+    ("GB200", 2.5e15),
+    ("B200", 2.25e15),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("A6000", 155e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),  # fp16 only
+    ("T4", 65e12),  # fp16 only
+]
+
+WANDB_KEYS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_seen": "train/tokens_seen",
+    "ms_per_step": "perf/ms_per_step",
+    "tokens_per_sec": "perf/tokens_per_sec",
+    "mfu": "perf/mfu",
+    "train_loss": "eval/train_loss",
+    "val_loss": "val/loss",
+    "hellaswag_acc": "eval/hellaswag_acc",
+    "hellaswag_acc_norm": "eval/hellaswag_acc_norm",
+}
+
+_ID_CHARS = string.ascii_lowercase + string.digits
+_CPU_CEILING: dict[torch.dtype, float] = {}
+
+
+def cpu_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, iters: int = 8) -> float:
+    """This CPU's achievable matmul throughput in FLOP/s for `dtype`: an n x n @ n x n matmul, best of `iters`.
+
+    Measured once per process and dtype (about a second), then cached.
+    """
+    if dtype not in _CPU_CEILING:
+        gen = torch.Generator().manual_seed(0)  # never touch the global RNG: a resumed run restores it
+        a = torch.randn(n, n, generator=gen).to(dtype)
+        b = torch.randn(n, n, generator=gen).to(dtype)
+        a @ b  # warm up (thread pool, kernel selection)
+        best = math.inf
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        _CPU_CEILING[dtype] = 2 * n**3 / best
+    return _CPU_CEILING[dtype]
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s of one `device` computing in `dtype`, or None when unknown (then MFU is not reported)."""
+    if device.type == "cpu":
+        return cpu_matmul_flops(dtype)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in CUDA_PEAK_FLOPS:
+            if key in name:
+                return flops / 2 if dtype == torch.float32 else flops  # fp32 matmuls run as TF32
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, peak_per_device: float | None, world_size: int) -> float | None:
+    """Model FLOPs utilisation in [0, 1]: achieved FLOP/s over the peak of all `world_size` devices."""
+    if not peak_per_device:
+        return None
+    return flops_per_token * tokens_per_sec / (peak_per_device * world_size)
+
+
+class MetricsLogger:
+    """Console + `<out_dir>/metrics.jsonl` + wandb (when enabled). A no-op unless `enabled` (the main rank).
+
+    `log(metrics, step)` takes flat DESIGN.md key names; `close()` flushes and finishes the wandb run.
+    The wandb run id is chosen here on a fresh run and passed back in on resume, so wandb continues the run.
+    With `resume_step`, records after that step are dropped from metrics.jsonl (they are about to be replayed).
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        enabled: bool = True,
+        wandb_cfg: Any = None,
+        run_config: dict | None = None,
+        wandb_run_id: str | None = None,
+        resume_step: int | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.wandb_run_id = wandb_run_id
+        self._wandb = None
+        self._file = None
+        if not enabled:
+            return
+        path = Path(out_dir) / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and path.exists():
+            _drop_after(path, resume_step)
+        self._file = open(path, "a", buffering=1)  # line-buffered: survives a kill
+        if wandb_cfg is not None and wandb_cfg.enabled and wandb_cfg.mode != "disabled":
+            import os
+
+            import wandb
+
+            # Our own id (8 lowercase letters/digits, wandb's format), stored in the checkpoint for resume.
+            self.wandb_run_id = wandb_run_id or "".join(secrets.choice(_ID_CHARS) for _ in range(8))
+            self._wandb = wandb.init(
+                project=wandb_cfg.project,
+                name=wandb_cfg.run_name or Path(out_dir).resolve().name,
+                id=self.wandb_run_id,
+                resume="allow",  # the same id continues the same run after a restart
+                mode=wandb_cfg.mode,
+                dir=os.environ.get("WANDB_DIR", str(out_dir)),
+                config=run_config,
+            )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
+        print(format_line(record), flush=True)
+        self._file.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({WANDB_KEYS.get(k, k): v for k, v in record.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _drop_after(path: Path, step: int) -> None:
+    """Remove the records logged after `step` (a resumed run replays those steps and logs them again)."""
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def format_line(r: dict[str, Any]) -> str:
+    """One console line: `step 100 | loss 2.1234 | lr 6.00e-04 | ... | mfu 12.3%` or an eval line."""
+    parts = [f"step {r['step']}"]
+    fmt = {
+        "loss": "loss {:.4f}",
+        "train_loss": "train loss {:.4f}",
+        "val_loss": "val loss {:.4f}",
+        "lr": "lr {:.2e}",
+        "grad_norm": "grad norm {:.3f}",
+        "ms_per_step": "{:.1f} ms",
+        "tokens_per_sec": "{:,.0f} tok/s",
+        "hellaswag_acc": "hellaswag acc {:.4f}",
+        "hellaswag_acc_norm": "acc_norm {:.4f}",
+    }
+    for key, f in fmt.items():
+        if key in r:
+            parts.append(f.format(r[key]))
+    if "mfu" in r:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    return " | ".join(parts)

@@ -1,0 +1,297 @@
+"""GPT-2, top to bottom as the paper and OpenAI's release define it.
+
+References:
+- Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2).
+- OpenAI's TensorFlow release, github.com/openai/gpt-2 `src/model.py` (pre-LayerNorm blocks, tanh GELU).
+- Hugging Face `GPT2LMHeadModel`: the module names below (`wte`, `h.N.attn.c_attn`, ...) are its names,
+  so weight interop is a transposition of Conv1D weights, not a rename table (see `gpt2/hf.py`).
+
+Notation in shape comments: B batch, T sequence length, C = n_embd, nh = n_head, hs = head size = C // nh,
+V = vocab size, Vp = padded vocab size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt2.errors import UserError
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of a GPT-2 model. Defaults are GPT-2 124M."""
+
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    """Context length: the number of learned positional embeddings."""
+    vocab_size: int = 50257
+    """Real vocabulary size; the embedding is padded up to a multiple of 64 (see `padded_vocab_size`)."""
+    dropout: float = 0.0
+    bias: bool = True
+    """Biases in Linear layers and LayerNorms (GPT-2 has them; False is slightly faster and as good)."""
+
+    def __post_init__(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            if getattr(self, key) < 1:
+                raise UserError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """`vocab_size` rounded up to a multiple of 64 (50257 -> 50304): faster matmuls on GPUs."""
+        return math.ceil(self.vocab_size / 64) * 64
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # Small research sizes for CPUs and tests.
+    "gpt2-tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
+    "gpt2-mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    """The GPTConfig of a named preset (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `gpt2-tiny`, `gpt2-mini`)."""
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding.
+
+    `k` and `v` have the fixed shape (n_layer, B, nh, max_len, hs), allocated once; `pos` is the number of
+    positions already written. Each layer calls `update` with the new positions' keys/values and gets back views
+    of everything cached so far; the model calls `advance` once per forward pass.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        max_len = max_len or config.block_size
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) at positions [pos, pos+T) of `layer`; return views of [0, pos+T)."""
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+
+class CausalSelfAttention(nn.Module):
+    """Masked multi-head self-attention through `scaled_dot_product_attention` (flash kernels on CUDA)."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        mask, is_causal = None, True
+        if kv_cache is not None:
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, start+T, hs)
+            if T == 1:  # one new token sees every cached position
+                is_causal = False
+            elif start > 0:  # a chunk after a prefix: query i sees keys [0, start+i]
+                is_causal = False
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: C -> 4C -> GELU (tanh approximation, as OpenAI's code) -> C."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2 language model: embeddings, `n_layer` blocks, final LayerNorm, LM head tied to `wte`.
+
+    Construction allocates parameters without setting them; call `init_weights()` for the GPT-2 init (the
+    constructor does so unless built on the meta device, where loaders assign real weights instead).
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 init: every Linear/Embedding weight ~ N(0, 0.02); residual projections (`attn.c_proj`,
+        `mlp.c_proj`) ~ N(0, 0.02 / sqrt(2 * n_layer)); biases 0; LayerNorm weight 1, bias 0; `wte` and
+        `lm_head` are one tensor. The padded vocab rows of `wte` are zero (they are never used)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith("c_proj") else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.transformer.wte.weight[self.config.vocab_size :].zero_()
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, V), loss).
+
+        Logits cover the real vocabulary only (a view that drops the padded columns, so padding is never
+        sampled). `loss` is the mean next-token cross-entropy over positions whose target is not -1, or None
+        without targets. With `kv_cache`, idx holds the positions after `kv_cache.pos` and the cache advances.
+        """
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds the model's block_size {self.config.block_size}"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V), a view of (B, T, Vp)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    @classmethod
+    def from_state_dict(cls, config: GPTConfig, state: dict[str, torch.Tensor]) -> "GPT":
+        """A GPT holding `state`'s tensors as its parameters (no init, no copy): built on the meta device, then
+        assigned. Raises RuntimeError when keys or shapes do not match `config`."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor; tie again
+        return model
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (tied weights once). `non_embedding` drops the positional embedding, as in the
+        scaling-law papers; the token embedding stays since it is also the LM head."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), for MFU.
+
+        PaLM appendix B (also nanoGPT's `estimate_mfu`): 6 * N for the matmuls over N non-embedding parameters
+        (2 forward, 4 backward), plus 12 * n_layer * n_embd * T for attention scores and weighted values,
+        where T is the sequence length (default block_size).
+        """
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str) -> "GPT":
+        """OpenAI's GPT-2 weights by Hugging Face hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) or a
+        local directory in Hugging Face layout. See `gpt2.hf`."""
+        from gpt2 import hf
+
+        return hf.load_pretrained(name_or_dir)
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """Write this model in Hugging Face layout (config.json + model.safetensors). See `gpt2.hf`."""
+        from gpt2 import hf
+
+        hf.save_pretrained(self, out_dir)

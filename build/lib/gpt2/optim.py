@@ -1,0 +1,130 @@
+"""Optimizers and learning-rate schedules.
+
+- AdamW (Loshchilov & Hutter) with weight decay on >= 2-D weights only (matmul weights and embeddings), none
+  on biases and LayerNorm gains, as nanoGPT; the fused CUDA kernel when on CUDA.
+- Muon (Jordan et al. 2024, `torch.optim.Muon`) for the 2-D matrices inside the transformer blocks, with AdamW
+  for everything else (embeddings / tied LM head, LayerNorms, biases), as modded-nanogpt.
+- Schedules (`lr_at`): linear warmup, then cosine decay to min_lr (GPT-3 paper), or warmup-stable-decay
+  (WSD, Hu et al. 2024 "MiniCPM": hold the peak, then decay linearly over the last `decay_fraction`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from gpt2.config import OptimConfig
+from gpt2.errors import UserError
+
+
+def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
+    """The AdamW learning rate at optimizer step `step` (0-based). Pure: same inputs, same output."""
+    decay_iters = cfg.lr_decay_iters or max_iters
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= decay_iters:
+        return cfg.min_lr
+    if cfg.schedule == "cosine":
+        ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+        coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+        return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+    # wsd: stable at the peak until the decay window, then linear to min_lr at decay_iters
+    decay_start = max(cfg.warmup_iters, decay_iters - round(cfg.decay_fraction * decay_iters))
+    if step < decay_start:
+        return cfg.lr
+    ratio = (step - decay_start) / max(1, decay_iters - decay_start)
+    return cfg.lr + ratio * (cfg.min_lr - cfg.lr)
+
+
+class Optimizers:
+    """One or two torch optimizers stepped together (AdamW alone, or Muon + AdamW).
+
+    Every param group carries `base_lr`, its peak learning rate; `set_lr` scales all of them by the schedule.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def unscale_(self, scaler: torch.amp.GradScaler | None) -> None:
+        """Divide gradients by the loss scale (before clipping); a no-op without an enabled scaler."""
+        if scaler is not None and scaler.is_enabled():
+            for opt in self.optimizers:
+                scaler.unscale_(opt)
+
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Step every optimizer; with an enabled GradScaler, skip on inf/NaN gradients and update the scale."""
+        if scaler is not None and scaler.is_enabled():
+            for opt in self.optimizers:
+                scaler.step(opt)
+            scaler.update()
+        else:
+            for opt in self.optimizers:
+                opt.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        states = state["optimizers"]
+        if len(states) != len(self.optimizers):
+            raise UserError(
+                f"checkpoint holds {len(states)} optimizer state(s) but optim.name needs {len(self.optimizers)}; "
+                "resume with the optim.name the run started with"
+            )
+        for opt, s in zip(self.optimizers, states):
+            opt.load_state_dict(s)
+
+
+def _adamw(groups: list[dict[str, Any]], cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda" or None
+    )
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> Optimizers:
+    """The optimizer(s) `cfg.name` asks for, over `model`'s trainable parameters (tied weights once)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.name == "muon":
+        hidden = [p for n, p in params if p.dim() == 2 and ".h." in f".{n}"]
+        hidden_ids = {id(p) for p in hidden}
+        rest = [(n, p) for n, p in params if id(p) not in hidden_ids]
+        muon = torch.optim.Muon(
+            [{"params": hidden, "base_lr": cfg.muon_lr}],
+            lr=cfg.muon_lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.muon_momentum,
+        )
+        adamw = _adamw(_decay_groups(rest, cfg), cfg, device_type)
+        return Optimizers([muon, adamw])
+    return Optimizers([_adamw(_decay_groups(params, cfg), cfg, device_type)])
+
+
+def _decay_groups(params: list[tuple[str, nn.Parameter]], cfg: OptimConfig) -> list[dict[str, Any]]:
+    """Weight decay on >= 2-D tensors (matmuls, embeddings); none on biases and LayerNorm parameters."""
+    decay = [p for _, p in params if p.dim() >= 2]
+    no_decay = [p for _, p in params if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+        {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr},
+    ]
+
+
+def set_lr(optimizers: Optimizers, step: int, cfg: OptimConfig, max_iters: int) -> float:
+    """Set every param group's lr for `step` (each group's peak `base_lr` times the schedule's factor) and
+    return the AdamW learning rate, for logging."""
+    lr = lr_at(step, cfg, max_iters)
+    factor = lr / cfg.lr
+    for group in optimizers.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return lr
