@@ -158,11 +158,9 @@ class OptimConfig:
         _check_choice("optim.schedule", self.schedule, ("cosine", "wsd"))
         if self.lr <= 0:
             raise UserError(f"optim.lr must be > 0, got {self.lr}")
-        if self.min_lr is None:
-            self.min_lr = self.lr / 10
-        if self.min_lr < 0 or self.min_lr > self.lr:
+        if not 0 <= self.final_lr <= self.lr:
             raise UserError(
-                f"optim.min_lr must be in [0, optim.lr={self.lr:g}], got {self.min_lr:g}; set it (e.g. "
+                f"optim.min_lr must be in [0, optim.lr={self.lr:g}], got {self.final_lr:g}; set it (e.g. "
                 f"optim.min_lr={self.lr / 10:g}) or drop it where a preset sets it (optim.min_lr=null: lr / 10)"
             )
         if self.weight_decay < 0:
@@ -183,6 +181,11 @@ class OptimConfig:
             raise UserError(f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.muon_lr <= 0:
             raise UserError(f"optim.muon_lr must be > 0, got {self.muon_lr}")
+
+    @property
+    def final_lr(self) -> float:
+        """The learning rate the decay ends at: `min_lr`, or lr / 10 when it is not set."""
+        return self.lr / 10 if self.min_lr is None else self.min_lr
 
 
 @dataclass

@@ -26,17 +26,17 @@ def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     if step >= decay_iters:
-        return cfg.min_lr
+        return cfg.final_lr
     if cfg.schedule == "cosine":
         ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
         coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
-        return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+        return cfg.final_lr + coeff * (cfg.lr - cfg.final_lr)
     # wsd: stable at the peak until the decay window, then linear to min_lr at decay_iters
     decay_start = max(cfg.warmup_iters, decay_iters - round(cfg.decay_fraction * decay_iters))
     if step < decay_start:
         return cfg.lr
     ratio = (step - decay_start) / max(1, decay_iters - decay_start)
-    return cfg.lr + ratio * (cfg.min_lr - cfg.lr)
+    return cfg.lr + ratio * (cfg.final_lr - cfg.lr)
 
 
 def schedule_warning(cfg: OptimConfig, max_iters: int) -> str | None:

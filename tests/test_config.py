@@ -93,3 +93,55 @@ def test_bad_values_raise_one_user_error_naming_the_key(schema, overrides, messa
 def test_wrong_types_are_user_errors():
     with pytest.raises(UserError, match="lr"):
         config.to_object(OmegaConf.create({"optim": {"lr": "fast"}}), config.TrainRunConfig)
+
+
+@pytest.mark.parametrize(
+    "name, override, message",
+    [
+        ("train", "+train.max_iter=5", "unknown config key 'train.max_iter'; did you mean train.max_iters?"),
+        ("train", "+optim.learning_rate=3", "unknown config key 'optim.learning_rate'"),
+        ("train", "+foo=1", "unknown config key 'foo'; valid keys here: model., data., optim."),
+        ("train", "++model.n_layers=2", "did you mean model.n_layer?"),
+        ("sample", "+promt=hi", "unknown config key 'promt'; did you mean prompt?"),
+        ("prepare", "+data.sorce=x", "did you mean data.source?"),
+    ],
+)
+def test_keys_outside_the_schema_fail_however_they_are_added(name, override, message):
+    from hydra import compose, initialize_config_dir
+
+    from gpt2.resources import CONFIG_DIR
+
+    schema = {"train": config.TrainRunConfig, "sample": config.SampleConfig, "prepare": config.PrepareConfig}[name]
+    extra = ["init_from=gpt2"] if name == "sample" else []
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(name, overrides=[override, *extra])
+    with pytest.raises(UserError) as e:
+        config.to_object(cfg, schema)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_min_lr_defaults_to_a_tenth_of_lr_unless_set():
+    from hydra import compose, initialize_config_dir
+
+    from gpt2.resources import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        for overrides in (["optim.lr=3e-5"], ["experiment=shakespeare_char_cpu", "optim.lr=3e-5"],
+                          ["experiment=gpt2_124m_fineweb", "optim.lr=3e-5"]):  # fmt: skip
+            run = config.to_object(compose("train", overrides=overrides), config.TrainRunConfig)
+            assert run.optim.min_lr is None and run.optim.final_lr == pytest.approx(3e-6)
+        run = config.to_object(compose("train", overrides=["optim.lr=3e-5", "optim.min_lr=0"]), config.TrainRunConfig)
+        assert run.optim.final_lr == 0
+    with pytest.raises(UserError, match=r"optim.min_lr must be in \[0, optim.lr=1e-05\], got 3e-05; set it"):
+        config.OptimConfig(lr=1e-5, min_lr=3e-5)
+
+
+def test_a_schedule_that_never_reaches_lr_is_refused_or_warned():
+    from gpt2.optim import schedule_warning
+
+    with pytest.raises(UserError, match="optim.lr_decay_iters=50 is before optim.warmup_iters=100"):
+        config.OptimConfig(warmup_iters=100, lr_decay_iters=50)
+    assert schedule_warning(config.OptimConfig(warmup_iters=10), max_iters=1000) is None
+    warning = schedule_warning(config.OptimConfig(lr=1e-3, warmup_iters=100), max_iters=20)
+    assert "optim.warmup_iters=100 >= train.max_iters=20" in warning and "optim.warmup_iters=2" in warning
+    assert "never reaches optim.lr=0.001 (it ends at 0.000198)" in warning

@@ -159,3 +159,45 @@ def test_command_line_escapes_in_prompt_and_stop(char_run, capsys):
     assert unescape(r"a\n\nb\tc\\n ü") == "a\n\nb\tc\\n ü"
     out = run_ok(capsys, checkpoint=str(char_run), prompt=r"JULIET:\nAy", max_new_tokens=5, temperature=0)
     assert out.startswith("JULIET:\nAy")
+
+
+HARD_PROMPTS = ["O, my lord, I have", "a=b", "it's", 'say "hi"', "x\\", "a\\'b", "${oc.env:HOME}", "[1,2]",
+                "{a: 1}", "  lead", "null", "123", "~x", "a:b", "é ☃", "'", "\\", "${", "a\\${b}", "a\\\\${b}"]
+
+
+@pytest.mark.parametrize("prompt", HARD_PROMPTS)
+def test_free_text_quoting_round_trips_through_hydra(prompt):
+    from hydra import compose, initialize_config_dir
+
+    from gpt2.cli import quote_free_text
+    from gpt2.resources import CONFIG_DIR
+
+    argv = quote_free_text(["sample.py", f"prompt={prompt}", "init_from=gpt2"])
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        assert compose("sample", overrides=argv[1:]).prompt == prompt
+
+
+def test_cli_prompt_with_commas_quotes_and_equals_is_taken_as_typed(char_run):
+    prompt = "ROMEO: O, my lord, 'tis \"so\"=yes"
+    r = sample(f"checkpoint={char_run}", f"prompt={prompt}", "max_new_tokens=5", "temperature=0", "stream=false")
+    assert r.returncode == 2 and "character" in r.stderr  # the char vocab lacks some of them: the prompt arrived whole
+    gpt2_run = save_checkpoint(Path(str(char_run) + "_gpt2"), GPT2Tokenizer())
+    r = sample(f"checkpoint={gpt2_run}", f"prompt={prompt}", "max_new_tokens=5", "temperature=0", "stream=false")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(prompt)
+    r = sample(f"checkpoint={gpt2_run}", "prompt='already, quoted'", "max_new_tokens=5", "stream=false")
+    assert r.returncode == 0 and r.stdout.startswith("already, quoted"), r.stderr  # Hydra's own quoting still works
+
+
+def test_help_lists_only_what_sample_py_takes():
+    r = sample("--help")
+    assert r.returncode == 0
+    assert "prompt:" in r.stdout and "temperature:" in r.stdout
+    assert "experiment" not in r.stdout and "optim" not in r.stdout and "Configuration groups" not in r.stdout
+
+
+def test_misspelled_keys_added_with_plus_fail(char_run):
+    r = sample(f"checkpoint={char_run}", "+promt=hi")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: unknown config key 'promt'; did you mean prompt? (--cfg job prints every key)"
+    )
