@@ -107,6 +107,9 @@ class DataConfig:
     val_fraction: float = 0.1
     """Fraction held out for validation: whole documents chosen with `seed`, or, when fewer than 10 documents
     would be held out, the last fraction of every document's characters (hf_stream: the first shard is val)."""
+    extensions: Optional[list[str]] = None
+    """File extensions a folder or glob source contributes (e.g. [.py,.rst]); None: every UTF-8 text file
+    (binary, non-UTF-8 and empty files are skipped and reported)."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.json/.parquet files and Hugging Face datasets."""
     shard_tokens: int = 100_000_000

@@ -61,7 +61,8 @@ def test_shakespeare_gpt2_counts_match_nanogpt_plus_one_eot_per_split(tmp_path):
 
 
 def make_corpus(root):
-    """A folder of every supported type (plus a file to ignore); returns the documents in preparation order."""
+    """A folder of every kind of file: rows (.jsonl/.json/.parquet), text of any extension (or none), and files
+    to skip (binary, not UTF-8, empty, hidden); returns the documents in preparation order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -76,24 +77,35 @@ def make_corpus(root):
     (root / "c.json").write_text(json.dumps([{"text": docs["c.json"][0]}, docs["c.json"][1]]))
     docs["d.parquet"] = ["parquet row one", "parquet row two"]
     pq.write_table(pa.table({"text": docs["d.parquet"], "n": [1, 2]}), root / "d.parquet")
-    docs["skip.csv"] = []
-    (root / "skip.csv").write_text("not,a,document\n")
+    docs["f.csv"] = ["a,csv,document\n"]
+    (root / "f.csv").write_text(docs["f.csv"][0])
     docs["sub/e.md"] = ["# Markdown\n\nin a subfolder"]
     (root / "sub" / "e.md").write_text(docs["sub/e.md"][0])
+    docs["sub/g.py"] = ["def f():\n    return 'python'\n"]
+    (root / "sub" / "g.py").write_text(docs["sub/g.py"][0])
+    docs["LICENSE"] = ["no extension at all"]
+    (root / "LICENSE").write_text(docs["LICENSE"][0])
+    (root / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (root / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    (root / "empty.txt").write_text("  \n")
+    (root / ".git").mkdir()
+    (root / ".git" / "config").write_text("[core]\n")
     return [t for name in sorted(docs) for t in docs[name]]
 
 
-def test_custom_folder_of_every_type_prepares_and_loads(tmp_path):
+def test_custom_folder_of_every_type_prepares_and_loads(tmp_path, capsys):
     from gpt2.data import TokenLoader
 
     docs = make_corpus(tmp_path / "corpus")
     prepare(tmp_path, "data=text", "data.name=mine", f"data.source={tmp_path / 'corpus'}", "data.val_fraction=0")
+    out = capsys.readouterr().out
+    assert "skipped 3 files: 1 empty (empty.txt), 1 binary (img.png), 1 not UTF-8 (latin1.txt)" in out, out
     ds = open_dataset("mine", data_root=tmp_path)
     enc = gpt2_enc()
     # Every document once, in order (files sorted by path), each ending with EOT; "<|endoftext|>" inside a
     # document is text, never a separator.
     assert all_tokens(ds, "train").tolist() == [t for d in docs for t in enc.encode_ordinary(d) + [EOT]]
-    assert ds.meta["splits"]["train"]["documents"] == len(docs) == 9 and ds.num_tokens("val") == 0
+    assert ds.meta["splits"]["train"]["documents"] == len(docs) == 12 and ds.num_tokens("val") == 0
     x, y = TokenLoader(ds, "train", batch_size=2, block_size=4).next_batch()
     assert x.shape == y.shape == (2, 4) and x.dtype == y.dtype == __import__("torch").int64
     with pytest.raises(UserError, match="val split of .* is empty.*data.val_fraction > 0"):
@@ -229,11 +241,14 @@ def test_bad_sources_are_user_errors(tmp_path):
     with pytest.raises(UserError, match=r"rows.jsonl:1: no 'text' field \(keys: content\).*data.text_field"):
         prepare(tmp_path, "data=text", f"data.source={tmp_path}/rows.jsonl", "data.tokenizer=char")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="matches no"):
+    with pytest.raises(UserError, match="empty has no readable text files; check the path"):
         prepare(tmp_path, "data=text", f"data.source={tmp_path}/empty")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    with pytest.raises(UserError, match="latin1.txt has no readable text files"):
+        prepare(tmp_path, "data=text", f"data.source={tmp_path}/latin1.txt")
     with pytest.raises(UserError, match="cannot download .*put the file at"):
         sources.fetch_url("http://127.0.0.1:9/input.txt", tmp_path / "dl" / "input.txt")
-    assert not (tmp_path / "dl" / "input.txt.tmp").exists()
+    assert not (tmp_path / "dl").exists()  # a failed download leaves no empty dataset folder behind
 
 
 def test_builtin_names_match_the_config_group():
@@ -276,3 +291,13 @@ def test_url_source_is_downloaded_once_then_reused(tmp_path, capsys):
     ds = open_dataset(str(prepare(tmp_path, *args, "overwrite=true")))  # server gone: the saved copy is used
     assert "already downloaded" in capsys.readouterr().out
     assert ds.tokenizer.decode(all_tokens(ds, "train").tolist()) == "".join(f"row {i}" for i in range(5))
+
+
+def test_extensions_limit_what_a_folder_contributes(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    prepare(tmp_path, "data=text", "data.name=code", f"data.source={tmp_path / 'corpus'}", "data.val_fraction=0",
+            "data.extensions=[py,.MD]")
+    ds = open_dataset("code", data_root=tmp_path)
+    assert ds.meta["splits"]["train"]["documents"] == 2  # sub/e.md and sub/g.py
+    with pytest.raises(UserError, match=r"has no readable text files with extensions \.rst; check the path"):
+        prepare(tmp_path, "data=text", "data.name=none", f"data.source={tmp_path / 'corpus'}", "data.extensions=[.rst]")

@@ -65,11 +65,13 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
         return out_dir
     streaming = data.builder == "hf_stream"
     source = open_source(_source_spec(data, out_dir), data_dir=out_dir, text_field=data.text_field,
-                         subset=data.subset, split=data.split, streaming=streaming, key="data.source")
+                         subset=data.subset, split=data.split, streaming=streaming, key="data.source",
+                         extensions=data.extensions)
     val_source = None
     if data.val_source:
         val_source = open_source(data.val_source, data_dir=out_dir, text_field=data.text_field,
-                                 subset=data.subset, split=data.split, streaming=streaming, key="data.val_source")
+                                 subset=data.subset, split=data.split, streaming=streaming, key="data.val_source",
+                                 extensions=data.extensions)
 
     # The GPT-2 vocabulary first: fail fast when it is unavailable, before any pass over the corpus.
     tokenizer: CharTokenizer | GPT2Tokenizer | None = GPT2Tokenizer() if data.tokenizer == "gpt2" else None

@@ -6,7 +6,10 @@ Pieces are cut only at a newline between two non-space characters, where GPT-2's
 tokenizing the pieces gives exactly the tokens of tokenizing the whole file.
 
 Spec syntax (`data.source`, `data.val_source`):
-- a file (.txt, .md, .jsonl, .json, .parquet), a folder (searched recursively for those), or a glob (`**` ok);
+- a file, a folder (searched recursively; hidden files and folders are skipped), or a glob (`**` ok).
+  .jsonl/.json/.parquet files hold one document per row; any other file is one document of UTF-8 text
+  (.txt, .md, .py, .rst, .html, .csv, no extension, ...). `data.extensions` limits a folder or glob to some
+  extensions. Binary, non-UTF-8 and empty files are skipped, and the skips are reported with the reason;
 - `http(s)://...`: downloaded once to `data/<name>/input.txt` (`input.jsonl` etc. when the URL names such a
   file; kept, and an existing file there is used instead of downloading);
 - `hf:<dataset>`: `datasets.load_dataset(<dataset>, data.subset, split=data.split)`, a hub name or a local dir;
@@ -15,19 +18,21 @@ Spec syntax (`data.source`, `data.val_source`):
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 from gpt2.errors import UserError
 from gpt2.resources import BUILTIN_SOURCES
 
-TEXT_SUFFIXES = (".txt", ".md")
-SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
+ROW_SUFFIXES = (".jsonl", ".json", ".parquet")  # one document per row; any other file is one text document
+URL_SUFFIXES = (".txt", ".md", *ROW_SUFFIXES)  # a downloaded URL keeps these suffixes (else it is saved as .txt)
+SNIFF_BYTES = 1 << 16  # a file whose first 64 KB hold a NUL byte is binary
 PIECE_CHARS = 1 << 18  # 256K characters per piece of a large text file (several per batch: parallelism)
 Piece = tuple[str, bool]  # (text, this piece ends its document)
 
@@ -48,7 +53,7 @@ class FileSource:
         n = 0
         for path in self.files:
             suffix = path.suffix.lower()
-            if suffix in TEXT_SUFFIXES:
+            if suffix not in ROW_SUFFIXES:
                 n += 1
             elif suffix == ".jsonl":
                 with open(path, "rb") as f:
@@ -64,7 +69,7 @@ class FileSource:
     def pieces(self) -> Iterator[Piece]:
         for path in self.files:
             suffix = path.suffix.lower()
-            if suffix in TEXT_SUFFIXES:
+            if suffix not in ROW_SUFFIXES:
                 yield from _text_file_pieces(path)
             elif suffix == ".jsonl":
                 yield from _jsonl_pieces(path, self.text_field)
@@ -128,9 +133,11 @@ Source = FileSource | HFSource
 
 
 def open_source(
-    spec: str, *, data_dir: Path, text_field: str, subset: Optional[str], split: str, streaming: bool, key: str
+    spec: str, *, data_dir: Path, text_field: str, subset: Optional[str], split: str, streaming: bool, key: str,
+    extensions: Optional[Sequence[str]] = None,
 ) -> Source:
-    """Resolve a source spec (see the module docstring). `key` names the config key in error messages."""
+    """Resolve a source spec (see the module docstring). `key` names the config key in error messages;
+    `extensions` (e.g. [".py", ".rst"]) limits the files a folder or glob contributes."""
     if spec.startswith("hf:"):
         return HFSource(spec[3:], subset, split, text_field, streaming)
     if spec.startswith("builtin:"):
@@ -142,23 +149,69 @@ def open_source(
         raise UserError(f"data.builder=hf_stream streams a Hugging Face dataset; set {key}=hf:<dataset>, got {spec!r}")
     if spec.startswith(("http://", "https://")):
         suffix = Path(urllib.parse.urlparse(spec).path).suffix.lower()
-        dest = data_dir / ("input" + (suffix if suffix in SUFFIXES else ".txt"))  # .jsonl stays .jsonl
+        dest = data_dir / ("input" + (suffix if suffix in URL_SUFFIXES else ".txt"))  # .jsonl stays .jsonl
         return FileSource([fetch_url(spec, dest)], text_field, spec)
     path = Path(spec).expanduser()
     if any(c in spec for c in "*?["):
         files = [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
-        files = [p for p in files if p.suffix.lower() in SUFFIXES]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
     elif path.is_file():
-        if path.suffix.lower() not in SUFFIXES:
-            raise UserError(f"{key}={spec}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
         files = [path]
     else:
         raise UserError(f"{key}={spec} does not exist; give a file, folder, glob, http(s) URL or hf:<dataset>")
+    if extensions and not path.is_file():
+        wanted = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+        files = [p for p in files if p.suffix.lower() in wanted]
+    files, skipped = _readable(files)
+    if skipped:
+        print(f"{key}={spec}: skipped {_skip_report(skipped)}", flush=True)
     if not files:
-        raise UserError(f"{key}={spec} matches no {', '.join(SUFFIXES)} files")
+        only = f" with extensions {', '.join(extensions)}" if extensions else ""
+        raise UserError(f"{key}={spec} has no readable text files{only}; check the path (or data.extensions)")
     return FileSource(files, text_field, spec)
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _readable(files: list[Path]) -> tuple[list[Path], dict[str, list[Path]]]:
+    """(files to read, {reason: files skipped}). Text files are sniffed: empty, binary (a NUL byte in the first
+    64 KB) or not UTF-8 there are skipped; row files (.jsonl/.json/.parquet) are checked when read."""
+    keep, skipped = [], {}
+    for path in files:
+        reason = None if path.suffix.lower() in ROW_SUFFIXES else _sniff(path)
+        if reason:
+            skipped.setdefault(reason, []).append(path)
+        else:
+            keep.append(path)
+    return keep, skipped
+
+
+def _sniff(path: Path) -> Optional[str]:
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if not head.strip():
+        return "empty"
+    if b"\0" in head:
+        return "binary"
+    try:
+        # A character split at the end of a longer file's first 64 KB is fine.
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < SNIFF_BYTES)
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    return None
+
+
+def _skip_report(skipped: dict[str, list[Path]]) -> str:
+    """`3 files: 2 binary (a.png, b.bin), 1 not UTF-8 (c.txt)`."""
+    parts = []
+    for reason, paths in skipped.items():
+        names = ", ".join(p.name for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+        parts.append(f"{len(paths)} {reason} ({names})")
+    n = sum(map(len, skipped.values()))
+    return f"{n} file{'s' if n != 1 else ''}: " + ", ".join(parts)
 
 
 def fetch_url(url: str, dest: Path) -> Path:
@@ -166,6 +219,7 @@ def fetch_url(url: str, dest: Path) -> Path:
     if dest.exists():
         print(f"using {dest} (already downloaded from {url})", flush=True)
         return dest
+    created = not dest.parent.exists()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
     print(f"downloading {url} -> {dest}", flush=True)
@@ -175,6 +229,8 @@ def fetch_url(url: str, dest: Path) -> Path:
                 f.write(chunk)
     except OSError as e:  # URLError, timeouts and HTTP errors are all OSErrors
         tmp.unlink(missing_ok=True)
+        if created:
+            dest.parent.rmdir()  # no empty data/<name>/ left behind
         raise UserError(
             f"cannot download {url} ({type(e).__name__}: {e}); offline, put the file at {dest} and run again"
         ) from e
