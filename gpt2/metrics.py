@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import string
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from gpt2.errors import UserError
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak per GPU, FLOP/s. Matched by substring of the device name,
 # first match wins, so the more specific names come first.
@@ -135,21 +138,9 @@ class MetricsLogger:
             _drop_after(path, resume_step)
         self._file = open(path, "a", buffering=1)  # line-buffered: survives a kill
         if wandb_cfg is not None and wandb_cfg.enabled and wandb_cfg.mode != "disabled":
-            import os
-
-            import wandb
-
             # Our own id (8 lowercase letters/digits, wandb's format), stored in the checkpoint for resume.
             self.wandb_run_id = wandb_run_id or "".join(secrets.choice(_ID_CHARS) for _ in range(8))
-            self._wandb = wandb.init(
-                project=wandb_cfg.project,
-                name=wandb_cfg.run_name or Path(out_dir).resolve().name,
-                id=self.wandb_run_id,
-                resume="allow",  # the same id continues the same run after a restart
-                mode=wandb_cfg.mode,
-                dir=os.environ.get("WANDB_DIR", str(out_dir)),
-                config=run_config,
-            )
+            self._wandb = start_wandb(wandb_cfg, out_dir, self.wandb_run_id, run_config)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
@@ -167,6 +158,45 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+WANDB_FIX = "use wandb.mode=offline (then `wandb sync` where there is a network) or wandb.enabled=false"
+
+
+def start_wandb(wandb_cfg: Any, out_dir: str | Path, run_id: str, run_config: dict | None) -> Any:
+    """`wandb.init` for this run (the same id resumes the same wandb run). Online, the server is checked first
+    (a few seconds, not wandb's ~100 s of retries), and any failure is one UserError naming the fix."""
+    import wandb
+
+    if wandb_cfg.mode == "online":
+        _check_reachable(os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url)
+    try:
+        return wandb.init(
+            project=wandb_cfg.project,
+            name=wandb_cfg.run_name or Path(out_dir).resolve().name,
+            id=run_id,
+            resume="allow",
+            mode=wandb_cfg.mode,
+            dir=os.environ.get("WANDB_DIR", str(out_dir)),
+            config=run_config,
+            settings=wandb.Settings(init_timeout=30),
+        )
+    except Exception as e:  # UsageError (no API key), CommError (server), timeouts: not our bug, the setup's
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"wandb could not start ({type(e).__name__}: {first}); run `wandb login`, or {WANDB_FIX}") from None
+
+
+def _check_reachable(url: str, timeout: float = 5.0) -> None:
+    """UserError unless a TCP connection to `url`'s host opens within `timeout` seconds."""
+    import socket
+    import urllib.parse
+
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"wandb.mode=online but {url} cannot be reached ({e}); {WANDB_FIX}") from None
 
 
 def _drop_after(path: Path, step: int) -> None:

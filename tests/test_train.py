@@ -276,6 +276,31 @@ def test_wandb_offline_run_writes_files_and_resumes_same_run(char_data, tmp_path
     assert torch.load(out / "ckpt.pt", weights_only=True)["wandb_run_id"] == run_id
 
 
+@pytest.mark.parametrize("case", ["no api key", "no network"])
+def test_wandb_online_problems_are_one_line_quickly(char_data, tmp_path, case):
+    """wandb's own failures were a UsageError traceback (no key) or a CommError after ~100 s (no network)."""
+    import socket
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))  # a reachable host that is no wandb server
+    extra = {"HOME": str(tmp_path), "WANDB_DIR": str(tmp_path)}
+    if case == "no api key":
+        extra["WANDB_BASE_URL"] = f"http://127.0.0.1:{server.getsockname()[1]}"
+    else:
+        extra.update(WANDB_API_KEY="a" * 40, WANDB_BASE_URL="http://127.0.0.1:9")  # nothing listens on port 9
+    e = {k: v for k, v in env(**extra).items() if k not in ("WANDB_MODE", "WANDB_API_KEY") or k in extra}
+    t0 = time.perf_counter()
+    p = subprocess.run(TRAIN + [f"data.name={char_data}", f"out_dir={tmp_path / 'run'}", *TINY, "train.max_iters=2",
+                                "wandb.enabled=true", "wandb.mode=online"],  # fmt: skip
+                       cwd=tmp_path, capture_output=True, text=True, env=e, timeout=120)
+    server.close()
+    assert time.perf_counter() - t0 < 40
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "wandb.mode=offline" in line
+    assert ("No API key" in line) if case == "no api key" else ("cannot be reached" in line)
+
+
 # ------------------------------------------------------------------------------------------------ failures
 
 
