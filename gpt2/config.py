@@ -93,7 +93,8 @@ class DataConfig:
     """Folder under data/ (or a path) holding {train,val}_NNNNNN.bin and meta.json."""
     builder: str = "text"
     """How prepare.py builds it: text (files, folders, globs, URLs or a Hugging Face dataset), or
-    hf_stream (a large Hugging Face dataset streamed into fixed-size shards)."""
+    hf_stream (a large Hugging Face dataset streamed into fixed-size shards), or shards (adopt a folder of llm.c
+    shards as they are: `data=llmc`)."""
     tokenizer: str = "gpt2"
     """gpt2 (tiktoken BPE) or char (a character vocabulary built from the corpus)."""
     source: Optional[str] = None
@@ -122,7 +123,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise UserError("data.name is empty; give the dataset a folder name, e.g. data.name=mycorpus")
-        _check_choice("data.builder", self.builder, ("text", "hf_stream"))
+        _check_choice("data.builder", self.builder, ("text", "hf_stream", "shards"))
         _check_choice("data.tokenizer", self.tokenizer, ("gpt2", "char"))
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -253,7 +254,7 @@ def test_bad_sources_are_user_errors(tmp_path):
 
 def test_builtin_names_match_the_config_group():
     names = {p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")}
-    assert names == set(BUILTIN) | {"text"}
+    assert names == set(BUILTIN) | {"text", "llmc"}
 
 
 def test_cli_prepares_and_rejects_bad_input_with_one_line(tmp_path):
@@ -301,3 +302,82 @@ def test_extensions_limit_what_a_folder_contributes(tmp_path):
     assert ds.meta["splits"]["train"]["documents"] == 2  # sub/e.md and sub/g.py
     with pytest.raises(UserError, match=r"has no readable text files with extensions \.rst; check the path"):
         prepare(tmp_path, "data=text", "data.name=none", f"data.source={tmp_path / 'corpus'}", "data.extensions=[.rst]")
+
+
+def llmc_write_datafile(path, tokens):
+    """llm.c's dev/data/data_common.py `write_datafile`, as it writes GPT-2 shards."""
+    header = np.zeros(256, dtype=np.int32)
+    header[0], header[1], header[2] = 20240520, 1, len(tokens)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.array(tokens, dtype=np.uint16).tobytes())
+
+
+def llmc_folder(root, text="ROMEO:\nBut soft, what light through yonder window breaks?\n" * 50):
+    enc = gpt2_enc()
+    root.mkdir(parents=True)
+    ids = [EOT] + enc.encode_ordinary(text)
+    llmc_write_datafile(root / "tiny_val_000000.bin", ids[:100])
+    llmc_write_datafile(root / "tiny_train_000001.bin", ids[100:400])
+    llmc_write_datafile(root / "tiny_train_000002.bin", ids[400:])
+    return ids
+
+
+def test_llmc_shards_without_meta_are_explained_then_adopted(tmp_path, capsys):
+    from gpt2.data import TokenLoader
+
+    ids = llmc_folder(tmp_path / "llmc")
+    with pytest.raises(UserError, match=r"holds .bin shards but no meta.json.*data=llmc data.name=.*llmc"):
+        open_dataset(str(tmp_path / "llmc"))
+    prepare(tmp_path, "data=llmc", "data.name=adopted", f"data.source={tmp_path / 'llmc'}")
+    assert "the first train tokens read as GPT-2 text: '\\nBut soft" in capsys.readouterr().out
+    ds = open_dataset("adopted", data_root=tmp_path)
+    assert all_tokens(ds, "val").tolist() == ids[:100] and all_tokens(ds, "train").tolist() == ids[100:]
+    assert ds.tokenizer.name == "gpt2" and [s.path.name for s in ds.shards("train")] == ["train_000000.bin", "train_000001.bin"]
+    x, _ = TokenLoader(ds, "train", batch_size=2, block_size=16).next_batch()
+    assert x.shape == (2, 16)
+    # In place (the folder is data/<name>): only meta.json and links are added; the user's files stay.
+    before = sorted(p.name for p in (tmp_path / "llmc").iterdir())
+    prepare(tmp_path, "data=llmc", "data.name=llmc", f"data.source={tmp_path / 'llmc'}")
+    assert open_dataset("llmc", data_root=tmp_path).num_tokens("train") == len(ids) - 100
+    assert set(before) <= {p.name for p in (tmp_path / "llmc").iterdir()}
+
+
+def test_adopting_shards_that_are_not_gpt2_or_lack_a_split_fails(tmp_path):
+    (tmp_path / "big").mkdir()
+    llmc_write_datafile(tmp_path / "big" / "x_train.bin", [1, 2, 60000])
+    llmc_write_datafile(tmp_path / "big" / "x_val.bin", [1, 2, 3])
+    with pytest.raises(UserError, match="holds token id 60000, outside GPT-2's 50257"):
+        prepare(tmp_path, "data=llmc", "data.name=big", f"data.source={tmp_path / 'big'}")
+    (tmp_path / "big" / "x_val.bin").unlink()
+    with pytest.raises(UserError, match="has no val shards"):
+        prepare(tmp_path, "data=llmc", "data.name=big", f"data.source={tmp_path / 'big'}")
+    assert not (tmp_path / "big" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m.pop("tokenizer"), "tokenizer.name"),
+    (lambda m: m.update(vocab_size="50257"), "vocab_size"),
+    (lambda m: m["splits"].pop("val"), "splits.val.shards"),
+    (lambda m: m["splits"]["train"]["shards"][0].pop("max_token"), "splits.train.shards[0].max_token"),
+    (lambda m: m.update(tokenizer={"name": "char"}), "tokenizer.chars"),
+])  # fmt: skip
+def test_incomplete_meta_json_names_the_field(tmp_path, edit, field):
+    prepare(tmp_path, "data=text", "data.name=m", f"data.source={SHAKESPEARE}", "data.tokenizer=char")
+    meta_path = tmp_path / "m" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=rf"meta.json: field {re.escape(field)} is missing or not .*overwrite=true"):
+        open_dataset("m", data_root=tmp_path)
+
+
+def test_errors_name_the_command_the_user_runs(tmp_path, monkeypatch):
+    from gpt2.data.dataset import prepare_command
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/gpt2-train"])
+    assert prepare_command("shakespeare_char") == "gpt2-prepare data=shakespeare_char"
+    with pytest.raises(UserError, match="run: gpt2-prepare data=text data.name=mine"):
+        open_dataset("mine", data_root=tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    assert prepare_command("mine").startswith("python data/prepare.py data=text data.name=mine")

@@ -10,9 +10,13 @@ every batch, against the dataset's own vocabulary by the loader.
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,11 +39,45 @@ def dataset_dir(name_or_path: str, data_root: str | Path = "data") -> Path:
 
 
 def prepare_command(name_or_path: str, data_root: str | Path = "data") -> str:
-    """The command that prepares this dataset (for error messages)."""
+    """The command that prepares this dataset (for error messages): `gpt2-prepare ...` when the user runs the
+    console scripts (which work from any directory), else `python data/prepare.py ...`."""
+    script = "gpt2-prepare" if Path(sys.argv[0]).name.startswith("gpt2-") else "python data/prepare.py"
     root = "" if str(data_root) == "data" or "/" in name_or_path else f" data_root={data_root}"
     if name_or_path in BUILTIN:
-        return f"python data/prepare.py data={name_or_path}{root}"
-    return f"python data/prepare.py data=text data.name={name_or_path} data.source=<your files>{root}"
+        return f"{script} data={name_or_path}{root}"
+    return f"{script} data=text data.name={name_or_path} data.source=<your files>{root}"
+
+
+def new_meta(data: Any, tokenizer: Any, shards: dict[str, list[dict]], documents: dict[str, int] | None, *,
+             source: str, val_source: str | None, split_rule: str) -> dict:
+    """A dataset's meta.json: tokenizer, vocabulary, shards per split ({file, tokens, max_token}) and provenance."""
+    from gpt2.config import to_dict
+
+    return {
+        "name": data.name,
+        "format": {"magic": 20240520, "version": 1, "header_bytes": 1024, "dtype": "uint16"},
+        "tokenizer": tokenizer.to_dict(),
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "splits": {
+            split: {"tokens": sum(r["tokens"] for r in recs), "documents": (documents or {}).get(split),
+                    "num_shards": len(recs), "shards": recs}
+            for split, recs in shards.items()
+        },
+        "source": source,
+        "val_source": val_source,
+        "split_rule": split_rule,
+        "seed": data.seed,
+        "data": to_dict(data),
+        "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_meta(dir: Path, meta: dict) -> None:
+    """Write `dir/meta.json` atomically (temp file + rename): a folder with it is a complete dataset."""
+    tmp = dir / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, dir / META_FILE)
 
 
 @dataclass(frozen=True)
@@ -120,6 +158,35 @@ class TokenDataset:
         )
 
 
+def _read_meta(path: Path, fix: str) -> dict:
+    """meta.json, checked field by field: a missing or mistyped field is one UserError naming it and `fix`."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({type(e).__name__}: {e}); {fix}") from None
+
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise UserError(f"{path}: field {field} is missing or not {what}; {fix}")
+
+    need(isinstance(meta, dict), "(top level)", "an object")
+    tok = meta.get("tokenizer")
+    need(isinstance(tok, dict) and tok.get("name") in ("gpt2", "char"), "tokenizer.name", "'gpt2' or 'char'")
+    if tok["name"] == "char":
+        need(isinstance(tok.get("chars"), list), "tokenizer.chars", "a list of characters")
+    need(isinstance(meta.get("vocab_size"), int) and meta["vocab_size"] > 0, "vocab_size", "a positive integer")
+    need(isinstance(meta.get("splits"), dict), "splits", "an object")
+    for split in SPLITS:
+        entry = meta["splits"].get(split)
+        records = entry.get("shards") if isinstance(entry, dict) else None
+        need(isinstance(records, list), f"splits.{split}.shards", "a list")
+        for i, rec in enumerate(records):
+            for key, kind in (("file", str), ("tokens", int), ("max_token", int)):
+                need(isinstance(rec, dict) and isinstance(rec.get(key), kind), f"splits.{split}.shards[{i}].{key}",
+                     "a string" if kind is str else "an integer")
+    return meta
+
+
 def open_dataset(name_or_path: str, data_root: str | Path = "data") -> TokenDataset:
     """Open and validate a prepared dataset (`data.name`: a folder under `data_root`, or a path).
 
@@ -129,20 +196,20 @@ def open_dataset(name_or_path: str, data_root: str | Path = "data") -> TokenData
     dir = dataset_dir(name_or_path, data_root)
     meta_path = dir / META_FILE
     if not meta_path.exists():
+        if dir.is_dir() and any(dir.glob("*.bin")):
+            raise UserError(
+                f"{dir} holds .bin shards but no meta.json (shards from llm.c's tools?); adopt them with: "
+                f"{prepare_command(name_or_path, data_root).split(' data=')[0]} data=llmc data.name={name_or_path} "
+                f"data.source={dir}, or prepare the corpus again: {prepare_command(name_or_path, data_root)}"
+            )
         state = "is not prepared" if not dir.exists() else "is not prepared, or its preparation was interrupted"
         raise UserError(f"dataset {name_or_path!r} {state} ({meta_path} is missing); run: "
                         f"{prepare_command(name_or_path, data_root)}")
-    try:
-        meta = json.loads(meta_path.read_text())
-        splits = {split: meta["splits"][split]["shards"] for split in SPLITS}
-        meta["tokenizer"]["name"], meta["vocab_size"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path} is unreadable or incomplete ({type(e).__name__}: {e}); prepare the dataset "
-                        f"again: {prepare_command(name_or_path, data_root)} overwrite=true") from None
+    meta = _read_meta(meta_path, f"prepare the dataset again: {prepare_command(name_or_path, data_root)} overwrite=true")
     shards: dict[str, list[Shard]] = {}
-    for split, records in splits.items():
+    for split in SPLITS:
         shards[split] = []
-        for rec in records:
+        for rec in meta["splits"][split]["shards"]:
             path = dir / rec["file"]
             count = read_header(path)
             if count != rec["tokens"]:

@@ -25,15 +25,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 from omegaconf import DictConfig
 
-from gpt2.config import DataConfig, PrepareConfig, to_dict, to_object
-from gpt2.data.dataset import META_FILE, dataset_dir
+from gpt2.config import DataConfig, PrepareConfig, to_object
+from gpt2.data.dataset import META_FILE, dataset_dir, new_meta, write_meta
 from gpt2.data.shards import MAX_VOCAB, TOKEN_DTYPE, ShardWriter
 from gpt2.data.sources import Source, open_source
 from gpt2.errors import UserError, exit_on_user_error
@@ -63,6 +62,8 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
     if meta_path.exists() and not overwrite:
         print(f"{out_dir} is already prepared ({_summary(meta_path)}); pass overwrite=true to rebuild it", flush=True)
         return out_dir
+    if data.builder == "shards":
+        return _adopt(data, out_dir)
     streaming = data.builder == "hf_stream"
     source = open_source(_source_spec(data, out_dir), data_dir=out_dir, text_field=data.text_field,
                          subset=data.subset, split=data.split, streaming=streaming, key="data.source",
@@ -108,32 +109,28 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
     if writers["train"].num_tokens == 0:
         shutil.rmtree(stage, ignore_errors=True)
         raise UserError(f"data.source={data.source or source!r} holds no text; check the path and data.text_field")
-    meta = {
-        "name": data.name,
-        "format": {"magic": 20240520, "version": 1, "header_bytes": 1024, "dtype": "uint16"},
-        "tokenizer": tokenizer.to_dict(),
-        "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot_id,
-        "splits": {
-            split: {"tokens": writers[split].num_tokens, "documents": docs[split], "num_shards": len(shards[split]),
-                    "shards": shards[split]}
-            for split in ("train", "val")
-        },
-        "source": repr(source),
-        "val_source": repr(val_source) if val_source else None,
-        "split_rule": rule,
-        "seed": data.seed,
-        "data": to_dict(data),
-        "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    meta = new_meta(data, tokenizer, shards, docs, source=repr(source),
+                    val_source=repr(val_source) if val_source else None, split_rule=rule)
     _clear(out_dir)  # the previous dataset: meta.json first, so the folder reads incomplete until the end
     for shard in stage.iterdir():
         os.replace(shard, out_dir / shard.name)
     stage.rmdir()
-    tmp = meta_path.with_name(META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, meta_path)  # last: its presence marks the dataset complete
+    write_meta(out_dir, meta)  # last: its presence marks the dataset complete
     print(f"wrote {out_dir}: {_summary(meta_path)}", flush=True)
+    return out_dir
+
+
+def _adopt(data: DataConfig, out_dir: Path) -> Path:
+    """data.builder=shards: link a folder of llm.c shards in and write its meta.json (see gpt2.data.adopt)."""
+    from gpt2.data.adopt import adopt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if Path(data.source or "").expanduser().resolve() != out_dir.resolve():
+        _clear(out_dir)  # our links from an earlier adoption; shards adopted in place are the user's
+    shards, tokenizer = adopt(data, out_dir)
+    write_meta(out_dir, new_meta(data, tokenizer, shards, None, source=f"adopted llm.c shards from {data.source}",
+                                 val_source=None, split_rule="file names (train / val)"))
+    print(f"wrote {out_dir}: {_summary(out_dir / META_FILE)}", flush=True)
     return out_dir
 
 
