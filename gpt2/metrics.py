@@ -9,9 +9,11 @@ keys (`train/loss`, `val/loss`, `perf/tokens_per_sec`, `perf/mfu`, ...; see `WAN
 MFU (model FLOPs utilisation) = achieved training FLOPs / peak FLOPs, where achieved FLOPs come from
 `GPT.flops_per_token()` times tokens/s, and the peak is, per device:
 - CUDA: a datasheet table by device name (dense bf16/fp16 tensor-core peak; TF32 counts as half of it);
-- CPU: a *measured* matmul ceiling: one large matmul in the training dtype, timed once per process and cached.
-  CPUs have no honest datasheet number (it depends on cores, AVX-512/AMX and clocks), so CPU MFU reads as
-  "fraction of what this machine's matmul kernel reaches", not of a theoretical peak.
+- CPU: a *measured* matmul ceiling: the best of repeated large matmuls in the training dtype, timed once per
+  process and cached. CPUs have no honest datasheet number (it depends on cores, AVX-512/AMX and clocks), so CPU
+  MFU is an estimate, "fraction of what this machine's matmul kernel reaches", not of a theoretical peak. On a
+  shared machine the start-up timing can come out low; a step that then beats the ceiling reports no MFU rather
+  than an impossible one above 100%.
 """
 
 from __future__ import annotations
@@ -71,21 +73,23 @@ _ID_CHARS = string.ascii_lowercase + string.digits
 _CPU_CEILING: dict[torch.dtype, float] = {}
 
 
-def cpu_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, iters: int = 8) -> float:
-    """This CPU's achievable matmul throughput in FLOP/s for `dtype`: an n x n @ n x n matmul, best of `iters`.
+def cpu_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, min_iters: int = 10,
+                     min_seconds: float = 0.5) -> float:
+    """This CPU's achievable matmul throughput in FLOP/s for `dtype`: the best of n x n @ n x n matmuls, repeated
+    at least `min_iters` times and for at least `min_seconds` (a best-of is robust to a busy neighbour).
 
-    Measured once per process and dtype (about a second), then cached.
+    Measured once per process and dtype (about half a second), then cached.
     """
     if dtype not in _CPU_CEILING:
         gen = torch.Generator().manual_seed(0)  # never touch the global RNG: a resumed run restores it
         a = torch.randn(n, n, generator=gen).to(dtype)
         b = torch.randn(n, n, generator=gen).to(dtype)
         a @ b  # warm up (thread pool, kernel selection)
-        best = math.inf
-        for _ in range(iters):
+        best, iters, start = math.inf, 0, time.perf_counter()
+        while iters < min_iters or time.perf_counter() - start < min_seconds:
             t0 = time.perf_counter()
             a @ b
-            best = min(best, time.perf_counter() - t0)
+            best, iters = min(best, time.perf_counter() - t0), iters + 1
         _CPU_CEILING[dtype] = 2 * n**3 / best
     return _CPU_CEILING[dtype]
 
@@ -103,10 +107,12 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 def mfu(flops_per_token: float, tokens_per_sec: float, peak_per_device: float | None, world_size: int) -> float | None:
-    """Model FLOPs utilisation in [0, 1]: achieved FLOP/s over the peak of all `world_size` devices."""
+    """Model FLOPs utilisation in [0, 1]: achieved FLOP/s over the peak of all `world_size` devices. None when
+    the peak is unknown, or below what was achieved (a measured CPU ceiling that came out low): never above 1."""
     if not peak_per_device:
         return None
-    return flops_per_token * tokens_per_sec / (peak_per_device * world_size)
+    value = flops_per_token * tokens_per_sec / (peak_per_device * world_size)
+    return value if value <= 1.0 else None
 
 
 class MetricsLogger:
