@@ -325,8 +325,8 @@ class SampleConfig:
     device: str = "auto"
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     dtype: str = "auto"
-    """Weights and KV cache: auto (bf16 on CUDA and on CPUs with fast bf16 kernels, else fp32), float32,
-    bfloat16 or float16."""
+    """Weights and KV cache: auto (fp32 for greedy decoding, temperature=0, so that the text equals other tools';
+    else bf16 on CUDA and on CPUs with fast bf16 kernels, else fp32), float32, bfloat16 or float16."""
     compile: bool = False
     """torch.compile the one-token decode step."""
 

@@ -301,8 +301,9 @@ def load_pretrained(name_or_dir: str | os.PathLike, dropout: float = 0.0) -> GPT
     return GPT.from_state_dict(config, sd).eval()  # keys and shapes were checked by state_dict_from_hf
 
 
-def save_pretrained(model: GPT, out_dir: str | os.PathLike) -> None:
-    """Write `model` as a Hugging Face GPT-2 checkpoint: `out_dir`/config.json + model.safetensors.
+def save_pretrained(model: GPT, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> None:
+    """Write `model` as a Hugging Face GPT-2 checkpoint: `out_dir`/config.json + model.safetensors, with weights
+    in `dtype` (fp32 unless asked otherwise, whatever dtype the model runs in: a bf16 sampler exports fp32).
 
     `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads it with no missing or unexpected keys and
     computes the same logits (over the real vocabulary). The tied LM head is stored once, as `wte`.
@@ -311,7 +312,7 @@ def save_pretrained(model: GPT, out_dir: str | os.PathLike) -> None:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf_sd = state_dict_to_hf(model)
+    hf_sd = {k: t.to(dtype) for k, t in state_dict_to_hf(model).items()}
     save_file(hf_sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf_config = config_to_hf(model.config, dtype=hf_sd["transformer.wte.weight"].dtype)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -290,8 +290,9 @@ class GPT(nn.Module):
 
         return hf.load_pretrained(name_or_dir)
 
-    def save_pretrained(self, out_dir: str) -> None:
-        """Write this model in Hugging Face layout (config.json + model.safetensors). See `gpt2.hf`."""
+    def save_pretrained(self, out_dir: str, dtype: torch.dtype = torch.float32) -> None:
+        """Write this model in Hugging Face layout (config.json + model.safetensors), weights in `dtype` (fp32
+        unless asked, whatever dtype the model runs in). See `gpt2.hf`."""
         from gpt2 import hf
 
-        hf.save_pretrained(self, out_dir)
+        hf.save_pretrained(self, out_dir, dtype)

@@ -492,7 +492,8 @@ def run(cfg: Any) -> list[str]:
     """Sample as `cfg` (a SampleConfig or Hydra DictConfig) says; print the samples; return them."""
     c = cfg if isinstance(cfg, SampleConfig) else to_object(cfg, SampleConfig)
     prompt = read_prompt(c.prompt, c.prompt_file)
-    kwargs = dict(device=c.device, dtype=c.dtype, compile=c.compile)
+    greedy_fp32 = c.dtype == "auto" and c.temperature == 0  # greedy text must equal other tools' (fp32) text
+    kwargs = dict(device=c.device, dtype="float32" if greedy_fp32 else c.dtype, compile=c.compile)
     if c.checkpoint:
         sampler = Sampler.from_checkpoint(c.checkpoint, **kwargs)
     else:

@@ -239,3 +239,10 @@ def test_init_from_a_hugging_face_dir_scores_like_the_same_checkpoint(tmp_path, 
     assert from_hf["tokens"] == from_ckpt["tokens"] == len(tok.encode((tmp_path / "t.txt").read_text()))
     assert from_hf["loss"] == pytest.approx(from_ckpt["loss"], rel=1e-5)
     assert "(Hugging Face GPT-2 weights)" in capsys.readouterr().out
+
+
+def test_scores_default_to_fp32_so_they_compare_across_tools():
+    from gpt2.eval.config import HellaSwagConfig, PerplexityConfig, parse
+
+    assert parse(PerplexityConfig, ["init_from=gpt2", "text=x.txt"]).dtype == "float32"
+    assert parse(HellaSwagConfig, ["init_from=gpt2"]).dtype == "float32"

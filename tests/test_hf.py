@@ -85,6 +85,25 @@ def test_round_trip_is_exact(tmp_path):
         assert torch.equal(back.state_dict()[key], t), key
 
 
+def test_export_writes_the_dtype_asked_for_not_the_one_the_model_runs_in(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    ours = our_model(100)
+    reference = {k: t.clone() for k, t in ours.state_dict().items()}
+    ours.to(torch.bfloat16)  # as a Sampler leaves it on a bf16 machine
+    for name, dtype, hf_name in [("default", None, "float32"), ("bf16", torch.bfloat16, "bfloat16")]:
+        (ours.save_pretrained(str(tmp_path / name)) if dtype is None
+         else ours.save_pretrained(str(tmp_path / name), dtype=dtype))  # fmt: skip
+        with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype or torch.float32}
+        assert json.loads((tmp_path / name / "config.json").read_text())["dtype"] == hf_name
+    back = GPT.from_pretrained(str(tmp_path / "default"))
+    assert torch.equal(back.state_dict()["transformer.h.0.mlp.c_fc.weight"],
+                       reference["transformer.h.0.mlp.c_fc.weight"].to(torch.bfloat16).float())
+
+
 def test_pytorch_model_bin_in_hub_layout(tmp_path):
     """Hub-era checkpoints: pytorch_model.bin, keys without `transformer.`, causal-mask buffers, tied lm_head."""
     theirs = hf_model(100)

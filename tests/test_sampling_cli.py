@@ -94,10 +94,13 @@ def test_cli_hf_layout_dir(tmp_path):
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64))
     hf.save_pretrained(tmp_path / "hf")
-    r = sample(f"init_from={tmp_path / 'hf'}", "prompt=The", "max_new_tokens=8", "dtype=float32", "temperature=0", "ignore_eot=true",
+    # No dtype given: greedy decoding runs in fp32 by default, so it reproduces other tools' text.
+    r = sample(f"init_from={tmp_path / 'hf'}", "prompt=The", "max_new_tokens=8", "temperature=0", "ignore_eot=true",
                f"output={tmp_path / 's.jsonl'}")
     assert r.returncode == 0, r.stderr
-    ours = json.loads((tmp_path / "s.jsonl").read_text())["sample"]
+    record = json.loads((tmp_path / "s.jsonl").read_text())
+    ours = record["sample"]
+    assert record["settings"]["dtype"] == "float32"
     # transformers' own greedy decoding of the same weights gives the same text.
     tok = GPT2Tokenizer()
     idx = torch.tensor([tok.encode("The")])

@@ -50,8 +50,8 @@ class PerplexityConfig:
     max_tokens: Optional[int] = None
     """Score only the first this many tokens (None: all)."""
     device: str = "auto"
-    dtype: str = "auto"
-    """auto (bf16 where supported), float32, bfloat16 or float16."""
+    dtype: str = "float32"
+    """float32 (the default: scores comparable with other tools'), auto (bf16 where fast), bfloat16 or float16."""
 
     def __post_init__(self) -> None:
         check_model_source(self.checkpoint, self.init_from, "evaluate")
@@ -89,7 +89,8 @@ class HellaSwagConfig:
     batch_size: int = 8
     """Examples per forward pass (each is 4 rows, one per ending)."""
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = "float32"
+    """float32 (the default: scores comparable with other tools'), auto (bf16 where fast), bfloat16 or float16."""
 
     def __post_init__(self) -> None:
         check_model_source(self.checkpoint, self.init_from, "evaluate")
