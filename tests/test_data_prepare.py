@@ -381,3 +381,15 @@ def test_errors_name_the_command_the_user_runs(tmp_path, monkeypatch):
         open_dataset("mine", data_root=tmp_path)
     monkeypatch.setattr(sys, "argv", ["train.py"])
     assert prepare_command("mine").startswith("python data/prepare.py data=text data.name=mine")
+
+
+def test_progress_redirected_to_a_file_is_plain_lines(tmp_path):
+    """tqdm's in-place redraw is one multi-kilobyte line in a log file; there it writes plain lines instead."""
+    log = tmp_path / "prepare.log"
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare_char",
+                            f"data_root={tmp_path}"], stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0
+    text = log.read_text()
+    assert "\r" not in text and max(map(len, text.splitlines())) < 300
+    assert any(line.startswith("tokenizing shakespeare_char") and "1.12Mtok" in line for line in text.splitlines())

@@ -36,6 +36,7 @@ from gpt2.data.dataset import META_FILE, dataset_dir, new_meta, write_meta
 from gpt2.data.shards import MAX_VOCAB, TOKEN_DTYPE, ShardWriter
 from gpt2.data.sources import Source, open_source
 from gpt2.errors import UserError, exit_on_user_error
+from gpt2.progress import progress_bar
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 
 BATCH_PIECES = 1024  # documents tokenized together (spread over the threads)
@@ -280,13 +281,11 @@ def _write(items: Iterator[Item], encode, eot_id: Optional[int], writers: dict[s
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    from tqdm import tqdm
-
     docs = {"train": 0, "val": 0}
     stream_pos = 0  # tokens of the train stream so far (hf_stream: the first `head` of them are val)
     has_text = {"train": False, "val": False}  # the split's current document has text (so it gets an EOT)
     eot = np.array([eot_id], dtype=TOKEN_DTYPE) if eot_id is not None else None
-    bar = tqdm(desc=f"tokenizing {desc}", unit="tok", unit_scale=True, smoothing=0.1, mininterval=1.0)
+    bar = progress_bar(desc=f"tokenizing {desc}", unit="tok", unit_scale=True, smoothing=0.1, mininterval=1.0)
     batch: list[Item] = []
     size = 0
     pending: Optional[tuple[list[Item], Future]] = None

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from gpt2.device import autocast, resolve_device, resolve_dtype
 from gpt2.errors import UserError, exit_on_user_error
+from gpt2.progress import progress_bar
 from gpt2.eval.config import HellaSwagConfig, default_cache_dir, parse
 from gpt2.model import GPT
 
@@ -55,14 +56,12 @@ def download(url: str, dest: Path) -> Path:
     import urllib.error
     import urllib.request
 
-    from tqdm import tqdm
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
             size = int(response.headers.get("content-length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+            with progress_bar(total=size, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
@@ -210,8 +209,6 @@ def evaluate(
     passes (a rank with fewer examples scores a throw-away batch), since FSDP's forward is a collective.
     Restores the model's train/eval mode.
     """
-    from tqdm import tqdm
-
     check_tokenizer(tokenizer)
     device = torch.device(device)
     mine = list(examples[rank::world_size])
@@ -221,7 +218,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     correct = correct_norm = done = 0
-    bar = tqdm(total=len(mine), unit="ex", desc="hellaswag", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(mine), unit="ex", desc="hellaswag", disable=not progress, dynamic_ncols=True)
     for b in range(num_batches):
         chunk = mine[b * batch_size : (b + 1) * batch_size]
         if not chunk:  # keep step with the other ranks' forward passes; the result is discarded

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from gpt2.device import autocast, resolve_device, resolve_dtype
 from gpt2.errors import UserError, exit_on_user_error
+from gpt2.progress import progress_bar
 from gpt2.eval.config import PerplexityConfig, parse
 from gpt2.model import GPT
 
@@ -129,11 +130,9 @@ def evaluate(
     offsets = np.arange(w)
     positions = torch.arange(w, device=device)
 
-    from tqdm import tqdm
-
     model.eval()
     total = 0.0
-    bar = tqdm(total=num_targets, unit="tok", desc="perplexity", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=num_targets, unit="tok", desc="perplexity", disable=not progress, dynamic_ncols=True)
     for batch in _batches(plan, batch_size):
         idx = np.array([s for s, _ in batch])[:, None] + offsets  # (B, w) positions of the inputs
         x = torch.from_numpy(tokens[idx].astype(np.int64)).to(device, non_blocking=True)  # (B, w)
