@@ -6,9 +6,22 @@ PY := $(VENV)/bin/python
 
 .PHONY: install demo test test-all bench
 
+# PyTorch goes in first, so that installing the package finds it there. PyPI's default torch is a multi-GB CUDA
+# build: right for a machine with an NVIDIA GPU, wasted on one without, which gets the CPU build instead.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "PyTorch is already in $(VENV)"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "NVIDIA GPU found: installing PyTorch with CUDA (several GB)"; \
+	  $(PY) -m pip install -q torch; \
+	else \
+	  echo "no NVIDIA GPU (nvidia-smi not found): installing the CPU build of PyTorch from $(TORCH_CPU_INDEX)"; \
+	  $(PY) -m pip install -q torch --index-url $(TORCH_CPU_INDEX); \
+	fi
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
