@@ -209,7 +209,7 @@ def test_interrupted_preparation_is_detected_and_rebuilt(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare(tmp_path, "data=shakespeare_char", "data.shard_tokens=100000")
     out = tmp_path / "shakespeare_char"
-    assert not (out / "meta.json").exists() and not list(out.glob("*.bin")) and not (out / ".staging").exists()
+    assert not (out / "meta.json").exists() and not list(out.glob("*.bin")) and not (out / ".gpt2-staging").exists()
     with pytest.raises(UserError, match="preparation was interrupted.*python data/prepare.py data=shakespeare_char"):
         open_dataset("shakespeare_char", data_root=tmp_path)
     monkeypatch.undo()
@@ -393,3 +393,48 @@ def test_progress_redirected_to_a_file_is_plain_lines(tmp_path):
     text = log.read_text()
     assert "\r" not in text and max(map(len, text.splitlines())) < 300
     assert any(line.startswith("tokenizing shakespeare_char") and "1.12Mtok" in line for line in text.splitlines())
+
+
+def test_a_folder_holding_files_it_did_not_write_is_refused_and_left_alone(tmp_path):
+    out = tmp_path / "mine"
+    (out / ".staging").mkdir(parents=True)
+    for name in ("notes.txt", "train_000000.bin", "val_000000.bin", "x.tmp", ".staging/keep.txt"):
+        (out / name).write_text(f"the user's {name}")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for extra in ([], ["overwrite=true"]):
+        with pytest.raises(UserError, match=r"holds files this preparation did not write \(\.staging, notes.txt, "
+                                            r"train_000000.bin, val_000000.bin, x.tmp\); nothing was changed"):
+            prepare(tmp_path, "data=text", "data.name=mine", f"data.source={SHAKESPEARE}", *extra)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # A dataset folder with its source text in it (input.txt, the offline recipe) is fine.
+    (tmp_path / "books").mkdir()
+    shutil.copy(SHAKESPEARE, tmp_path / "books" / "input.txt")
+    prepare(tmp_path, "data=text", "data.name=books", "data.tokenizer=char")
+    assert (tmp_path / "books" / "input.txt").exists() and (tmp_path / "books" / "meta.json").exists()
+
+
+def test_a_run_killed_while_moving_shards_in_is_rebuilt(tmp_path, monkeypatch):
+    """The crash window between moving the shards in and writing meta.json: they are still known as ours."""
+    real_write_meta = prepare_mod.write_meta
+
+    def die(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_mod, "write_meta", die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path, "data=shakespeare_char", "data.shard_tokens=600000")
+    out = tmp_path / "shakespeare_char"
+    assert sorted(p.name for p in out.glob("*.bin")) == ["train_000000.bin", "train_000001.bin", "val_000000.bin"]
+    monkeypatch.setattr(prepare_mod, "write_meta", real_write_meta)
+    prepare(tmp_path, "data=shakespeare_char")
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train_000000.bin", "val_000000.bin"]
+
+
+def test_non_utf8_rows_name_the_file_and_byte(tmp_path):
+    good = json.dumps({"text": "fine"}).encode() + b"\n"
+    (tmp_path / "rows.jsonl").write_bytes(good * 3 + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=rf"rows.jsonl is not valid UTF-8 at byte {len(good) * 3 + 13} "):
+        prepare(tmp_path, "data=text", "data.name=r", f"data.source={tmp_path / 'rows.jsonl'}")
+    (tmp_path / "rows.json").write_bytes(b'[{"text": "caf\xe9"}]')
+    with pytest.raises(UserError, match=r"rows.json is not valid UTF-8 at byte 14 "):
+        prepare(tmp_path, "data=text", "data.name=j", f"data.source={tmp_path / 'rows.json'}")

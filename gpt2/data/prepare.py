@@ -3,9 +3,11 @@
 The pipeline streams: documents are read piece by piece (see `sources`), tokenized in batches by several
 threads (tiktoken's `encode_ordinary_batch`, `data.num_proc`), and appended to the open shard of their split,
 which is renamed into place when full (see `shards`). Memory stays bounded by one batch of text, whatever the
-corpus size. Shards are staged in `data/<name>/.staging/` and replace a previous preparation only once the whole
-corpus is done, so a failed or interrupted rebuild loses nothing; `meta.json` is written last: a folder without
-it is an incomplete preparation, which the loader rejects and the next run rebuilds from scratch.
+corpus size. Shards are staged in `data/<name>/.gpt2-staging/` and replace a previous preparation only once the
+whole corpus is done, so a failed or interrupted rebuild loses nothing; `meta.json` is written last: a folder
+without it is an incomplete preparation, which the loader rejects and the next run rebuilds from scratch.
+Only what this tool wrote is ever deleted (its staging folder, the shards its meta.json lists, the ones it was
+moving in): a folder holding anything else is refused, never cleared.
 
 Train/validation split (deterministic):
 - `data.val_source` given: the source is train, the val source is val.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator, Optional
@@ -41,7 +44,8 @@ from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 
 BATCH_PIECES = 1024  # documents tokenized together (spread over the threads)
 BATCH_CHARS = 1 << 22  # ... or ~4M characters, whichever comes first: bounds memory (~50 MB of token lists)
-STAGE_DIR = ".staging"  # shards of a preparation in progress, inside the dataset folder
+STAGE_DIR = ".gpt2-staging"  # shards of a preparation in progress, inside the dataset folder
+MOVING_FILE = ".gpt2-moving.json"  # names of the shards being moved in from the staging folder (crash window)
 MIN_VAL_DOCS = 10  # fewer held-out documents than this: split each document by characters instead
 Item = tuple[str, str, bool]  # (split, text, ends_document)
 
@@ -65,6 +69,7 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
         return out_dir
     if data.builder == "shards":
         return _adopt(data, out_dir)
+    _check_ours(out_dir, [s for s in (data.source, data.val_source) if s])
     streaming = data.builder == "hf_stream"
     source = open_source(_source_spec(data, out_dir), data_dir=out_dir, text_field=data.text_field,
                          subset=data.subset, split=data.split, streaming=streaming, key="data.source",
@@ -113,10 +118,12 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
     meta = new_meta(data, tokenizer, shards, docs, source=repr(source),
                     val_source=repr(val_source) if val_source else None, split_rule=rule)
     _clear(out_dir)  # the previous dataset: meta.json first, so the folder reads incomplete until the end
+    (out_dir / MOVING_FILE).write_text(json.dumps(sorted(p.name for p in stage.iterdir())))
     for shard in stage.iterdir():
         os.replace(shard, out_dir / shard.name)
     stage.rmdir()
     write_meta(out_dir, meta)  # last: its presence marks the dataset complete
+    (out_dir / MOVING_FILE).unlink()
     print(f"wrote {out_dir}: {_summary(meta_path)}", flush=True)
     return out_dir
 
@@ -163,12 +170,51 @@ def _source_spec(data: DataConfig, out_dir: Path) -> str:
                     "folder, glob, http(s) URL or hf:dataset>, e.g. data=text data.name=mycorpus data.source=texts/")
 
 
+def _written_here(out_dir: Path) -> set[str]:
+    """Names in `out_dir` that this tool wrote: the shards its meta.json lists (for adopted shards only the
+    links it made), the shards it was moving in when a run died, its own bookkeeping files and staging folder."""
+    names = {META_FILE, META_FILE + ".tmp", MOVING_FILE, STAGE_DIR}
+    try:
+        meta = json.loads((out_dir / META_FILE).read_text())
+        adopted = meta.get("data", {}).get("builder") == "shards"
+        for split in meta["splits"].values():
+            names |= {r["file"] for r in split["shards"] if not adopted or (out_dir / r["file"]).is_symlink()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    try:
+        names |= set(json.loads((out_dir / MOVING_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        pass
+    return names
+
+
+def _check_ours(out_dir: Path, sources: list[str]) -> None:
+    """UserError if `out_dir` holds anything but an earlier preparation's files and the corpus itself (`input.*`,
+    or the files of a local `data.source` that lives in the folder)."""
+    if not out_dir.is_dir():
+        return
+    ours = _written_here(out_dir)
+    roots = [Path(re.split(r"[*?\[]", s, maxsplit=1)[0]).expanduser().resolve()  # a glob's fixed part
+             for s in sources if not s.startswith(("hf:", "builtin:", "http://", "https://"))]
+
+    def is_source(p: Path) -> bool:
+        p = p.resolve()
+        return p.name.startswith("input.") or any(p == r or r in p.parents or p in r.parents for r in roots)
+
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours and not is_source(p))
+    if foreign:
+        names = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise UserError(f"{out_dir} holds files this preparation did not write ({names}); nothing was changed. "
+                        "Prepare into another data.name (or data_root), or move those files out")
+
+
 def _clear(out_dir: Path) -> None:
-    """Remove a previous (possibly interrupted) preparation: meta.json first, so the folder reads incomplete."""
+    """Remove a previous (possibly interrupted) preparation, and only what it wrote: meta.json first, so the
+    folder reads incomplete until the new one is complete."""
+    ours = _written_here(out_dir)
     (out_dir / META_FILE).unlink(missing_ok=True)
-    for path in out_dir.iterdir():
-        if path.suffix == ".tmp" or (path.suffix == ".bin" and path.name.startswith(("train_", "val_"))):
-            path.unlink()
+    for name in ours - {STAGE_DIR, MOVING_FILE}:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def _summary(meta_path: Path) -> str:

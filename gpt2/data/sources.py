@@ -274,8 +274,11 @@ def _text_file_pieces(path: Path) -> Iterator[Piece]:
 
 
 def _jsonl_pieces(path: Path, text_field: str) -> Iterator[Piece]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, path, offset)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -285,11 +288,19 @@ def _jsonl_pieces(path: Path, text_field: str) -> Iterator[Piece]:
             yield _row_text(row, text_field, f"{path}:{lineno}"), True
 
 
+def _decode(raw: bytes, path: Path, offset: int) -> str:
+    """UTF-8 bytes read from `path` at byte `offset` -> text; anything else is a UserError naming the byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not valid UTF-8 at byte {offset + e.start} ({e.reason}); convert it to UTF-8 "
+                        "(e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _load_json_rows(path: Path) -> list:
     """A .json file: a list of rows, or one object (one row). Loaded whole: use .jsonl for large corpora."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(_decode(path.read_bytes(), path, 0))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); for one object per line use .jsonl") from None
     return data if isinstance(data, list) else [data]
