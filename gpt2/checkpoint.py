@@ -48,6 +48,15 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
             tmp.unlink()
 
 
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files of saves that never finished (`.ckpt.pt.<pid>.tmp`, up to a full checkpoint
+    each). Call it only while holding the run's lock: then no save is in progress. Returns what it removed."""
+    stale = sorted(Path(run_dir).glob(".*.pt.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def resolve(path: str | Path) -> Path:
     """A run directory -> its ckpt.pt; a file stays as is. Missing -> UserError."""
     p = Path(path)

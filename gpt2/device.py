@@ -56,3 +56,38 @@ def configure_backends(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+TRAINING_BYTES_PER_PARAM = 16
+"""fp32 weights (4) + gradients (4) + AdamW's two moments (8): the floor of a training step's memory."""
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process could still allocate on `device`: MemAvailable on CPU (Linux), free memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                fields = dict(line.split(":", 1) for line in f)
+            return int(fields["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return None
+    return None
+
+
+def check_memory(config, device: torch.device, shards: int = 1) -> None:
+    """UserError, before anything is allocated, when the model's weights, gradients and AdamW state alone
+    (split over `shards` FSDP ranks) exceed the memory `device` has available; activations come on top."""
+    from gpt2.model import GPT
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in GPT(config).parameters())
+    need, have = TRAINING_BYTES_PER_PARAM * params // shards, available_memory(device)
+    if have is not None and need > have:
+        raise UserError(
+            f"the model ({params / 1e6:,.0f}M parameters: n_layer={config.n_layer}, n_embd={config.n_embd}, "
+            f"block_size={config.block_size}, vocab {config.vocab_size}) needs {need / 2**30:.1f} GiB for weights, "
+            f"gradients and AdamW state alone, more than the {have / 2**30:.1f} GiB available on {device}; use a "
+            "smaller model.* (or train.parallelism=fsdp over more GPUs)"
+        )

@@ -206,8 +206,19 @@ def _check_reachable(url: str, timeout: float = 5.0) -> None:
 
 
 def _drop_after(path: Path, step: int) -> None:
-    """Remove the records logged after `step` (a resumed run replays those steps and logs them again)."""
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    """Remove the records logged after `step` (a resumed run replays those steps and logs them again), and a
+    record cut short by a kill or a full disk (said on the console: it is the only thing dropped unasked)."""
+    keep, broken = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            broken += bool(line.strip())
+            continue
+        if isinstance(record, dict) and record.get("step", math.inf) <= step:
+            keep.append(line)
+    if broken:
+        print(f"{path}: dropped {broken} incomplete record(s) (a kill or a full disk mid-write)", flush=True)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)

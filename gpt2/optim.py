@@ -83,6 +83,16 @@ class Optimizers:
             for opt in self.optimizers:
                 opt.step()
 
+    def hyperparameters(self) -> list[list[dict[str, Any]]]:
+        """Every param group's settings (lr, base_lr, weight_decay, betas, ...): what the config decides."""
+        return [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers]
+
+    def set_hyperparameters(self, settings: list[list[dict[str, Any]]]) -> None:
+        """Put `hyperparameters()` back, e.g. after loading a checkpoint's state under a changed config."""
+        for opt, groups in zip(self.optimizers, settings):
+            for group, values in zip(opt.param_groups, groups):
+                group.update(values)
+
     def state_dict(self) -> dict[str, Any]:
         return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
 

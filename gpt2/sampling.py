@@ -491,6 +491,11 @@ def read_prompt(prompt: str, prompt_file: str | None) -> str:
 def run(cfg: Any) -> list[str]:
     """Sample as `cfg` (a SampleConfig or Hydra DictConfig) says; print the samples; return them."""
     c = cfg if isinstance(cfg, SampleConfig) else to_object(cfg, SampleConfig)
+    if c.output:  # before any work: a path that cannot be written would lose every sample at the end
+        try:
+            open(c.output, "a").close()
+        except OSError as e:
+            raise UserError(f"output={c.output} cannot be written ({e.strerror}); choose a writable path") from None
     prompt = read_prompt(c.prompt, c.prompt_file)
     greedy_fp32 = c.dtype == "auto" and c.temperature == 0  # greedy text must equal other tools' (fp32) text
     kwargs = dict(device=c.device, dtype="float32" if greedy_fp32 else c.dtype, compile=c.compile)

@@ -9,7 +9,7 @@ A run lives in `out_dir` (DESIGN.md): `ckpt.pt` (latest, atomic), `best.pt` (low
 `config.yaml` and `metrics.jsonl`. If `out_dir/ckpt.pt` exists, the same command resumes it exactly: model,
 optimizer, grad scaler, counters, every rank's data-loader position and RNG states, and the wandb run id are
 all in the checkpoint, so a resumed run on CPU ends with the same weights, bit for bit, as an uninterrupted one.
-SIGTERM/SIGINT finish the current step, write a checkpoint and exit.
+SIGTERM/SIGINT/SIGHUP finish the current step, write a checkpoint and exit; `run` holds out_dir's lock.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,18 +29,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt2 import checkpoint, distributed
 from gpt2.config import PRETRAINED, TrainConfig, TrainRunConfig, to_dict, to_object
-from gpt2.data import TokenLoader, eval_batches, open_dataset
-from gpt2.device import autocast, configure_backends, resolve_dtype
+from gpt2.data import TokenLoader, check_block_size, eval_batches, open_dataset
+from gpt2.device import autocast, check_memory, configure_backends, resolve_dtype
 from gpt2.distributed import DistInfo, print0
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.metrics import MetricsLogger, mfu, peak_flops
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import build_optimizer, schedule_warning, set_lr
 from gpt2.resources import CONFIG_DIR
+from gpt2.runlock import run_lock
 
 BEST_NAME = "best.pt"
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "bias")
 """Model keys that define the architecture: a checkpoint's values win, and an override that disagrees is an error."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals that stop a run with a checkpoint: a scheduler's notice, Ctrl-C, a closed terminal or dropped ssh."""
 
 
 class TrainingDiverged(UserError):
@@ -102,9 +108,12 @@ class Trainer:
         self.state = TrainState()
         ckpt = checkpoint.load(self.ckpt_path) if self.ckpt_path.exists() else None
         if ckpt is not None:
+            self._check_resume(ckpt)
             model = self._model_from_resume(ckpt, explicit_model_keys)
         elif cfg.init_from == "scratch":
             model_cfg = GPTConfig(**asdict(cfg.model), vocab_size=self.ds.vocab_size)
+            check_block_size(self.ds, model_cfg.block_size)  # before allocating anything
+            check_memory(model_cfg, self.device, info.world_size if tc.parallelism == "fsdp" else 1)
             with torch.device(self.device):
                 model = GPT(model_cfg)
         else:
@@ -159,7 +168,7 @@ class Trainer:
         """Train until `train.max_iters` optimizer steps; evaluate and checkpoint every `eval_interval`."""
         tc = self.cfg.train
         self._print_summary()
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             while self.state.step < tc.max_iters:
                 step = self.state.step
@@ -314,15 +323,38 @@ class Trainer:
         distributed.barrier()
 
     def _load_train_state(self, ckpt: dict[str, Any]) -> None:
-        """Restore optimizer, scaler, counters and the loader position from a checkpoint."""
+        """Restore optimizer, scaler, counters and the loader position from a checkpoint. The optimizer's state
+        (moments, step counts) comes from the checkpoint; its hyperparameters from this command's optim.*, so
+        a changed lr or weight decay applies from the resume step, as config.yaml and the log say."""
+        configured = self.optimizer.hyperparameters()
         for opt, s in zip(self.optimizer.optimizers, _optimizer_states(ckpt, len(self.optimizer.optimizers))):
             distributed.load_full_optimizer_state(self.model, opt, s)
+        self.optimizer.set_hyperparameters(configured)
+        changed = [f"optim.{k} {v} -> {getattr(self.cfg.optim, k)}" for k, v in ckpt["config"]["optim"].items()
+                   if v != getattr(self.cfg.optim, k)]  # fmt: skip
+        if changed:
+            print0(f"resuming with changed {', '.join(changed)}: applied from step {ckpt['step']}")
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state.load_state_dict(ckpt)
         # The loader's position counts global micro-batches, so it is valid at any world size. (RNG states,
         # per rank, are restored at the end of __init__.)
         self.loader.load_state_dict(ckpt["loader"][0])
         self.resumed_at = self.state.step
+
+    def _check_resume(self, ckpt: dict[str, Any]) -> None:
+        """A rerun continues the run in out_dir: an init_from that disagrees with it, or a max_iters below the
+        step it reached, is an error (never silently ignored, never written into config.yaml)."""
+        theirs = ckpt["config"].get("init_from", "scratch")
+        if self.cfg.init_from != theirs:
+            raise UserError(
+                f"init_from={self.cfg.init_from} disagrees with the run in {self.out_dir}, which started from "
+                f"init_from={theirs}; rerun with init_from={theirs} to resume it, or use a new out_dir"
+            )
+        if self.cfg.train.max_iters < ckpt["step"]:
+            raise UserError(
+                f"train.max_iters={self.cfg.train.max_iters} is below step {ckpt['step']}, which the run in "
+                f"{self.out_dir} has reached; raise train.max_iters to train on, or use a new out_dir"
+            )
 
     def _model_from_resume(self, ckpt: dict[str, Any], explicit: frozenset[str]) -> GPT:
         """The checkpointed model; model.* values that disagree with it are an error naming the key."""
@@ -384,7 +416,17 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- plumbing
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        """The first signal stops the run after the current step, with a checkpoint; a second one at once."""
+        if self._stop_signal is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        if signum == signal.SIGHUP and sys.stdout.isatty():  # the terminal is gone: writing to it would fail
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                os.dup2(devnull, fd)
         self._stop_signal = signum  # acted on after the current step, when the state is consistent
+        print0(f"got {signal.Signals(signum).name}: finishing this step, then saving {self.ckpt_path} "
+               "(send it again to stop at once, without saving)")
 
     def _should_stop(self) -> bool:
         """Whether any rank got SIGTERM/SIGINT (ranks must agree: the checkpoint save is collective)."""
@@ -520,7 +562,11 @@ def run(cfg: DictConfig) -> None:
     run_cfg.out_dir = _job_out_dir(run_cfg.out_dir)
     info = distributed.init(run_cfg.device)
     try:
-        Trainer(run_cfg, info, explicit).fit()
+        with run_lock(run_cfg.out_dir, enabled=info.is_main):  # one trainer per out_dir (rank 0 holds it)
+            if info.is_main:
+                for path in checkpoint.remove_stale_temporaries(run_cfg.out_dir):
+                    print0(f"removed {path}, left by a save that was interrupted")
+            Trainer(run_cfg, info, explicit).fit()
     finally:
         distributed.cleanup()
 

@@ -204,3 +204,9 @@ def test_misspelled_keys_added_with_plus_fail(char_run):
     assert r.returncode == 2 and r.stderr.strip() == (
         "error: unknown config key 'promt'; did you mean prompt? (--cfg job prints every key)"
     )
+
+
+def test_an_output_that_cannot_be_written_fails_before_sampling(char_run, tmp_path):
+    r = sample(f"checkpoint={char_run}", f"output={tmp_path / 'no' / 'such' / 'dir' / 's.jsonl'}", "max_new_tokens=5")
+    assert r.returncode == 2 and r.stdout == ""  # nothing generated first
+    assert r.stderr.strip().startswith("error: output=") and "cannot be written (No such file or directory)" in r.stderr

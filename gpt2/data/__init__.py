@@ -7,6 +7,6 @@
 """
 
 from gpt2.data.dataset import TokenDataset, dataset_dir, open_dataset
-from gpt2.data.loader import TokenLoader, eval_batches
+from gpt2.data.loader import TokenLoader, check_block_size, eval_batches
 
-__all__ = ["TokenDataset", "TokenLoader", "dataset_dir", "eval_batches", "open_dataset"]
+__all__ = ["TokenDataset", "TokenLoader", "check_block_size", "dataset_dir", "eval_batches", "open_dataset"]

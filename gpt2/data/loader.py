@@ -128,6 +128,12 @@ class TokenLoader:
         self.calls = 0
 
 
+def check_block_size(ds: TokenDataset, block_size: int) -> None:
+    """UserError unless both splits hold a whole `block_size + 1`-token window (before any model is built)."""
+    for split in ("train", "val"):
+        _Windows(ds, split, block_size)
+
+
 def eval_batches(ds: TokenDataset, split: str, *, num_batches: int, batch_size: int, block_size: int,
                  rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

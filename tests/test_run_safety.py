@@ -1,0 +1,137 @@
+"""Nothing a user has is lost around a run: one trainer per out_dir, resumes that change settings say what
+they do (or refuse), broken metrics lines, stale temporary files, signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import TINY, TRAIN, char_data, env, records, train  # noqa: F401 (char_data is a fixture)
+
+
+def base(char_data: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.name={char_data}", f"out_dir={out}", *TINY, *extra]
+
+
+def test_a_second_trainer_on_the_same_out_dir_fails_naming_the_first(char_data, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(TRAIN + base(char_data, out, "train.max_iters=100000", "train.eval_interval=0"),
+                             cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size) and time.time() < deadline:
+            time.sleep(0.05)
+        second = train(base(char_data, out, "train.max_iters=4"), tmp_path, check=False)
+        assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+            f"error: out_dir={out} is in use by another run (pid {first.pid} on " + second.stderr.split(" on ", 1)[1]
+            .split("\n")[0]]  # fmt: skip
+        assert "wait for it to finish, stop it, or use another out_dir" in second.stderr
+    finally:
+        first.kill()  # kill -9: the kernel drops the lock with the process
+        first.wait()
+    third = train(base(char_data, out, "train.max_iters=4", "train.eval_interval=2"), tmp_path)
+    assert "step 4 | loss" in third.stdout
+
+
+def test_resume_applies_changed_optimizer_settings_from_the_resume_step(char_data, tmp_path):
+    from gpt2.config import OptimConfig
+    from gpt2.optim import lr_at
+
+    out = tmp_path / "run"
+    args = base(char_data, out, "train.max_iters=4", "train.eval_interval=4", "train.log_interval=1",
+                "optim.warmup_iters=0", "optim.lr_decay_iters=8")  # fmt: skip
+    train(args, tmp_path)
+    p = train([*args, "train.max_iters=8", "optim.lr=1e-5", "optim.weight_decay=0.9"], tmp_path)
+    assert "resuming with changed optim.lr 0.003 -> 1e-05, optim.weight_decay 0.1 -> 0.9: applied from step 4" in p.stdout
+    new = OptimConfig(lr=1e-5, warmup_iters=0, lr_decay_iters=8)
+    logged = {r["step"]: r["lr"] for r in records(out)}
+    assert [logged[s] for s in range(5, 9)] == pytest.approx([lr_at(s - 1, new, 8) for s in range(5, 9)])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    groups = ckpt["optimizer"]["optimizers"][0]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.9, 0.0] and {g["base_lr"] for g in groups} == {1e-5}
+    assert ckpt["config"]["optim"]["lr"] == 1e-5 and "lr: 1.0e-05" in (out / "config.yaml").read_text()
+
+
+def test_a_rerun_that_contradicts_the_run_in_out_dir_is_refused(char_data, tmp_path):
+    out = tmp_path / "run"
+    train(base(char_data, out, "train.max_iters=4", "train.eval_interval=4"), tmp_path)
+    config = (out / "config.yaml").read_text()
+    p = train(base(char_data, out, "train.max_iters=4", f"init_from={out}"), tmp_path, check=False)
+    assert p.returncode == 2 and f"init_from={out} disagrees with the run in {out}, which started from " \
+                                 "init_from=scratch" in p.stderr, p.stderr  # fmt: skip
+    p = train(base(char_data, out, "train.max_iters=2"), tmp_path, check=False)
+    assert p.returncode == 2 and "train.max_iters=2 is below step 4, which the run in" in p.stderr, p.stderr
+    assert (out / "config.yaml").read_text() == config  # nothing rewritten
+
+
+def test_a_partial_last_metrics_line_is_dropped_on_resume(char_data, tmp_path):
+    out = tmp_path / "run"
+    args = base(char_data, out, "train.max_iters=4", "train.eval_interval=2", "train.log_interval=1")
+    train(args, tmp_path)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # a kill or a full disk mid-write
+    p = train([*args, "train.max_iters=6"], tmp_path)
+    assert "dropped 1 incomplete record(s)" in p.stdout
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_stale_checkpoint_temporaries_are_removed_at_start(char_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / ".ckpt.pt.424242.tmp", out / ".best.pt.424242.tmp"]
+    for path in stale:
+        path.write_bytes(b"\0" * 1000)
+    (out / "notes.tmp").write_text("not ours")
+    p = train(base(char_data, out, "train.max_iters=2", "train.eval_interval=2"), tmp_path)
+    assert not any(path.exists() for path in stale) and (out / "notes.tmp").exists()
+    assert f"removed {stale[0]}, left by a save that was interrupted" in p.stdout
+
+
+def test_a_second_signal_stops_at_once(capsys):
+    from gpt2.training import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # the handler's own state only
+    trainer._stop_signal, trainer.ckpt_path = None, Path("out/run/ckpt.pt")
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        trainer._on_signal(signal.SIGINT, None)
+        assert trainer._stop_signal == signal.SIGINT
+        assert "got SIGINT: finishing this step, then saving out/run/ckpt.pt" in capsys.readouterr().out
+        with pytest.raises(KeyboardInterrupt):
+            trainer._on_signal(signal.SIGINT, None)
+        with pytest.raises(SystemExit) as e:
+            trainer._on_signal(signal.SIGTERM, None)
+        assert e.value.code == 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_a_block_size_or_model_that_cannot_fit_fails_before_allocating(char_data, tmp_path):
+    import resource
+
+    from gpt2.config import TrainRunConfig, to_object
+    from gpt2.distributed import DistInfo
+    from gpt2.errors import UserError
+    from gpt2.training import Trainer
+    from test_train import compose
+
+    def error(*overrides: str) -> str:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(UserError) as e:
+            Trainer(to_object(compose(*base(char_data, tmp_path / "run", *overrides)), TrainRunConfig), DistInfo())
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KB: nothing big allocated
+        return str(e.value)
+
+    assert "block_size=1000000 is too large for the train split" in error("model.block_size=1000000")
+    assert "block_size=10000 is too large for the val split" in error("model.block_size=10000")
+    assert "GiB for weights, gradients and AdamW state alone, more than the" in error(
+        "model.n_layer=48", "model.n_embd=8192", "model.n_head=64"
+    )
+    assert not (tmp_path / "run").exists()
