@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +34,8 @@ CKPT_NAME = "ckpt.pt"
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
-    """Write `state` to `path` atomically (temp file + fsync + rename)."""
+    """Write `state` to `path` atomically (temp file + fsync + rename). A failed write (a full disk) is a
+    UserError saying so: the previous file at `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -43,9 +45,28 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        need = sum(t.numel() * t.element_size() for t in _tensors(state)) / 2**20
+        free = shutil.disk_usage(path.parent).free / 2**20
+        previous = f"{path} is still the previous checkpoint" if path.exists() else f"no {path.name} was written yet"
+        raise UserError(
+            f"checkpoint not written ({str(e).splitlines()[0]}); {previous}. It needs about {need:,.0f} MiB and "
+            f"{path.parent} has {free:,.0f} MiB free: free some space, then rerun the same command to resume"
+        ) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _tensors(obj: Any):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
@@ -72,6 +93,14 @@ def resolve(path: str | Path) -> Path:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (`weights_only=True`, memory-mapped). Corrupt or unsafe files -> UserError."""
     p = resolve(path)
+    if not zipfile.is_zipfile(p):
+        raise UserError(f"{p} is not a PyTorch checkpoint (not a zip archive: truncated, or another kind of file); "
+                        "point at a ckpt.pt written by train.py")
+    with zipfile.ZipFile(p) as archive:
+        bad = archive.testzip()  # every record's CRC-32, as torch.save stored it (~1.5 GB/s)
+    if bad is not None:
+        raise UserError(f"{p} is corrupt: record {bad} does not match its stored checksum (bits flipped on disk or "
+                        "in a copy); use an earlier checkpoint (best.pt) or copy it again")
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:

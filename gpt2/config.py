@@ -21,6 +21,8 @@ from gpt2.errors import UserError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+MIN_SHARD_TOKENS = 1025
+"""Tokens a shard holds at least: one window (block_size + 1) of GPT-2's 1024-token context."""
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -114,7 +116,7 @@ class DataConfig:
     text_field: str = "text"
     """Field holding the text in .jsonl/.json/.parquet files and Hugging Face datasets."""
     shard_tokens: int = 100_000_000
-    """Tokens per shard file."""
+    """Tokens per shard file (at least 1025: one window of a 1024-token context)."""
     num_proc: int = 0
     """Tokenizer threads (0: all cores)."""
     seed: int = 1337
@@ -127,8 +129,11 @@ class DataConfig:
         _check_choice("data.tokenizer", self.tokenizer, ("gpt2", "char"))
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.shard_tokens < 1:
-            raise UserError(f"data.shard_tokens must be >= 1, got {self.shard_tokens}")
+        if self.shard_tokens < MIN_SHARD_TOKENS:
+            raise UserError(
+                f"data.shard_tokens={self.shard_tokens} is below {MIN_SHARD_TOKENS}: every shard must hold a whole "
+                f"training window of a 1024-token context; use data.shard_tokens>={MIN_SHARD_TOKENS} (default 100M)"
+            )
         if self.num_proc < 0:
             raise UserError(f"data.num_proc must be >= 0, got {self.num_proc}")
 

@@ -82,6 +82,7 @@ def test_every_field_is_documented():
         (config.SampleConfig, {}, "no model to sample from"),
         (config.SampleConfig, {"init_from": "gpt2", "checkpoint": "out/x"}, "not both"),
         (config.PrepareConfig, {"data": {"val_fraction": 1.5}}, "data.val_fraction must be in [0, 1)"),
+        (config.PrepareConfig, {"data": {"shard_tokens": 1}}, "data.shard_tokens=1 is below 1025: every shard must"),
     ],
 )
 def test_bad_values_raise_one_user_error_naming_the_key(schema, overrides, message):

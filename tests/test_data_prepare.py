@@ -174,17 +174,17 @@ def test_local_hf_dataset_and_hf_stream_first_shard_is_val(tmp_path):
 
     hub = tmp_path / "hub_ds"
     hub.mkdir()
-    texts = [f"row {i} " + "word " * (i % 7) for i in range(200)]
+    texts = [f"row {i} " + "word " * (i % 7) for i in range(600)]
     pq.write_table(pa.table({"text": texts}), hub / "train.parquet")
     ds = open_dataset(str(prepare(tmp_path, "data=text", "data.name=hf", f"data.source=hf:{hub}")))
-    assert ds.meta["splits"]["val"]["documents"] == 20 and ds.meta["splits"]["train"]["documents"] == 180
+    assert ds.meta["splits"]["val"]["documents"] == 60 and ds.meta["splits"]["train"]["documents"] == 540
 
     ds = open_dataset(str(prepare(tmp_path, "data=fineweb_edu", "data.name=stream", f"data.source=hf:{hub}",
-                                  "data.subset=null", "data.shard_tokens=500")))
+                                  "data.subset=null", "data.shard_tokens=1025")))
     stream = np.array([t for text in texts for t in gpt2_enc().encode_ordinary(text) + [EOT]])
-    assert ds.num_tokens("val") == 500 and len(ds.shards("val")) == 1
-    np.testing.assert_array_equal(all_tokens(ds, "val"), stream[:500])
-    np.testing.assert_array_equal(all_tokens(ds, "train"), stream[500:])
+    assert ds.num_tokens("val") == 1025 and len(ds.shards("val")) == 1 and len(ds.shards("train")) == 4
+    np.testing.assert_array_equal(all_tokens(ds, "val"), stream[:1025])
+    np.testing.assert_array_equal(all_tokens(ds, "train"), stream[1025:])
 
 
 def test_prepared_dataset_is_skipped_unless_overwrite(tmp_path, capsys):

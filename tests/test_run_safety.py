@@ -135,3 +135,56 @@ def test_a_block_size_or_model_that_cannot_fit_fails_before_allocating(char_data
         "model.n_layer=48", "model.n_embd=8192", "model.n_head=64"
     )
     assert not (tmp_path / "run").exists()
+
+
+def small_checkpoint(path: Path) -> dict:
+    from gpt2 import checkpoint
+    from gpt2.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65))
+    checkpoint.save(path, {**checkpoint.model_state(model), "tokenizer": {"name": "gpt2"}})
+    return model.state_dict()
+
+
+def test_flipped_or_truncated_checkpoints_are_named_not_loaded_as_nan(tmp_path):
+    from gpt2 import checkpoint
+    from gpt2.errors import UserError
+
+    path = tmp_path / "ckpt.pt"
+    weights = small_checkpoint(path)
+    assert torch.equal(checkpoint.load(path)["model"]["transformer.h.0.mlp.c_fc.weight"],
+                       weights["transformer.h.0.mlp.c_fc.weight"])  # fmt: skip
+    data = bytearray(path.read_bytes())
+    flipped = tmp_path / "flipped.pt"
+    data[len(data) // 2] ^= 0x40  # one bit, inside a tensor's bytes
+    flipped.write_bytes(data)
+    with pytest.raises(UserError, match=r"flipped.pt is corrupt: record .* does not match its stored checksum"):
+        checkpoint.load(flipped)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: len(data) // 2])
+    with pytest.raises(UserError, match=r"truncated.pt is not a PyTorch checkpoint \(not a zip archive: truncated"):
+        checkpoint.load(truncated)
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from gpt2 import checkpoint
+    from gpt2.errors import UserError
+
+    path = tmp_path / "ckpt.pt"
+    small_checkpoint(path)
+    before = path.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"PK partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError) as e:
+        small_checkpoint(path)
+    message = str(e.value)
+    assert message.startswith("checkpoint not written ([Errno 28] No space left on device); ")
+    assert f"{path} is still the previous checkpoint" in message and "MiB free" in message and "\n" not in message
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]  # no temporary left behind

@@ -153,7 +153,7 @@ def test_corrupt_missing_and_unsafe_checkpoints(tmp_path, capsys):
     assert "refusing to load" in run_in_process(capsys, checkpoint=str(tmp_path / "evil.pt"))
     assert "does not exist" in run_in_process(capsys, checkpoint=str(tmp_path / "missing"))
     (tmp_path / "ckpt.pt").write_bytes(b"not a zip file at all")
-    assert "not a readable checkpoint" in run_in_process(capsys, checkpoint=str(tmp_path))
+    assert "is not a PyTorch checkpoint (not a zip archive" in run_in_process(capsys, checkpoint=str(tmp_path))
     assert "no model to sample from" in run_in_process(capsys)
     assert "does not exist" in run_in_process(capsys, init_from=str(tmp_path / "no_such_dir"))
 
