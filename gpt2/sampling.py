@@ -443,16 +443,24 @@ class Sampler:
 
     def generate(self, prompt: str, num_samples: int = 1, *, batch_size: int = 8, **settings: Any) -> list[str]:
         """`num_samples` continuations of `prompt`, generated in batches of up to `batch_size`."""
+        return [text for batch in self.generate_batches(prompt, num_samples, batch_size=batch_size, **settings)
+                for text in batch]  # fmt: skip
+
+    def generate_batches(
+        self, prompt: str, num_samples: int = 1, *, batch_size: int = 8, on_piece: Callable[[], Any] | None = None,
+        **settings: Any,
+    ) -> Iterator[list[str]]:
+        """`generate`, yielding each batch's continuations as soon as the batch is done (so a long run can
+        save what it has); `on_piece` is called for every text piece (roughly every token), for progress."""
         gs = GenerationSettings(**settings)
         generator = self._generator(gs.seed)
-        texts: list[str] = []
-        while len(texts) < num_samples:
-            n = min(batch_size, num_samples - len(texts))
-            batch = [""] * n
-            for row, piece in self.stream_batch(prompt, n, generator=generator, **asdict(gs)):
+        for start in range(0, num_samples, batch_size):
+            batch = [""] * min(batch_size, num_samples - start)
+            for row, piece in self.stream_batch(prompt, len(batch), generator=generator, **asdict(gs)):
                 batch[row] += piece
-            texts += batch
-        return texts
+                if on_piece is not None:
+                    on_piece()
+            yield batch
 
     def stream(self, prompt: str, **settings: Any) -> Iterator[str]:
         """One continuation of `prompt`, as text pieces while they are generated."""
@@ -510,6 +518,15 @@ def run(cfg: Any) -> list[str]:
     sampler.encode_prompt(prompt, c.max_new_tokens)  # bad prompt characters fail before any work
     stream = c.stream if c.stream is not None else (c.num_samples == 1 and sys.stdout.isatty())
 
+    source = {"checkpoint": c.checkpoint} if c.checkpoint else {"init_from": c.init_from}
+    record = {**source, **asdict(settings), "device": str(sampler.device), "dtype": str(sampler.dtype).removeprefix("torch.")}
+
+    def save(texts: list[str]) -> None:  # each sample is written as soon as it is done: an interrupt loses none
+        if c.output:
+            with open(c.output, "a", encoding="utf-8") as f:
+                for text in texts:
+                    f.write(json.dumps({"prompt": prompt, "sample": text, "settings": record}) + "\n")
+
     samples: list[str] = []
     if stream:  # one sample at a time, printed as it comes
         generator = sampler._generator(settings.seed)
@@ -520,18 +537,18 @@ def run(cfg: Any) -> list[str]:
                 text += piece
                 print(piece, end="", flush=True)
             print("\n" + "-" * 40, flush=True)
+            save([text])
             samples.append(text)
-    else:
-        samples = sampler.generate(prompt, c.num_samples, batch_size=c.batch_size, **asdict(settings))
-        for text in samples:
-            print(prompt + text + "\n" + "-" * 40, flush=True)
+    else:  # a batch at a time, with a progress bar on stderr meanwhile
+        from gpt2.progress import progress_bar
 
-    if c.output:
-        source = {"checkpoint": c.checkpoint} if c.checkpoint else {"init_from": c.init_from}
-        record = {**source, **asdict(settings), "device": str(sampler.device), "dtype": str(sampler.dtype).removeprefix("torch.")}
-        with open(c.output, "a", encoding="utf-8") as f:
-            for text in samples:
-                f.write(json.dumps({"prompt": prompt, "sample": text, "settings": record}) + "\n")
+        with progress_bar(total=c.num_samples * c.max_new_tokens, unit="tok", desc="sampling") as bar:
+            for texts in sampler.generate_batches(prompt, c.num_samples, batch_size=c.batch_size,
+                                                  on_piece=bar.update, **asdict(settings)):  # fmt: skip
+                for text in texts:
+                    bar.write(prompt + text + "\n" + "-" * 40, file=sys.stdout)
+                save(texts)
+                samples += texts
     return samples
 
 

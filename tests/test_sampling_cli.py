@@ -210,3 +210,25 @@ def test_an_output_that_cannot_be_written_fails_before_sampling(char_run, tmp_pa
     r = sample(f"checkpoint={char_run}", f"output={tmp_path / 'no' / 'such' / 'dir' / 's.jsonl'}", "max_new_tokens=5")
     assert r.returncode == 2 and r.stdout == ""  # nothing generated first
     assert r.stderr.strip().startswith("error: output=") and "cannot be written (No such file or directory)" in r.stderr
+
+
+def test_long_runs_show_progress_and_save_each_batch_as_it_finishes(char_run, tmp_path, capsys, monkeypatch):
+    from gpt2.sampling import Sampler
+
+    out = tmp_path / "s.jsonl"
+    real = Sampler.stream_batch
+    calls = []
+
+    def interrupted_on_the_third_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        yield from real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sampler, "stream_batch", interrupted_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(OmegaConf.create({"checkpoint": str(char_run), "device": "cpu", "num_samples": 6, "batch_size": 2,
+                              "max_new_tokens": 10, "stream": False, "output": str(out)}))  # fmt: skip
+    assert len(out.read_text().splitlines()) == 4  # the two finished batches were saved
+    captured = capsys.readouterr()
+    assert captured.out.count("-" * 40) == 4 and "sampling" in captured.err  # samples as they finish; progress
