@@ -61,13 +61,17 @@ class TrainState:
     best_val_loss: float = math.inf
     tokens_seen: int = 0
     wandb_run_id: Optional[str] = None
+    last_eval_step: int = -1
+    """The step whose eval is logged: a resume does not repeat it, and one stopped mid-eval redoes it."""
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in asdict(self):
-            setattr(self, key, state[key])
+            setattr(self, key, state.get(key, getattr(self, key)))
+        if "last_eval_step" not in state:  # checkpoints before it was kept were written right after an eval
+            self.last_eval_step = state["step"]
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -172,21 +176,19 @@ class Trainer:
         try:
             while self.state.step < tc.max_iters:
                 step = self.state.step
-                if tc.eval_interval and step % tc.eval_interval == 0 and step != self.resumed_at:
+                if tc.eval_interval and step % tc.eval_interval == 0 and step != self.state.last_eval_step:
                     self.evaluate_and_checkpoint()
+                    self._stop_if_asked()  # a signal during a long eval is answered when the eval gives up
                 if self.hellaswag and step % self.cfg.eval.hellaswag_interval == 0 and step != self.resumed_at:
                     self.evaluate_hellaswag()
                 metrics = self.train_step()
                 self.state.step += 1
                 if self.state.step % tc.log_interval == 0 or self.state.step == tc.max_iters:
                     self.logger.log(metrics, self.state.step)
-                if self._should_stop():
-                    self.save_checkpoint()
-                    print0(f"stopped by signal {self._stop_signal} at step {self.state.step}: checkpoint saved "
-                           f"to {self.ckpt_path}; rerun the same command to resume")
-                    raise SystemExit(128 + self._stop_signal)
-            if self.state.step != self.resumed_at:
+                self._stop_if_asked()
+            if self.state.step != self.state.last_eval_step:
                 self.evaluate_and_checkpoint()
+                self._stop_if_asked()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -233,8 +235,10 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean loss over `eval_iters` fixed batches of each split (the same batches every eval), all ranks."""
+    def evaluate(self) -> dict[str, float] | None:
+        """Mean loss over `eval_iters` fixed batches of each split (the same batches every eval), all ranks.
+        A single process gives up between batches when a stop signal came (None): a long eval must not outlast
+        a scheduler's grace period. (Ranks of a distributed run finish it together, then stop.)"""
         self.model.eval()
         out = {}
         for split in ("train", "val"):
@@ -251,6 +255,9 @@ class Trainer:
             else:
                 batches = [(b, 1.0) for b in batches]
             for batch, weight in batches:
+                if self._stop_signal is not None and not self.info.is_distributed:
+                    self.model.train()
+                    return None
                 x, y = batch if batch is not None else self._dummy_batch()
                 with autocast(self.device, self.dtype):
                     _, loss = self.model(x, y)
@@ -262,7 +269,10 @@ class Trainer:
 
     def evaluate_and_checkpoint(self) -> None:
         metrics = self.evaluate()
+        if metrics is None:  # given up for a stop signal: the checkpoint the stop writes will redo it
+            return
         self.logger.log(metrics, self.state.step)
+        self.state.last_eval_step = self.state.step
         best = metrics["val_loss"] < self.state.best_val_loss
         if best:
             self.state.best_val_loss = metrics["val_loss"]
@@ -310,6 +320,7 @@ class Trainer:
                     "model": model_state,
                     "model_config": asdict(self.model.config),
                     "tokenizer": self.ds.tokenizer.to_dict(),
+                    "data_fingerprint": self.ds.fingerprint,
                     "config": to_dict(self.cfg),
                     "optimizer": optim_state,
                     "scaler": self.scaler.state_dict(),
@@ -372,6 +383,9 @@ class Trainer:
                 )
         self.ds.check_tokenizer(ckpt["tokenizer"])
         print0(f"resuming {self.ckpt_path} at step {ckpt['step']}")
+        if ckpt.get("data_fingerprint", self.ds.fingerprint) != self.ds.fingerprint:
+            print0(f"warning: {self.ds.dir} was prepared again since this run's last checkpoint: the run goes on with "
+                   "the new data, so its batches differ from an uninterrupted run's")
         return checkpoint.model_from_state(ckpt, self.device)
 
     def _model_from_init(self, init_from: str, explicit: frozenset[str]) -> GPT:
@@ -427,6 +441,14 @@ class Trainer:
         self._stop_signal = signum  # acted on after the current step, when the state is consistent
         print0(f"got {signal.Signals(signum).name}: finishing this step, then saving {self.ckpt_path} "
                "(send it again to stop at once, without saving)")
+
+    def _stop_if_asked(self) -> None:
+        """After a stop signal (on any rank): save a checkpoint of the current step and exit 128 + signal."""
+        if self._should_stop():
+            self.save_checkpoint()
+            print0(f"stopped by signal {self._stop_signal} at step {self.state.step}: checkpoint saved "
+                   f"to {self.ckpt_path}; rerun the same command to resume")
+            raise SystemExit(128 + self._stop_signal)
 
     def _should_stop(self) -> bool:
         """Whether any rank got SIGTERM/SIGINT (ranks must agree: the checkpoint save is collective)."""

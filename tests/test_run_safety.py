@@ -188,3 +188,41 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     assert message.startswith("checkpoint not written ([Errno 28] No space left on device); ")
     assert f"{path} is still the previous checkpoint" in message and "MiB free" in message and "\n" not in message
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]  # no temporary left behind
+
+
+def test_resuming_on_a_re_prepared_dataset_says_so(tmp_path):
+    from gpt2.config import DataConfig
+    from gpt2.data.prepare import prepare
+    from test_train import corpus_text
+
+    (tmp_path / "corpus.txt").write_text(corpus_text())
+    data = DataConfig(name="chars", source=str(tmp_path / "corpus.txt"), tokenizer="char")
+    prepare(data, data_root=tmp_path)
+    out = tmp_path / "run"
+    args = base(tmp_path / "chars", out, "train.max_iters=2", "train.eval_interval=2")
+    assert "was prepared again" not in train(args, tmp_path).stdout
+    prepare(data, data_root=tmp_path, overwrite=True)  # same corpus, new preparation while the run was stopped
+    p = train([*args, "train.max_iters=3"], tmp_path)
+    assert f"warning: {tmp_path / 'chars'} was prepared again since this run's last checkpoint" in p.stdout
+
+
+def test_a_signal_during_a_long_eval_stops_promptly_and_the_resume_redoes_it(char_data, tmp_path):
+    """eval_iters=4000 makes the eval at step 6 take many seconds: the stop must not wait for it to end."""
+    out = tmp_path / "run"
+    train(base(char_data, out, "train.max_iters=3", "train.eval_interval=6"), tmp_path)  # evals at 0 and 3, quick
+    args = base(char_data, out, "train.max_iters=12", "train.eval_interval=6", "train.eval_iters=4000")
+    proc = subprocess.Popen(TRAIN + args, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    metrics, deadline = out / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and '"step": 6, "loss"' in metrics.read_text()):
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the eval at step 6, which takes several seconds
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert time.time() - t0 < 3, output[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by signal 15 at step 6" in output
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
+    assert [r["step"] for r in records(out, "eval")] == [0, 3]  # the abandoned eval was not logged
+    train([*args, "train.max_iters=7", "train.eval_iters=2"], tmp_path)
+    assert [r["step"] for r in records(out, "eval")] == [0, 3, 6, 7]  # the resume redid the eval at step 6

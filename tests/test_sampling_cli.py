@@ -182,8 +182,6 @@ def test_free_text_quoting_round_trips_through_hydra(prompt):
 
 def test_cli_prompt_with_commas_quotes_and_equals_is_taken_as_typed(char_run):
     prompt = "ROMEO: O, my lord, 'tis \"so\"=yes"
-    r = sample(f"checkpoint={char_run}", f"prompt={prompt}", "max_new_tokens=5", "temperature=0", "stream=false")
-    assert r.returncode == 2 and "character" in r.stderr  # the char vocab lacks some of them: the prompt arrived whole
     gpt2_run = save_checkpoint(Path(str(char_run) + "_gpt2"), GPT2Tokenizer())
     r = sample(f"checkpoint={gpt2_run}", f"prompt={prompt}", "max_new_tokens=5", "temperature=0", "stream=false")
     assert r.returncode == 0, r.stderr

@@ -9,6 +9,7 @@ every batch, against the dataset's own vocabulary by the loader.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -107,6 +108,13 @@ class TokenDataset:
     def vocab_size(self) -> int:
         """The tokenizer's vocabulary size (every token is below it)."""
         return int(self.meta["vocab_size"])
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies this preparation (its shards and when it was made): a checkpoint records it, so a resume
+        on a re-prepared dataset can say that the data changed under the run."""
+        what = {"prepared_at": self.meta.get("prepared_at"), "splits": {s: self.meta["splits"][s]["shards"] for s in SPLITS}}
+        return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
     @cached_property
     def tokenizer(self):
