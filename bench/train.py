@@ -27,7 +27,8 @@ from gpt2.config import DataConfig, TrainRunConfig, to_object  # noqa: E402
 from gpt2.device import resolve_device  # noqa: E402
 from gpt2.distributed import DistInfo  # noqa: E402
 from gpt2.metrics import peak_flops  # noqa: E402
-from gpt2.training import CONFIG_DIR, Trainer  # noqa: E402
+from gpt2.resources import CONFIG_DIR  # noqa: E402
+from gpt2.training import Trainer  # noqa: E402
 
 MODELS = {
     "cpu_recipe": ["experiment=shakespeare_char_cpu"],

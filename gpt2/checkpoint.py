@@ -45,12 +45,13 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError of its zip writer
+        reason = getattr(e, "strerror", None) or "the write failed: a full disk or a file-size limit"
         need = sum(t.numel() * t.element_size() for t in _tensors(state)) / 2**20
         free = shutil.disk_usage(path.parent).free / 2**20
         previous = f"{path} is still the previous checkpoint" if path.exists() else f"no {path.name} was written yet"
         raise UserError(
-            f"checkpoint not written ({str(e).splitlines()[0]}); {previous}. It needs about {need:,.0f} MiB and "
+            f"checkpoint not written ({reason}); {previous}. It needs about {need:,.0f} MiB and "
             f"{path.parent} has {free:,.0f} MiB free: free some space, then rerun the same command to resume"
         ) from None
     finally:

@@ -120,7 +120,8 @@ class MetricsLogger:
 
     `log(metrics, step)` takes flat DESIGN.md key names; `close()` flushes and finishes the wandb run.
     The wandb run id is chosen here on a fresh run and passed back in on resume, so wandb continues the run.
-    With `resume_step`, records after that step are dropped from metrics.jsonl (they are about to be replayed).
+    Records after `resume_step` are dropped from metrics.jsonl (they are about to be replayed); -1 (a fresh
+    run) drops the records of an earlier attempt that died before its first checkpoint.
     """
 
     def __init__(
@@ -130,7 +131,7 @@ class MetricsLogger:
         wandb_cfg: Any = None,
         run_config: dict | None = None,
         wandb_run_id: str | None = None,
-        resume_step: int | None = None,
+        resume_step: int = -1,
     ) -> None:
         self.enabled = enabled
         self.wandb_run_id = wandb_run_id
@@ -140,7 +141,7 @@ class MetricsLogger:
             return
         path = Path(out_dir) / "metrics.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and path.exists():
+        if path.exists():
             _drop_after(path, resume_step)
         self._file = open(path, "a", buffering=1)  # line-buffered: survives a kill
         if wandb_cfg is not None and wandb_cfg.enabled and wandb_cfg.mode != "disabled":
@@ -153,7 +154,11 @@ class MetricsLogger:
             return
         record = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
         print(format_line(record), flush=True)
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write {self._file.name} ({e.strerror}): a full disk? Free some space and rerun "
+                            "the same command: it resumes from the last checkpoint") from None
         if self._wandb is not None:
             self._wandb.log({WANDB_KEYS.get(k, k): v for k, v in record.items() if k != "step"}, step=step)
 
@@ -219,6 +224,8 @@ def _drop_after(path: Path, step: int) -> None:
             keep.append(line)
     if broken:
         print(f"{path}: dropped {broken} incomplete record(s) (a kill or a full disk mid-write)", flush=True)
+    if step < 0 and any(line.strip() for line in path.read_text(errors="replace").splitlines()):
+        print(f"{path}: cleared the records of an earlier attempt that left no checkpoint", flush=True)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)

@@ -155,7 +155,7 @@ class Trainer:
             wandb_cfg=cfg.wandb,
             run_config=to_dict(cfg),
             wandb_run_id=self.state.wandb_run_id,
-            resume_step=self.state.step if self.resumed_at is not None else None,
+            resume_step=self.state.step if self.resumed_at is not None else -1,  # a fresh run keeps no records
         )
         self.state.wandb_run_id = self.logger.wandb_run_id
         self.hellaswag = self._load_hellaswag() if cfg.eval.hellaswag_interval else None

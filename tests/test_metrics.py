@@ -43,3 +43,34 @@ def test_cpu_ceiling_is_a_best_of_many_repetitions(monkeypatch):
     single = 2 * 256**3 / (time.perf_counter() - t0)
     assert metrics.cpu_matmul_flops(torch.float32, n=256, min_iters=10, min_seconds=0.2) >= 0.5 * single
     metrics._CPU_CEILING.clear()
+
+
+def test_records_are_replayed_once_and_broken_ones_dropped(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 0, "val_loss": 4.0}, {"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.9}]
+    path.write_text("".join(f"{__import__('json').dumps(r)}\n" for r in lines) + '{"step": 3, "lo')
+    metrics.MetricsLogger(tmp_path, resume_step=1).close()  # resumed at step 1: step 2 is replayed
+    assert path.read_text().splitlines() == ['{"step": 0, "val_loss": 4.0}', '{"step": 1, "loss": 3.0}']
+    assert "dropped 1 incomplete record(s)" in capsys.readouterr().out
+    metrics.MetricsLogger(tmp_path).close()  # a fresh run: an earlier attempt left records but no checkpoint
+    assert path.read_text() == "" and "cleared the records of an earlier attempt" in capsys.readouterr().out
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    from gpt2.errors import UserError
+
+    logger = metrics.MetricsLogger(tmp_path)
+
+    class Full:
+        name = str(tmp_path / "metrics.jsonl")
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    logger._file = Full()
+    with pytest.raises(UserError, match=r"cannot write .*metrics.jsonl \(No space left on device\): a full disk\?"):
+        logger.log({"loss": 1.0}, 1)
