@@ -259,6 +259,8 @@ def test_builtin_names_match_the_config_group():
 
 def test_cli_prepares_and_rejects_bad_input_with_one_line(tmp_path):
     cmd = [sys.executable, str(ROOT / "data" / "prepare.py")]
+    help = subprocess.run(cmd + ["--help"], capture_output=True, text=True).stdout  # the data group only
+    assert "data presets" in help and "llmc" in help and "experiment" not in help and "optim" not in help
     ok = subprocess.run(cmd + ["data=shakespeare_char", f"data_root={tmp_path}"], capture_output=True, text=True,
                         cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr

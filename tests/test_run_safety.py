@@ -226,3 +226,13 @@ def test_a_signal_during_a_long_eval_stops_promptly_and_the_resume_redoes_it(cha
     assert [r["step"] for r in records(out, "eval")] == [0, 3]  # the abandoned eval was not logged
     train([*args, "train.max_iters=7", "train.eval_iters=2"], tmp_path)
     assert [r["step"] for r in records(out, "eval")] == [0, 3, 6, 7]  # the resume redid the eval at step 6
+
+
+def test_an_out_dir_that_is_a_file_or_cannot_be_made_fails_before_any_work(char_data, tmp_path):
+    (tmp_path / "taken").write_text("a file of the user's")
+    p = train(base(char_data, tmp_path / "taken", "train.max_iters=2"), tmp_path, check=False)
+    assert p.returncode == 2 and p.stderr.strip() == f"error: out_dir={tmp_path / 'taken'} is a file, not a " \
+                                                     "directory; choose another out_dir"  # fmt: skip
+    assert (tmp_path / "taken").read_text() == "a file of the user's"
+    p = train(base(char_data, tmp_path / "taken" / "run", "train.max_iters=2"), tmp_path, check=False)
+    assert p.returncode == 2 and "cannot create out_dir=" in p.stderr and "choose a writable out_dir" in p.stderr
