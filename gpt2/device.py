@@ -28,12 +28,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` -> bf16 on CUDA when supported, else fp16 (with a GradScaler when training); on CPU bf16 where
-    oneDNN has fast bf16 kernels (AVX-512 or Arm bf16; on the 2-core AVX512-BF16 sandbox bf16 measured 1.6x
-    faster for training and 1.26x for batch-1 decoding, BENCHMARKS.md), else fp32; fp32 on MPS."""
+    """`auto` -> bf16 on CUDA GPUs with native bf16 (compute capability >= 8.0, Ampere and newer), else fp16
+    (with a GradScaler when training): `torch.cuda.is_bf16_supported()` also counts the emulated bf16 of a T4 or
+    V100, which has no bf16 tensor cores or flash attention. On CPU bf16 where oneDNN has fast bf16 kernels
+    (AVX-512 or Arm bf16; on the 2-core AVX512-BF16 sandbox bf16 measured 1.6x faster for training and 1.26x
+    for batch-1 decoding, BENCHMARKS.md), else fp32; fp32 on MPS."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
         if device.type == "cpu":
             return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
         return torch.float32

@@ -44,7 +44,7 @@ def init(device_name: str = "auto") -> DistInfo:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     device = resolve_device(device_name)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)  # one GPU per process
+        device = cuda_device(local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
     elif device.type == "cpu":
@@ -54,6 +54,12 @@ def init(device_name: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def cuda_device(local_rank: int) -> torch.device:
+    """This process's GPU: one per process. `local_rank % device_count` also covers launchers that show each
+    process only its own GPU (CUDA_VISIBLE_DEVICES per rank, SLURM's --gpus-per-task), where it is cuda:0."""
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def cleanup() -> None:

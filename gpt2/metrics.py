@@ -8,7 +8,8 @@ keys (`train/loss`, `val/loss`, `perf/tokens_per_sec`, `perf/mfu`, ...; see `WAN
 
 MFU (model FLOPs utilisation) = achieved training FLOPs / peak FLOPs, where achieved FLOPs come from
 `GPT.flops_per_token()` times tokens/s, and the peak is, per device:
-- CUDA: a datasheet table by device name (dense bf16/fp16 tensor-core peak; TF32 counts as half of it);
+- CUDA: a datasheet table by device name (dense bf16/fp16 tensor-core peak, and the fp32 matmul peak: TF32
+  where the GPU has it, plain fp32 on the V100 and T4);
 - CPU: a *measured* matmul ceiling: the best of repeated large matmuls in the training dtype, timed once per
   process and cached. CPUs have no honest datasheet number (it depends on cores, AVX-512/AMX and clocks), so CPU
   MFU is an estimate, "fraction of what this machine's matmul kernel reaches", not of a theoretical peak. On a
@@ -31,28 +32,31 @@ import torch
 
 from gpt2.errors import UserError
 
-# Dense (no sparsity) bf16/fp16 tensor-core peak per GPU, FLOP/s. Matched by substring of the device name,
-# first match wins, so the more specific names come first.
-CUDA_PEAK_FLOPS: list[tuple[str, float]] = [
-    ("GB200", 2.5e15),
-    ("B200", 2.25e15),
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("H800", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("A6000", 155e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("V100", 125e12),  # fp16 only
-    ("T4", 65e12),  # fp16 only
+# Datasheet peaks per GPU, dense (no sparsity), FLOP/s: (bf16/fp16 tensor cores, fp32 matmuls). The fp32 column
+# is TF32 tensor cores from Ampere on, and plain fp32 on the V100 and T4, which have no TF32. Matched by
+# substring of the device name, first match wins, so the more specific names come first (GB200 before B200,
+# GH200 before H200, H100 NVL/PCIe before H100, L40S before L40 before L4, A100 and A10G before A10).
+CUDA_PEAK_FLOPS: list[tuple[str, float, float]] = [
+    ("GB200", 2.5e15, 1.25e15),
+    ("B200", 2.25e15, 1.1e15),
+    ("GH200", 989e12, 494.5e12),
+    ("H200", 989e12, 494.5e12),
+    ("H100 NVL", 835e12, 417.5e12),
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989e12, 494.5e12),  # SXM
+    ("H800", 989e12, 494.5e12),
+    ("A100", 312e12, 156e12),
+    ("A800", 312e12, 156e12),
+    ("L40S", 362e12, 183e12),
+    ("L40", 181e12, 90.5e12),
+    ("L4", 121e12, 60e12),
+    ("A10G", 70e12, 35e12),
+    ("A10", 125e12, 62.5e12),
+    ("A6000", 155e12, 77.4e12),
+    ("RTX 4090", 165e12, 82.6e12),
+    ("RTX 3090", 71e12, 35.6e12),
+    ("V100", 125e12, 15.7e12),  # fp16 only; fp32 without TF32
+    ("T4", 65e12, 8.1e12),  # fp16 only; fp32 without TF32
 ]
 
 WANDB_KEYS = {
@@ -99,10 +103,15 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     if device.type == "cpu":
         return cpu_matmul_flops(dtype)
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in CUDA_PEAK_FLOPS:
-            if key in name:
-                return flops / 2 if dtype == torch.float32 else flops  # fp32 matmuls run as TF32
+        return cuda_peak_flops(torch.cuda.get_device_name(device), dtype)
+    return None
+
+
+def cuda_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
+    """The datasheet peak of the GPU called `device_name` in `dtype` (CUDA_PEAK_FLOPS), or None if unlisted."""
+    for key, half, single in CUDA_PEAK_FLOPS:
+        if key in device_name:
+            return single if dtype == torch.float32 else half
     return None
 
 

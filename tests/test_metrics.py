@@ -74,3 +74,25 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
     logger._file = Full()
     with pytest.raises(UserError, match=r"cannot write .*metrics.jsonl \(No space left on device\): a full disk\?"):
         logger.log({"loss": 1.0}, 1)
+
+
+GPU_NAMES = {  # what torch.cuda.get_device_name returns on each, -> the table row it must hit
+    "NVIDIA GB200": "GB200", "NVIDIA B200": "B200", "NVIDIA GH200 480GB": "GH200", "NVIDIA H200": "H200",
+    "NVIDIA H100 NVL": "H100 NVL", "NVIDIA H100 PCIe": "H100 PCIe", "NVIDIA H100 80GB HBM3": "H100",
+    "NVIDIA H800": "H800", "NVIDIA A100-SXM4-80GB": "A100", "NVIDIA A800 80GB PCIe": "A800", "NVIDIA L40S": "L40S",
+    "NVIDIA L40": "L40", "NVIDIA L4": "L4", "NVIDIA A10G": "A10G", "NVIDIA A10": "A10", "NVIDIA RTX A6000": "A6000",
+    "NVIDIA GeForce RTX 4090": "RTX 4090", "NVIDIA GeForce RTX 3090": "RTX 3090", "Tesla V100-SXM2-16GB": "V100",
+    "Tesla T4": "T4",
+}  # fmt: skip
+
+
+def test_every_gpu_row_is_reachable_and_fp32_means_what_the_gpu_has():
+    rows = {key: (half, single) for key, half, single in metrics.CUDA_PEAK_FLOPS}
+    assert set(GPU_NAMES.values()) == set(rows)  # every row is reached by its GPU's real name
+    for name, key in GPU_NAMES.items():
+        assert metrics.cuda_peak_flops(name, torch.bfloat16) == rows[key][0], name
+        assert metrics.cuda_peak_flops(name, torch.float32) == rows[key][1], name
+    assert metrics.cuda_peak_flops("NVIDIA H100 80GB HBM3", torch.float32) == 494.5e12  # TF32
+    assert metrics.cuda_peak_flops("Tesla V100-SXM2-16GB", torch.float32) == 15.7e12  # no TF32 on Volta
+    assert metrics.cuda_peak_flops("Tesla T4", torch.float16) == 65e12
+    assert metrics.cuda_peak_flops("Some Future GPU", torch.bfloat16) is None

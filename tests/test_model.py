@@ -259,3 +259,22 @@ def test_loss_under_bf16_autocast_is_close_to_fp32():
         _, bf16 = model(idx, targets=idx)
     assert bf16.dtype == torch.float32  # cross-entropy runs in fp32 under autocast
     assert abs(bf16.item() - fp32.item()) < 0.05
+
+
+@pytest.mark.parametrize("capability, want", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                              ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])  # fmt: skip
+def test_auto_dtype_uses_bf16_only_on_gpus_that_have_it(monkeypatch, capability, want):
+    """T4/V100 report is_bf16_supported() (emulated): auto must still pick fp16 + GradScaler there."""
+    from gpt2.device import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == want
+
+
+@pytest.mark.parametrize("local_rank, visible, want", [(3, 8, 3), (3, 1, 0), (5, 2, 1)])
+def test_each_process_gets_a_gpu_it_can_see(monkeypatch, local_rank, visible, want):
+    from gpt2.distributed import cuda_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert cuda_device(local_rank) == torch.device("cuda", want)

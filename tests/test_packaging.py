@@ -97,3 +97,19 @@ def test_wheel_install_runs_the_console_scripts_from_anywhere_offline(tmp_path):
                "stream=false")  # fmt: skip
     assert r.stdout.startswith("ROMEO, my lord:")
     assert (work / "data" / "shakespeare" / "meta.json").exists()
+
+
+def test_the_torch_floor_covers_the_apis_the_code_calls():
+    import re
+
+    import torch
+    from packaging.version import Version
+
+    floor = re.search(r'"torch>=([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    introduced = {"optim.Muon": "2.9", "nn.utils.get_total_norm": "2.6", "nn.utils.clip_grads_with_norm_": "2.6",
+                  "distributed.fsdp.fully_shard": "2.6"}  # fmt: skip
+    for api, version in introduced.items():
+        obj = torch
+        for part in api.split("."):
+            obj = getattr(obj, part) if hasattr(obj, part) else __import__(f"{obj.__name__}.{part}", fromlist=["x"])
+        assert Version(floor) >= Version(version), f"torch.{api} needs torch>={version}, pyproject allows {floor}"
