@@ -78,11 +78,11 @@ _CPU_CEILING: dict[torch.dtype, float] = {}
 
 
 def cpu_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, min_iters: int = 10,
-                     min_seconds: float = 0.5) -> float:
+                     min_seconds: float = 0.2) -> float:
     """This CPU's achievable matmul throughput in FLOP/s for `dtype`: the best of n x n @ n x n matmuls, repeated
     at least `min_iters` times and for at least `min_seconds` (a best-of is robust to a busy neighbour).
 
-    Measured once per process and dtype (about half a second), then cached.
+    Measured once per process and dtype (a fifth of a second or so), then cached.
     """
     if dtype not in _CPU_CEILING:
         gen = torch.Generator().manual_seed(0)  # never touch the global RNG: a resumed run restores it

@@ -24,6 +24,27 @@ from gpt2.errors import UserError
 LOCK_NAME = ".lock"
 
 
+def check_shared(out_dir: str | Path, is_main: bool) -> None:
+    """Under torchrun: UserError on every rank unless every rank sees rank 0's out_dir (its lock file, with rank
+    0's own words in it). Rank 0 alone writes checkpoints and all ranks resume from them, so an out_dir on
+    node-local disks would make one node resume and another start over, then hang in mismatched collectives."""
+    from gpt2 import distributed
+
+    path = Path(out_dir) / LOCK_NAME
+    # Rank 0 reaches the broadcast holding the lock, its words written; the others read only after it.
+    theirs = distributed.broadcast_object(path.read_text() if is_main else None)
+    try:
+        mine = path.read_text()
+    except OSError:
+        mine = None
+    seen = distributed.all_gather_object((mine == theirs, socket.gethostname()))
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        raise UserError(f"out_dir={out_dir} is not shared by every process: {', '.join(blind)} cannot see rank 0's "
+                        f"{path}; put out_dir on a filesystem that every node mounts (rank 0 writes the checkpoints "
+                        "and every rank resumes from them)")
+
+
 @contextlib.contextmanager
 def run_lock(out_dir: str | Path, enabled: bool = True) -> Iterator[None]:
     """Hold the run directory's lock inside the `with` block; UserError naming the holder if another run has it."""

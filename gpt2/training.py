@@ -37,7 +37,7 @@ from gpt2.metrics import MetricsLogger, mfu, peak_flops
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import build_optimizer, schedule_warning, set_lr
 from gpt2.resources import CONFIG_DIR
-from gpt2.runlock import run_lock
+from gpt2.runlock import check_shared, run_lock
 
 BEST_NAME = "best.pt"
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "bias")
@@ -110,7 +110,8 @@ class Trainer:
         # Model: resume > fine-tune init > scratch. Same seed on every rank, so FSDP shards agree.
         torch.manual_seed(cfg.seed)
         self.state = TrainState()
-        ckpt = checkpoint.load(self.ckpt_path) if self.ckpt_path.exists() else None
+        resuming = distributed.broadcast_object(self.ckpt_path.exists())  # rank 0 decides; out_dir is shared
+        ckpt = checkpoint.load(self.ckpt_path) if resuming else None
         if ckpt is not None:
             self._check_resume(ckpt)
             model = self._model_from_resume(ckpt, explicit_model_keys)
@@ -585,6 +586,8 @@ def run(cfg: DictConfig) -> None:
     info = distributed.init(run_cfg.device)
     try:
         with run_lock(run_cfg.out_dir, enabled=info.is_main):  # one trainer per out_dir (rank 0 holds it)
+            if info.is_distributed:
+                check_shared(run_cfg.out_dir, info.is_main)
             if info.is_main:
                 for path in checkpoint.remove_stale_temporaries(run_cfg.out_dir):
                     print0(f"removed {path}, left by a save that was interrupted")

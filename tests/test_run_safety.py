@@ -19,6 +19,23 @@ def base(char_data: Path, out: Path, *extra: str) -> list[str]:
     return [f"data.name={char_data}", f"out_dir={out}", *TINY, *extra]
 
 
+FOUR = ["train.max_iters=4", "train.eval_interval=2", "optim.warmup_iters=0", "optim.lr_decay_iters=8"]
+
+
+@pytest.fixture(scope="module")
+def four_steps(char_data, tmp_path_factory) -> Path:
+    """A finished 4-step run (checkpoints at 2 and 4): each test resumes its own copy."""
+    out = tmp_path_factory.mktemp("four") / "run"
+    train(base(char_data, out, *FOUR), out.parent)
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
 def test_a_second_trainer_on_the_same_out_dir_fails_naming_the_first(char_data, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(TRAIN + base(char_data, out, "train.max_iters=100000", "train.eval_interval=0"),
@@ -39,14 +56,12 @@ def test_a_second_trainer_on_the_same_out_dir_fails_naming_the_first(char_data, 
     assert "step 4 | loss" in third.stdout
 
 
-def test_resume_applies_changed_optimizer_settings_from_the_resume_step(char_data, tmp_path):
+def test_resume_applies_changed_optimizer_settings_from_the_resume_step(char_data, four_steps, tmp_path):
     from gpt2.config import OptimConfig
     from gpt2.optim import lr_at
 
-    out = tmp_path / "run"
-    args = base(char_data, out, "train.max_iters=4", "train.eval_interval=4", "train.log_interval=1",
-                "optim.warmup_iters=0", "optim.lr_decay_iters=8")  # fmt: skip
-    train(args, tmp_path)
+    out = copy_of(four_steps, tmp_path)
+    args = base(char_data, out, *FOUR)
     p = train([*args, "train.max_iters=8", "optim.lr=1e-5", "optim.weight_decay=0.9"], tmp_path)
     assert "resuming with changed optim.lr 0.003 -> 1e-05, optim.weight_decay 0.1 -> 0.9: applied from step 4" in p.stdout
     new = OptimConfig(lr=1e-5, warmup_iters=0, lr_decay_iters=8)
@@ -58,22 +73,20 @@ def test_resume_applies_changed_optimizer_settings_from_the_resume_step(char_dat
     assert ckpt["config"]["optim"]["lr"] == 1e-5 and "lr: 1.0e-05" in (out / "config.yaml").read_text()
 
 
-def test_a_rerun_that_contradicts_the_run_in_out_dir_is_refused(char_data, tmp_path):
-    out = tmp_path / "run"
-    train(base(char_data, out, "train.max_iters=4", "train.eval_interval=4"), tmp_path)
+def test_a_rerun_that_contradicts_the_run_in_out_dir_is_refused(char_data, four_steps, tmp_path):
+    out = copy_of(four_steps, tmp_path)
     config = (out / "config.yaml").read_text()
-    p = train(base(char_data, out, "train.max_iters=4", f"init_from={out}"), tmp_path, check=False)
+    p = train(base(char_data, out, *FOUR, f"init_from={out}"), tmp_path, check=False)
     assert p.returncode == 2 and f"init_from={out} disagrees with the run in {out}, which started from " \
                                  "init_from=scratch" in p.stderr, p.stderr  # fmt: skip
-    p = train(base(char_data, out, "train.max_iters=2"), tmp_path, check=False)
+    p = train(base(char_data, out, *FOUR, "train.max_iters=2"), tmp_path, check=False)
     assert p.returncode == 2 and "train.max_iters=2 is below step 4, which the run in" in p.stderr, p.stderr
     assert (out / "config.yaml").read_text() == config  # nothing rewritten
 
 
-def test_a_partial_last_metrics_line_is_dropped_on_resume(char_data, tmp_path):
-    out = tmp_path / "run"
-    args = base(char_data, out, "train.max_iters=4", "train.eval_interval=2", "train.log_interval=1")
-    train(args, tmp_path)
+def test_a_partial_last_metrics_line_is_dropped_on_resume(char_data, four_steps, tmp_path):
+    out = copy_of(four_steps, tmp_path)
+    args = base(char_data, out, *FOUR)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 1.2')  # a kill or a full disk mid-write
     p = train([*args, "train.max_iters=6"], tmp_path)
@@ -207,10 +220,10 @@ def test_resuming_on_a_re_prepared_dataset_says_so(tmp_path):
 
 
 def test_a_signal_during_a_long_eval_stops_promptly_and_the_resume_redoes_it(char_data, tmp_path):
-    """eval_iters=4000 makes the eval at step 6 take many seconds: the stop must not wait for it to end."""
+    """eval_iters=2000 makes the eval at step 6 take seconds: the stop must not wait for it to end."""
     out = tmp_path / "run"
     train(base(char_data, out, "train.max_iters=3", "train.eval_interval=6"), tmp_path)  # evals at 0 and 3, quick
-    args = base(char_data, out, "train.max_iters=12", "train.eval_interval=6", "train.eval_iters=4000")
+    args = base(char_data, out, "train.max_iters=12", "train.eval_interval=6", "train.eval_iters=2000")
     proc = subprocess.Popen(TRAIN + args, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)  # fmt: skip
     metrics, deadline = out / "metrics.jsonl", time.time() + 240
@@ -228,11 +241,15 @@ def test_a_signal_during_a_long_eval_stops_promptly_and_the_resume_redoes_it(cha
     assert [r["step"] for r in records(out, "eval")] == [0, 3, 6, 7]  # the resume redid the eval at step 6
 
 
-def test_an_out_dir_that_is_a_file_or_cannot_be_made_fails_before_any_work(char_data, tmp_path):
+def test_an_out_dir_that_is_a_file_or_cannot_be_made_fails_before_any_work(tmp_path):
+    from gpt2.errors import UserError
+    from gpt2.runlock import run_lock
+
     (tmp_path / "taken").write_text("a file of the user's")
-    p = train(base(char_data, tmp_path / "taken", "train.max_iters=2"), tmp_path, check=False)
-    assert p.returncode == 2 and p.stderr.strip() == f"error: out_dir={tmp_path / 'taken'} is a file, not a " \
-                                                     "directory; choose another out_dir"  # fmt: skip
+    with pytest.raises(UserError, match=rf"^out_dir={tmp_path / 'taken'} is a file, not a directory; choose another"):
+        with run_lock(tmp_path / "taken"):
+            pass
     assert (tmp_path / "taken").read_text() == "a file of the user's"
-    p = train(base(char_data, tmp_path / "taken" / "run", "train.max_iters=2"), tmp_path, check=False)
-    assert p.returncode == 2 and "cannot create out_dir=" in p.stderr and "choose a writable out_dir" in p.stderr
+    with pytest.raises(UserError, match=r"cannot create out_dir=.*; choose a writable out_dir"):
+        with run_lock(tmp_path / "taken" / "run"):
+            pass

@@ -55,3 +55,18 @@ def test_two_processes_match_one(char_data, tmp_path, single, parallelism):  # n
     # The 2-process checkpoint resumes in 1 process: the loader position counts global micro-batches.
     train([f"data.name={char_data}", f"out_dir={out}", *ARGS, "train.max_iters=10"], tmp_path)
     assert records(out)[-1]["step"] == 10
+
+
+@pytest.mark.slow
+def test_an_out_dir_that_is_not_shared_by_every_rank_is_one_error(char_data, tmp_path):  # noqa: F811
+    """Node-local disks, simulated: each rank's out_dir is its own folder. Without the check one node would resume
+    and the other start over, then hang in mismatched collectives."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           f"data.name={char_data}", f"out_dir={tmp_path}/node${{oc.env:LOCAL_RANK}}", *ARGS]  # fmt: skip
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=300)
+    assert p.returncode != 0
+    assert f"error: out_dir={tmp_path}/node0 is not shared by every process: rank 1 on " in p.stderr, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr.split("error: out_dir")[0][-500:]
+    assert not (tmp_path / "node0" / "ckpt.pt").exists()
