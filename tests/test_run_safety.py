@@ -84,30 +84,27 @@ def test_a_rerun_that_contradicts_the_run_in_out_dir_is_refused(char_data, four_
     assert (out / "config.yaml").read_text() == config  # nothing rewritten
 
 
-def test_a_partial_last_metrics_line_is_dropped_on_resume(char_data, four_steps, tmp_path):
+def test_a_resume_drops_a_partial_metrics_line_and_stale_temporaries(char_data, four_steps, tmp_path):
+    """(and an unchanged dataset draws no warning)"""
     out = copy_of(four_steps, tmp_path)
     args = base(char_data, out, *FOUR)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 1.2')  # a kill or a full disk mid-write
-    p = train([*args, "train.max_iters=6"], tmp_path)
-    assert "dropped 1 incomplete record(s)" in p.stdout
-    assert [r["step"] for r in records(out)] == [1, 2, 3, 4, 5, 6]
-
-
-def test_stale_checkpoint_temporaries_are_removed_at_start(char_data, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    stale = [out / ".ckpt.pt.424242.tmp", out / ".best.pt.424242.tmp"]
+    stale = [out / ".ckpt.pt.424242.tmp", out / ".best.pt.424242.tmp"]  # saves that were cut short
     for path in stale:
         path.write_bytes(b"\0" * 1000)
     (out / "notes.tmp").write_text("not ours")
-    p = train(base(char_data, out, "train.max_iters=2", "train.eval_interval=2"), tmp_path)
+    p = train([*args, "train.max_iters=6"], tmp_path)
+    assert "dropped 1 incomplete record(s)" in p.stdout and "was prepared again" not in p.stdout
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4, 5, 6]
     assert not any(path.exists() for path in stale) and (out / "notes.tmp").exists()
     assert f"removed {stale[0]}, left by a save that was interrupted" in p.stdout
 
 
 def test_a_second_signal_stops_at_once(capsys):
-    from gpt2.training import Trainer
+    from gpt2.training import STOP_SIGNALS, Trainer
+
+    assert set(STOP_SIGNALS) == {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # a dropped ssh session saves too
 
     trainer = Trainer.__new__(Trainer)  # the handler's own state only
     trainer._stop_signal, trainer.ckpt_path = None, Path("out/run/ckpt.pt")
@@ -121,6 +118,9 @@ def test_a_second_signal_stops_at_once(capsys):
         with pytest.raises(SystemExit) as e:
             trainer._on_signal(signal.SIGTERM, None)
         assert e.value.code == 128 + signal.SIGTERM
+        trainer._stop_signal = None
+        trainer._on_signal(signal.SIGHUP, None)  # stdout is no terminal here: nothing to detach
+        assert trainer._stop_signal == signal.SIGHUP and "got SIGHUP: finishing this step" in capsys.readouterr().out
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -203,27 +203,23 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]  # no temporary left behind
 
 
-def test_resuming_on_a_re_prepared_dataset_says_so(tmp_path):
-    from gpt2.config import DataConfig
-    from gpt2.data.prepare import prepare
-    from test_train import corpus_text
+def test_resuming_on_a_re_prepared_dataset_says_so(char_data, four_steps, tmp_path):
+    import shutil
 
-    (tmp_path / "corpus.txt").write_text(corpus_text())
-    data = DataConfig(name="chars", source=str(tmp_path / "corpus.txt"), tokenizer="char")
-    prepare(data, data_root=tmp_path)
-    out = tmp_path / "run"
-    args = base(tmp_path / "chars", out, "train.max_iters=2", "train.eval_interval=2")
-    assert "was prepared again" not in train(args, tmp_path).stdout
-    prepare(data, data_root=tmp_path, overwrite=True)  # same corpus, new preparation while the run was stopped
-    p = train([*args, "train.max_iters=3"], tmp_path)
-    assert f"warning: {tmp_path / 'chars'} was prepared again since this run's last checkpoint" in p.stdout
+    data = Path(shutil.copytree(char_data, tmp_path / "chars"))
+    out = copy_of(four_steps, tmp_path)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["prepared_at"] = "2026-11-25T23:59:59+0000"  # what `overwrite=true` changes (and the shards)
+    (data / "meta.json").write_text(json.dumps(meta))
+    p = train(base(data, out, *FOUR, "train.max_iters=6"), tmp_path)
+    assert f"warning: {data} was prepared again since this run's last checkpoint" in p.stdout
 
 
 def test_a_signal_during_a_long_eval_stops_promptly_and_the_resume_redoes_it(char_data, tmp_path):
-    """eval_iters=2000 makes the eval at step 6 take seconds: the stop must not wait for it to end."""
+    """eval_iters=1000 makes the eval at step 6 take seconds: the stop must not wait for it to end."""
     out = tmp_path / "run"
     train(base(char_data, out, "train.max_iters=3", "train.eval_interval=6"), tmp_path)  # evals at 0 and 3, quick
-    args = base(char_data, out, "train.max_iters=12", "train.eval_interval=6", "train.eval_iters=2000")
+    args = base(char_data, out, "train.max_iters=12", "train.eval_interval=6", "train.eval_iters=1000")
     proc = subprocess.Popen(TRAIN + args, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)  # fmt: skip
     metrics, deadline = out / "metrics.jsonl", time.time() + 240
