@@ -85,7 +85,7 @@ def test_a_rerun_that_contradicts_the_run_in_out_dir_is_refused(char_data, four_
 
 
 def test_a_resume_drops_a_partial_metrics_line_and_stale_temporaries(char_data, four_steps, tmp_path):
-    """(and an unchanged dataset draws no warning)"""
+    """A resume drops a cut-short metrics line and stale save temporaries; an unchanged dataset draws no warning."""
     out = copy_of(four_steps, tmp_path)
     args = base(char_data, out, *FOUR)
     with open(out / "metrics.jsonl", "a") as f:
