@@ -500,10 +500,7 @@ def run(cfg: Any) -> list[str]:
     """Sample as `cfg` (a SampleConfig or Hydra DictConfig) says; print the samples; return them."""
     c = cfg if isinstance(cfg, SampleConfig) else to_object(cfg, SampleConfig)
     if c.output:  # before any work: a path that cannot be written would lose every sample at the end
-        try:
-            open(c.output, "a").close()
-        except OSError as e:
-            raise UserError(f"output={c.output} cannot be written ({e.strerror}); choose a writable path") from None
+        _append_samples(c.output, [], {})
     prompt = read_prompt(c.prompt, c.prompt_file)
     greedy_fp32 = c.dtype == "auto" and c.temperature == 0  # greedy text must equal other tools' (fp32) text
     kwargs = dict(device=c.device, dtype="float32" if greedy_fp32 else c.dtype, compile=c.compile)
@@ -519,37 +516,52 @@ def run(cfg: Any) -> list[str]:
     stream = c.stream if c.stream is not None else (c.num_samples == 1 and sys.stdout.isatty())
 
     source = {"checkpoint": c.checkpoint} if c.checkpoint else {"init_from": c.init_from}
-    record = {**source, **asdict(settings), "device": str(sampler.device), "dtype": str(sampler.dtype).removeprefix("torch.")}
-
-    def save(texts: list[str]) -> None:  # each sample is written as soon as it is done: an interrupt loses none
-        if c.output:
-            with open(c.output, "a", encoding="utf-8") as f:
-                for text in texts:
-                    f.write(json.dumps({"prompt": prompt, "sample": text, "settings": record}) + "\n")
-
+    record = {"prompt": prompt, "settings": {**source, **asdict(settings), "device": str(sampler.device),
+                                             "dtype": str(sampler.dtype).removeprefix("torch.")}}  # fmt: skip
     samples: list[str] = []
-    if stream:  # one sample at a time, printed as it comes
-        generator = sampler._generator(settings.seed)
-        for i in range(c.num_samples):
-            print(prompt, end="", flush=True)
-            text = ""
-            for _, piece in sampler.stream_batch(prompt, 1, generator=generator, **asdict(settings)):
-                text += piece
-                print(piece, end="", flush=True)
-            print("\n" + "-" * 40, flush=True)
-            save([text])
-            samples.append(text)
-    else:  # a batch at a time, with a progress bar on stderr meanwhile
-        from gpt2.progress import progress_bar
-
-        with progress_bar(total=c.num_samples * c.max_new_tokens, unit="tok", desc="sampling") as bar:
-            for texts in sampler.generate_batches(prompt, c.num_samples, batch_size=c.batch_size,
-                                                  on_piece=bar.update, **asdict(settings)):  # fmt: skip
-                for text in texts:
-                    bar.write(prompt + text + "\n" + "-" * 40, file=sys.stdout)
-                save(texts)
-                samples += texts
+    # Each sample is printed, and appended to `output`, as soon as it is done: an interrupt loses none.
+    for texts in (_stream_one_by_one if stream else _in_batches)(sampler, prompt, c, settings):
+        if c.output:
+            _append_samples(c.output, texts, record)
+        samples += texts
     return samples
+
+
+def _stream_one_by_one(sampler: Sampler, prompt: str, c: SampleConfig, settings: GenerationSettings
+                       ) -> Iterator[list[str]]:
+    """Samples one at a time, each printed token by token as it comes."""
+    generator = sampler._generator(settings.seed)
+    for _ in range(c.num_samples):
+        print(prompt, end="", flush=True)
+        text = ""
+        for _, piece in sampler.stream_batch(prompt, 1, generator=generator, **asdict(settings)):
+            text += piece
+            print(piece, end="", flush=True)
+        print("\n" + "-" * 40, flush=True)
+        yield [text]
+
+
+def _in_batches(sampler: Sampler, prompt: str, c: SampleConfig, settings: GenerationSettings
+                ) -> Iterator[list[str]]:
+    """Samples a batch at a time, printed when the batch is done, with a progress bar on stderr meanwhile."""
+    from gpt2.progress import progress_bar
+
+    with progress_bar(total=c.num_samples * c.max_new_tokens, unit="tok", desc="sampling") as bar:
+        for texts in sampler.generate_batches(prompt, c.num_samples, batch_size=c.batch_size, on_piece=bar.update,
+                                              **asdict(settings)):  # fmt: skip
+            for text in texts:
+                bar.write(prompt + text + "\n" + "-" * 40, file=sys.stdout)
+            yield texts
+
+
+def _append_samples(path: str, texts: list[str], record: dict) -> None:
+    """One JSON line per sample ({prompt, sample, settings}) appended to `path`; UserError if it cannot be."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            for text in texts:
+                f.write(json.dumps({"prompt": record["prompt"], "sample": text, "settings": record["settings"]}) + "\n")
+    except OSError as e:
+        raise UserError(f"output={path} cannot be written ({e.strerror}); choose a writable path") from None
 
 
 def main() -> None:
