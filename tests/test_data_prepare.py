@@ -342,6 +342,8 @@ def test_llmc_shards_without_meta_are_explained_then_adopted(tmp_path, capsys):
     before = sorted(p.name for p in (tmp_path / "llmc").iterdir())
     prepare(tmp_path, "data=llmc", "data.name=llmc", f"data.source={tmp_path / 'llmc'}")
     assert open_dataset("llmc", data_root=tmp_path).num_tokens("train") == len(ids) - 100
+    prepare(tmp_path, "data=llmc", "data.name=llmc", f"data.source={tmp_path / 'llmc'}", "overwrite=true")
+    assert open_dataset("llmc", data_root=tmp_path).num_tokens("train") == len(ids) - 100  # its own links not re-adopted
     assert set(before) <= {p.name for p in (tmp_path / "llmc").iterdir()}
 
 

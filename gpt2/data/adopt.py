@@ -10,6 +10,7 @@ size), scanned for its largest token id (which confirms the GPT-2 tokenizer), an
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from gpt2.data.shards import open_tokens, read_header, shard_name
 from gpt2.errors import UserError
 from gpt2.tokenizer import GPT2Tokenizer
 
+OUR_NAME = re.compile(r"(train|val)_\d{6}\.bin")
 SCAN_TOKENS = 1 << 24  # tokens read at a time when looking for a shard's largest id
 
 
@@ -51,8 +53,9 @@ def adopt(data: DataConfig, out_dir: Path) -> tuple[dict[str, list[dict]], GPT2T
 
 
 def _shards_by_split(folder: Path) -> dict[str, list[Path]]:
-    """`*.bin` files by split, sorted by name: a name holding `val` is val, one holding `train` is train."""
-    files = sorted(folder.glob("*.bin"))
+    """`*.bin` files by split, sorted by name: a name holding `val` is val, one holding `train` is train. The
+    links an earlier adoption of this folder made (ours, `train_000000.bin` -> ...) are not shards of their own."""
+    files = sorted(p for p in folder.glob("*.bin") if not (p.is_symlink() and OUR_NAME.fullmatch(p.name)))
     by_split: dict[str, list[Path]] = {split: [] for split in SPLITS}
     unknown = []
     for path in files:
