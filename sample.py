@@ -1,6 +1,6 @@
 """Sample text from a checkpoint or OpenAI's GPT-2: `python sample.py checkpoint=out/run prompt="..."`.
 
-Keys: configs/sample.yaml and gpt2/config.py (SampleConfig); the work happens in gpt2.sampling.run.
+Keys: configs/sample.yaml and gpt2/config.py (SampleConfig); the work happens in gpt2.sampling.cli.run.
 """
 
 import sys
@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from gpt2.cli import quote_free_text
 from gpt2.errors import exit_on_user_error
-from gpt2.sampling import run
+from gpt2.sampling.cli import run
 
 
 @hydra.main(version_base="1.3", config_path="gpt2/configs", config_name="sample")

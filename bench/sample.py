@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from gpt2 import hf
 from gpt2.model import GPT, GPTConfig
 from gpt2.sampling import SamplingParams, generate, sample_next_token, use_decode_layout
 
@@ -88,7 +89,7 @@ def main() -> None:
     torch.manual_seed(0)
     plain = GPT(GPTConfig()).eval()  # GPT-2 124M shape, random weights
     with tempfile.TemporaryDirectory() as tmp:
-        plain.save_pretrained(tmp)
+        hf.save_pretrained(plain, tmp)
         hf_model = GPT2LMHeadModel.from_pretrained(tmp).eval()
     ours = use_decode_layout(copy.deepcopy(plain))
     ours_bf16 = use_decode_layout(copy.deepcopy(plain).to(torch.bfloat16))

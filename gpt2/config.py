@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt2.errors import UserError
+from gpt2.model import ModelConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -58,33 +59,6 @@ def check_sampling(
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
         raise UserError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
-
-
-@dataclass
-class ModelConfig:
-    """Architecture (the vocabulary size comes from the dataset's tokenizer, or from the pretrained init)."""
-
-    n_layer: int = 4
-    """Transformer blocks."""
-    n_head: int = 4
-    """Attention heads per block; must divide n_embd."""
-    n_embd: int = 128
-    """Width of the residual stream."""
-    block_size: int = 64
-    """Context length in tokens."""
-    dropout: float = 0.0
-    """Dropout probability on embeddings, attention and residual outputs (0 for pretraining)."""
-    bias: bool = True
-    """Biases in Linear and LayerNorm layers, as GPT-2."""
-
-    def __post_init__(self) -> None:
-        for key in ("n_layer", "n_head", "n_embd", "block_size"):
-            if getattr(self, key) < 1:
-                raise UserError(f"model.{key} must be >= 1, got {getattr(self, key)}")
-        if self.n_embd % self.n_head:
-            raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass

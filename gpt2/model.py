@@ -13,7 +13,7 @@ V = vocab size, Vp = padded vocab size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -23,30 +23,53 @@ from gpt2.errors import UserError
 
 
 @dataclass
-class GPTConfig:
-    """Architecture of a GPT-2 model. Defaults are GPT-2 124M."""
+class ModelConfig:
+    """The architecture a user chooses (the `model.*` config keys). Defaults are GPT-2 124M's. The vocabulary
+    size is not among them: the dataset's tokenizer, or the pretrained init, decides it (`GPTConfig`)."""
 
     n_layer: int = 12
+    """Transformer blocks."""
     n_head: int = 12
+    """Attention heads per block; must divide n_embd."""
     n_embd: int = 768
+    """Width of the residual stream."""
     block_size: int = 1024
-    """Context length: the number of learned positional embeddings."""
-    vocab_size: int = 50257
-    """Real vocabulary size; the embedding is padded up to a multiple of 64 (see `padded_vocab_size`)."""
+    """Context length in tokens: the number of learned positional embeddings."""
     dropout: float = 0.0
+    """Dropout probability on embeddings, attention and residual outputs (0 for pretraining)."""
     bias: bool = True
-    """Biases in Linear layers and LayerNorms (GPT-2 has them; False is slightly faster and as good)."""
+    """Biases in Linear and LayerNorm layers (GPT-2 has them; False is slightly faster and as good)."""
 
     def __post_init__(self) -> None:
-        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
             if getattr(self, key) < 1:
                 raise UserError(f"model.{key} must be >= 1, got {getattr(self, key)}")
         if self.n_embd % self.n_head:
-            raise UserError(
-                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
-            )
+            raise UserError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class GPTConfig(ModelConfig):
+    """Everything that builds a GPT: the architecture and the vocabulary size."""
+
+    vocab_size: int = 50257
+    """Real vocabulary size; the embedding is padded up to a multiple of 64 (see `padded_vocab_size`)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vocab_size < 1:
+            raise UserError(f"model.vocab_size must be >= 1, got {self.vocab_size}")
+
+    @classmethod
+    def of(cls, arch: ModelConfig, vocab_size: int) -> "GPTConfig":
+        return cls(**{f.name: getattr(arch, f.name) for f in fields(ModelConfig)}, vocab_size=vocab_size)
+
+    @property
+    def arch(self) -> ModelConfig:
+        """The `model.*` part, without the vocabulary."""
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
 
     @property
     def padded_vocab_size(self) -> int:
@@ -222,18 +245,9 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
         self.transformer.wte.weight[self.config.vocab_size :].zero_()
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> (logits (B, T, V), loss).
-
-        Logits cover the real vocabulary only (a view that drops the padded columns, so padding is never
-        sampled). `loss` is the mean next-token cross-entropy over positions whose target is not -1, or None
-        without targets. With `kv_cache`, idx holds the positions after `kv_cache.pos` and the cache advances.
-        """
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> the final LayerNorm's output (B, T, C): everything but the LM head.
+        With `kv_cache`, idx holds the positions after `kv_cache.pos`, and the cache advances by T."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -244,14 +258,42 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache)
-        x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V), a view of (B, T, Vp)
+        return self.transformer.ln_f(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, V), loss).
+
+        Logits cover the real vocabulary only (a view that drops the padded columns, so padding is never
+        sampled). `loss` is the mean next-token cross-entropy over positions whose target is not -1, or None
+        without targets. `kv_cache`: see `hidden_states`.
+        """
+        logits = self.lm_head(self.hidden_states(idx, kv_cache))[..., : self.config.vocab_size]  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
+
+    def last_logits(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The next-token logits (B, V) in fp32 after idx (B, T): the LM head on the last position only, which
+        saves the (B, T, Vp) logits of a prompt (200 MB for a 1024-token GPT-2 prompt). For generation."""
+        x = self.hidden_states(idx, kv_cache)[:, -1]  # (B, C)
+        return self.lm_head(x)[:, : self.config.vocab_size].float()
+
+    @torch.no_grad()
+    def crop_block_size(self, block_size: int) -> None:
+        """Keep the first `block_size` positions (model surgery, as nanoGPT's): a smaller context for fine-tuning
+        a pretrained model. A larger one cannot be made up: ValueError."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"cannot grow block_size {self.config.block_size} to {block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].clone())
 
     @classmethod
     def from_state_dict(cls, config: GPTConfig, state: dict[str, torch.Tensor]) -> "GPT":
@@ -281,18 +323,3 @@ class GPT(nn.Module):
         cfg = self.config
         T = seq_len or cfg.block_size
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str) -> "GPT":
-        """OpenAI's GPT-2 weights by Hugging Face hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) or a
-        local directory in Hugging Face layout. See `gpt2.hf`."""
-        from gpt2 import hf
-
-        return hf.load_pretrained(name_or_dir)
-
-    def save_pretrained(self, out_dir: str, dtype: torch.dtype = torch.float32) -> None:
-        """Write this model in Hugging Face layout (config.json + model.safetensors), weights in `dtype` (fp32
-        unless asked, whatever dtype the model runs in). See `gpt2.hf`."""
-        from gpt2 import hf
-
-        hf.save_pretrained(self, out_dir, dtype)

@@ -58,7 +58,7 @@ def assert_same_logits(ours: GPT, theirs: GPT2LMHeadModel, vocab_size: int) -> N
 def test_load_hf_checkpoint_matches_transformers(tmp_path, vocab_size):
     theirs = hf_model(vocab_size)
     theirs.save_pretrained(tmp_path)
-    ours = GPT.from_pretrained(str(tmp_path))
+    ours = hf.load_pretrained(str(tmp_path))
     assert ours.config.vocab_size == vocab_size and ours.config.padded_vocab_size % 64 == 0
     assert ours.lm_head.weight is ours.transformer.wte.weight
     assert not ours.transformer.wte.weight[vocab_size:].any()  # padded rows are zero
@@ -68,7 +68,7 @@ def test_load_hf_checkpoint_matches_transformers(tmp_path, vocab_size):
 @pytest.mark.parametrize("vocab_size,bias", [(100, True), (50257, True), (100, False)])
 def test_export_loads_in_transformers_with_same_logits(tmp_path, vocab_size, bias):
     ours = our_model(vocab_size, bias=bias)
-    ours.save_pretrained(str(tmp_path))
+    hf.save_pretrained(ours, str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     theirs, info = GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -78,8 +78,8 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, vocab_size, bia
 
 def test_round_trip_is_exact(tmp_path):
     ours = our_model(100)
-    ours.save_pretrained(str(tmp_path))
-    back = GPT.from_pretrained(str(tmp_path))
+    hf.save_pretrained(ours, str(tmp_path))
+    back = hf.load_pretrained(str(tmp_path))
     assert back.state_dict().keys() == ours.state_dict().keys()
     for key, t in ours.state_dict().items():
         assert torch.equal(back.state_dict()[key], t), key
@@ -94,12 +94,12 @@ def test_export_writes_the_dtype_asked_for_not_the_one_the_model_runs_in(tmp_pat
     reference = {k: t.clone() for k, t in ours.state_dict().items()}
     ours.to(torch.bfloat16)  # as a Sampler leaves it on a bf16 machine
     for name, dtype, hf_name in [("default", None, "float32"), ("bf16", torch.bfloat16, "bfloat16")]:
-        (ours.save_pretrained(str(tmp_path / name)) if dtype is None
-         else ours.save_pretrained(str(tmp_path / name), dtype=dtype))  # fmt: skip
+        (hf.save_pretrained(ours, str(tmp_path / name)) if dtype is None
+         else hf.save_pretrained(ours, str(tmp_path / name), dtype=dtype))  # fmt: skip
         with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
             assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype or torch.float32}
         assert json.loads((tmp_path / name / "config.json").read_text())["dtype"] == hf_name
-    back = GPT.from_pretrained(str(tmp_path / "default"))
+    back = hf.load_pretrained(str(tmp_path / "default"))
     assert torch.equal(back.state_dict()["transformer.h.0.mlp.c_fc.weight"],
                        reference["transformer.h.0.mlp.c_fc.weight"].to(torch.bfloat16).float())
 
@@ -143,71 +143,71 @@ def test_hub_name_offline_says_how_to_fix(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match=r"cannot download 'gpt2-medium' weights.*hf download") as e:
-        GPT.from_pretrained("gpt2-medium")
+        hf.load_pretrained("gpt2-medium")
     # The command it names exists in the installed huggingface_hub and takes those arguments.
     import subprocess
     import sys
     from pathlib import Path
 
     command = re.search(r"`hf (download [^`]*)`", str(e.value)).group(1).replace("<dir>", "x").split()
-    hf = Path(sys.executable).parent / "hf"
-    assert subprocess.run([str(hf), *command[:1], "--help"], capture_output=True).returncode == 0
+    hf_cli = Path(sys.executable).parent / "hf"
+    assert subprocess.run([str(hf_cli), *command[:1], "--help"], capture_output=True).returncode == 0
 
 
 def test_unknown_name():
     with pytest.raises(UserError, match=r"unknown pretrained model 'gpt3'.*gpt2-medium"):
-        GPT.from_pretrained("gpt3")
+        hf.load_pretrained("gpt3")
 
 
 def test_missing_dir(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        GPT.from_pretrained(str(tmp_path / "nope"))
+        hf.load_pretrained(str(tmp_path / "nope"))
 
 
 def test_dir_without_config(hf_dir):
     (hf_dir / "config.json").unlink()
     with pytest.raises(UserError, match="has no config.json"):
-        GPT.from_pretrained(str(hf_dir))
+        hf.load_pretrained(str(hf_dir))
 
 
 def test_dir_without_weights(hf_dir):
     (hf_dir / "model.safetensors").unlink()
     with pytest.raises(UserError, match="has no model.safetensors"):
-        GPT.from_pretrained(str(hf_dir))
+        hf.load_pretrained(str(hf_dir))
 
 
 def test_other_model_type(hf_dir):
     edit_config(hf_dir, model_type="llama")
     with pytest.raises(UserError, match="model_type='llama', not 'gpt2'"):
-        GPT.from_pretrained(str(hf_dir))
+        hf.load_pretrained(str(hf_dir))
 
 
 def test_unsupported_variant(hf_dir):
     edit_config(hf_dir, activation_function="relu", scale_attn_by_inverse_layer_idx=True)
     with pytest.raises(UserError, match="activation_function='relu'.*scale_attn_by_inverse_layer_idx"):
-        GPT.from_pretrained(str(hf_dir))
+        hf.load_pretrained(str(hf_dir))
 
 
 def test_shape_mismatch(hf_dir):
     edit_config(hf_dir, n_embd=128)
     with pytest.raises(UserError, match=r"transformer.wte.weight has shape \(100, 64\), expected \(100, 128\)"):
-        GPT.from_pretrained(str(hf_dir))
+        hf.load_pretrained(str(hf_dir))
 
 
 def test_missing_layer(hf_dir):
     edit_config(hf_dir, n_layer=3)
     with pytest.raises(UserError, match=r"missing keys \['transformer.h.2"):
-        GPT.from_pretrained(str(hf_dir))
+        hf.load_pretrained(str(hf_dir))
 
 
 def test_corrupt_weights(hf_dir):
     (hf_dir / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="cannot read weights"):
-        GPT.from_pretrained(str(hf_dir))
+        hf.load_pretrained(str(hf_dir))
 
 
 def test_corrupt_bin(hf_dir):
     (hf_dir / "model.safetensors").unlink()
     (hf_dir / "pytorch_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(UserError, match="cannot read weights"):
-        GPT.from_pretrained(str(hf_dir))
+        hf.load_pretrained(str(hf_dir))

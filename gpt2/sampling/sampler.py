@@ -1,0 +1,190 @@
+"""`Sampler`: a model, its tokenizer and a device policy, ready to sample text (the notebook API, and what
+`sample.py` and the server build on). `generate` -> list of texts, `stream` -> iterator of text pieces."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from gpt2.config import SampleConfig, check_sampling
+from gpt2.errors import UserError
+from gpt2.model import GPT
+from gpt2.sampling.engine import DecodeFn, SamplingParams, decode_step, generate, use_decode_layout, window_size
+from gpt2.sampling.text import TextStream
+
+
+@dataclass
+class GenerationSettings:
+    """Everything that shapes a sample besides the prompt (also what `output=` records per line). Defaults and
+    meanings are SampleConfig's, except `seed`: None (a fresh random seed) for the Python API."""
+
+    max_new_tokens: int = SampleConfig.max_new_tokens
+    temperature: float = SampleConfig.temperature
+    top_k: int = SampleConfig.top_k
+    top_p: float = SampleConfig.top_p
+    repetition_penalty: float = SampleConfig.repetition_penalty
+    stop: list[str] = field(default_factory=list)
+    ignore_eot: bool = SampleConfig.ignore_eot
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+
+    @property
+    def params(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+
+
+class Sampler:
+    """A model and its tokenizer, ready to sample text.
+
+        s = Sampler.from_checkpoint("out/shakespeare_char")      # or Sampler.from_pretrained("gpt2")
+        texts = s.generate("ROMEO:", num_samples=3, max_new_tokens=100, temperature=0.8, seed=1)
+        for piece in s.stream("ROMEO:", max_new_tokens=100): print(piece, end="", flush=True)
+
+    `generate` returns the continuations (the prompt not included). Keyword arguments are the fields of
+    `GenerationSettings`. The Sampler takes over `model`: it is moved, cast and (on CPU) re-laid out in place.
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Any,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str = "auto",
+        compile: bool = False,
+    ) -> None:
+        from gpt2.device import resolve_device, resolve_dtype
+
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.dtype = resolve_dtype(dtype, self.device)  # weights and KV cache: no fp32 master copy
+        self.model = model.eval().to(device=self.device, dtype=self.dtype)
+        if self.device.type == "cpu":
+            use_decode_layout(self.model)
+        self.tokenizer = tokenizer
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise UserError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
+            )
+        # The compiled decode step lives on this object (never rebinding module globals). Its sequence
+        # length changes every step, so it is compiled with dynamic shapes.
+        self.decode: DecodeFn = torch.compile(decode_step, dynamic=True) if compile else decode_step
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs: Any) -> "Sampler":
+        """From one of our checkpoints: a run's out_dir or a .pt file (model config and tokenizer inside)."""
+        from gpt2.checkpoint import load_model
+
+        model, tokenizer, _ = load_model(path, "cpu")
+        return cls(model, tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, **kwargs: Any) -> "Sampler":
+        """From OpenAI's weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face-layout directory,
+        with the GPT-2 tokenizer."""
+        from gpt2.hf import load_pretrained
+        from gpt2.tokenizer import GPT2Tokenizer
+
+        return cls(load_pretrained(name_or_dir), GPT2Tokenizer(), **kwargs)
+
+    def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
+        """Prompt text -> ids. Empty starts from end-of-text (gpt2) or a newline (char). A prompt longer than
+        the context keeps its last max(block_size - max_new_tokens, block_size // 2) tokens, with a warning."""
+        tok = self.tokenizer
+        if prompt:
+            ids = tok.encode(prompt)
+        elif tok.eot_id is not None:
+            ids = [tok.eot_id]
+        else:
+            ids = tok.encode("\n") if "\n" in getattr(tok, "chars", []) else [0]
+        block_size = self.model.config.block_size
+        if len(ids) > block_size:
+            keep = max(block_size - max_new_tokens, window_size(block_size))
+            warnings.warn(
+                f"the prompt has {len(ids)} tokens, more than the model's context of {block_size}; "
+                f"keeping its last {keep}",
+                stacklevel=3,
+            )
+            ids = ids[-keep:]
+        return ids
+
+    def new_generator(self, seed: int | None) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed(seed)
+        return g
+
+    def stream_batch(
+        self, prompt: str, num_samples: int = 1, *, generator: torch.Generator | None = None, **settings: Any
+    ) -> Iterator[tuple[int, str]]:
+        """Generate `num_samples` continuations of `prompt` as one batch; yield (row, text piece) as text
+        becomes safe to show (see TextStream). Every row ends with a (possibly empty) final piece."""
+        generation = GenerationSettings(**settings)
+        ids = self.encode_prompt(prompt, generation.max_new_tokens)
+        idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=self.device)  # (B, T)
+        generator = generator or self.new_generator(generation.seed)
+        eot = None if generation.ignore_eot else self.tokenizer.eot_id
+        streams = [TextStream(self.tokenizer, generation.stop) for _ in range(num_samples)]
+        done = [False] * num_samples
+        steps = generate(self.model, idx, generation.max_new_tokens, generation.params, eot_id=eot,
+                         generator=generator, decode=self.decode)
+        for tokens in steps:
+            yield from _text_pieces(tokens.tolist(), streams, done, eot)
+            if all(done):
+                return
+        for row in range(num_samples):
+            if not done[row]:
+                yield row, streams[row].finish()
+
+    def generate(self, prompt: str, num_samples: int = 1, *, batch_size: int = 8, **settings: Any) -> list[str]:
+        """`num_samples` continuations of `prompt`, generated in batches of up to `batch_size`."""
+        return [text for batch in self.generate_batches(prompt, num_samples, batch_size=batch_size, **settings)
+                for text in batch]  # fmt: skip
+
+    def generate_batches(
+        self, prompt: str, num_samples: int = 1, *, batch_size: int = 8, on_piece: Callable[[], Any] | None = None,
+        **settings: Any,
+    ) -> Iterator[list[str]]:
+        """`generate`, yielding each batch's continuations as soon as the batch is done (so a long run can
+        save what it has); `on_piece` is called for every text piece (roughly every token), for progress."""
+        generation = GenerationSettings(**settings)
+        generator = self.new_generator(generation.seed)
+        for start in range(0, num_samples, batch_size):
+            batch = [""] * min(batch_size, num_samples - start)
+            for row, piece in self.stream_batch(prompt, len(batch), generator=generator, **asdict(generation)):
+                batch[row] += piece
+                if on_piece is not None:
+                    on_piece()
+            yield batch
+
+    def stream(self, prompt: str, **settings: Any) -> Iterator[str]:
+        """One continuation of `prompt`, as text pieces while they are generated."""
+        for _, piece in self.stream_batch(prompt, 1, **settings):
+            if piece:
+                yield piece
+
+
+def _text_pieces(tokens: list[int], streams: list[TextStream], done: list[bool], eot: int | None
+                 ) -> Iterator[tuple[int, str]]:
+    """The (row, text piece) pairs that one step's tokens release. A row ends (`done`) at end-of-text or a stop
+    string, with a final (possibly empty) piece."""
+    for row, token in enumerate(tokens):
+        if done[row]:
+            continue
+        if token == eot:
+            done[row] = True
+            yield row, streams[row].finish()
+            continue
+        piece = streams[row].push(token)
+        if piece:
+            yield row, piece
+        if streams[row].stopped:
+            done[row] = True
+            yield row, ""
