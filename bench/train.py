@@ -5,7 +5,7 @@
 
 Models: the CPU recipe (experiment=shakespeare_char_cpu: 4 layers, 128 wide, context 64, batch 12) and the
 6-layer shakespeare_char model (384 wide, context 256; batch 8 here instead of 64 so a CPU step takes ~1 s).
-MFU is against the device's peak (`gpt2.metrics.peak_flops`): on a CPU, the measured matmul ceiling in the
+MFU is against the device's peak (`gpt2.flops.peak_flops`): on a CPU, the measured matmul ceiling in the
 same dtype. Uses data/shakespeare_char when prepared, else prepares tiny-shakespeare into a temp dir.
 """
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from gpt2.config import DataConfig, TrainRunConfig, to_object  # noqa: E402
 from gpt2.device import resolve_device  # noqa: E402
 from gpt2.distributed import DistInfo  # noqa: E402
-from gpt2.metrics import peak_flops  # noqa: E402
+from gpt2.flops import peak_flops  # noqa: E402
 from gpt2.resources import CONFIG_DIR  # noqa: E402
 from gpt2.training import Trainer  # noqa: E402
 

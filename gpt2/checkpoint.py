@@ -7,10 +7,15 @@
     model_config    GPTConfig fields, vocab_size included
     tokenizer       tokenizer.to_dict()
     config          the resolved run config (plain dict)
-    optimizer, scaler, step, best_val_loss, tokens_seen, wandb_run_id   (trainer state, see gpt2.training)
-    loader, rng     one entry per rank: data-loader position and RNG states
+    optimizer       the optimizers' state keyed by parameter name, unsharded: one format for 1 process, DDP
+                    and FSDP at any world size
+    scaler          the GradScaler's state
+    loader          the data loader's position in global micro-batches (the same on every rank)
+    rng             one entry per rank: its RNG states
+    step, best_val_loss, tokens_seen, last_eval_step, wandb_run_id    the trainer's counters, at the top level
 
 Writes go to a temporary file in the same directory, then `os.replace`, so a crash never leaves a broken file.
+`Checkpointer` is the one place a training run saves and restores its resumable components.
 """
 
 from __future__ import annotations
@@ -21,16 +26,19 @@ import shutil
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import torch
 
+from gpt2 import distributed
 from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
 from gpt2.tokenizer import from_dict as tokenizer_from_dict
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+"""2: optimizer state keyed by parameter name, one loader entry. Format 1 files are upgraded on load."""
 CKPT_NAME = "ckpt.pt"
+BEST_NAME = "best.pt"
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
@@ -114,8 +122,34 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{p} is not a gpt2 checkpoint (expected a dict with 'model' and 'model_config')")
     version = ckpt.get("format_version")
-    if version != CHECKPOINT_FORMAT:
-        raise UserError(f"{p} has checkpoint format {version}; this version of gpt2 reads {CHECKPOINT_FORMAT}")
+    if version == 1:
+        ckpt = _upgrade_from_format_1(ckpt)
+    elif version != CHECKPOINT_FORMAT:
+        raise UserError(f"{p} has checkpoint format {version}; this version of gpt2 reads 1 and {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+def _upgrade_from_format_1(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 kept each optimizer's state keyed by parameter index (so an FSDP run could not resume it) and
+    one loader entry per rank. The index -> name map is rebuilt from the optimizers the run's config builds,
+    on the meta device (no memory)."""
+    if "optimizer" in ckpt:
+        from gpt2.config import OptimConfig
+        from gpt2.optim import build_optimizer
+
+        with torch.device("meta"):
+            model = GPT(GPTConfig(**ckpt["model_config"]))
+        optimizers = build_optimizer(model, OptimConfig(**ckpt["config"]["optim"]), "cpu").optimizers
+        names = {id(p): n for n, p in model.named_parameters()}
+        state, groups = {}, []
+        for opt, old in zip(optimizers, ckpt["optimizer"]["optimizers"]):
+            for group, old_group in zip(opt.param_groups, old["param_groups"]):
+                group_names = [names[id(p)] for p in group["params"]]
+                state.update({name: old["state"][i] for name, i in zip(group_names, old_group["params"]) if i in old["state"]})
+                groups.append({**old_group, "params": group_names})
+        ckpt["optimizer"] = {"state": state, "param_groups": groups}
+        ckpt["loader"] = ckpt["loader"][0]
+    ckpt["format_version"] = CHECKPOINT_FORMAT
     return ckpt
 
 
@@ -138,3 +172,57 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 def model_state(model: GPT) -> dict[str, Any]:
     """The `model` and `model_config` entries of a checkpoint, from the unwrapped module."""
     return {"model": model.state_dict(), "model_config": asdict(model.config)}
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` becomes the same file as `src`, atomically (a hard link costs nothing; `src` is later replaced
+    by a new file, not rewritten, so the link keeps this version)."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Checkpointer:
+    """A run's `ckpt.pt` (and `best.pt`): the one place its resumable state is saved and restored.
+
+    `components` maps a top-level key of ckpt.pt to the object that owns that state (torchtitan's Stateful
+    pattern); `counters` are owners whose state dicts are merged into the top level (the trainer's counters
+    and the wandb run id, as DESIGN.md lists them). `metadata()` adds what describes the run (model config,
+    tokenizer, resolved config). Adding a piece of resumable state is adding one entry. Every rank calls
+    `save`: the components gather sharded or per-rank state; rank 0 writes.
+    """
+
+    def __init__(self, out_dir: str | Path, components: dict[str, Stateful], counters: tuple[Stateful, ...],
+                 metadata: Callable[[], dict[str, Any]], is_main: bool) -> None:
+        self.path = Path(out_dir) / CKPT_NAME
+        self.best_path = Path(out_dir) / BEST_NAME
+        self.components, self.counters, self.metadata, self.is_main = components, counters, metadata, is_main
+
+    def save(self, best: bool = False) -> None:
+        """Write ckpt.pt atomically; with `best`, best.pt becomes a hard link to it (a copy where links are
+        unsupported)."""
+        state = {key: owner.state_dict() for key, owner in self.components.items()}
+        for owner in self.counters:
+            state.update(owner.state_dict())
+        if self.is_main:
+            save(self.path, {**self.metadata(), **state})
+            if best:
+                link_or_copy(self.path, self.best_path)
+        distributed.barrier()
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Load every component's state from a checkpoint `load` returned."""
+        for key, owner in self.components.items():
+            owner.load_state_dict(ckpt[key])
+        for owner in self.counters:
+            owner.load_state_dict(ckpt)

@@ -114,43 +114,56 @@ def is_sharded(model: nn.Module) -> bool:
     return hasattr(model, "set_requires_gradient_sync")
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded state dict of `model` (the plain, unwrapped module), gathered to CPU on every rank."""
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+class FullModelState:
+    """The model's weights as one unsharded, plain-keyed state dict (Stateful, for the checkpoint): gathered to
+    the CPU from FSDP2 shards on save, sharded again on load; the module's own state dict otherwise."""
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict()
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if is_sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load an unsharded state dict into `model`, sharding it when `model` is FSDP2."""
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            return get_model_state_dict(self.model, options=_full_state_options())
+        return self.model.state_dict()
 
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        model.load_state_dict(state)
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if is_sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """One torch optimizer's state dict, unsharded when `model` is FSDP2."""
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(
-            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-    return optimizer.state_dict()
+            set_model_state_dict(self.model, state, options=_full_state_options())
+        else:
+            self.model.load_state_dict(state)
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    """The optimizers' state as one dict keyed by parameter name, unsharded: the same format whether `model`
+    runs in one process, under DDP or sharded by FSDP2, so a run resumes under any parallelism and world size."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
+    return get_optimizer_state_dict(model, optimizers, options=_state_options(model))
+
+
+def load_optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], state: dict[str, Any]) -> None:
+    """Load `optimizer_state`'s format, sharding it when `model` is FSDP2."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizers, state, options=_state_options(model))
+
+
+def _state_options(model: nn.Module) -> Any:
+    """Full (gathered) state for a sharded model; a plain model's own state is already full and FQN-keyed (and
+    torch's full-state loader would need an optimizer that has stepped)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return _full_state_options() if is_sharded(model) else StateDictOptions()
+
+
+def _full_state_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

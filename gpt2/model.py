@@ -292,6 +292,8 @@ class GPT(nn.Module):
         a pretrained model. A larger one cannot be made up: ValueError."""
         if block_size > self.config.block_size:
             raise ValueError(f"cannot grow block_size {self.config.block_size} to {block_size}")
+        if block_size == self.config.block_size:
+            return
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].clone())
 

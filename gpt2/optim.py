@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from gpt2 import distributed
 from gpt2.config import OptimConfig
 from gpt2.errors import UserError
 
@@ -51,13 +52,15 @@ def schedule_warning(cfg: OptimConfig, max_iters: int) -> str | None:
 
 
 class Optimizers:
-    """One or two torch optimizers stepped together (AdamW alone, or Muon + AdamW).
+    """One or two torch optimizers stepped together (AdamW alone, or Muon + AdamW), over `model`'s parameters.
 
     Every param group carries `base_lr`, its peak learning rate; `set_lr` scales all of them by the schedule.
+    Stateful: the state is keyed by parameter name and unsharded (see `gpt2.distributed.optimizer_state`).
     """
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+    def __init__(self, optimizers: list[torch.optim.Optimizer], model: nn.Module) -> None:
         self.optimizers = optimizers
+        self.model = model
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -83,28 +86,23 @@ class Optimizers:
             for opt in self.optimizers:
                 opt.step()
 
-    def hyperparameters(self) -> list[list[dict[str, Any]]]:
-        """Every param group's settings (lr, base_lr, weight_decay, betas, ...): what the config decides."""
-        return [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers]
-
-    def set_hyperparameters(self, settings: list[list[dict[str, Any]]]) -> None:
-        """Put `hyperparameters()` back, e.g. after loading a checkpoint's state under a changed config."""
-        for opt, groups in zip(self.optimizers, settings):
-            for group, values in zip(opt.param_groups, groups):
-                group.update(values)
-
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+        return distributed.optimizer_state(self.model, self.optimizers)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        states = state["optimizers"]
-        if len(states) != len(self.optimizers):
+        """The moments and step counts come from `state`; the hyperparameters (lr, weight decay, betas, ...) stay
+        the configured ones, so a changed optim.* applies from the resume step, as config.yaml says."""
+        if len(state["param_groups"]) != len(self.param_groups):
             raise UserError(
-                f"checkpoint holds {len(states)} optimizer state(s) but optim.name needs {len(self.optimizers)}; "
-                "resume with the optim.name the run started with"
+                f"the checkpoint holds {len(state['param_groups'])} optimizer parameter groups but this optim.name "
+                f"builds {len(self.param_groups)}; resume with the optim.name the run started with"
             )
-        for opt, s in zip(self.optimizers, states):
-            opt.load_state_dict(s)
+        configured = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+                      for opt in self.optimizers]  # fmt: skip
+        distributed.load_optimizer_state(self.model, self.optimizers, state)
+        for opt, groups in zip(self.optimizers, configured):
+            for group, values in zip(opt.param_groups, groups):
+                group.update(values)
 
 
 def _adamw(groups: list[dict[str, Any]], cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
@@ -127,8 +125,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> Opt
             momentum=cfg.muon_momentum,
         )
         adamw = _adamw(_decay_groups(rest, cfg), cfg, device_type)
-        return Optimizers([muon, adamw])
-    return Optimizers([_adamw(_decay_groups(params, cfg), cfg, device_type)])
+        return Optimizers([muon, adamw], model)
+    return Optimizers([_adamw(_decay_groups(params, cfg), cfg, device_type)], model)
 
 
 def _decay_groups(params: list[tuple[str, nn.Parameter]], cfg: OptimConfig) -> list[dict[str, Any]]:
@@ -149,3 +147,18 @@ def set_lr(optimizers: Optimizers, step: int, cfg: OptimConfig, max_iters: int) 
     for group in optimizers.param_groups:
         group["lr"] = group["base_lr"] * factor
     return lr
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale gradients so their global L2 norm is at most `max_norm`; return the norm before clipping.
+
+    As torchtitan: under FSDP2 the norm of sharded (DTensor) gradients is reduced to the full norm *before*
+    the clip coefficient is computed (`torch.nn.utils.clip_grad_norm_` would scale each shard by a
+    coefficient from a partial norm, and the run would drift from the single-process one).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if hasattr(total, "full_tensor"):  # a DTensor: sum the shards' squared norms across ranks
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total

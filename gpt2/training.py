@@ -2,12 +2,13 @@
 
 `run(cfg)` is what `train.py` and the `gpt2-train` console script call. It builds a `Trainer`, whose `fit()`
 loop reads like nanoGPT's: maybe evaluate and checkpoint, `train_step()`, log. Everything else lives in its own
-module: LR schedule and optimizers in `gpt2.optim`, process groups in `gpt2.distributed`, batches in
-`gpt2.data`, metrics in `gpt2.metrics`, the checkpoint file in `gpt2.checkpoint`.
+module: LR schedule, optimizers and clipping in `gpt2.optim`, process groups in `gpt2.distributed`, batches
+in `gpt2.data`, logging in `gpt2.metrics`, MFU in `gpt2.flops`, the checkpoint file and `Checkpointer` (which
+saves and restores every resumable component, listed in `Trainer.__init__`) in `gpt2.checkpoint`.
 
 A run lives in `out_dir` (DESIGN.md): `ckpt.pt` (latest, atomic), `best.pt` (lowest val loss), the resolved
 `config.yaml` and `metrics.jsonl`. If `out_dir/ckpt.pt` exists, the same command resumes it exactly: model,
-optimizer, grad scaler, counters, every rank's data-loader position and RNG states, and the wandb run id are
+optimizer, grad scaler, counters, the data-loader position, every rank's RNG states and the wandb run id are
 all in the checkpoint, so a resumed run on CPU ends with the same weights, bit for bit, as an uninterrupted one.
 SIGTERM/SIGINT/SIGHUP finish the current step, write a checkpoint and exit; `run` holds out_dir's lock.
 """
@@ -21,28 +22,30 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2 import checkpoint, distributed
+from gpt2.checkpoint import Checkpointer
+from gpt2.cli import job_out_dir, typed_keys
 from gpt2.config import PRETRAINED, TrainConfig, TrainRunConfig, to_dict, to_object
 from gpt2.data import TokenLoader, check_block_size, eval_batches, open_dataset
 from gpt2.device import autocast, check_memory, configure_backends, resolve_dtype
-from gpt2.distributed import DistInfo, print0
+from gpt2.distributed import DistInfo, FullModelState, print0
 from gpt2.errors import UserError, exit_on_user_error
-from gpt2.metrics import MetricsLogger, mfu, peak_flops
+from gpt2.flops import mfu, peak_flops
+from gpt2.metrics import MetricsLogger
 from gpt2.model import GPT, GPTConfig
-from gpt2.optim import build_optimizer, schedule_warning, set_lr
+from gpt2.optim import build_optimizer, clip_grad_norm_, schedule_warning, set_lr
 from gpt2.resources import CONFIG_DIR
+from gpt2.rng import RankRNG
 from gpt2.runlock import check_shared, run_lock
 
-BEST_NAME = "best.pt"
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "bias")
 """Model keys that define the architecture: a checkpoint's values win, and an override that disagrees is an error."""
-
+MODEL_KEYS = (*ARCH_KEYS, "block_size", "dropout")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 """Signals that stop a run with a checkpoint: a scheduler's notice, Ctrl-C, a closed terminal or dropped ssh."""
@@ -60,7 +63,6 @@ class TrainState:
     """Optimizer steps taken."""
     best_val_loss: float = math.inf
     tokens_seen: int = 0
-    wandb_run_id: Optional[str] = None
     last_eval_step: int = -1
     """The step whose eval is logged: a resume does not repeat it, and one stopped mid-eval redoes it."""
 
@@ -74,117 +76,107 @@ class TrainState:
             self.last_eval_step = state["step"]
 
 
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's RNG states (torch CPU, and the current CUDA device). Dropout is the only consumer;
-    the data order comes from the loader's own seeded state, and no numpy/python RNG is used."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"].clone())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].clone(), device)
-
-
 class Trainer:
     """Builds everything a run needs from `cfg` (resuming `out_dir/ckpt.pt` when present) and trains it.
 
-    Attributes: `model` (the unwrapped GPT, compiled in place when `compile` is on; its state dict has plain
-    keys), `net` (what the forward/backward go through: `model`, or its DDP wrapper, or `model` sharded by
-    FSDP2), `optimizer`, `scaler`, `loader`, `state` (counters), `logger`.
+    Attributes: `model` (the GPT itself, compiled in place when `compile` is on; its state dict has plain keys),
+    `parallel_model` (what the forward/backward go through: `model`, its DDP wrapper, or `model` sharded in
+    place by FSDP2), `optimizers`, `scaler`, `loader`, `state` (counters), `logger`, and `checkpointer`, which
+    lists every resumable component and is the one place they are saved and restored.
     """
 
-    def __init__(self, cfg: TrainRunConfig, info: DistInfo, explicit_model_keys: frozenset[str] = frozenset()):
-        self.cfg, self.info = cfg, info
-        self.device = info.device
+    def __init__(self, cfg: TrainRunConfig, info: DistInfo, typed_model_keys: frozenset[str] = frozenset()):
+        self.cfg, self.info, self.device = cfg, info, info.device
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         configure_backends(self.device)
-        tc = cfg.train
         self.out_dir = Path(cfg.out_dir)
-        self.ckpt_path = self.out_dir / checkpoint.CKPT_NAME
         self.ds = open_dataset(cfg.data.name)
+        resuming = distributed.broadcast_object((self.out_dir / checkpoint.CKPT_NAME).exists())  # rank 0 decides
+        ckpt = checkpoint.load(self.out_dir / checkpoint.CKPT_NAME) if resuming else None
 
-        # Model: resume > fine-tune init > scratch. Same seed on every rank, so FSDP shards agree.
-        torch.manual_seed(cfg.seed)
-        self.state = TrainState()
-        resuming = distributed.broadcast_object(self.ckpt_path.exists())  # rank 0 decides; out_dir is shared
-        ckpt = checkpoint.load(self.ckpt_path) if resuming else None
-        if ckpt is not None:
-            self._check_resume(ckpt)
-            model = self._model_from_resume(ckpt, explicit_model_keys)
-        elif cfg.init_from == "scratch":
-            model_cfg = GPTConfig(**asdict(cfg.model), vocab_size=self.ds.vocab_size)
-            check_block_size(self.ds, model_cfg.block_size)  # before allocating anything
-            check_memory(model_cfg, self.device, info.world_size if tc.parallelism == "fsdp" else 1)
-            with torch.device(self.device):
-                model = GPT(model_cfg)
-        else:
-            model = self._model_from_init(cfg.init_from, explicit_model_keys)
-        self.ds.check_vocab(model.config.vocab_size)
-        cfg.model = type(cfg.model)(**{k: getattr(model.config, k) for k in asdict(cfg.model)})  # the truth
-        self.model = model.to(self.device).train()
-        self.block_size = model.config.block_size
-        tc.grad_accum_steps = _grad_accum_steps(tc, self.block_size, info.world_size)
-        self.accum = tc.grad_accum_steps // info.world_size  # micro-steps per rank per optimizer step
-
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank, so FSDP shards agree
+        self.model = self._build_model(ckpt, typed_model_keys).to(self.device).train()
+        cfg.model = self.model.config.arch  # the truth, for config.yaml and the checkpoint
+        self.block_size = self.model.config.block_size
+        train = cfg.train
+        train.grad_accum_steps = _grad_accum_steps(train, self.block_size, info.world_size)
+        self.accum = train.grad_accum_steps // info.world_size  # micro-steps per rank per optimizer step
+        self.tokens_per_step = train.batch_size * self.block_size * train.grad_accum_steps
         self.compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         if self.compile:
-            _compile(self.model, tc.parallelism if info.is_distributed else "none")
-        self.net = distributed.wrap_model(self.model, info, tc.parallelism)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+            _compile(self.model, train.parallelism if info.is_distributed else "none")
+        self.parallel_model = distributed.wrap_model(self.model, info, train.parallelism)
+        self.optimizers = build_optimizer(self.model, cfg.optim, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.loader = TokenLoader(
-            self.ds, "train", batch_size=tc.batch_size, block_size=self.block_size, rank=info.rank,
+            self.ds, "train", batch_size=train.batch_size, block_size=self.block_size, rank=info.rank,
             world_size=info.world_size, seed=cfg.seed, device=self.device,
         )
-        self.resumed_at: int | None = None
-        if ckpt is not None:
-            self._load_train_state(ckpt)
-
-        self.tokens_per_step = tc.batch_size * self.block_size * tc.grad_accum_steps
+        self.state = TrainState()
+        self.logger = MetricsLogger(self.out_dir, enabled=info.is_main, wandb_cfg=cfg.wandb, run_config=to_dict(cfg))
+        self.checkpointer = Checkpointer(
+            self.out_dir,
+            components={"model": FullModelState(self.model), "optimizer": self.optimizers, "scaler": self.scaler,
+                        "loader": self.loader, "rng": RankRNG(self.device, info.rank)},
+            counters=(self.state, self.logger),
+            metadata=self._run_metadata,
+            is_main=info.is_main,
+        )  # fmt: skip
         self.flops_per_token = self.model.flops_per_token(self.block_size)
         self.peak_flops = peak_flops(self.device, self.dtype)
-        if info.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(OmegaConf.create(to_dict(cfg)), self.out_dir / "config.yaml")
-        self.logger = MetricsLogger(
-            self.out_dir,
-            enabled=info.is_main,
-            wandb_cfg=cfg.wandb,
-            run_config=to_dict(cfg),
-            wandb_run_id=self.state.wandb_run_id,
-            resume_step=self.state.step if self.resumed_at is not None else -1,  # a fresh run keeps no records
-        )
-        self.state.wandb_run_id = self.logger.wandb_run_id
         self.hellaswag = self._load_hellaswag() if cfg.eval.hellaswag_interval else None
         self._stop_signal: int | None = None
+        self._write_run_config()
         # Last, so that nothing above draws from it: dropout masks differ across ranks, and a resumed run
-        # continues this rank's RNG stream where it stopped.
+        # continues this rank's RNG stream where it stopped (restored with the rest of the state).
         torch.manual_seed(cfg.seed + info.rank)
-        if ckpt is not None and info.rank < len(ckpt["rng"]):
-            set_rng_state(ckpt["rng"][info.rank], self.device)
+        self.resumed_at: int | None = None
+        if ckpt is not None:
+            self._resume(ckpt)
+
+    def _resume(self, ckpt: dict[str, Any]) -> None:
+        """Restore every component from the checkpoint. The optimizer's moments come from it, its hyperparameters
+        from this command's optim.* (said when they changed)."""
+        self.checkpointer.restore(ckpt)
+        self.resumed_at = self.state.step
+        changed = [f"optim.{k} {v} -> {getattr(self.cfg.optim, k)}" for k, v in ckpt["config"]["optim"].items()
+                   if v != getattr(self.cfg.optim, k)]  # fmt: skip
+        if changed:
+            print0(f"resuming with changed {', '.join(changed)}: applied from step {ckpt['step']}")
+
+    def _run_metadata(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the resumable state: what the run is (see gpt2.checkpoint)."""
+        return {
+            "model_config": asdict(self.model.config),
+            "tokenizer": self.ds.tokenizer.to_dict(),
+            "data_fingerprint": self.ds.fingerprint,
+            "config": to_dict(self.cfg),
+        }
+
+    def _write_run_config(self) -> None:
+        if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(OmegaConf.create(to_dict(self.cfg)), self.out_dir / "config.yaml")
 
     # ----------------------------------------------------------------------------------------------- the loop
 
     def fit(self) -> None:
         """Train until `train.max_iters` optimizer steps; evaluate and checkpoint every `eval_interval`."""
-        tc = self.cfg.train
+        train = self.cfg.train
         self._print_summary()
+        self.logger.start(resume_step=self.state.step if self.resumed_at is not None else -1)
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
-            while self.state.step < tc.max_iters:
+            while self.state.step < train.max_iters:
                 step = self.state.step
-                if tc.eval_interval and step % tc.eval_interval == 0 and step != self.state.last_eval_step:
+                if train.eval_interval and step % train.eval_interval == 0 and step != self.state.last_eval_step:
                     self.evaluate_and_checkpoint()
                     self._stop_if_asked()  # a signal during a long eval is answered when the eval gives up
                 if self.hellaswag and step % self.cfg.eval.hellaswag_interval == 0 and step != self.resumed_at:
                     self.evaluate_hellaswag()
                 metrics = self.train_step()
                 self.state.step += 1
-                if self.state.step % tc.log_interval == 0 or self.state.step == tc.max_iters:
+                if self.state.step % train.log_interval == 0 or self.state.step == train.max_iters:
                     self.logger.log(metrics, self.state.step)
                 self._stop_if_asked()
             if self.state.step != self.state.last_eval_step:
@@ -198,42 +190,50 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `accum` micro-batches per rank. Returns the step's metrics (DESIGN.md keys)."""
         t0 = time.perf_counter()
-        lr = set_lr(self.optimizer, self.state.step, self.cfg.optim, self.cfg.train.max_iters)
-        loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.accum):
-            x, y = self.loader.next_batch()
-            # The gradient all-reduce runs once, on the last micro-step.
-            with distributed.no_sync(self.net, enabled=micro < self.accum - 1):
-                with autocast(self.device, self.dtype):
-                    _, loss = self.net(x, y)  # cross-entropy computed in fp32 under autocast
-                loss = loss / self.accum  # gradients of the mean over micro-steps
-                self.scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        self.optimizer.unscale_(self.scaler)
+        lr = set_lr(self.optimizers, self.state.step, self.cfg.optim, self.cfg.train.max_iters)
+        loss = self._accumulate_gradients()
+        self.optimizers.unscale_(self.scaler)
         clip = self.cfg.train.grad_clip or math.inf  # inf: measure the norm, clip nothing
-        grad_norm = clip_grad_norm_(list(self.model.parameters()), clip)
-        loss_value = distributed.all_reduce_mean(loss_sum).item()  # also waits for the device
-        norm_value = float(grad_norm)
-        if not math.isfinite(loss_value) or (not self.scaler.is_enabled() and not math.isfinite(norm_value)):
-            raise TrainingDiverged(
-                f"training diverged at step {self.state.step}: loss {loss_value}, grad norm {norm_value}; the last "
-                f"good checkpoint is {self.ckpt_path}. Lower optim.lr or raise optim.warmup_iters, then rerun the "
-                "same command to resume from it"
-            )
-        self.optimizer.step(self.scaler)  # with fp16, skipped when gradients overflowed
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = float(clip_grad_norm_(list(self.model.parameters()), clip))
+        self._check_finite(loss, grad_norm)
+        self.optimizers.step(self.scaler)  # with fp16, skipped when gradients overflowed
+        self.optimizers.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         self.state.tokens_seen += self.tokens_per_step
         tokens_per_sec = self.tokens_per_step / dt
         return {
-            "loss": loss_value,
+            "loss": loss,
             "lr": lr,
-            "grad_norm": norm_value,
+            "grad_norm": grad_norm,
             "ms_per_step": 1000 * dt,
             "tokens_per_sec": tokens_per_sec,
             "mfu": mfu(self.flops_per_token, tokens_per_sec, self.peak_flops, self.info.world_size),
             "tokens_seen": self.state.tokens_seen,
         }
+
+    def _accumulate_gradients(self) -> float:
+        """Forward and backward over this rank's micro-batches; the gradients are of the mean loss over all
+        micro-steps of all ranks, which is returned."""
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            x, y = self.loader.next_batch()
+            # The gradient all-reduce runs once, on the last micro-step.
+            with distributed.no_sync(self.parallel_model, enabled=micro < self.accum - 1):
+                with autocast(self.device, self.dtype):
+                    _, loss = self.parallel_model(x, y)  # cross-entropy computed in fp32 under autocast
+                loss = loss / self.accum  # gradients of the mean over micro-steps
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        return distributed.all_reduce_mean(loss_sum).item()  # also waits for the device
+
+    def _check_finite(self, loss: float, grad_norm: float) -> None:
+        """Stop with TrainingDiverged on a NaN/inf loss, or gradient norm (with fp16 the GradScaler skips those)."""
+        if not math.isfinite(loss) or (not self.scaler.is_enabled() and not math.isfinite(grad_norm)):
+            raise TrainingDiverged(
+                f"training diverged at step {self.state.step}: loss {loss}, grad norm {grad_norm}; the last good "
+                f"checkpoint is {self.checkpointer.path}. Lower optim.lr or raise optim.warmup_iters, then rerun "
+                "the same command to resume from it"
+            )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
@@ -243,23 +243,11 @@ class Trainer:
         self.model.eval()
         out = {}
         for split in ("train", "val"):
-            batches = list(
-                eval_batches(self.ds, split, num_batches=self.cfg.train.eval_iters,
-                             batch_size=self.cfg.train.batch_size, block_size=self.block_size,
-                             rank=self.info.rank, world_size=self.info.world_size, device=self.device)
-            )
             total = torch.zeros(2, device=self.device)  # (sum of losses, batches)
-            if distributed.is_sharded(self.net):
-                # FSDP2's forward is a collective: every rank runs the same number of them (padding weighs 0).
-                n = math.ceil(self.cfg.train.eval_iters / self.info.world_size)
-                batches = [(b, 1.0) for b in batches] + [(batches[0] if batches else None, 0.0)] * (n - len(batches))
-            else:
-                batches = [(b, 1.0) for b in batches]
-            for batch, weight in batches:
+            for (x, y), weight in self._weighted_eval_batches(split):
                 if self._stop_signal is not None and not self.info.is_distributed:
                     self.model.train()
                     return None
-                x, y = batch if batch is not None else self._dummy_batch()
                 with autocast(self.device, self.dtype):
                     _, loss = self.model(x, y)
                 total += torch.stack([loss.float() * weight, torch.tensor(weight, device=self.device)])
@@ -267,6 +255,20 @@ class Trainer:
             out[f"{split}_loss"] = (total[0] / total[1]).item()
         self.model.train()
         return out
+
+    def _weighted_eval_batches(self, split: str) -> list[tuple[tuple[torch.Tensor, torch.Tensor], float]]:
+        """This rank's eval batches of `split`, each with weight 1. FSDP2's forward is a collective, so there
+        every rank runs the same number of forwards: the ranks with fewer batches pad with weight-0 ones."""
+        train = self.cfg.train
+        batches = [(b, 1.0) for b in eval_batches(
+            self.ds, split, num_batches=train.eval_iters, batch_size=train.batch_size, block_size=self.block_size,
+            rank=self.info.rank, world_size=self.info.world_size, device=self.device,
+        )]  # fmt: skip
+        if distributed.is_sharded(self.parallel_model):
+            padding = torch.zeros(1, self.block_size, dtype=torch.long, device=self.device)
+            n = math.ceil(train.eval_iters / self.info.world_size)
+            batches += [((padding, padding), 0.0)] * (n - len(batches))
+        return batches
 
     def evaluate_and_checkpoint(self) -> None:
         metrics = self.evaluate()
@@ -280,7 +282,7 @@ class Trainer:
         # Nothing to save before the first step (a rerun starts over identically). It also matters: gathering
         # an FSDP2 optimizer's still-empty state would initialise it with a step, changing Adam's first update.
         if self.state.step > 0:
-            self.save_checkpoint(best=best)
+            self.checkpointer.save(best=best)
 
     def evaluate_hellaswag(self) -> None:
         """HellaSwag acc / acc_norm (ranks score disjoint examples, then all-reduce), logged like val loss."""
@@ -296,137 +298,96 @@ class Trainer:
         """The examples for in-training HellaSwag: checked before training, downloaded once by rank 0."""
         from gpt2.eval import hellaswag
 
-        ec = self.cfg.eval
+        path, limit = self.cfg.eval.hellaswag_path, self.cfg.eval.hellaswag_limit
         hellaswag.check_tokenizer(self.ds.tokenizer)
         if self.info.is_main:
-            hellaswag.load_examples(ec.hellaswag_path, ec.hellaswag_limit)
+            hellaswag.load_examples(path, limit)
         distributed.barrier()
-        return hellaswag.load_examples(ec.hellaswag_path, ec.hellaswag_limit)
+        return hellaswag.load_examples(path, limit)
 
-    # ------------------------------------------------------------------------------------------- checkpoints
+    # ------------------------------------------------------------------------------------- model and resume
 
-    def save_checkpoint(self, best: bool = False) -> None:
-        """Write `ckpt.pt` atomically (every rank takes part: it gathers sharded weights and per-rank states);
-        with `best`, `best.pt` becomes a hard link to the same file (a copy where links are unsupported)."""
-        model_state = distributed.full_model_state(self.model)
-        optim_state = {
-            "optimizers": [distributed.full_optimizer_state(self.model, o) for o in self.optimizer.optimizers]
-        }
-        loaders = distributed.all_gather_object(self.loader.state_dict())
-        rngs = distributed.all_gather_object(rng_state(self.device))
-        if self.info.is_main:
-            checkpoint.save(
-                self.ckpt_path,
-                {
-                    "model": model_state,
-                    "model_config": asdict(self.model.config),
-                    "tokenizer": self.ds.tokenizer.to_dict(),
-                    "data_fingerprint": self.ds.fingerprint,
-                    "config": to_dict(self.cfg),
-                    "optimizer": optim_state,
-                    "scaler": self.scaler.state_dict(),
-                    **self.state.state_dict(),
-                    "loader": loaders,
-                    "rng": rngs,
-                },
-            )
-            if best:
-                _link_or_copy(self.ckpt_path, self.out_dir / BEST_NAME)
-        distributed.barrier()
+    def _build_model(self, ckpt: dict[str, Any] | None, typed: frozenset[str]) -> GPT:
+        """Resume > fine-tune init > scratch. A resumed model is built like a scratch one, from the checkpoint's
+        architecture: its weights are restored with the rest of the state (`_resume`)."""
+        if ckpt is not None:
+            self._check_resume(ckpt, typed)
+            return self._new_model(GPTConfig(**ckpt["model_config"]))
+        if self.cfg.init_from == "scratch":
+            return self._new_model(GPTConfig.of(self.cfg.model, self.ds.vocab_size))
+        return self._model_from_init(self.cfg.init_from, typed)
 
-    def _load_train_state(self, ckpt: dict[str, Any]) -> None:
-        """Restore optimizer, scaler, counters and the loader position from a checkpoint. The optimizer's state
-        (moments, step counts) comes from the checkpoint; its hyperparameters from this command's optim.*, so
-        a changed lr or weight decay applies from the resume step, as config.yaml and the log say."""
-        configured = self.optimizer.hyperparameters()
-        for opt, s in zip(self.optimizer.optimizers, _optimizer_states(ckpt, len(self.optimizer.optimizers))):
-            distributed.load_full_optimizer_state(self.model, opt, s)
-        self.optimizer.set_hyperparameters(configured)
-        changed = [f"optim.{k} {v} -> {getattr(self.cfg.optim, k)}" for k, v in ckpt["config"]["optim"].items()
-                   if v != getattr(self.cfg.optim, k)]  # fmt: skip
-        if changed:
-            print0(f"resuming with changed {', '.join(changed)}: applied from step {ckpt['step']}")
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.state.load_state_dict(ckpt)
-        # The loader's position counts global micro-batches, so it is valid at any world size. (RNG states,
-        # per rank, are restored at the end of __init__.)
-        self.loader.load_state_dict(ckpt["loader"][0])
-        self.resumed_at = self.state.step
+    def _new_model(self, config: GPTConfig) -> GPT:
+        """A GPT-2-initialised model, built on the device once the data and the memory are known to fit."""
+        check_block_size(self.ds, config.block_size)
+        self.ds.check_vocab(config.vocab_size)
+        shards = self.info.world_size if self.cfg.train.parallelism == "fsdp" else 1
+        check_memory(config, self.device, shards)
+        with torch.device(self.device):
+            return GPT(config)
 
-    def _check_resume(self, ckpt: dict[str, Any]) -> None:
-        """A rerun continues the run in out_dir: an init_from that disagrees with it, or a max_iters below the
-        step it reached, is an error (never silently ignored, never written into config.yaml)."""
-        theirs = ckpt["config"].get("init_from", "scratch")
-        if self.cfg.init_from != theirs:
+    def _check_resume(self, ckpt: dict[str, Any], typed: frozenset[str]) -> None:
+        """A rerun continues the run in out_dir: an init_from, optim.name or model.* value that disagrees with
+        it, or a max_iters below the step it reached, is an error (never silently ignored)."""
+        saved = ckpt["config"]
+        if self.cfg.init_from != saved.get("init_from", "scratch"):
             raise UserError(
                 f"init_from={self.cfg.init_from} disagrees with the run in {self.out_dir}, which started from "
-                f"init_from={theirs}; rerun with init_from={theirs} to resume it, or use a new out_dir"
+                f"init_from={saved.get('init_from', 'scratch')}; rerun with that init_from to resume it, or use a "
+                "new out_dir"
+            )
+        if self.cfg.optim.name != saved["optim"]["name"]:
+            raise UserError(
+                f"optim.name={self.cfg.optim.name} disagrees with the run in {self.out_dir}, which trains with "
+                f"optim.name={saved['optim']['name']}; resume with the optim.name the run started with, or use a "
+                "new out_dir"
             )
         if self.cfg.train.max_iters < ckpt["step"]:
             raise UserError(
                 f"train.max_iters={self.cfg.train.max_iters} is below step {ckpt['step']}, which the run in "
                 f"{self.out_dir} has reached; raise train.max_iters to train on, or use a new out_dir"
             )
-
-    def _model_from_resume(self, ckpt: dict[str, Any], explicit: frozenset[str]) -> GPT:
-        """The checkpointed model; model.* values that disagree with it are an error naming the key."""
-        saved = ckpt["model_config"]
-        scratch = ckpt.get("config", {}).get("init_from", "scratch") == "scratch"
         # A run from scratch takes its architecture from the config, so the whole config must agree; a
         # fine-tune run's came from its init, so only the keys typed on the command line are compared.
-        all_keys = (*ARCH_KEYS, "block_size", "dropout")
-        keys = all_keys if scratch else tuple(k for k in all_keys if k in explicit)
-        for key in keys:
-            if getattr(self.cfg.model, key) != saved[key]:
+        scratch = saved.get("init_from", "scratch") == "scratch"
+        for key in (k for k in MODEL_KEYS if scratch or k in typed):
+            if getattr(self.cfg.model, key) != ckpt["model_config"][key]:
                 raise UserError(
                     f"model.{key}={getattr(self.cfg.model, key)} disagrees with the run being resumed in "
-                    f"{self.out_dir} (model.{key}={saved[key]}); drop the override or use a new out_dir"
+                    f"{self.out_dir} (model.{key}={ckpt['model_config'][key]}); drop the override or use a new out_dir"
                 )
         self.ds.check_tokenizer(ckpt["tokenizer"])
-        print0(f"resuming {self.ckpt_path} at step {ckpt['step']}")
+        print0(f"resuming {self.out_dir / checkpoint.CKPT_NAME} at step {ckpt['step']}")
         if ckpt.get("data_fingerprint", self.ds.fingerprint) != self.ds.fingerprint:
             print0(f"warning: {self.ds.dir} was prepared again since this run's last checkpoint: the run goes on with "
                    "the new data, so its batches differ from an uninterrupted run's")
-        return checkpoint.model_from_state(ckpt, self.device)
 
-    def _model_from_init(self, init_from: str, explicit: frozenset[str]) -> GPT:
+    def _model_from_init(self, init_from: str, typed: frozenset[str]) -> GPT:
         """Fine-tuning: a pretrained name, a Hugging Face-layout dir, or one of our checkpoints (a run dir or
         .pt). Its architecture wins; block_size may shrink (positions cropped) and dropout may change."""
-        path = Path(init_from)
-        if init_from in PRETRAINED or (path.is_dir() and (path / "config.json").exists()):
-            from gpt2 import hf
-
-            model, source, tokenizer = hf.load_pretrained(init_from), init_from, {"name": "gpt2"}
-        else:
-            if not path.exists() and not init_from.endswith(".pt"):
-                raise UserError(
-                    f"init_from={init_from!r} is neither scratch, a pretrained name ({', '.join(PRETRAINED)}), "
-                    "a Hugging Face-layout directory nor a checkpoint; fix the name or the path"
-                )
-            ckpt = checkpoint.load(init_from)
-            model, source, tokenizer = checkpoint.model_from_state(ckpt), init_from, ckpt["tokenizer"]
+        model, tokenizer = _load_init(init_from)
         self.ds.check_tokenizer(tokenizer)
+        self.ds.check_vocab(model.config.vocab_size)
         have = model.config
         for key in ARCH_KEYS:
-            if key in explicit and getattr(self.cfg.model, key) != getattr(have, key):
+            if key in typed and getattr(self.cfg.model, key) != getattr(have, key):
                 raise UserError(
-                    f"model.{key}={getattr(self.cfg.model, key)} disagrees with init_from={source} "
+                    f"model.{key}={getattr(self.cfg.model, key)} disagrees with init_from={init_from} "
                     f"(model.{key}={getattr(have, key)}); drop the override: the architecture comes from the init"
                 )
-        block_size = self.cfg.model.block_size if "block_size" in explicit else have.block_size
+        block_size = self.cfg.model.block_size if "block_size" in typed else have.block_size
         if block_size > have.block_size:
             raise UserError(
-                f"model.block_size={block_size} is larger than init_from={source}'s {have.block_size} positions; "
-                f"use model.block_size<={have.block_size}"
+                f"model.block_size={block_size} is larger than init_from={init_from}'s {have.block_size} "
+                f"positions; use model.block_size<={have.block_size}"
             )
-        dropout = self.cfg.model.dropout if "dropout" in explicit else have.dropout
-        if (block_size, dropout) != (have.block_size, have.dropout):
-            state = model.state_dict()
-            state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size].clone()  # crop
-            new = replace(have, block_size=block_size, dropout=dropout)
-            model = checkpoint.model_from_state({"model": state, "model_config": asdict(new)})
-        print0(f"fine-tuning from {source}")
-        return model.to(self.device)
+        check_block_size(self.ds, block_size)
+        model.crop_block_size(block_size)
+        dropout = self.cfg.model.dropout if "dropout" in typed else have.dropout
+        if dropout != have.dropout:
+            model = GPT.from_state_dict(replace(model.config, dropout=dropout), model.state_dict())
+        print0(f"fine-tuning from {init_from}")
+        return model
 
     # ---------------------------------------------------------------------------------------------- plumbing
 
@@ -440,15 +401,15 @@ class Trainer:
             for fd in (1, 2):
                 os.dup2(devnull, fd)
         self._stop_signal = signum  # acted on after the current step, when the state is consistent
-        print0(f"got {signal.Signals(signum).name}: finishing this step, then saving {self.ckpt_path} "
+        print0(f"got {signal.Signals(signum).name}: finishing this step, then saving {self.checkpointer.path} "
                "(send it again to stop at once, without saving)")
 
     def _stop_if_asked(self) -> None:
         """After a stop signal (on any rank): save a checkpoint of the current step and exit 128 + signal."""
         if self._should_stop():
-            self.save_checkpoint()
+            self.checkpointer.save()
             print0(f"stopped by signal {self._stop_signal} at step {self.state.step}: checkpoint saved "
-                   f"to {self.ckpt_path}; rerun the same command to resume")
+                   f"to {self.checkpointer.path}; rerun the same command to resume")
             raise SystemExit(128 + self._stop_signal)
 
     def _should_stop(self) -> bool:
@@ -461,38 +422,34 @@ class Trainer:
             self._stop_signal = int(flag.item())
         return self._stop_signal is not None
 
-    def _dummy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.zeros(1, self.block_size, dtype=torch.long, device=self.device)
-        return x, x
-
     def _print_summary(self) -> None:
-        tc, info = self.cfg.train, self.info
+        train, info = self.cfg.train, self.info
         print0(
             f"model: {self.model.num_params() / 1e6:.2f}M parameters ({self.model.config.n_layer} layers, "
             f"{self.model.config.n_embd} wide, context {self.block_size}, vocab {self.model.config.vocab_size})\n"
             f"device: {self.device} x {info.world_size}, dtype {str(self.dtype).removeprefix('torch.')}, "
-            f"compile {self.compile}, parallelism {tc.parallelism if info.is_distributed else 'none'}\n"
-            f"batch: {self.tokens_per_step:,} tokens per step = {tc.batch_size} sequences x {self.block_size} tokens "
-            f"x {self.accum} micro-steps x {info.world_size} ranks; {tc.max_iters} steps; out_dir {self.out_dir}"
+            f"compile {self.compile}, parallelism {train.parallelism if info.is_distributed else 'none'}\n"
+            f"batch: {self.tokens_per_step:,} tokens per step = {train.batch_size} sequences x {self.block_size} tokens "
+            f"x {self.accum} micro-steps x {info.world_size} ranks; {train.max_iters} steps; out_dir {self.out_dir}"
         )
-        warning = schedule_warning(self.cfg.optim, tc.max_iters)
+        warning = schedule_warning(self.cfg.optim, train.max_iters)
         if warning:
             print0(warning)
 
 
-def _grad_accum_steps(tc: TrainConfig, block_size: int, world_size: int) -> int:
+def _grad_accum_steps(train: TrainConfig, block_size: int, world_size: int) -> int:
     """Micro-steps per optimizer step over all ranks: `train.grad_accum_steps`, or derived from
     `train.tokens_per_step` when set. Either way a multiple of the world size."""
-    steps = tc.grad_accum_steps
-    if tc.tokens_per_step is not None:
-        per_micro = tc.batch_size * block_size
-        if tc.tokens_per_step % (per_micro * world_size):
+    steps = train.grad_accum_steps
+    if train.tokens_per_step is not None:
+        per_micro = train.batch_size * block_size
+        if train.tokens_per_step % (per_micro * world_size):
             raise UserError(
-                f"train.tokens_per_step={tc.tokens_per_step} is not a multiple of batch_size x block_size x "
-                f"processes = {tc.batch_size} x {block_size} x {world_size} = {per_micro * world_size}; "
+                f"train.tokens_per_step={train.tokens_per_step} is not a multiple of batch_size x block_size x "
+                f"processes = {train.batch_size} x {block_size} x {world_size} = {per_micro * world_size}; "
                 "round it to a multiple of that"
             )
-        steps = tc.tokens_per_step // per_micro
+        steps = train.tokens_per_step // per_micro
     if steps % world_size:
         raise UserError(
             f"train.grad_accum_steps={steps} is not divisible by the {world_size} processes; "
@@ -501,19 +458,21 @@ def _grad_accum_steps(tc: TrainConfig, block_size: int, world_size: int) -> int:
     return steps
 
 
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Scale gradients so their global L2 norm is at most `max_norm`; return the norm before clipping.
+def _load_init(init_from: str) -> tuple[GPT, dict[str, Any]]:
+    """The model and tokenizer (as a dict) of a fine-tuning init: a pretrained name, a Hugging Face-layout
+    directory, or one of our checkpoints (a run dir or a .pt file)."""
+    path = Path(init_from)
+    if init_from in PRETRAINED or (path.is_dir() and (path / "config.json").exists()):
+        from gpt2 import hf
 
-    As torchtitan: under FSDP2 the norm of sharded (DTensor) gradients is reduced to the full norm *before*
-    the clip coefficient is computed (`torch.nn.utils.clip_grad_norm_` would scale each shard by a
-    coefficient from a partial norm, and the run would drift from the single-process one).
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads)
-    if hasattr(total, "full_tensor"):  # a DTensor: sum the shards' squared norms across ranks
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
+        return hf.load_pretrained(init_from), {"name": "gpt2"}
+    if not path.exists() and not init_from.endswith(".pt"):
+        raise UserError(
+            f"init_from={init_from!r} is neither scratch, a pretrained name ({', '.join(PRETRAINED)}), "
+            "a Hugging Face-layout directory nor a checkpoint; fix the name or the path"
+        )
+    ckpt = checkpoint.load(init_from)
+    return checkpoint.model_from_state(ckpt), ckpt["tokenizer"]
 
 
 def _compile(model: GPT, parallelism: str) -> None:
@@ -526,63 +485,11 @@ def _compile(model: GPT, parallelism: str) -> None:
         model.compile()
 
 
-def _optimizer_states(ckpt: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    states = ckpt["optimizer"]["optimizers"]
-    if len(states) != n:
-        raise UserError(
-            f"the checkpoint holds {len(states)} optimizer state(s) but optim.name={ckpt['config']['optim']['name']!r} "
-            f"was the run's optimizer; resume with the same optim.name, or start a new out_dir"
-        )
-    return states
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """`dst` becomes the same file as `src`, atomically (a hard link costs nothing; `src` is later replaced
-    by a new file, not rewritten, so the link keeps this version)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def _explicit_model_keys() -> frozenset[str]:
-    """model.* keys typed on the command line (all of them for a `model=<preset>` choice). Fine-tuning and
-    resuming compare only these with the checkpoint's architecture: the rest are the preset's defaults."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return frozenset()
-    keys = set()
-    for override in HydraConfig.get().overrides.task:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key == "model":
-            return frozenset((*ARCH_KEYS, "block_size", "dropout"))
-        if key.startswith("model."):
-            keys.add(key.removeprefix("model."))
-    return frozenset(keys)
-
-
-def _job_out_dir(out_dir: str) -> str:
-    """Under a Hydra multirun (`-m`), each job trains in its own subfolder of out_dir, named by its overrides,
-    so sweep jobs never resume each other's checkpoints."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return HydraConfig.get().runtime.output_dir  # train.yaml: hydra.sweep = out_dir/<override_dirname>
-    return out_dir
-
-
 def run(cfg: DictConfig) -> None:
     """Train (or resume) the run `cfg` describes. Called by `train.py` and `gpt2-train`."""
-    explicit = _explicit_model_keys()
+    typed_model_keys = typed_keys("model", MODEL_KEYS)
     run_cfg = to_object(cfg, TrainRunConfig)
-    run_cfg.out_dir = _job_out_dir(run_cfg.out_dir)
+    run_cfg.out_dir = job_out_dir(run_cfg.out_dir)
     info = distributed.init(run_cfg.device)
     try:
         with run_lock(run_cfg.out_dir, enabled=info.is_main):  # one trainer per out_dir (rank 0 holds it)
@@ -591,7 +498,7 @@ def run(cfg: DictConfig) -> None:
             if info.is_main:
                 for path in checkpoint.remove_stale_temporaries(run_cfg.out_dir):
                     print0(f"removed {path}, left by a save that was interrupted")
-            Trainer(run_cfg, info, explicit).fit()
+            Trainer(run_cfg, info, typed_model_keys).fit()
     finally:
         distributed.cleanup()
 

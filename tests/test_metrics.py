@@ -6,21 +6,21 @@ import time
 
 import torch
 
-from gpt2 import metrics
+from gpt2 import flops, metrics
 
 
 def test_mfu_is_a_fraction_of_the_peak_and_never_above_one():
-    assert metrics.mfu(1e9, 100.0, 1e12, world_size=1) == 0.1
-    assert metrics.mfu(1e9, 100.0, 1e12, world_size=4) == 0.025
-    assert metrics.mfu(1e9, 100.0, None, world_size=1) is None
+    assert flops.mfu(1e9, 100.0, 1e12, world_size=1) == 0.1
+    assert flops.mfu(1e9, 100.0, 1e12, world_size=4) == 0.025
+    assert flops.mfu(1e9, 100.0, None, world_size=1) is None
     # A busy machine at start-up made the measured ceiling too low: no MFU rather than 134%.
-    assert metrics.mfu(1e9, 1340.0, 1e12, world_size=1) is None
+    assert flops.mfu(1e9, 1340.0, 1e12, world_size=1) is None
     line = metrics.format_line({"step": 1, "loss": 1.0, "tokens_per_sec": 1340.0})
     assert "mfu" not in line
 
 
 def test_cpu_ceiling_is_a_best_of_many_repetitions(monkeypatch):
-    metrics._CPU_CEILING.clear()
+    flops._CPU_CEILING.clear()
     calls = []
     real_matmul = torch.Tensor.__matmul__
 
@@ -30,29 +30,29 @@ def test_cpu_ceiling_is_a_best_of_many_repetitions(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", counting)
     t0 = time.perf_counter()
-    flops = metrics.cpu_matmul_flops(torch.float32, n=256, min_iters=10, min_seconds=0.2)
+    ceiling = flops.cpu_matmul_flops(torch.float32, n=256, min_iters=10, min_seconds=0.2)
     n = len(calls)
     assert n >= 11 and time.perf_counter() - t0 >= 0.2  # warm-up + at least 10 timed, and at least 0.2 s
-    assert metrics.cpu_matmul_flops(torch.float32, n=256) == flops and len(calls) == n  # cached per process
+    assert flops.cpu_matmul_flops(torch.float32, n=256) == ceiling and len(calls) == n  # cached per process
     monkeypatch.undo()
-    metrics._CPU_CEILING.clear()
+    flops._CPU_CEILING.clear()
     # The best of many is at least what a single timed matmul reaches.
     a = torch.randn(256, 256)
     t0 = time.perf_counter()
     a @ a
     single = 2 * 256**3 / (time.perf_counter() - t0)
-    assert metrics.cpu_matmul_flops(torch.float32, n=256, min_iters=10, min_seconds=0.2) >= 0.5 * single
-    metrics._CPU_CEILING.clear()
+    assert flops.cpu_matmul_flops(torch.float32, n=256, min_iters=10, min_seconds=0.2) >= 0.5 * single
+    flops._CPU_CEILING.clear()
 
 
 def test_records_are_replayed_once_and_broken_ones_dropped(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     lines = [{"step": 0, "val_loss": 4.0}, {"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.9}]
     path.write_text("".join(f"{__import__('json').dumps(r)}\n" for r in lines) + '{"step": 3, "lo')
-    metrics.MetricsLogger(tmp_path, resume_step=1).close()  # resumed at step 1: step 2 is replayed
+    metrics.MetricsLogger(tmp_path).start(resume_step=1).close()  # resumed at step 1: step 2 is replayed
     assert path.read_text().splitlines() == ['{"step": 0, "val_loss": 4.0}', '{"step": 1, "loss": 3.0}']
     assert "dropped 1 incomplete record(s)" in capsys.readouterr().out
-    metrics.MetricsLogger(tmp_path).close()  # a fresh run: an earlier attempt left records but no checkpoint
+    metrics.MetricsLogger(tmp_path).start().close()  # a fresh run: an earlier attempt left records but no checkpoint
     assert path.read_text() == "" and "cleared the records of an earlier attempt" in capsys.readouterr().out
 
 
@@ -63,7 +63,7 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
 
     from gpt2.errors import UserError
 
-    logger = metrics.MetricsLogger(tmp_path)
+    logger = metrics.MetricsLogger(tmp_path).start()
 
     class Full:
         name = str(tmp_path / "metrics.jsonl")
@@ -87,12 +87,12 @@ GPU_NAMES = {  # what torch.cuda.get_device_name returns on each, -> the table r
 
 
 def test_every_gpu_row_is_reachable_and_fp32_means_what_the_gpu_has():
-    rows = {key: (half, single) for key, half, single in metrics.CUDA_PEAK_FLOPS}
+    rows = {key: (half, single) for key, half, single in flops.CUDA_PEAK_FLOPS}
     assert set(GPU_NAMES.values()) == set(rows)  # every row is reached by its GPU's real name
     for name, key in GPU_NAMES.items():
-        assert metrics.cuda_peak_flops(name, torch.bfloat16) == rows[key][0], name
-        assert metrics.cuda_peak_flops(name, torch.float32) == rows[key][1], name
-    assert metrics.cuda_peak_flops("NVIDIA H100 80GB HBM3", torch.float32) == 494.5e12  # TF32
-    assert metrics.cuda_peak_flops("Tesla V100-SXM2-16GB", torch.float32) == 15.7e12  # no TF32 on Volta
-    assert metrics.cuda_peak_flops("Tesla T4", torch.float16) == 65e12
-    assert metrics.cuda_peak_flops("Some Future GPU", torch.bfloat16) is None
+        assert flops.cuda_peak_flops(name, torch.bfloat16) == rows[key][0], name
+        assert flops.cuda_peak_flops(name, torch.float32) == rows[key][1], name
+    assert flops.cuda_peak_flops("NVIDIA H100 80GB HBM3", torch.float32) == 494.5e12  # TF32
+    assert flops.cuda_peak_flops("Tesla V100-SXM2-16GB", torch.float32) == 15.7e12  # no TF32 on Volta
+    assert flops.cuda_peak_flops("Tesla T4", torch.float16) == 65e12
+    assert flops.cuda_peak_flops("Some Future GPU", torch.bfloat16) is None

@@ -114,6 +114,6 @@ def test_state_round_trip_and_mismatch():
     state = opt.state_dict()
     fresh = build_optimizer(model, OptimConfig(), "cpu")
     fresh.load_state_dict(state)
-    assert fresh.state_dict()["optimizers"][0]["state"].keys() == state["optimizers"][0]["state"].keys()
+    assert fresh.state_dict()["state"].keys() == state["state"].keys()
     with pytest.raises(UserError, match="optim.name"):
         build_optimizer(model, OptimConfig(name="muon"), "cpu").load_state_dict(state)

@@ -4,6 +4,7 @@ they do (or refuse), broken metrics lines, stale temporary files, signals."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import TINY, TRAIN, char_data, env, records, train  # noqa: F401 (char_data is a fixture)
+from test_train import TINY, TRAIN, assert_same_weights, char_data, env, records, train, weights  # noqa: F401 (char_data is a fixture)
 
 
 def base(char_data: Path, out: Path, *extra: str) -> list[str]:
@@ -68,7 +69,7 @@ def test_resume_applies_changed_optimizer_settings_from_the_resume_step(char_dat
     logged = {r["step"]: r["lr"] for r in records(out)}
     assert [logged[s] for s in range(5, 9)] == pytest.approx([lr_at(s - 1, new, 8) for s in range(5, 9)])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    groups = ckpt["optimizer"]["optimizers"][0]["param_groups"]
+    groups = ckpt["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.9, 0.0] and {g["base_lr"] for g in groups} == {1e-5}
     assert ckpt["config"]["optim"]["lr"] == 1e-5 and "lr: 1.0e-05" in (out / "config.yaml").read_text()
 
@@ -102,12 +103,15 @@ def test_a_resume_drops_a_partial_metrics_line_and_stale_temporaries(char_data, 
 
 
 def test_a_second_signal_stops_at_once(capsys):
+    from types import SimpleNamespace
+
     from gpt2.training import STOP_SIGNALS, Trainer
 
     assert set(STOP_SIGNALS) == {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # a dropped ssh session saves too
 
     trainer = Trainer.__new__(Trainer)  # the handler's own state only
-    trainer._stop_signal, trainer.ckpt_path = None, Path("out/run/ckpt.pt")
+    trainer._stop_signal = None
+    trainer.checkpointer = SimpleNamespace(path=Path("out/run/ckpt.pt"))
     previous = signal.getsignal(signal.SIGINT)
     try:
         trainer._on_signal(signal.SIGINT, None)
@@ -249,3 +253,21 @@ def test_an_out_dir_that_is_a_file_or_cannot_be_made_fails_before_any_work(tmp_p
     with pytest.raises(UserError, match=r"cannot create out_dir=.*; choose a writable out_dir"):
         with run_lock(tmp_path / "taken" / "run"):
             pass
+
+
+def test_a_checkpoint_of_format_1_resumes_exactly(char_data, tmp_path):
+    """Checkpoints written before the optimizer state was keyed by parameter name (format 1, tests/fixtures:
+    6 steps of the run below, with dropout) upgrade on load and continue on the uninterrupted run's weights."""
+    args = [f"data.name={char_data}", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
+            "model.dropout=0.1", "train.batch_size=2", "train.eval_iters=1", "train.log_interval=1",
+            "train.eval_interval=3", "optim.warmup_iters=2", "optim.lr=3e-3", "optim.lr_decay_iters=10",
+            "train.max_iters=10", "device=cpu", "dtype=float32", "compile=false"]  # fmt: skip
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(Path(__file__).parent / "fixtures" / "format1_ckpt.pt", old / "ckpt.pt")
+    assert torch.load(old / "ckpt.pt", weights_only=True)["format_version"] == 1
+    p = train([f"out_dir={old}", *args], tmp_path)
+    assert "resuming" in p.stdout and "at step 6" in p.stdout
+    train([f"out_dir={tmp_path / 'full'}", *args], tmp_path)
+    assert_same_weights(weights(old), weights(tmp_path / "full"))
+    assert torch.load(old / "ckpt.pt", weights_only=True)["format_version"] == 2

@@ -50,7 +50,7 @@ def test_two_processes_match_one(char_data, tmp_path, single, parallelism):  # n
     assert ckpt["model"].keys() == ref["model"].keys()  # plain keys, full (unsharded) tensors
     for k, v in ckpt["model"].items():
         torch.testing.assert_close(v, ref["model"][k], atol=1e-5, rtol=0)
-    assert len(ckpt["loader"]) == len(ckpt["rng"]) == 2
+    assert len(ckpt["rng"]) == 2 and ckpt["loader"].keys() == {"position", "seed"}  # one global position
 
     # The 2-process checkpoint resumes in 1 process: the loader position counts global micro-batches.
     train([f"data.name={char_data}", f"out_dir={out}", *ARGS, "train.max_iters=10"], tmp_path)
@@ -70,3 +70,19 @@ def test_an_out_dir_that_is_not_shared_by_every_rank_is_one_error(char_data, tmp
     assert f"error: out_dir={tmp_path}/node0 is not shared by every process: rank 1 on " in p.stderr, p.stderr[-3000:]
     assert "Traceback" not in p.stderr.split("error: out_dir")[0][-500:]
     assert not (tmp_path / "node0" / "ckpt.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, then", [("none", "fsdp"), ("fsdp", "none")])
+def test_a_run_resumes_under_another_parallelism_and_world_size(char_data, tmp_path, single, first, then):  # noqa: F811
+    """The optimizer state is keyed by parameter name and unsharded whatever wrote it: a 1-process run goes on
+    under FSDP on 2 ranks and the other way, on the uninterrupted run's loss curve."""
+    out = tmp_path / "run"
+    for parallelism, max_iters in ((first, 4), (then, 8)):
+        args = [f"data.name={char_data}", f"out_dir={out}", *ARGS, f"train.max_iters={max_iters}",
+                "optim.lr_decay_iters=8"]  # fmt: skip
+        if parallelism == "none":
+            train(args, tmp_path)
+        else:
+            torchrun([*args, f"train.parallelism={parallelism}"], tmp_path)
+    assert curve(out) == pytest.approx(curve(single), abs=1e-4, rel=0)
