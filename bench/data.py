@@ -15,7 +15,6 @@ Prints a table and appends it to BENCHMARKS.md unless --no-append.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from gpt2.resources import TINY_SHAKESPEARE  # noqa: E402
 from gpt2.tokenizer import gpt2_encoding  # noqa: E402
+import report  # noqa: E402  (bench/report.py, next to this script)
 
 
 def rss_mb(peak: bool) -> float:
@@ -177,16 +177,12 @@ def main() -> None:
     where = f"{os.cpu_count()}-core {platform.machine()} CPU sandbox, torch {torch_version} CPU, {threads} tokenizer threads"
     print(f"\n{where}\n{table}")
     if not args.no_append:
-        command = "python bench/data.py " + " ".join(sys.argv[1:])
-        section = (
-            f"\n## Data preparation and loading ({datetime.date.today()})\n\n"
-            f"`{command.strip()}` on {where}. Corpus: {args.gb:g} GB of generated .jsonl ({docs:,} documents, "
+        report.append(
+            f"{report.heading('Data preparation and loading')}\n\n"
+            f"`{report.command_line()}` on {where}. Corpus: {args.gb:g} GB of generated .jsonl ({docs:,} documents, "
             f"0.5-8 KB slices of tiny-shakespeare) streamed from disk; each prepare runs in a fresh process.\n\n"
             f"{table}\n"
         )
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(section)
-        print(f"appended to {ROOT / 'BENCHMARKS.md'}")
 
 
 if __name__ == "__main__":

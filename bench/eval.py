@@ -33,6 +33,7 @@ from gpt2.eval import hellaswag, perplexity  # noqa: E402
 from gpt2.resources import TINY_SHAKESPEARE  # noqa: E402
 from gpt2.model import GPT, preset  # noqa: E402
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
+import report  # noqa: E402  (bench/report.py, next to this script)
 
 
 def bench_perplexity(chars: int) -> list[tuple[str, str, float]]:
@@ -109,9 +110,7 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     if not args.no_append:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + table)
-        print("appended to BENCHMARKS.md")
+        report.append(table)
 
 
 if __name__ == "__main__":

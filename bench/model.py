@@ -12,9 +12,7 @@ reports its median step. A step is zero_grad, forward with loss, backward (no op
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,15 +23,9 @@ import torch
 from gpt2 import GPT
 from gpt2.device import autocast, resolve_device
 from gpt2.model import PRESETS, preset
+import report  # noqa: E402  (bench/report.py, next to this script)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine(device: torch.device) -> str:
-    torch_version = torch.__version__.split("+")[0]
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch_version} CUDA {torch.version.cuda}"
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch_version} CPU"
 
 
 def sync(device: torch.device) -> None:
@@ -118,17 +110,13 @@ def main() -> None:
     )
     print(f"\n{title}\n{table}")
     if not args.no_append:
-        command = "python bench/model.py " + " ".join(sys.argv[1:])
-        section = (
-            f"\n## Model forward+backward throughput ({datetime.date.today()})\n\n"
-            f"`{command.strip()}` on {machine(device)} (load average {load:.1f} at start: the machine is shared, "
+        report.append(
+            f"{report.heading('Model forward+backward throughput')}\n\n"
+            f"`{report.command_line()}` on {report.machine(device)} (load average {load:.1f} at start: the machine is shared, "
             f"so compare rows of one table, not tables): {title}; {args.warmup} warmup steps, then the median of "
             f"{args.steps} round-robin timed steps.\n\n"
             f"{table}\n"
         )
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(section)
-        print(f"appended to {ROOT / 'BENCHMARKS.md'}")
 
 
 if __name__ == "__main__":

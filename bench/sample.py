@@ -31,9 +31,10 @@ from typing import Callable
 
 import torch
 
-from gpt2 import hf
+from gpt2.hf import save_pretrained
 from gpt2.model import GPT, GPTConfig
 from gpt2.sampling import SamplingParams, generate, sample_next_token, use_decode_layout
+import report  # noqa: E402  (bench/report.py, next to this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = SamplingParams(temperature=1.0, top_k=200)
@@ -89,7 +90,7 @@ def main() -> None:
     torch.manual_seed(0)
     plain = GPT(GPTConfig()).eval()  # GPT-2 124M shape, random weights
     with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(plain, tmp)
+        save_pretrained(plain, tmp)
         hf_model = GPT2LMHeadModel.from_pretrained(tmp).eval()
     ours = use_decode_layout(copy.deepcopy(plain))
     ours_bf16 = use_decode_layout(copy.deepcopy(plain).to(torch.bfloat16))
@@ -129,8 +130,7 @@ def main() -> None:
     table = header + "\n".join(rows) + "\n"
     print("\n" + table)
     if not args.no_append:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + table)
+        report.append(table)
 
 
 if __name__ == "__main__":

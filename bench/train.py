@@ -29,6 +29,7 @@ from gpt2.distributed import DistInfo  # noqa: E402
 from gpt2.flops import peak_flops  # noqa: E402
 from gpt2.resources import CONFIG_DIR  # noqa: E402
 from gpt2.training import Trainer  # noqa: E402
+import report  # noqa: E402  (bench/report.py, next to this script)
 
 MODELS = {
     "cpu_recipe": ["experiment=shakespeare_char_cpu"],
@@ -114,8 +115,7 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     print(table)
     if not args.no_append:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(table)
+        report.append(table)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import os
 import pickle
 import shutil
 import zipfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -167,11 +166,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     ckpt = load(path)
     model = model_from_state(ckpt, device).eval()
     return model, tokenizer_from_dict(ckpt["tokenizer"]), ckpt.get("config", {})
-
-
-def model_state(model: GPT) -> dict[str, Any]:
-    """The `model` and `model_config` entries of a checkpoint, from the unwrapped module."""
-    return {"model": model.state_dict(), "model_config": asdict(model.config)}
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -15,6 +15,14 @@ import torch
 from gpt2.resources import GPT2_BPE_DIR, TINY_SHAKESPEARE
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_entries(model) -> dict:
+    """The `model` and `model_config` entries of a checkpoint (gpt2.checkpoint), for a model-only checkpoint."""
+    from dataclasses import asdict
+
+    return {"model": model.state_dict(), "model_config": asdict(model.config)}
+
 SHAKESPEARE = TINY_SHAKESPEARE
 GPT2_BPE = GPT2_BPE_DIR
 TIKTOKEN_CACHE = ROOT.parent / "shared" / "offline" / "tiktoken-cache"

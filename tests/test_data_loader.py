@@ -11,10 +11,17 @@ import torch
 from gpt2.config import DataConfig
 from gpt2.data import TokenLoader, eval_batches, open_dataset
 from gpt2.data.prepare import prepare
-from gpt2.data.shards import HEADER_BYTES, write_shard
+from gpt2.data.shards import HEADER_BYTES, HEADER_INTS, MAGIC, VERSION
 from gpt2.errors import UserError
 
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+
+
+def write_shard(path, tokens: np.ndarray) -> None:
+    """A shard in the llm.c format (DESIGN.md), written by hand: header of 256 int32, then uint16 tokens."""
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, len(tokens)
+    path.write_bytes(header.tobytes() + np.asarray(tokens).astype("<u2").tobytes())
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 
+from conftest import model_entries
 from gpt2 import checkpoint
 from gpt2.errors import UserError
 from gpt2.eval import hellaswag
@@ -164,7 +165,7 @@ def test_cli_on_a_local_file(model, tok, tmp_path, capsys):
 
     write_jsonl(tmp_path / "hs.jsonl")
     checkpoint.save(tmp_path / "run" / "ckpt.pt",
-                    {**checkpoint.model_state(model), "tokenizer": tok.to_dict(), "config": {}})
+                    {**model_entries(model), "tokenizer": tok.to_dict(), "config": {}})
     result = main(["hellaswag", f"checkpoint={tmp_path / 'run'}", f"hellaswag.path={tmp_path / 'hs.jsonl'}",
                    "limit=4", "device=cpu", "dtype=float32"])
     expected = hellaswag.evaluate(model, tok, hellaswag.read_examples(tmp_path / "hs.jsonl", limit=4))
@@ -226,7 +227,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     torch.manual_seed(0)
     char_model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=chars.vocab_size))
     checkpoint.save(tmp_path / "char" / "ckpt.pt",
-                    {**checkpoint.model_state(char_model), "tokenizer": chars.to_dict(), "config": {}})
+                    {**model_entries(char_model), "tokenizer": chars.to_dict(), "config": {}})
     write_jsonl(tmp_path / "hs.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n")
     cases = [

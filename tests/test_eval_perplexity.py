@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, model_entries
 from gpt2 import checkpoint
 from gpt2.errors import UserError
 from gpt2.eval import perplexity
@@ -25,7 +25,7 @@ def tiny_model(vocab_size: int, block_size: int = 16, seed: int = 0) -> GPT:
 
 
 def save_checkpoint(path, model: GPT, tokenizer) -> None:
-    checkpoint.save(path, {**checkpoint.model_state(model), "tokenizer": tokenizer.to_dict(), "config": {}})
+    checkpoint.save(path, {**model_entries(model), "tokenizer": tokenizer.to_dict(), "config": {}})
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import model_entries
 from test_train import TINY, TRAIN, assert_same_weights, char_data, env, records, train, weights  # noqa: F401 (char_data is a fixture)
 
 
@@ -160,7 +161,7 @@ def small_checkpoint(path: Path) -> dict:
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65))
-    checkpoint.save(path, {**checkpoint.model_state(model), "tokenizer": {"name": "gpt2"}})
+    checkpoint.save(path, {**model_entries(model), "tokenizer": {"name": "gpt2"}})
     return model.state_dict()
 
 
@@ -187,7 +188,6 @@ def test_flipped_or_truncated_checkpoints_are_named_not_loaded_as_nan(tmp_path):
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
 
-    from gpt2 import checkpoint
     from gpt2.errors import UserError
 
     path = tmp_path / "ckpt.pt"

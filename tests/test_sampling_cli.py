@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, model_entries
 from omegaconf import OmegaConf
 
 from gpt2 import checkpoint
@@ -26,7 +26,7 @@ def save_checkpoint(path: Path, tokenizer, block_size: int = 32) -> Path:
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=tokenizer.vocab_size))
     config = {"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": block_size}}
-    checkpoint.save(path / "ckpt.pt", {**checkpoint.model_state(model), "tokenizer": tokenizer.to_dict(), "config": config})
+    checkpoint.save(path / "ckpt.pt", {**model_entries(model), "tokenizer": tokenizer.to_dict(), "config": config})
     return path
 
 

@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from omegaconf import DictConfig
@@ -70,62 +70,79 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
     if data.builder == "shards":
         return _adopt(data, out_dir)
     _check_ours(out_dir, [s for s in (data.source, data.val_source) if s])
-    streaming = data.builder == "hf_stream"
-    source = open_source(_source_spec(data, out_dir), data_dir=out_dir, text_field=data.text_field,
-                         subset=data.subset, split=data.split, streaming=streaming, key="data.source",
-                         extensions=data.extensions)
-    val_source = None
-    if data.val_source:
-        val_source = open_source(data.val_source, data_dir=out_dir, text_field=data.text_field,
-                                 subset=data.subset, split=data.split, streaming=streaming, key="data.val_source",
-                                 extensions=data.extensions)
-
+    source, val_source = _open_sources(data, out_dir)
     # The GPT-2 vocabulary first: fail fast when it is unavailable, before any pass over the corpus.
     tokenizer: CharTokenizer | GPT2Tokenizer | None = GPT2Tokenizer() if data.tokenizer == "gpt2" else None
     rule, cuts, val_mask, chars = _plan_split(data, source, val_source, char_vocab=tokenizer is None)
-    if tokenizer is None:
-        if len(chars) > MAX_VOCAB:
-            raise UserError(f"the corpus has {len(chars)} distinct characters, more than uint16 shards hold; "
-                            "use data.tokenizer=gpt2")
-        tokenizer = CharTokenizer(sorted(chars))
-        encode = _char_encoder(tokenizer)
-    else:
-        gpt2, num_threads = tokenizer, data.num_proc or _cpu_count()
-        encode = lambda texts: [np.array(ids, dtype=TOKEN_DTYPE) for ids in gpt2.encode_batch(texts, num_threads)]
+    tokenizer, encode = _encoder(data, tokenizer, chars)
     items = _split_by_chars(source, cuts) if cuts is not None else _split_by_docs(source, val_source, val_mask)
+    print(f"preparing {out_dir} from {source!r}" + (f" (val: {val_source!r})" if val_source else "")
+          + f"; tokenizer {tokenizer.name}; split: {rule}", flush=True)
+    # The first shard of a stream is its val split, unless a val source is given.
+    head = data.shard_tokens if data.builder == "hf_stream" and val_source is None else 0
+    stage, shards, docs = _write_staged(items, encode, tokenizer.eot_id, out_dir, data, head)
+    if sum(s["tokens"] for s in shards["train"]) == 0:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise UserError(f"data.source={data.source or source!r} holds no text; check the path and data.text_field")
+    meta = new_meta(data, tokenizer, shards, docs, source=repr(source),
+                    val_source=repr(val_source) if val_source else None, split_rule=rule)
+    _swap_in(stage, out_dir, meta)
+    print(f"wrote {out_dir}: {_summary(meta_path)}", flush=True)
+    return out_dir
 
-    # Shards are written into a staging folder and moved in only once the whole corpus is done, so a failing
-    # rebuild (overwrite=true with a bad file, Ctrl-C) leaves the previous dataset as it was.
+
+def _open_sources(data: DataConfig, out_dir: Path) -> tuple[Any, Any]:
+    """The training source and, when `data.val_source` is set, the validation source."""
+    common = dict(data_dir=out_dir, text_field=data.text_field, subset=data.subset, split=data.split,
+                  streaming=data.builder == "hf_stream", extensions=data.extensions)  # fmt: skip
+    source = open_source(_source_spec(data, out_dir), key="data.source", **common)
+    val_source = open_source(data.val_source, key="data.val_source", **common) if data.val_source else None
+    return source, val_source
+
+
+def _encoder(data: DataConfig, tokenizer: GPT2Tokenizer | None, chars: set[str] | None) -> tuple[Any, Any]:
+    """(tokenizer, texts -> list of uint16 token arrays): GPT-2 BPE on `data.num_proc` threads, or a character
+    vocabulary built from the corpus's `chars`."""
+    if tokenizer is not None:
+        num_threads = data.num_proc or _cpu_count()
+        return tokenizer, lambda texts: [np.array(ids, dtype=TOKEN_DTYPE)
+                                         for ids in tokenizer.encode_batch(texts, num_threads)]  # fmt: skip
+    if len(chars) > MAX_VOCAB:
+        raise UserError(f"the corpus has {len(chars)} distinct characters, more than uint16 shards hold; "
+                        "use data.tokenizer=gpt2")
+    chars_tokenizer = CharTokenizer(sorted(chars))
+    return chars_tokenizer, _char_encoder(chars_tokenizer)
+
+
+def _write_staged(items: Any, encode: Any, eot_id: int | None, out_dir: Path, data: DataConfig, head: int
+                  ) -> tuple[Path, dict[str, list[dict]], Any]:
+    """Write the shards into a staging folder of `out_dir`: they are moved in only once the whole corpus is
+    done, so a failing rebuild (overwrite=true with a bad file, Ctrl-C) leaves the previous dataset as it was.
+    Returns (the staging folder, the shard records per split, the document counts)."""
     stage = out_dir / STAGE_DIR
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     writers = {split: ShardWriter(stage, split, data.shard_tokens) for split in ("train", "val")}
-    head = data.shard_tokens if streaming and val_source is None else 0
-    print(f"preparing {out_dir} from {source!r}" + (f" (val: {val_source!r})" if val_source else "")
-          + f"; tokenizer {tokenizer.name}; split: {rule}", flush=True)
     try:
-        docs = _write(items, encode, tokenizer.eot_id, writers, head, desc=data.name)
-        shards = {split: w.close() for split, w in writers.items()}
+        docs = _write(items, encode, eot_id, writers, head, desc=data.name)
+        return stage, {split: w.close() for split, w in writers.items()}, docs
     except BaseException:
         for w in writers.values():
             w.abort()
         shutil.rmtree(stage, ignore_errors=True)
         raise
 
-    if writers["train"].num_tokens == 0:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise UserError(f"data.source={data.source or source!r} holds no text; check the path and data.text_field")
-    meta = new_meta(data, tokenizer, shards, docs, source=repr(source),
-                    val_source=repr(val_source) if val_source else None, split_rule=rule)
-    _clear(out_dir)  # the previous dataset: meta.json first, so the folder reads incomplete until the end
+
+def _swap_in(stage: Path, out_dir: Path, meta: dict) -> None:
+    """Replace the dataset in `out_dir` with the staged shards. meta.json goes first and comes back last, so
+    the folder reads incomplete until the end; MOVING_FILE lists the shards being moved (a crash is redone)."""
+    _clear(out_dir)
     (out_dir / MOVING_FILE).write_text(json.dumps(sorted(p.name for p in stage.iterdir())))
     for shard in stage.iterdir():
         os.replace(shard, out_dir / shard.name)
     stage.rmdir()
     write_meta(out_dir, meta)  # last: its presence marks the dataset complete
     (out_dir / MOVING_FILE).unlink()
-    print(f"wrote {out_dir}: {_summary(meta_path)}", flush=True)
-    return out_dir
 
 
 def _adopt(data: DataConfig, out_dir: Path) -> Path:
@@ -327,56 +344,69 @@ def _write(items: Iterator[Item], encode, eot_id: Optional[int], writers: dict[s
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    docs = {"train": 0, "val": 0}
-    stream_pos = 0  # tokens of the train stream so far (hf_stream: the first `head` of them are val)
-    has_text = {"train": False, "val": False}  # the split's current document has text (so it gets an EOT)
-    eot = np.array([eot_id], dtype=TOKEN_DTYPE) if eot_id is not None else None
     bar = progress_bar(desc=f"tokenizing {desc}", unit="tok", unit_scale=True, smoothing=0.1, mininterval=1.0)
-    batch: list[Item] = []
-    size = 0
+    sink = _DocumentSink(eot_id, writers, head, bar)
     pending: Optional[tuple[list[Item], Future]] = None
-
-    def store(batch: list[Item], ids: list[np.ndarray]) -> None:
-        nonlocal stream_pos
-        parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-        for (split, text, end), tokens in zip(batch, ids):
-            parts[split].append(tokens)
-            has_text[split] |= bool(text)
-            if split == "train":
-                stream_pos += tokens.size
-            if end and has_text[split]:
-                if eot is not None:
-                    parts[split].append(eot)
-                    stream_pos += split == "train"
-                docs["val" if split == "train" and stream_pos <= head else split] += 1
-                has_text[split] = False
-        n = 0
-        for split, arrays in parts.items():
-            if arrays:
-                tokens = np.concatenate(arrays)
-                n += tokens.size
-                _route(tokens, split, writers, head)
-        bar.update(n)
-        bar.set_postfix(docs=docs["train"] + docs["val"], refresh=False)
-
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
         try:
-            for item in items:
-                batch.append(item)
-                size += len(item[1])
-                if len(batch) >= BATCH_PIECES or size >= BATCH_CHARS:
-                    if pending is not None:
-                        store(pending[0], pending[1].result())
-                    pending = batch, pool.submit(encode, [text for _, text, _ in batch])
-                    batch, size = [], 0
+            for batch in _batches(items):
+                if pending is not None:
+                    sink.store(pending[0], pending[1].result())
+                pending = batch, pool.submit(encode, [text for _, text, _ in batch])
             if pending is not None:
-                store(pending[0], pending[1].result())
-            store(batch, encode([text for _, text, _ in batch]))
+                sink.store(pending[0], pending[1].result())
+                pending = None
         finally:
             if pending is not None:
                 pending[1].cancel()
             bar.close()
-    return docs
+    return sink.docs
+
+
+def _batches(items: Iterator[Item]) -> Iterator[list[Item]]:
+    """Items in batches of BATCH_PIECES pieces or BATCH_CHARS characters, whichever comes first."""
+    batch: list[Item] = []
+    size = 0
+    for item in items:
+        batch.append(item)
+        size += len(item[1])
+        if len(batch) >= BATCH_PIECES or size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class _DocumentSink:
+    """Routes tokenized pieces into the split writers: each document that has text ends with end-of-text, and
+    is counted in `docs` per split (hf_stream: in val while the stream is within its first `head` tokens)."""
+
+    def __init__(self, eot_id: Optional[int], writers: dict[str, ShardWriter], head: int, bar: Any) -> None:
+        self.eot = np.array([eot_id], dtype=TOKEN_DTYPE) if eot_id is not None else None
+        self.writers, self.head, self.bar = writers, head, bar
+        self.docs = {"train": 0, "val": 0}
+        self.stream_pos = 0  # tokens of the train stream so far
+        self.has_text = {"train": False, "val": False}  # the split's current document has text
+
+    def store(self, batch: list[Item], ids: list[np.ndarray]) -> None:
+        parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+        for (split, text, end), tokens in zip(batch, ids):
+            parts[split].append(tokens)
+            self.has_text[split] |= bool(text)
+            if split == "train":
+                self.stream_pos += tokens.size
+            if end and self.has_text[split]:
+                if self.eot is not None:
+                    parts[split].append(self.eot)
+                    self.stream_pos += split == "train"
+                self.docs["val" if split == "train" and self.stream_pos <= self.head else split] += 1
+                self.has_text[split] = False
+        for split, arrays in parts.items():
+            if arrays:
+                tokens = np.concatenate(arrays)
+                _route(tokens, split, self.writers, self.head)
+                self.bar.update(tokens.size)
+        self.bar.set_postfix(docs=self.docs["train"] + self.docs["val"], refresh=False)
 
 
 def _route(tokens: np.ndarray, split: str, writers: dict[str, ShardWriter], head: int) -> None:

@@ -66,21 +66,6 @@ def open_tokens(path: Path, num_tokens: int) -> np.memmap:
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
 
 
-def write_shard(path: Path, tokens: np.ndarray) -> None:
-    """Write one whole shard atomically (temp file + rename)."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= MAX_VOCAB):
-        raise ValueError(f"tokens must be in [0, {MAX_VOCAB}) to fit uint16")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(_header(tokens.size))
-        f.write(tokens.astype("<u2", copy=False).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Streams tokens of one split into shards of `shard_tokens` tokens each, in bounded memory.
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional, Sequence, TypeVar
+from typing import ClassVar, Optional, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gpt2.config import DTYPES, _check_choice, _check_device, check_model_source, to_object
+from gpt2.config import InferenceConfig, check_choice, to_object
 from gpt2.errors import UserError
 
 
@@ -25,13 +25,10 @@ def default_cache_dir() -> str:
 
 
 @dataclass
-class PerplexityConfig:
+class PerplexityConfig(InferenceConfig):
     """`python -m gpt2.eval perplexity`: mean loss, perplexity and bits per byte of a model on a text."""
 
-    checkpoint: Optional[str] = None
-    """A run's out_dir or a .pt checkpoint file."""
-    init_from: Optional[str] = None
-    """Instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face-layout directory."""
+    purpose: ClassVar[str] = "evaluate"
     data: Optional[str] = None
     """A prepared dataset: a folder name under `data_root`, or a path to one."""
     data_root: str = "data"
@@ -49,35 +46,28 @@ class PerplexityConfig:
     """Windows per forward pass."""
     max_tokens: Optional[int] = None
     """Score only the first this many tokens (None: all)."""
-    device: str = "auto"
     dtype: str = "float32"
     """float32 (the default: scores comparable with other tools'), auto (bf16 where fast), bfloat16 or float16."""
 
     def __post_init__(self) -> None:
-        check_model_source(self.checkpoint, self.init_from, "evaluate")
+        super().__post_init__()
         if bool(self.data) == bool(self.text):
             raise UserError("give exactly one of data=<prepared dataset> or text=<file> to evaluate on")
-        _check_choice("split", self.split, ("train", "val"))
+        check_choice("split", self.split, ("train", "val"))
         for key in ("window", "stride", "max_tokens"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise UserError(f"{key} must be >= 1, got {value}")
         if self.window is not None and self.stride is not None and self.stride > self.window:
             raise UserError(f"stride={self.stride} is larger than window={self.window}: tokens would be skipped")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
-        _check_device("device", self.device)
-        _check_choice("dtype", self.dtype, DTYPES)
 
 
 @dataclass
-class HellaSwagConfig:
-    """`python -m gpt2.eval hellaswag`: completion-style HellaSwag accuracy (acc, acc_norm)."""
+class HellaSwagConfig(InferenceConfig):
+    """`python -m gpt2.eval hellaswag`: completion-style HellaSwag accuracy (acc, acc_norm). A checkpoint's
+    tokenizer must be gpt2."""
 
-    checkpoint: Optional[str] = None
-    """A run's out_dir or a .pt checkpoint file (its tokenizer must be gpt2)."""
-    init_from: Optional[str] = None
-    """Instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face-layout directory."""
+    purpose: ClassVar[str] = "evaluate"
     path: Optional[str] = None
     """A local hellaswag_val.jsonl (default: download it once into `cache_dir`)."""
     cache_dir: str = default_cache_dir()
@@ -88,18 +78,13 @@ class HellaSwagConfig:
     """Score only the first this many examples (None: all 10,042)."""
     batch_size: int = 8
     """Examples per forward pass (each is 4 rows, one per ending)."""
-    device: str = "auto"
     dtype: str = "float32"
     """float32 (the default: scores comparable with other tools'), auto (bf16 where fast), bfloat16 or float16."""
 
     def __post_init__(self) -> None:
-        check_model_source(self.checkpoint, self.init_from, "evaluate")
+        super().__post_init__()
         if self.limit is not None and self.limit < 1:
             raise UserError(f"limit must be >= 1, got {self.limit}")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
-        _check_device("device", self.device)
-        _check_choice("dtype", self.dtype, DTYPES)
 
 
 T = TypeVar("T")

@@ -96,6 +96,35 @@ def _batches(plan: Sequence[tuple[int, int]], batch_size: int) -> Iterator[Seque
 
 
 @torch.no_grad()
+def _check_windows(tokens: np.ndarray, block_size: int, window: Optional[int], stride: Optional[int]
+                   ) -> tuple[int, int]:
+    """The window (default block_size) and stride (default window // 2), checked against the text and model."""
+    if tokens.ndim != 1 or tokens.size < 2:
+        raise UserError(f"need at least 2 tokens to score a text, got {tokens.size}")
+    window = window or block_size
+    if window > block_size:
+        raise UserError(f"window={window} exceeds the model's block_size {block_size}; lower it")
+    stride = stride or max(1, window // 2)
+    if stride > window:
+        raise UserError(f"stride={stride} is larger than window={window}: tokens would be skipped")
+    return window, stride
+
+
+def _scored_nll(model: GPT, tokens: np.ndarray, batch: list[tuple[int, int]], w: int, device: torch.device,
+                dtype: torch.dtype) -> float:
+    """The summed negative log-likelihood of the scored targets of one batch of (start, n_scored) windows of
+    `w` tokens: the last n_scored positions of each (the others are context)."""
+    idx = np.array([s for s, _ in batch])[:, None] + np.arange(w)  # (B, w) positions of the inputs
+    x = torch.from_numpy(tokens[idx].astype(np.int64)).to(device, non_blocking=True)  # (B, w)
+    y = torch.from_numpy(tokens[idx + 1].astype(np.int64)).to(device, non_blocking=True)  # (B, w)
+    with autocast(device, dtype):
+        logits, _ = model(x)  # (B, w, V)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(len(batch), w)
+    n_scored = torch.tensor([n for _, n in batch], device=device)
+    scored = torch.arange(w, device=device)[None, :] >= (w - n_scored)[:, None]  # (B, w)
+    return nll[scored].double().sum().item()
+
+
 def evaluate(
     model: GPT,
     tokens: np.ndarray | torch.Tensor,
@@ -116,34 +145,14 @@ def evaluate(
     """
     device = torch.device(device)
     tokens = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)  # stays uint16
-    if tokens.ndim != 1 or tokens.size < 2:
-        raise UserError(f"need at least 2 tokens to score a text, got {tokens.size}")
-    window = window or model.config.block_size
-    if window > model.config.block_size:
-        raise UserError(f"window={window} exceeds the model's block_size {model.config.block_size}; lower it")
-    stride = stride or max(1, window // 2)
-    if stride > window:
-        raise UserError(f"stride={stride} is larger than window={window}: tokens would be skipped")
+    window, stride = _check_windows(tokens, model.config.block_size, window, stride)
     num_targets = tokens.size - 1
-    plan = windows(num_targets, window, stride)
-    w = min(window, num_targets)
-    offsets = np.arange(w)
-    positions = torch.arange(w, device=device)
-
     model.eval()
     total = 0.0
     bar = progress_bar(total=num_targets, unit="tok", desc="perplexity", disable=not progress, dynamic_ncols=True)
-    for batch in _batches(plan, batch_size):
-        idx = np.array([s for s, _ in batch])[:, None] + offsets  # (B, w) positions of the inputs
-        x = torch.from_numpy(tokens[idx].astype(np.int64)).to(device, non_blocking=True)  # (B, w)
-        y = torch.from_numpy(tokens[idx + 1].astype(np.int64)).to(device, non_blocking=True)  # (B, w)
-        with autocast(device, dtype):
-            logits, _ = model(x)  # (B, w, V)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(len(batch), w)
-        n_scored = torch.tensor([n for _, n in batch], device=device)
-        scored = positions[None, :] >= (w - n_scored)[:, None]  # (B, w): the last n_scored positions
-        total += nll[scored].double().sum().item()
-        bar.update(int(n_scored.sum()))
+    for batch in _batches(windows(num_targets, window, stride), batch_size):
+        total += _scored_nll(model, tokens, batch, min(window, num_targets), device, dtype)
+        bar.update(sum(n for _, n in batch))
     bar.close()
 
     loss = total / num_targets
