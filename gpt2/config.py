@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Optional, TypeVar, get_type_hints
+from typing import Any, ClassVar, Optional, TypeVar, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -26,12 +26,12 @@ MIN_SHARD_TOKENS = 1025
 """Tokens a shard holds at least: one window (block_size + 1) of GPT-2's 1024-token context."""
 
 
-def _check_choice(key: str, value: Any, choices: tuple) -> None:
+def check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
 
 
-def _check_device(key: str, value: str) -> None:
+def check_device(key: str, value: str) -> None:
     base = value.split(":")[0]
     if base not in DEVICES:
         raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(DEVICES)} (or cuda:N)")
@@ -99,8 +99,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise UserError("data.name is empty; give the dataset a folder name, e.g. data.name=mycorpus")
-        _check_choice("data.builder", self.builder, ("text", "hf_stream", "shards"))
-        _check_choice("data.tokenizer", self.tokenizer, ("gpt2", "char"))
+        check_choice("data.builder", self.builder, ("text", "hf_stream", "shards"))
+        check_choice("data.tokenizer", self.tokenizer, ("gpt2", "char"))
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_tokens < MIN_SHARD_TOKENS:
@@ -137,8 +137,8 @@ class OptimConfig:
     muon_momentum: float = 0.95
 
     def __post_init__(self) -> None:
-        _check_choice("optim.name", self.name, ("adamw", "muon"))
-        _check_choice("optim.schedule", self.schedule, ("cosine", "wsd"))
+        check_choice("optim.name", self.name, ("adamw", "muon"))
+        check_choice("optim.schedule", self.schedule, ("cosine", "wsd"))
         if self.lr <= 0:
             raise UserError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.final_lr <= self.lr:
@@ -192,6 +192,13 @@ class TrainConfig:
     """Clip the global gradient norm to this (0 disables)."""
     parallelism: str = "ddp"
     """Under torchrun: ddp (replicate the model) or fsdp (shard it with FSDP2's fully_shard)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them (per block,
+    non-reentrant): much less memory for about a third more compute. Works with compile, DDP and FSDP."""
+    collective_timeout_s: int = 1800
+    """Under torchrun: seconds a rank may wait in a collective before the job fails with a timeout. It must
+    cover what rank 0 does alone while the others wait: writing a checkpoint (about 18 GB for gpt2-xl with
+    AdamW) and the first HellaSwag download. torch's own default is 10 minutes for NCCL."""
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum_steps", "max_iters", "eval_iters", "log_interval"):
@@ -203,7 +210,9 @@ class TrainConfig:
             raise UserError(f"train.eval_interval must be >= 0, got {self.eval_interval}")
         if self.grad_clip < 0:
             raise UserError(f"train.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-        _check_choice("train.parallelism", self.parallelism, ("ddp", "fsdp"))
+        if self.collective_timeout_s < 1:
+            raise UserError(f"train.collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
+        check_choice("train.parallelism", self.parallelism, ("ddp", "fsdp"))
 
 
 @dataclass
@@ -216,7 +225,7 @@ class WandbConfig:
     """online, offline (writes files only, syncs later with `wandb sync`) or disabled."""
 
     def __post_init__(self) -> None:
-        _check_choice("wandb.mode", self.mode, ("online", "offline", "disabled"))
+        check_choice("wandb.mode", self.mode, ("online", "offline", "disabled"))
 
 
 @dataclass
@@ -257,8 +266,8 @@ class TrainRunConfig:
     checkpoint of ours (a run dir or a .pt file) to fine-tune from."""
 
     def __post_init__(self) -> None:
-        _check_device("device", self.device)
-        _check_choice("dtype", self.dtype, DTYPES)
+        check_device("device", self.device)
+        check_choice("dtype", self.dtype, DTYPES)
         if not self.out_dir:
             raise UserError("out_dir is empty; give the run a directory, e.g. out_dir=out/myrun")
         if self.optim.name == "muon" and self.train.parallelism == "fsdp":
@@ -269,13 +278,34 @@ class TrainRunConfig:
 
 
 @dataclass
-class SampleConfig:
-    """Everything `sample.py` reads."""
+class InferenceConfig:
+    """What sampling and evaluation share: the model to run, batched, on which device and in which dtype."""
 
+    purpose: ClassVar[str] = "run"
     checkpoint: Optional[str] = None
     """A run's out_dir or a .pt checkpoint file."""
     init_from: Optional[str] = None
     """Instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face-layout directory."""
+    batch_size: int = 8
+    """Rows per forward pass."""
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    dtype: str = "auto"
+    """Weights (and KV cache): auto, float32, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        check_model_source(self.checkpoint, self.init_from, self.purpose)
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_device("device", self.device)
+        check_choice("dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class SampleConfig(InferenceConfig):
+    """Everything `sample.py` reads."""
+
+    purpose: ClassVar[str] = "sample from"
     prompt: str = ""
     """Text to continue; '-' reads stdin, 'FILE:path' reads a file; empty starts from end-of-text (gpt2) or a
     newline (char)."""
@@ -301,8 +331,6 @@ class SampleConfig:
     output: Optional[str] = None
     """A .jsonl file to append prompt/sample/settings to."""
     seed: int = 1337
-    device: str = "auto"
-    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     dtype: str = "auto"
     """Weights and KV cache: auto (fp32 for greedy decoding, temperature=0, so that the text equals other tools';
     else bf16 on CUDA and on CPUs with fast bf16 kernels, else fp32), float32, bfloat16 or float16."""
@@ -310,14 +338,10 @@ class SampleConfig:
     """torch.compile the one-token decode step."""
 
     def __post_init__(self) -> None:
-        check_model_source(self.checkpoint, self.init_from, "sample from")
+        super().__post_init__()
         if self.num_samples < 1:
             raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
         check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
-        _check_device("device", self.device)
-        _check_choice("dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -334,9 +358,15 @@ class PrepareConfig:
 T = TypeVar("T")
 
 
+def _field_types(schema: type) -> dict[str, Any]:
+    """A config dataclass's fields and their types (class variables are not config keys)."""
+    hints = get_type_hints(schema)
+    return {f.name: hints[f.name] for f in fields(schema)}
+
+
 def schema_keys(schema: type, prefix: str = "") -> list[str]:
     """Every dotted key of a config dataclass (`optim.lr`, ...), nested dataclasses expanded."""
-    hints = get_type_hints(schema)
+    hints = _field_types(schema)
     out = []
     for f in fields(schema):
         if is_dataclass(hints[f.name]):
@@ -349,7 +379,7 @@ def schema_keys(schema: type, prefix: str = "") -> list[str]:
 def check_keys(cfg: DictConfig, schema: type, prefix: str = "") -> None:
     """UserError for a key of `cfg` that `schema` does not have, naming the closest valid key. Hydra lets
     `+key=value` add keys that a structured config would refuse, and `to_object` would then drop them."""
-    hints = get_type_hints(schema)
+    hints = _field_types(schema)
     for key in cfg.keys():
         if key not in hints:
             full, valid = f"{prefix}{key}", schema_keys(schema, prefix)

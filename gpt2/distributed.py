@@ -8,6 +8,7 @@ FSDP2's `fully_shard` (each block's parameters sharded across ranks, for models 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -23,7 +24,6 @@ from gpt2.errors import UserError
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
-    local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
 
@@ -36,8 +36,10 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init(device_name: str = "auto") -> DistInfo:
-    """Start the process group when launched by torchrun (WORLD_SIZE > 1) and pick this rank's device."""
+def init(device_name: str = "auto", timeout_s: int = 1800) -> DistInfo:
+    """Start the process group when launched by torchrun (WORLD_SIZE > 1) and pick this rank's device. A rank
+    waiting longer than `timeout_s` in a collective fails the job (instead of hanging, or failing early while
+    rank 0 writes a large checkpoint)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistInfo(device=resolve_device(device_name))
@@ -52,8 +54,9 @@ def init(device_name: str = "auto") -> DistInfo:
     else:
         raise UserError(f"distributed training on {device.type} is not supported; use device=cuda or device=cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(rank=rank, world_size=world_size, device=device)
 
 
 def cuda_device(local_rank: int) -> torch.device:

@@ -18,8 +18,10 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from gpt2.errors import UserError
+from gpt2.loss import linear_cross_entropy
 
 
 @dataclass
@@ -222,6 +224,8 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        self.activation_checkpointing = False
+        """Training memory for compute: each block keeps only its input, and recomputes the rest in backward."""
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
 
@@ -257,7 +261,10 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            if self.activation_checkpointing and self.training:  # keep only x; recompute inside in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, kv_cache, use_reentrant=False)
+            else:
+                x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.transformer.ln_f(x)
@@ -267,14 +274,21 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V), loss).
 
         Logits cover the real vocabulary only (a view that drops the padded columns, so padding is never
         sampled). `loss` is the mean next-token cross-entropy over positions whose target is not -1, or None
-        without targets. `kv_cache`: see `hidden_states`.
+        without targets. Training passes `return_logits=False`: the loss is then computed chunk by chunk from
+        the hidden states (`gpt2.loss`) and the whole batch's logits never exist (logits is None).
+        `kv_cache`: see `hidden_states`.
         """
-        logits = self.lm_head(self.hidden_states(idx, kv_cache))[..., : self.config.vocab_size]  # (B, T, V)
+        x = self.hidden_states(idx, kv_cache)
+        if targets is not None and not return_logits:
+            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                              self.config.vocab_size)  # fmt: skip
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V), a view of (B, T, Vp)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)

@@ -96,6 +96,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank, so FSDP shards agree
         self.model = self._build_model(ckpt, typed_model_keys).to(self.device).train()
+        self.model.activation_checkpointing = cfg.train.activation_checkpointing
         cfg.model = self.model.config.arch  # the truth, for config.yaml and the checkpoint
         self.block_size = self.model.config.block_size
         train = cfg.train
@@ -220,7 +221,7 @@ class Trainer:
             # The gradient all-reduce runs once, on the last micro-step.
             with distributed.no_sync(self.parallel_model, enabled=micro < self.accum - 1):
                 with autocast(self.device, self.dtype):
-                    _, loss = self.parallel_model(x, y)  # cross-entropy computed in fp32 under autocast
+                    _, loss = self.parallel_model(x, y, return_logits=False)  # the loss in chunks (gpt2.loss)
                 loss = loss / self.accum  # gradients of the mean over micro-steps
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
@@ -249,7 +250,7 @@ class Trainer:
                     self.model.train()
                     return None
                 with autocast(self.device, self.dtype):
-                    _, loss = self.model(x, y)
+                    _, loss = self.model(x, y, return_logits=False)
                 total += torch.stack([loss.float() * weight, torch.tensor(weight, device=self.device)])
             distributed.all_reduce_mean(total)
             out[f"{split}_loss"] = (total[0] / total[1]).item()
@@ -490,7 +491,7 @@ def run(cfg: DictConfig) -> None:
     typed_model_keys = typed_keys("model", MODEL_KEYS)
     run_cfg = to_object(cfg, TrainRunConfig)
     run_cfg.out_dir = job_out_dir(run_cfg.out_dir)
-    info = distributed.init(run_cfg.device)
+    info = distributed.init(run_cfg.device, run_cfg.train.collective_timeout_s)
     try:
         with run_lock(run_cfg.out_dir, enabled=info.is_main):  # one trainer per out_dir (rank 0 holds it)
             if info.is_distributed:

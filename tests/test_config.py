@@ -19,7 +19,8 @@ data.extensions data.text_field data.shard_tokens data.num_proc data.seed
 optim.name optim.lr optim.min_lr optim.weight_decay optim.beta1 optim.beta2 optim.warmup_iters optim.lr_decay_iters
 optim.schedule optim.decay_fraction optim.muon_lr optim.muon_momentum
 train.batch_size train.grad_accum_steps train.tokens_per_step train.max_iters train.eval_interval train.eval_iters
-train.log_interval train.grad_clip train.parallelism
+train.log_interval train.grad_clip train.parallelism train.collective_timeout_s
+train.activation_checkpointing
 wandb.enabled wandb.project wandb.run_name wandb.mode
 eval.hellaswag_interval eval.hellaswag_limit eval.hellaswag_path
 device dtype compile seed out_dir init_from
@@ -54,8 +55,9 @@ def test_every_field_is_documented():
 
     for cls in (config.ModelConfig, config.DataConfig, config.OptimConfig, config.TrainConfig,
                 config.TrainRunConfig, config.SampleConfig, config.EvalConfig):  # fmt: skip
-        source = inspect.getsource(cls)
         for f in dataclasses.fields(cls):
+            owner = next(c for c in cls.__mro__ if f.name in c.__dict__.get("__annotations__", {}))  # inherited
+            source = inspect.getsource(owner)
             line = next(i for i, s in enumerate(source.splitlines()) if s.strip().startswith(f"{f.name}:"))
             following = source.splitlines()[line + 1].strip()
             documented = following.startswith('"""') or dataclasses.is_dataclass(f.default_factory)

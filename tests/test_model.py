@@ -278,3 +278,74 @@ def test_each_process_gets_a_gpu_it_can_see(monkeypatch, local_rank, visible, wa
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     assert cuda_device(local_rank) == torch.device("cuda", want)
+
+
+def _loss_and_grads(model: GPT, idx: torch.Tensor, targets: torch.Tensor, **kwargs) -> tuple[float, dict]:
+    model.zero_grad(set_to_none=True)
+    _, loss = model(idx, targets, **kwargs)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("vocab_size", [100, 50257])
+def test_chunked_loss_and_gradients_equal_the_logits_path(monkeypatch, vocab_size):
+    """return_logits=False computes the loss chunk by chunk from the hidden states (gpt2.loss): the same loss
+    and the same gradients as cross-entropy over the full logits, in fp32, across chunks, with ignored targets
+    and the padded vocabulary rows (whose gradient stays zero)."""
+    import gpt2.loss
+
+    monkeypatch.setattr(gpt2.loss, "CHUNK_ELEMENTS", 7 * vocab_size)  # 7 positions a chunk: 5 chunks, one short
+    torch.manual_seed(0)
+    model = tiny(vocab_size=vocab_size)
+    idx = torch.randint(0, vocab_size, (2, 16))
+    targets = torch.randint(0, vocab_size, (2, 16))
+    targets[0, :5] = -1
+    ref_loss, ref_grads = _loss_and_grads(model, idx, targets)
+    logits, loss = model(idx, targets, return_logits=False)
+    assert logits is None
+    chunked_loss, grads = _loss_and_grads(model, idx, targets, return_logits=False)
+    assert chunked_loss == pytest.approx(ref_loss, abs=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert grads["transformer.wte.weight"][vocab_size:].abs().max() == 0
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_autocast_logits_path():
+    torch.manual_seed(0)
+    model = tiny(vocab_size=100)
+    idx = torch.randint(0, 100, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref_grads = _loss_and_grads(model, idx, idx)
+        loss, grads = _loss_and_grads(model, idx, idx, return_logits=False)
+    assert loss == pytest.approx(ref_loss, abs=2e-3)  # bf16 matmuls either way; fp32 softmax
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=2e-2, rtol=5e-2, msg=name)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_dropout():
+    torch.manual_seed(0)
+    model = tiny(dropout=0.1).train()
+    idx = torch.randint(0, 100, (2, 16))
+    results = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        torch.manual_seed(1)  # the same dropout masks: the recomputation replays the RNG
+        results.append(_loss_and_grads(model, idx, idx, return_logits=False))
+    (plain_loss, plain_grads), (loss, grads) = results
+    assert loss == plain_loss
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], atol=1e-7, rtol=0, msg=name)
+
+
+@pytest.mark.slow  # compiles a forward and backward (~30 s on 2 cores)
+def test_compiled_chunked_loss_with_activation_checkpointing_matches_eager():
+    torch.manual_seed(0)
+    model = tiny(vocab_size=100)
+    idx = torch.randint(0, 100, (2, 16))
+    eager_loss, eager_grads = _loss_and_grads(model, idx, idx)
+    model.activation_checkpointing = True
+    model.compile()
+    loss, grads = _loss_and_grads(model, idx, idx, return_logits=False)
+    assert loss == pytest.approx(eager_loss, abs=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)

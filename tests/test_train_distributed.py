@@ -86,3 +86,40 @@ def test_a_run_resumes_under_another_parallelism_and_world_size(char_data, tmp_p
         else:
             torchrun([*args, f"train.parallelism={parallelism}"], tmp_path)
     assert curve(out) == pytest.approx(curve(single), abs=1e-4, rel=0)
+
+
+def _waiting_rank(rank: int, port: int, out: str) -> None:
+    import os
+    import time
+
+    from gpt2 import distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    distributed.init("cpu", timeout_s=2)
+    if rank == 0:
+        time.sleep(8)  # rank-0-only work longer than the timeout (a checkpoint write, a download)
+    t0 = time.perf_counter()
+    try:
+        torch.distributed.barrier()
+        outcome = "passed"
+    except Exception as e:  # noqa: BLE001  (the timeout surfaces as a RuntimeError/DistBackendError)
+        outcome = type(e).__name__
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"outcome": outcome, "waited": time.perf_counter() - t0}, f)
+
+
+@pytest.mark.slow  # ~15 s: two spawned processes, one of which waits 8 s
+def test_the_collective_timeout_key_reaches_the_process_group(tmp_path):
+    """train.collective_timeout_s is the process group's timeout: a rank left waiting longer fails instead of
+    hanging (torchrun then stops the job)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_waiting_rank, args=(port, str(tmp_path / "r")), nprocs=2, join=True)
+    waiting = json.loads((tmp_path / "r.1").read_text())
+    assert waiting["outcome"] != "passed" and waiting["waited"] < 6, waiting
