@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-all bench
+.PHONY: install demo test test-all bench gpu-check
 
 # PyTorch goes in first, so that installing the package finds it there. PyPI's default torch is a multi-GB CUDA
 # build: right for a machine with an NVIDIA GPU, wasted on one without, which gets the CPU build instead.
@@ -35,3 +35,8 @@ demo: install
 # The test command (README, CI). Slow tests are included; `-m "not slow"` skips them while iterating.
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# On a CUDA machine: PASS/FAIL for training (bf16 + compile, fp16 + GradScaler), fused AdamW, flash attention,
+# KV-cache sampling, resume after SIGTERM and, with 2+ GPUs, NCCL DDP; appends its table to BENCHMARKS.md.
+gpu-check: install
+	$(PY) bench/gpu_check.py

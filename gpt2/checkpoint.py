@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -180,6 +181,17 @@ def link_or_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def _cpu_copy(obj: Any) -> Any:
+    """`obj` with every tensor copied to CPU memory (nested dicts and lists kept), detached from training."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -194,6 +206,11 @@ class Checkpointer:
     and the wandb run id, as DESIGN.md lists them). `metadata()` adds what describes the run (model config,
     tokenizer, resolved config). Adding a piece of resumable state is adding one entry. Every rank calls
     `save`: the components gather sharded or per-rank state; rank 0 writes.
+
+    Writes do not stall training: `save` copies the state to CPU memory (a snapshot that later steps cannot
+    change), then rank 0 writes it in a background thread while training goes on. One write at a time: the
+    next `save`, and `wait()` (at the end of a run, before a stop's exit), wait for the previous one and raise
+    its error, if any. The file is still written atomically, so a kill mid-write leaves the previous one.
     """
 
     def __init__(self, out_dir: str | Path, components: dict[str, Stateful], counters: tuple[Stateful, ...],
@@ -201,18 +218,38 @@ class Checkpointer:
         self.path = Path(out_dir) / CKPT_NAME
         self.best_path = Path(out_dir) / BEST_NAME
         self.components, self.counters, self.metadata, self.is_main = components, counters, metadata, is_main
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def save(self, best: bool = False) -> None:
-        """Write ckpt.pt atomically; with `best`, best.pt becomes a hard link to it (a copy where links are
-        unsupported)."""
+        """Snapshot the state and write it to ckpt.pt in the background; with `best`, best.pt then becomes a
+        hard link to it (a copy where links are unsupported)."""
         state = {key: owner.state_dict() for key, owner in self.components.items()}
         for owner in self.counters:
             state.update(owner.state_dict())
         if self.is_main:
-            save(self.path, {**self.metadata(), **state})
+            snapshot = _cpu_copy({**self.metadata(), **state})
+            self.wait()
+            self._writer = threading.Thread(target=self._write, args=(snapshot, best), name="checkpoint-writer")
+            self._writer.start()
+        distributed.barrier()
+
+    def wait(self) -> None:
+        """Wait for the write in progress (if any) to finish; raise its error (a full disk: UserError)."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write(self, snapshot: dict[str, Any], best: bool) -> None:
+        try:
+            save(self.path, snapshot)
             if best:
                 link_or_copy(self.path, self.best_path)
-        distributed.barrier()
+        except BaseException as e:  # noqa: BLE001  (raised in the training thread by wait())
+            self._error = e
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         """Load every component's state from a checkpoint `load` returned."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2 import checkpoint, distributed
@@ -53,6 +54,36 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 class TrainingDiverged(UserError):
     """The loss or the gradient norm became NaN/inf. The last good checkpoint is left untouched."""
+
+
+class DivergenceWatch:
+    """The first step whose loss (or, without a GradScaler, gradient norm) was NaN or inf, with both values,
+    kept on the device so that training never waits for it; `check()` reads it (one sync, at log steps and
+    before each checkpoint, on every rank together) and raises TrainingDiverged. With fp16 the GradScaler
+    skips steps with inf/NaN gradients itself, so only the loss counts."""
+
+    def __init__(self, device: torch.device, check_grad_norm: bool) -> None:
+        self.check_grad_norm = check_grad_norm
+        self.first = torch.tensor([math.inf, 0.0, 0.0], device=device)  # (step, loss, grad norm); inf: none yet
+
+    def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss)
+        if self.check_grad_norm:
+            bad |= ~torch.isfinite(grad_norm)
+        values = torch.stack([torch.full_like(loss, step), loss, grad_norm.to(loss.dtype)]).to(self.first.dtype)
+        self.first = torch.where(bad & torch.isinf(self.first[0]), values, self.first)
+
+    def check(self, last_good: Path) -> None:
+        first_step = self.first[:1].clone()
+        if dist.is_initialized():
+            dist.all_reduce(first_step, op=dist.ReduceOp.MIN)  # any rank's divergence stops every rank
+        if math.isfinite(first_step.item()):
+            step, loss, norm = self.first.tolist()
+            raise TrainingDiverged(
+                f"training diverged at step {int(first_step.item())}: loss {loss}, grad norm {norm}; the last good "
+                f"checkpoint is {last_good}. Lower optim.lr or raise optim.warmup_iters, then rerun the same "
+                "command to resume from it"
+            )
 
 
 @dataclass
@@ -127,6 +158,8 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, self.dtype)
         self.hellaswag = self._load_hellaswag() if cfg.eval.hellaswag_interval else None
         self._stop_signal: int | None = None
+        self.divergence = DivergenceWatch(self.device, check_grad_norm=not self.scaler.is_enabled())
+        self._clock = (time.perf_counter(), 0)  # (time, step) the speed is measured from (`_read_metrics`)
         self._write_run_config()
         # Last, so that nothing above draws from it: dropout masks differ across ranks, and a resumed run
         # continues this rank's RNG stream where it stopped (restored with the rest of the state).
@@ -166,6 +199,7 @@ class Trainer:
         train = self.cfg.train
         self._print_summary()
         self.logger.start(resume_step=self.state.step if self.resumed_at is not None else -1)
+        self._restart_clock()
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             while self.state.step < train.max_iters:
@@ -175,46 +209,62 @@ class Trainer:
                     self._stop_if_asked()  # a signal during a long eval is answered when the eval gives up
                 if self.hellaswag and step % self.cfg.eval.hellaswag_interval == 0 and step != self.resumed_at:
                     self.evaluate_hellaswag()
-                metrics = self.train_step()
-                self.state.step += 1
+                if self.state.step == self._clock[1]:
+                    self._restart_clock()  # the speed of training steps, not of evals or start-up
+                last = self.train_step()
                 if self.state.step % train.log_interval == 0 or self.state.step == train.max_iters:
-                    self.logger.log(metrics, self.state.step)
+                    self.logger.log(self._read_metrics(last), self.state.step)
                 self._stop_if_asked()
             if self.state.step != self.state.last_eval_step:
                 self.evaluate_and_checkpoint()
                 self._stop_if_asked()
+            self.checkpointer.wait()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.logger.close()
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over `accum` micro-batches per rank. Returns the step's metrics (DESIGN.md keys)."""
-        t0 = time.perf_counter()
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `accum` micro-batches per rank. Nothing here waits for the device: the loss
+        and gradient norm stay on it (returned as tensors) until a log step reads them, and a NaN/inf is
+        remembered on the device by `divergence` until then."""
         lr = set_lr(self.optimizers, self.state.step, self.cfg.optim, self.cfg.train.max_iters)
         loss = self._accumulate_gradients()
         self.optimizers.unscale_(self.scaler)
         clip = self.cfg.train.grad_clip or math.inf  # inf: measure the norm, clip nothing
-        grad_norm = float(clip_grad_norm_(list(self.model.parameters()), clip))
-        self._check_finite(loss, grad_norm)
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), clip)
+        self.divergence.update(self.state.step, loss, grad_norm)
         self.optimizers.step(self.scaler)  # with fp16, skipped when gradients overflowed
         self.optimizers.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
+        self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+
+    def _read_metrics(self, last: dict[str, Any]) -> dict[str, float]:
+        """The metrics of a log step (DESIGN.md keys), read from the device once: the last step's loss (mean over
+        ranks) and gradient norm, and the speed over the steps since the previous log line."""
+        self.divergence.check(self.checkpointer.path)
+        loss = distributed.all_reduce_mean(last["loss"].detach().clone()).item()
+        now, steps = time.perf_counter(), self.state.step - self._clock[1]
+        dt = (now - self._clock[0]) / max(1, steps)
+        self._clock = (now, self.state.step)
         tokens_per_sec = self.tokens_per_step / dt
         return {
             "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
+            "lr": last["lr"],
+            "grad_norm": float(last["grad_norm"]),
             "ms_per_step": 1000 * dt,
             "tokens_per_sec": tokens_per_sec,
             "mfu": mfu(self.flops_per_token, tokens_per_sec, self.peak_flops, self.info.world_size),
             "tokens_seen": self.state.tokens_seen,
         }
 
-    def _accumulate_gradients(self) -> float:
+    def _restart_clock(self) -> None:
+        self._clock = (time.perf_counter(), self.state.step)
+
+    def _accumulate_gradients(self) -> torch.Tensor:
         """Forward and backward over this rank's micro-batches; the gradients are of the mean loss over all
-        micro-steps of all ranks, which is returned."""
+        micro-steps of all ranks. Returns this rank's mean loss, on the device."""
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accum):
             x, y = self.loader.next_batch()
@@ -225,16 +275,7 @@ class Trainer:
                 loss = loss / self.accum  # gradients of the mean over micro-steps
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        return distributed.all_reduce_mean(loss_sum).item()  # also waits for the device
-
-    def _check_finite(self, loss: float, grad_norm: float) -> None:
-        """Stop with TrainingDiverged on a NaN/inf loss, or gradient norm (with fp16 the GradScaler skips those)."""
-        if not math.isfinite(loss) or (not self.scaler.is_enabled() and not math.isfinite(grad_norm)):
-            raise TrainingDiverged(
-                f"training diverged at step {self.state.step}: loss {loss}, grad norm {grad_norm}; the last good "
-                f"checkpoint is {self.checkpointer.path}. Lower optim.lr or raise optim.warmup_iters, then rerun "
-                "the same command to resume from it"
-            )
+        return loss_sum
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
@@ -283,6 +324,7 @@ class Trainer:
         # Nothing to save before the first step (a rerun starts over identically). It also matters: gathering
         # an FSDP2 optimizer's still-empty state would initialise it with a step, changing Adam's first update.
         if self.state.step > 0:
+            self.divergence.check(self.checkpointer.path)  # never a checkpoint of a diverged state
             self.checkpointer.save(best=best)
 
     def evaluate_hellaswag(self) -> None:
@@ -408,7 +450,9 @@ class Trainer:
     def _stop_if_asked(self) -> None:
         """After a stop signal (on any rank): save a checkpoint of the current step and exit 128 + signal."""
         if self._should_stop():
+            self.divergence.check(self.checkpointer.path)
             self.checkpointer.save()
+            self.checkpointer.wait()
             print0(f"stopped by signal {self._stop_signal} at step {self.state.step}: checkpoint saved "
                    f"to {self.checkpointer.path}; rerun the same command to resume")
             raise SystemExit(128 + self._stop_signal)

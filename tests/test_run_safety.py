@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import model_entries
-from test_train import TINY, TRAIN, assert_same_weights, char_data, env, records, train, weights  # noqa: F401 (char_data is a fixture)
+from test_train import TINY, TRAIN, char_data, env, records, train, weights  # noqa: F401 (char_data is a fixture)
 
 
 def base(char_data: Path, out: Path, *extra: str) -> list[str]:
@@ -269,5 +269,11 @@ def test_a_checkpoint_of_format_1_resumes_exactly(char_data, tmp_path):
     p = train([f"out_dir={old}", *args], tmp_path)
     assert "resuming" in p.stdout and "at step 6" in p.stdout
     train([f"out_dir={tmp_path / 'full'}", *args], tmp_path)
-    assert_same_weights(weights(old), weights(tmp_path / "full"))
+    # Equal up to float rounding: the fixture's 6 steps took the loss from the whole batch's logits, this code
+    # from chunks (gpt2.loss), which differ in the last bits (Adam makes that ~2e-6 on the key biases, whose
+    # gradient is noise). A misplaced optimizer state would differ by ~lr (3e-3).
+    resumed, full = weights(old), weights(tmp_path / "full")
+    assert resumed.keys() == full.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-5, rtol=0, msg=key)
     assert torch.load(old / "ckpt.pt", weights_only=True)["format_version"] == 2

@@ -342,6 +342,87 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(char_data, t
     assert ckpt["step"] == 5 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+def test_a_training_step_never_waits_for_the_device(char_data, tmp_path, monkeypatch):
+    """No host sync in train_step: the loss and gradient norm stay device tensors until a log step reads them
+    (on a GPU the CPU then runs ahead and prepares the next batch while the current one computes)."""
+    from gpt2.config import TrainRunConfig, to_object
+    from gpt2.distributed import DistInfo
+    from gpt2.training import Trainer
+
+    cfg = to_object(compose(f"data.name={char_data}", f"out_dir={tmp_path / 'run'}", *TINY), TrainRunConfig)
+    trainer = Trainer(cfg, DistInfo())
+    trainer.train_step()
+
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__float__", "__bool__", "__int__")}
+    in_optimizer = []  # torch's CPU AdamW reads its step counter with .item(); on CUDA (fused) it does not
+
+    def watched(name):
+        def read(self, *args, **kwargs):
+            assert in_optimizer, f"a host sync (Tensor.{name}) inside train_step"
+            return originals[name](self, *args, **kwargs)
+
+        return read
+
+    real_step = trainer.optimizers.step
+
+    def optimizer_step(scaler):
+        in_optimizer.append(True)
+        try:
+            real_step(scaler)
+        finally:
+            in_optimizer.pop()
+
+    monkeypatch.setattr(trainer.optimizers, "step", optimizer_step)
+    for name in originals:
+        monkeypatch.setattr(torch.Tensor, name, watched(name))
+    last = trainer.train_step()
+    monkeypatch.undo()
+    assert isinstance(last["loss"], torch.Tensor) and trainer.state.step == 2
+    assert trainer._read_metrics(last)["loss"] == pytest.approx(last["loss"].item())
+
+
+def test_a_checkpoint_is_written_in_the_background_from_a_snapshot(tmp_path, monkeypatch):
+    """Checkpointer.save returns before the write finishes; the file holds the state as it was at save time
+    (training goes on changing the live tensors); a failed write is raised by the next wait()."""
+    import time
+
+    from gpt2 import checkpoint
+    from gpt2.errors import UserError
+
+    weights = torch.zeros(3)
+
+    class Owner:
+        def state_dict(self):
+            return {"w": weights}
+
+        def load_state_dict(self, state):
+            weights.copy_(state["w"])
+
+    real_save = checkpoint.save
+
+    def slow_save(path, state):
+        time.sleep(1.0)
+        real_save(path, state)
+
+    monkeypatch.setattr(checkpoint, "save", slow_save)
+    writer = checkpoint.Checkpointer(tmp_path, {"model": Owner()}, (), lambda: {"model_config": {}}, is_main=True)
+    t0 = time.perf_counter()
+    writer.save(best=True)
+    assert time.perf_counter() - t0 < 0.5 and not (tmp_path / "ckpt.pt").exists()
+    weights += 1  # the next training steps
+    writer.wait()
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]["w"].sum() == 0
+    assert (tmp_path / "best.pt").stat().st_ino == (tmp_path / "ckpt.pt").stat().st_ino
+
+    def full_disk(path, state):
+        raise UserError("checkpoint not written (No space left on device)")
+
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    writer.save()
+    with pytest.raises(UserError, match="No space left"):
+        writer.wait()
+
+
 def test_bad_inputs_fail_with_one_line(char_data, tmp_path):
     from gpt2.config import TrainRunConfig, to_object
     from gpt2.distributed import DistInfo

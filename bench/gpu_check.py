@@ -1,0 +1,182 @@
+"""The GPU check: on one CUDA machine, in under 10 minutes, PASS/FAIL for the paths only a GPU runs.
+
+    make gpu-check            # or: python bench/gpu_check.py [--no-append]
+
+Checks (each a row of the table it prints and appends to BENCHMARKS.md):
+1. train: GPT-2 124M, bf16, torch.compile, on tiny-shakespeare (GPT-2 BPE, shipped): the loss falls; tokens/s, MFU.
+2. fp16: the same for a few steps with dtype=float16 (GradScaler on): finite, falling loss, a loss scale saved.
+3. fused AdamW: the optimizer the trainer builds on CUDA uses the fused kernel.
+4. flash attention: a bf16 training forward/backward of the model runs under SDPBackend.FLASH_ATTENTION only.
+5. sampling: KV-cached decoding, GPT-2 124M shape, batch 1, 256 new tokens: tokens/s.
+6. resume: a run stopped by SIGTERM saves, exits 143, and the same command resumes and finishes.
+7. ddp: with 2+ GPUs, torchrun with 2 processes (NCCL) gives the 1-process loss curve (bf16: within 2e-2).
+On a machine without CUDA it says so and exits 0, having run nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TRAIN = [sys.executable, str(ROOT / "train.py")]
+RUN_124M = ["model=gpt2", "data=shakespeare", "train.batch_size=8", "train.eval_interval=0", "train.log_interval=5",
+            "optim.warmup_iters=10", "optim.lr=6e-4", "device=cuda"]  # fmt: skip
+
+
+def records(out: Path) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def train(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(TRAIN + args, cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def check_train(tmp: Path) -> tuple[bool, str]:
+    out = tmp / "bf16"
+    p = train([*RUN_124M, "dtype=bfloat16", "compile=true", "train.max_iters=60", f"out_dir={out}"], tmp)
+    if p.returncode:
+        return False, p.stderr.strip().splitlines()[-1]
+    lines = records(out)
+    last = lines[-1]
+    ok = last["loss"] < lines[0]["loss"] - 0.5
+    return ok, f"loss {lines[0]['loss']:.2f} -> {last['loss']:.2f}, {last['tokens_per_sec']:,.0f} tok/s, " \
+               f"MFU {100 * last.get('mfu', float('nan')):.1f}%"
+
+
+def check_fp16(tmp: Path) -> tuple[bool, str]:
+    out = tmp / "fp16"
+    p = train([*RUN_124M, "dtype=float16", "compile=false", "train.max_iters=30", f"out_dir={out}"], tmp)
+    if p.returncode:
+        return False, p.stderr.strip().splitlines()[-1]
+    lines = records(out)
+    scale = torch.load(out / "ckpt.pt", weights_only=True)["scaler"].get("scale")
+    ok = all(math.isfinite(r["loss"]) for r in lines) and lines[-1]["loss"] < lines[0]["loss"] and bool(scale)
+    return ok, f"loss {lines[0]['loss']:.2f} -> {lines[-1]['loss']:.2f}, loss scale {scale}"
+
+
+def check_fused_adamw() -> tuple[bool, str]:
+    from gpt2.config import OptimConfig
+    from gpt2.model import GPT, preset
+    from gpt2.optim import build_optimizer
+
+    model = GPT(preset("gpt2-tiny", vocab_size=50257)).cuda()
+    fused = [opt.defaults.get("fused") for opt in build_optimizer(model, OptimConfig(), "cuda").optimizers]
+    return all(fused), f"fused={fused}"
+
+
+def check_flash() -> tuple[bool, str]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from gpt2.model import GPT, preset
+
+    model = GPT(preset("gpt2", vocab_size=50257)).cuda().train()
+    idx = torch.randint(0, 50257, (4, 1024), device="cuda")
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(idx, idx, return_logits=False)
+        loss.backward()
+    except RuntimeError as e:
+        return False, str(e).splitlines()[0]
+    return True, "bf16 forward+backward ran on FLASH_ATTENTION alone"
+
+
+def check_sampling() -> tuple[bool, str]:
+    from gpt2.model import GPT, preset
+    from gpt2.sampling.engine import SamplingParams, generate
+
+    model = GPT(preset("gpt2", vocab_size=50257)).cuda().eval().to(torch.bfloat16)
+    idx = torch.randint(0, 50257, (1, 8), device="cuda")
+    for _ in generate(model, idx, 16, SamplingParams(top_k=200)):  # warm up
+        pass
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = sum(1 for _ in generate(model, idx, 256, SamplingParams(top_k=200)))
+    rate = n / (time.perf_counter() - t0)
+    return n == 256, f"{rate:,.0f} tokens/s (bf16, batch 1, 256 new tokens, eager)"
+
+
+def check_resume(tmp: Path) -> tuple[bool, str]:
+    out = tmp / "resume"
+    args = [*RUN_124M, "dtype=bfloat16", "compile=false", "train.max_iters=200", "train.log_interval=1",
+            f"out_dir={out}"]  # fmt: skip
+    p = subprocess.Popen(TRAIN + args, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if line.startswith("step 20 |"):
+            p.send_signal(signal.SIGTERM)
+            break
+    p.communicate(timeout=120)
+    if p.returncode != 128 + signal.SIGTERM:
+        return False, f"SIGTERM exit status {p.returncode}, expected 143"
+    stopped = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    q = train(args, tmp)
+    ok = q.returncode == 0 and f"at step {stopped}" in q.stdout and records(out)[-1]["step"] == 200
+    return ok, f"stopped at step {stopped}, resumed, finished at {records(out)[-1]['step']}"
+
+
+def check_ddp(tmp: Path) -> tuple[bool | None, str]:
+    if torch.cuda.device_count() < 2:
+        return None, f"{torch.cuda.device_count()} GPU: skipped"
+    args = [*RUN_124M, "dtype=bfloat16", "compile=false", "train.max_iters=20", "train.log_interval=1",
+            "train.grad_accum_steps=2"]  # fmt: skip
+    single = train([*args, f"out_dir={tmp / 'ddp1'}"], tmp)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *args, f"out_dir={tmp / 'ddp2'}"]  # fmt: skip
+    double = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=300)
+    if single.returncode or double.returncode:
+        return False, (single.stderr or double.stderr).strip().splitlines()[-1]
+    a, b = [r["loss"] for r in records(tmp / "ddp1")], [r["loss"] for r in records(tmp / "ddp2")]
+    worst = max(abs(x - y) for x, y in zip(a, b))
+    return worst < 2e-2 and len(a) == len(b), f"largest loss difference {worst:.2e} over {len(a)} steps"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu-check needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False): nothing "
+              "was run. Run it on a machine with an NVIDIA GPU and a CUDA build of PyTorch.")
+        return
+    import report
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        prep = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare",
+                               f"data_root={tmp}"], cwd=tmp, capture_output=True, text=True)  # fmt: skip
+        assert prep.returncode == 0, prep.stderr
+        RUN_124M.append(f"data.name={tmp / 'shakespeare'}")
+        checks = [("train 124M bf16 + compile", lambda: check_train(tmp)), ("fp16 + GradScaler", lambda: check_fp16(tmp)),
+                  ("fused AdamW", check_fused_adamw), ("flash attention", check_flash),
+                  ("KV-cache sampling", check_sampling), ("resume after SIGTERM", lambda: check_resume(tmp)),
+                  ("2-process NCCL DDP = 1 process", lambda: check_ddp(tmp))]  # fmt: skip
+        rows = ["| check | result | details |", "|---|---|---|"]
+        for name, check in checks:
+            t0 = time.perf_counter()
+            try:
+                ok, details = check()
+            except Exception as e:  # noqa: BLE001  (a check that crashes is a FAIL with its reason)
+                ok, details = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            verdict = "SKIP" if ok is None else "PASS" if ok else "FAIL"
+            rows.append(f"| {name} | {verdict} | {details} ({time.perf_counter() - t0:.0f} s) |")
+            print(rows[-1], flush=True)
+    table = "\n".join(rows)
+    machine = report.machine(torch.device("cuda"))
+    section = f"{report.heading('GPU check')}\n\n`{report.command_line()}` on {machine}:\n\n{table}\n"
+    if not args.no_append:
+        report.append(section)
+    sys.exit(0 if all("FAIL" not in r for r in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Peak memory of a training step: the chunked cross-entropy and activation checkpointing (issue 14's lean step).
+
+    python bench/memory.py                     # both tables; appends to BENCHMARKS.md
+    python bench/memory.py --no-append --sizes gpt2    # the first table only
+
+Each measurement runs in a fresh process (peak RSS is per process): build the model and AdamW, then run the
+steps, and report the peak resident set size (ru_maxrss). On CPU this is the whole footprint: weights,
+gradients, optimizer state, activations and the loss.
+
+1. GPT-2 124M, batch 4 x 1024, bf16 autocast (fp32 where this CPU emulates bf16), an AdamW step with its state allocated: the loss from the whole
+   batch's logits (the plain path, as nanoGPT computes it), from chunks (gpt2.loss, what the trainer uses), and
+   chunks plus activation checkpointing (train.activation_checkpointing=true).
+2. What activation checkpointing saves at 124M/350M/774M/1.5B: one forward+backward, batch 1 x 1024, fp32 (bf16
+   matmuls are emulated, so slow, on CPUs without AVX-512), chunked loss, without and with checkpointing (no
+   optimizer: weights and gradients only, so the 1.5B fits in 24 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def measure(size: str, batch: int, logits: bool, checkpointing: bool, optimizer: bool, dtype: str) -> dict:
+    """In this process: one training step, then peak RSS in GiB and the step's seconds. With `optimizer`, AdamW's
+    state exists before the step (as from the second step on: a first step with zero gradients allocates it),
+    so one forward+backward shows the steady-state peak."""
+    import torch
+
+    from gpt2.config import OptimConfig
+    from gpt2.model import GPT, preset
+    from gpt2.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = GPT(preset(size)).train()
+    model.activation_checkpointing = checkpointing
+    adamw = build_optimizer(model, OptimConfig(), "cpu") if optimizer else None
+    if adamw is not None:
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        adamw.step()
+        adamw.zero_grad(set_to_none=True)
+    idx = torch.randint(0, 50257, (batch, 1024))
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=getattr(torch, dtype), enabled=dtype != "float32"):
+        _, loss = model(idx, idx, return_logits=logits)
+    loss.backward()
+    if adamw is not None:
+        adamw.step()
+        adamw.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - t0
+    return {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "s_per_step": seconds}
+
+
+def in_child(**case) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(case)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def step_table(dtype: str) -> str:
+    rows = ["| loss | activation checkpointing | peak RSS (GiB) | s/step |", "|---|---|---|---|"]
+    for name, logits, checkpointing in [("whole-batch logits (plain path)", True, False),
+                                        ("chunked (gpt2.loss)", False, False),
+                                        ("chunked", False, True)]:  # fmt: skip
+        r = in_child(size="gpt2", batch=4, logits=logits, checkpointing=checkpointing, optimizer=True, dtype=dtype)
+        rows.append(f"| {name} | {'on' if checkpointing else 'off'} | {r['peak_gib']:.2f} | {r['s_per_step']:.1f} |")
+        print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+def savings_table(sizes: list[str]) -> str:
+    rows = ["| model | peak RSS without (GiB) | with (GiB) | saved (GiB) | s/step without | with |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    for size in sizes:
+        off, on = (in_child(size=size, batch=1, logits=False, checkpointing=c, optimizer=False, dtype="float32")
+                   for c in (False, True))
+        rows.append(f"| {size} | {off['peak_gib']:.2f} | {on['peak_gib']:.2f} | {off['peak_gib'] - on['peak_gib']:.2f} "
+                    f"| {off['s_per_step']:.1f} | {on['s_per_step']:.1f} |")  # fmt: skip
+        print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="gpt2,gpt2-medium,gpt2-large,gpt2-xl")
+    p.add_argument("--dtype", default="auto", help="of the 124M step table: auto (bfloat16 where this CPU has "
+                   "fast bf16 matmuls, else float32: emulated bf16 is ~50x slower), float32 or bfloat16")
+    p.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(measure(**json.loads(args.child))))
+        return
+    import report
+
+    import torch
+
+    from gpt2.device import resolve_dtype
+
+    dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
+    first = step_table(dtype)
+    second = savings_table(args.sizes.split(",")) if args.sizes != "gpt2" else ""
+    section = (
+        f"{report.heading('Training-step memory: chunked loss and activation checkpointing')}\n\n"
+        f"`{report.command_line()}` on {report.machine()}. Each row is a fresh process (peak RSS: weights, "
+        f"gradients, optimizer state, activations, loss). GPT-2 124M, batch 4 x 1024 tokens, {dtype}, one "
+        "AdamW step with the optimizer state already allocated (the steady state):\n\n"
+        f"{first}\n"
+        + (f"\nWhat activation checkpointing saves: one forward+backward, batch 1 x 1024, fp32, chunked loss, no "
+           f"optimizer state:\n\n{second}\n" if second else "")
+    )
+    print(section)
+    if not args.no_append:
+        report.append(section)
+
+
+if __name__ == "__main__":
+    main()
