@@ -76,20 +76,25 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def wrap_model(model: nn.Module, info: DistInfo, parallelism: str = "ddp") -> nn.Module:
+def wrap_model(model: nn.Module, info: DistInfo, parallelism: str = "ddp", dtype: torch.dtype = torch.float32
+               ) -> nn.Module:
     """DDP or FSDP2 around `model` under torchrun; `model` itself when single-process.
 
     FSDP2 shards each transformer block, then the root (embeddings, final norm, tied head), in place: the
-    returned module is `model`, now holding DTensor parameters.
+    returned module is `model`, now holding DTensor parameters. With a bf16/fp16 `dtype`, FSDP2 gathers the
+    parameters in that dtype (half the all-gather traffic and unsharded memory) and reduces gradients in fp32;
+    the sharded master weights and the optimizer stay fp32.
     """
     if not info.is_distributed:
         return model
     if parallelism == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        half = dtype in (torch.bfloat16, torch.float16)
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
         for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -97,18 +102,12 @@ def wrap_model(model: nn.Module, info: DistInfo, parallelism: str = "ddp") -> nn
 
 @contextlib.contextmanager
 def no_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Skip the gradient all-reduce inside (micro-steps before the last of an accumulation)."""
-    if not enabled:
-        yield
-    elif isinstance(model, nn.parallel.DistributedDataParallel):
+    """DDP: skip the gradient all-reduce inside (micro-steps before the last of an accumulation). FSDP2 is left
+    to reduce-scatter every micro-step, so that no rank holds unsharded gradients between micro-steps (the sum
+    of the reduced shards is the reduced sum: the same gradients for more communication)."""
+    if enabled and isinstance(model, nn.parallel.DistributedDataParallel):
         with model.no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
     else:
         yield
 

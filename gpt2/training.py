@@ -137,7 +137,7 @@ class Trainer:
         self.compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         if self.compile:
             _compile(self.model, train.parallelism if info.is_distributed else "none")
-        self.parallel_model = distributed.wrap_model(self.model, info, train.parallelism)
+        self.parallel_model = distributed.wrap_model(self.model, info, train.parallelism, self.dtype)
         self.optimizers = build_optimizer(self.model, cfg.optim, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.loader = TokenLoader(

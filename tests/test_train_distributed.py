@@ -123,3 +123,48 @@ def test_the_collective_timeout_key_reaches_the_process_group(tmp_path):
     mp.spawn(_waiting_rank, args=(port, str(tmp_path / "r")), nprocs=2, join=True)
     waiting = json.loads((tmp_path / "r.1").read_text())
     assert waiting["outcome"] != "passed" and waiting["waited"] < 6, waiting
+
+
+def _fsdp_rank(rank: int, port: int, out: str) -> None:
+    import os
+
+    from gpt2 import distributed
+    from gpt2.model import GPT, GPTConfig
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    info = distributed.init("cpu")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    distributed.wrap_model(model, info, "fsdp", torch.bfloat16)
+    policy = model.transformer.h[0]._get_fsdp_state()._mp_policy
+    idx = torch.randint(0, 64, (2, 16))
+    with distributed.no_sync(model, enabled=True):  # a micro-step before the last of an accumulation
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, idx, return_logits=False)
+        loss.backward()
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    result = {"param_dtype": str(policy.param_dtype), "reduce_dtype": str(policy.reduce_dtype),
+              "grad_is_sharded": weight.grad is not None and weight.grad.to_local().shape == weight.to_local().shape,
+              "grad_dtype": str(weight.grad.dtype) if weight.grad is not None else None}  # fmt: skip
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(result, f)
+    distributed.cleanup()
+
+
+@pytest.mark.slow  # ~15 s: two spawned processes
+def test_fsdp_gathers_half_precision_weights_and_keeps_gradients_sharded_between_micro_steps(tmp_path):
+    """Item 5 of the scale issue: a bf16 MixedPrecisionPolicy (fp32 gradient reduction), and after a micro-step
+    that is not the last of an accumulation each rank holds its gradient shard, not the unsharded gradient."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_rank, args=(port, str(tmp_path / "r")), nprocs=2, join=True)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"r.{rank}").read_text())
+        assert result == {"param_dtype": "torch.bfloat16", "reduce_dtype": "torch.float32", "grad_is_sharded": True,
+                          "grad_dtype": "torch.float32"}  # fmt: skip
