@@ -112,6 +112,18 @@ def no_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
         yield
 
 
+def materialize(model: nn.Module, device: torch.device, full_state: dict[str, torch.Tensor] | None) -> None:
+    """Give an FSDP2 model that was built on the meta device its (sharded) storage on `device`; with
+    `full_state` (rank 0's weights, {} on the other ranks) broadcast them from rank 0 into every rank's shards.
+    Without it the weights are left for a checkpoint to fill."""
+    model.to_empty(device=device)
+    if full_state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full_state, options=options)
+
+
 def is_sharded(model: nn.Module) -> bool:
     return hasattr(model, "set_requires_gradient_sync")
 

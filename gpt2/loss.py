@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 26
-"""Logits per chunk (64M: 256 MB in fp32, about 1,300 positions of GPT-2's padded vocabulary)."""
+CHUNK_ELEMENTS = 1 << 24
+"""Logits per chunk (16M: 64 MB in fp32, about 330 positions of GPT-2's vocabulary: still large matmuls)."""
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int
@@ -34,7 +34,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, vocab_size, chunk, dtype):  # type: ignore[override]
         w = weight[:vocab_size].to(dtype)  # (V, C)
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=w.device)  # the padded rows stay 0
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, x.shape[0], chunk):
             xs, ts = x[start : start + chunk].to(dtype), targets[start : start + chunk]
@@ -47,15 +47,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad[torch.arange(len(ts), device=ts.device), safe] -= 1.0  # d(sum of losses) / d(logits)
             grad = (grad * valid[:, None]).to(dtype)
             grad_x[start : start + chunk] = grad @ w
-            grad_w += (grad.t() @ xs).float()
+            grad_w[:vocab_size] += (grad.t() @ xs).float()
         count = (targets != -1).sum()
         ctx.save_for_backward(grad_x, grad_w, count)
-        ctx.padded_rows, ctx.weight_dtype = weight.shape[0] - vocab_size, weight.dtype
+        ctx.weight_dtype = weight.dtype
         return total / count
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
         grad_x, grad_w, count = ctx.saved_tensors
         scale = grad_loss / count
-        grad_w = torch.nn.functional.pad(grad_w * scale, (0, 0, 0, ctx.padded_rows)).to(ctx.weight_dtype)
-        return grad_x * scale.to(grad_x.dtype), grad_w, None, None, None, None
+        return grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None, None

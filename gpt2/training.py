@@ -126,7 +126,9 @@ class Trainer:
         ckpt = checkpoint.load(self.out_dir / checkpoint.CKPT_NAME) if resuming else None
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank, so FSDP shards agree
-        self.model = self._build_model(ckpt, typed_model_keys).to(self.device).train()
+        self.sharded = info.is_distributed and cfg.train.parallelism == "fsdp"
+        self._initial_state: dict[str, torch.Tensor] | None = None  # rank 0's weights for a model built on meta
+        self.model = self._build_model(ckpt, typed_model_keys).train()
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
         cfg.model = self.model.config.arch  # the truth, for config.yaml and the checkpoint
         self.block_size = self.model.config.block_size
@@ -138,6 +140,9 @@ class Trainer:
         if self.compile:
             _compile(self.model, train.parallelism if info.is_distributed else "none")
         self.parallel_model = distributed.wrap_model(self.model, info, train.parallelism, self.dtype)
+        if self.sharded:
+            distributed.materialize(self.model, self.device, self._initial_state)
+            self._initial_state = None
         self.optimizers = build_optimizer(self.model, cfg.optim, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.loader = TokenLoader(
@@ -352,21 +357,35 @@ class Trainer:
 
     def _build_model(self, ckpt: dict[str, Any] | None, typed: frozenset[str]) -> GPT:
         """Resume > fine-tune init > scratch. A resumed model is built like a scratch one, from the checkpoint's
-        architecture: its weights are restored with the rest of the state (`_resume`)."""
+        architecture: its weights are restored with the rest of the state (`_resume`).
+
+        Under FSDP no rank holds the whole model on its device: the model is built on the meta device and
+        sharded before it has storage (`distributed.materialize`); rank 0 keeps the initial weights on the CPU
+        (`_initial_state`), from which they are broadcast into every rank's shards."""
         if ckpt is not None:
             self._check_resume(ckpt, typed)
-            return self._new_model(GPTConfig(**ckpt["model_config"]))
+            return self._new_model(GPTConfig(**ckpt["model_config"]), initialize=False)
         if self.cfg.init_from == "scratch":
-            return self._new_model(GPTConfig.of(self.cfg.model, self.ds.vocab_size))
-        return self._model_from_init(self.cfg.init_from, typed)
+            return self._new_model(GPTConfig.of(self.cfg.model, self.ds.vocab_size), initialize=True)
+        model = self._model_from_init(self.cfg.init_from, typed)
+        if not self.sharded:
+            return model.to(self.device)
+        self._initial_state = model.state_dict() if self.info.is_main else {}
+        with torch.device("meta"):
+            return GPT(model.config)
 
-    def _new_model(self, config: GPTConfig) -> GPT:
-        """A GPT-2-initialised model, built on the device once the data and the memory are known to fit."""
+    def _new_model(self, config: GPTConfig, initialize: bool) -> GPT:
+        """A GPT-2-initialised model on the device (on the meta device under FSDP), built once the data and the
+        memory are known to fit."""
         check_block_size(self.ds, config.block_size)
         self.ds.check_vocab(config.vocab_size)
-        shards = self.info.world_size if self.cfg.train.parallelism == "fsdp" else 1
-        check_memory(config, self.device, shards)
-        with torch.device(self.device):
+        check_memory(config, self.device, self.info.world_size if self.sharded else 1)
+        if not self.sharded:
+            with torch.device(self.device):
+                return GPT(config)
+        if initialize:
+            self._initial_state = GPT(config).state_dict() if self.info.is_main else {}  # on the CPU
+        with torch.device("meta"):
             return GPT(config)
 
     def _check_resume(self, ckpt: dict[str, Any], typed: frozenset[str]) -> None:

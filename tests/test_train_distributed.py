@@ -168,3 +168,24 @@ def test_fsdp_gathers_half_precision_weights_and_keeps_gradients_sharded_between
         result = json.loads((tmp_path / f"r.{rank}").read_text())
         assert result == {"param_dtype": "torch.bfloat16", "reduce_dtype": "torch.float32", "grad_is_sharded": True,
                           "grad_dtype": "torch.float32"}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_nodes_through_the_c10d_rendezvous_match_one_process(char_data, tmp_path, single):  # noqa: F811
+    """Multi-node as README says to launch it: two torchrun agents (one process each) meeting at a c10d
+    rendezvous on 127.0.0.1, sharing out_dir; the loss curve is the single process's."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two_nodes"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test", str(ROOT / "train.py"), f"data.name={char_data}",
+           f"out_dir={out}", *ARGS]  # fmt: skip
+    agents = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env()) for _ in range(2)]  # fmt: skip
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert all(agent.returncode == 0 for agent in agents), "\n".join(o[-2000:] for o in outputs)
+    assert curve(out) == pytest.approx(curve(single), abs=1e-5, rel=0)
