@@ -7,7 +7,7 @@
     of the whole command, start-up, evals and checkpoints included, and the final val loss. Goal: the same val
     loss (<= 1.89) in at most 2/3 of nanoGPT's time.
 (b) The GPU recipe's shape (6 x 384, context 256, batch 64, dropout 0.2; `experiment=shakespeare_char`) on
-    the CPU: ms per training step (mean over steps 3-12, fp32 and eager on both sides), tokens/s and the ratio.
+    the CPU: ms per training step (mean over steps 3-6, fp32 and eager on both sides), tokens/s and the ratio.
 
 Both prepare tiny-shakespeare from the copy this package ships (nanoGPT's prepare.py downloads it otherwise).
 """
@@ -31,7 +31,7 @@ NANO_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False
             "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]  # fmt: skip
 """nanoGPT README's CPU command, as written."""
 NANO_GPU_SHAPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=1",
-                  "--eval_interval=100000", "--log_interval=1", "--max_iters=12"]  # fmt: skip
+                  "--eval_interval=100000", "--log_interval=1", "--max_iters=6"]  # fmt: skip
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
@@ -64,11 +64,11 @@ def cpu_recipe(nano: Path, work: Path, pairs: int) -> list[tuple[float, float, f
 
 
 def gpu_shape(nano: Path, work: Path) -> tuple[float, float]:
-    """ms per step (steps 3-12) of nanoGPT and of ours on the GPU recipe's shape."""
+    """ms per step (steps 3-6) of nanoGPT and of ours on the GPU recipe's shape."""
     _, nano_out = timed([sys.executable, "train.py", *NANO_GPU_SHAPE], nano)
     nano_ms = [float(t) for i, t in re.findall(r"iter (\d+): loss [\d.]+, time (\d+\.\d+)ms", nano_out) if int(i) >= 3]
     _, our_out = timed(ours(["experiment=shakespeare_char", "device=cpu", "dtype=float32", "compile=false",
-                             "train.max_iters=12", "train.eval_interval=0", "train.log_interval=1",
+                             "train.max_iters=6", "train.eval_interval=0", "train.eval_iters=1", "train.log_interval=1",
                              f"out_dir={work / 'gpu_shape'}"], work), work)  # fmt: skip
     our_ms = [float(ms) for step, ms in re.findall(r"step (\d+) \| loss [^|]+\| lr [^|]+\| grad norm [^|]+\| "
                                                     r"(\d+\.\d+) ms", our_out) if int(step) >= 4]  # fmt: skip
@@ -104,7 +104,7 @@ def main() -> None:
     print(table)
     section = (f"{report.heading('Against nanoGPT on the CPU')}\n\n`{report.command_line()}` on {report.machine()}, "
                f"nanoGPT at its checkout's HEAD, runs alternating. (a) is each README's CPU command, whole wall "
-               f"time; (b) is fp32, eager, steps 3-12.\n\n{table}\n")  # fmt: skip
+               f"time; (b) is fp32, eager, steps 3-6.\n\n{table}\n")  # fmt: skip
     if not args.no_append:
         report.append(section)
 
