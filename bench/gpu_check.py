@@ -42,24 +42,28 @@ def train(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(TRAIN + args, cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def check_train(tmp: Path) -> tuple[bool, str]:
-    out = tmp / "bf16"
-    p = train([*RUN_124M, "dtype=bfloat16", "compile=true", "train.max_iters=60", f"out_dir={out}"], tmp)
+class RunFailed(Exception):
+    """train.py exited non-zero; the message is its last error line."""
+
+
+def train_run(tmp: Path, name: str, *overrides: str) -> tuple[Path, list[dict]]:
+    """Train the 124M run with `overrides` into tmp/name; its out_dir and training records."""
+    out = tmp / name
+    p = train([*RUN_124M, *overrides, f"out_dir={out}"], tmp)
     if p.returncode:
-        return False, p.stderr.strip().splitlines()[-1]
-    lines = records(out)
-    last = lines[-1]
-    ok = last["loss"] < lines[0]["loss"] - 0.5
-    return ok, f"loss {lines[0]['loss']:.2f} -> {last['loss']:.2f}, {last['tokens_per_sec']:,.0f} tok/s, " \
-               f"MFU {100 * last.get('mfu', float('nan')):.1f}%"
+        raise RunFailed((p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1])
+    return out, records(out)
+
+
+def check_train(tmp: Path) -> tuple[bool, str]:
+    _, lines = train_run(tmp, "bf16", "dtype=bfloat16", "compile=true", "train.max_iters=60")
+    first, last = lines[0], lines[-1]
+    return last["loss"] < first["loss"] - 0.5, (f"loss {first['loss']:.2f} -> {last['loss']:.2f}, "
+                                                f"{last['tokens_per_sec']:,.0f} tok/s, MFU {100 * last.get('mfu', math.nan):.1f}%")
 
 
 def check_fp16(tmp: Path) -> tuple[bool, str]:
-    out = tmp / "fp16"
-    p = train([*RUN_124M, "dtype=float16", "compile=false", "train.max_iters=30", f"out_dir={out}"], tmp)
-    if p.returncode:
-        return False, p.stderr.strip().splitlines()[-1]
-    lines = records(out)
+    out, lines = train_run(tmp, "fp16", "dtype=float16", "compile=false", "train.max_iters=30")
     scale = torch.load(out / "ckpt.pt", weights_only=True)["scaler"].get("scale")
     ok = all(math.isfinite(r["loss"]) for r in lines) and lines[-1]["loss"] < lines[0]["loss"] and bool(scale)
     return ok, f"loss {lines[0]['loss']:.2f} -> {lines[-1]['loss']:.2f}, loss scale {scale}"
