@@ -49,6 +49,11 @@ def dataset() -> str:
     return str(root / "shakespeare_char")
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure(overrides: list[str], warmup: int, steps: int) -> dict[str, float]:
     from hydra import compose, initialize_config_dir
 
@@ -57,9 +62,11 @@ def measure(overrides: list[str], warmup: int, steps: int) -> dict[str, float]:
     trainer = Trainer(cfg, DistInfo(device=resolve_device(cfg.device)))
     for _ in range(warmup):  # includes compilation
         trainer.train_step()
+    sync(trainer.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
+    sync(trainer.device)  # train_step does not wait for the device
     dt = (time.perf_counter() - t0) / steps
     tokens_per_sec = trainer.tokens_per_step / dt
     peak = peak_flops(trainer.device, trainer.dtype)

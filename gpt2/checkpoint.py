@@ -145,7 +145,8 @@ def _upgrade_from_format_1(ckpt: dict[str, Any]) -> dict[str, Any]:
         for opt, old in zip(optimizers, ckpt["optimizer"]["optimizers"]):
             for group, old_group in zip(opt.param_groups, old["param_groups"]):
                 group_names = [names[id(p)] for p in group["params"]]
-                state.update({name: old["state"][i] for name, i in zip(group_names, old_group["params"]) if i in old["state"]})
+                kept = zip(group_names, old_group["params"])
+                state.update({name: old["state"][i] for name, i in kept if i in old["state"]})
                 groups.append({**old_group, "params": group_names})
         ckpt["optimizer"] = {"state": state, "param_groups": groups}
         ckpt["loader"] = ckpt["loader"][0]

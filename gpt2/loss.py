@@ -21,37 +21,47 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          ) -> torch.Tensor:
     """mean over targets != -1 of cross_entropy(x @ weight[:vocab_size].T, targets), for x (N, C), weight
     (Vp, C), targets (N,). Under autocast the matmuls run in its dtype and the softmax in fp32, as they do in
-    `F.cross_entropy(F.linear(x, weight))`; otherwise in x's dtype."""
+    `F.cross_entropy(F.linear(x, weight))`; otherwise in x's dtype. Without autograd (evaluation) only the
+    loss is computed."""
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     chunk = max(1, CHUNK_ELEMENTS // vocab_size)
     with torch.autocast(device_type, enabled=False):
+        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return _chunked_loss(x, weight, targets, vocab_size, chunk, dtype, grads=None)
         return _LinearCrossEntropy.apply(x, weight, targets, vocab_size, chunk, dtype)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size, chunk, dtype):  # type: ignore[override]
-        w = weight[:vocab_size].to(dtype)  # (V, C)
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=w.device)  # the padded rows stay 0
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        for start in range(0, x.shape[0], chunk):
-            xs, ts = x[start : start + chunk].to(dtype), targets[start : start + chunk]
-            logits = (xs @ w.t()).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            valid = ts != -1
-            safe = ts.clamp(min=0)
-            total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+def _chunked_loss(x, weight, targets, vocab_size, chunk, dtype, grads):
+    """The mean loss; with `grads` = (grad_x, grad_w) buffers, also the gradients of the summed loss, added in."""
+    w = weight[:vocab_size].to(dtype)  # (V, C)
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], chunk):
+        xs, ts = x[start : start + chunk].to(dtype), targets[start : start + chunk]
+        logits = (xs @ w.t()).float()  # (n, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (n,)
+        valid = ts != -1
+        safe = ts.clamp(min=0)
+        total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+        if grads is not None:
+            grad_x, grad_w = grads
             grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             grad[torch.arange(len(ts), device=ts.device), safe] -= 1.0  # d(sum of losses) / d(logits)
             grad = (grad * valid[:, None]).to(dtype)
             grad_x[start : start + chunk] = grad @ w
             grad_w[:vocab_size] += (grad.t() @ xs).float()
-        count = (targets != -1).sum()
-        ctx.save_for_backward(grad_x, grad_w, count)
+    return total / (targets != -1).sum()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, chunk, dtype):  # type: ignore[override]
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # the padded rows stay 0
+        loss = _chunked_loss(x, weight, targets, vocab_size, chunk, dtype, grads=(grad_x, grad_w))
+        ctx.save_for_backward(grad_x, grad_w, (targets != -1).sum())
         ctx.weight_dtype = weight.dtype
-        return total / count
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]

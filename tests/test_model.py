@@ -305,6 +305,8 @@ def test_chunked_loss_and_gradients_equal_the_logits_path(monkeypatch, vocab_siz
     assert logits is None
     chunked_loss, grads = _loss_and_grads(model, idx, targets, return_logits=False)
     assert chunked_loss == pytest.approx(ref_loss, abs=1e-6)
+    with torch.no_grad():  # evaluation: the loss alone, no gradients computed
+        assert model(idx, targets, return_logits=False)[1].item() == pytest.approx(ref_loss, abs=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
     assert grads["transformer.wte.weight"][vocab_size:].abs().max() == 0
