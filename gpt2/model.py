@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -102,11 +103,18 @@ def preset(name: str, **overrides) -> GPTConfig:
 
 
 class KVCache:
-    """Preallocated keys and values for incremental decoding.
+    """Preallocated keys and values for incremental decoding, one sequence per row.
 
-    `k` and `v` have the fixed shape (n_layer, B, nh, max_len, hs), allocated once; `pos` is the number of
-    positions already written. Each layer calls `update` with the new positions' keys/values and gets back views
-    of everything cached so far; the model calls `advance` once per forward pass.
+    `k` and `v` have the fixed shape (n_layer, B, nh, max_len, hs), allocated once. `lengths` (B,) holds how many
+    positions each row has written, on the cache's device: rows may be at different lengths (prompts of different
+    lengths; a server's requests that join and leave a running batch). A forward pass over idx (B, T) writes row
+    b's keys and values at positions [lengths[b], lengths[b] + T), lets each query see the keys up to its own
+    position, and advances every row by T (`begin`, `update` per layer, `advance`).
+
+    `static=False` attends over the longest row's prefix only (host-side lengths say how long, with no device
+    sync). `static=True` always attends over all `max_len` positions, masked: every decode step then has the same
+    shapes and reads no host-side state, so it compiles once (and replays as a CUDA graph); the caller keeps the
+    lengths on the host itself and must not write past `max_len`. `row(b)` is the same cache seen as row b alone.
     """
 
     def __init__(
@@ -116,29 +124,61 @@ class KVCache:
         max_len: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        static: bool = False,
     ) -> None:
         max_len = max_len or config.block_size
+        if max_len > config.block_size:
+            raise ValueError(f"a KV cache of {max_len} positions exceeds the model's block_size {config.block_size}")
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.host_lengths = np.zeros(batch_size, dtype=np.int64)  # `lengths` on the host, kept when not static
+        self.static = static
+        self._span, self._mask, self._index = max_len, None, None  # set by `begin` for one forward pass
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def row(self, b: int) -> "KVCache":
+        """Row b alone, sharing this cache's storage (to prefill or reset one row of a running batch)."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.lengths = self.k[:, b : b + 1], self.v[:, b : b + 1], self.lengths[b : b + 1]
+        view.host_lengths, view.static = self.host_lengths[b : b + 1], self.static  # numpy slice: a view
+        view._span, view._mask, view._index = self.max_len, None, None
+        return view
+
     def reset(self) -> None:
-        self.pos = 0
+        """Forget every row's positions (the tensors are reused as they are)."""
+        self.lengths.zero_()
+        self.host_lengths[:] = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, T, hs) at positions [pos, pos+T) of `layer`; return views of [0, pos+T)."""
-        end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def begin(self, T: int) -> torch.Tensor:
+        """Prepare a forward pass of T new positions per row; returns their positions (B, T)."""
+        B, nh, hs = self.k.shape[1], self.k.shape[2], self.k.shape[4]
+        if not self.static:
+            used = int(self.host_lengths.max())
+            if used + T > self.max_len:
+                raise ValueError(f"sequence of {used + T} tokens exceeds the KV cache's {self.max_len} positions")
+            self._span = used + T
+        positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
+        keys = torch.arange(self._span, device=positions.device)
+        self._mask = (keys <= positions[:, :, None])[:, None]  # (B, 1, T, span): query sees keys up to itself
+        self._index = positions[:, None, :, None].expand(B, nh, T, hs)
+        return positions
 
-    def advance(self, n: int) -> None:
-        self.pos += n
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write k, v (B, nh, T, hs) at each row's new positions; return the keys, values and attention mask
+        for this pass: (B, nh, span, hs) twice and (B, 1, T, span)."""
+        self.k[layer].scatter_(2, self._index, k)
+        self.v[layer].scatter_(2, self._index, v)
+        return self.k[layer, :, :, : self._span], self.v[layer, :, :, : self._span], self._mask
+
+    def advance(self, T: int) -> None:
+        self.lengths += T
+        if not self.static:
+            self.host_lengths += T
 
 
 class CausalSelfAttention(nn.Module):
@@ -160,14 +200,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         mask, is_causal = None, True
-        if kv_cache is not None:
-            start = kv_cache.pos
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, start+T, hs)
-            if T == 1:  # one new token sees every cached position
-                is_causal = False
-            elif start > 0:  # a chunk after a prefix: query i sees keys [0, start+i]
-                is_causal = False
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        if kv_cache is not None:  # keys and values of the positions before these, and a per-row mask
+            k, v, mask = kv_cache.update(self.layer_idx, k, v)  # (B, nh, span, hs) twice, (B, 1, T, span)
+            is_causal = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )  # (B, nh, T, hs)
@@ -251,14 +286,11 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> the final LayerNorm's output (B, T, C): everything but the LM head.
-        With `kv_cache`, idx holds the positions after `kv_cache.pos`, and the cache advances by T."""
+        With `kv_cache`, idx holds each row's positions after `kv_cache.lengths`, and the cache advances by T."""
         B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds the model's block_size {self.config.block_size}"
-            )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds the model's block_size {self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device) if kv_cache is None else kv_cache.begin(T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training:  # keep only x; recompute inside in backward

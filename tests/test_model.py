@@ -75,14 +75,14 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
     full, _ = model(idx)  # (B, T, V)
     cache = KVCache(model.config, batch_size=2)
     prefill, _ = model(idx[:, :12], kv_cache=cache)  # the prompt at once
-    assert cache.pos == 12
+    assert cache.lengths.tolist() == [12, 12] and cache.host_lengths.tolist() == [12, 12]
     torch.testing.assert_close(prefill, full[:, :12], atol=1e-5, rtol=0)
     chunk, _ = model(idx[:, 12:16], kv_cache=cache)  # a chunk after a prefix (needs the offset causal mask)
     torch.testing.assert_close(chunk, full[:, 12:16], atol=1e-5, rtol=0)
     for t in range(16, 20):  # then one token at a time
         step, _ = model(idx[:, t : t + 1], kv_cache=cache)
         torch.testing.assert_close(step, full[:, t : t + 1], atol=1e-5, rtol=0)
-    assert cache.pos == 20
+    assert cache.lengths.tolist() == [20, 20]
     cache.reset()
     again, _ = model(idx[:, :5], kv_cache=cache)
     torch.testing.assert_close(again, full[:, :5], atol=1e-5, rtol=0)
@@ -109,8 +109,10 @@ def test_kv_cache_overflow():
     model = tiny(block_size=8).eval()
     cache = KVCache(model.config, batch_size=1)
     model(torch.zeros(1, 8, dtype=torch.long), kv_cache=cache)
-    with pytest.raises(ValueError, match="exceeds the model's block_size"):
+    with pytest.raises(ValueError, match="exceeds the KV cache's 8 positions"):
         model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="exceeds the model's block_size 8"):
+        KVCache(model.config, batch_size=1, max_len=9)
 
 
 def test_init_stds_match_init_weights_docstring():

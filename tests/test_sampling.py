@@ -8,6 +8,7 @@ import torch
 
 from gpt2.model import GPT, GPTConfig
 from gpt2.sampling import (
+    Batch,
     Sampler,
     SamplingParams,
     TextStream,
@@ -155,6 +156,53 @@ def test_batch_equals_single_runs_greedy():
     assert torch.equal(batched, singles)
 
 
+def test_prompts_of_different_lengths_each_get_what_they_get_alone():
+    """Per-row positions: a ragged batch (one prompt filling the context, so that its row slides while the
+    others do not) gives each prompt the greedy tokens it gets alone, and the uncached reference's."""
+    model = tiny_model(block_size=16)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 65, (n,), generator=g).tolist() for n in (3, 16, 1, 9)]
+    batched = run(model, prompts, 25)
+    for row, prompt in enumerate(prompts):
+        alone = run(model, torch.tensor([prompt]), 25)
+        assert torch.equal(batched[row], alone[0]), row
+        assert torch.equal(alone, uncached_greedy(model, torch.tensor([prompt]), 25))
+
+
+def test_static_cache_gives_the_same_tokens():
+    model = tiny_model(block_size=16)
+    prompts = [[1, 2, 3], [4] * 10]
+    assert torch.equal(run(model, prompts, 30, static=True), run(model, prompts, 30))
+
+
+def test_a_row_that_starts_in_a_running_batch_gets_what_it_gets_alone():
+    """What a server does: requests join a running batch in a free row and leave it; the others go on."""
+    model = tiny_model(block_size=16)
+    batch = Batch(model, rows=3, max_len=16)
+    tokens = {0: [5, 6, 7], 2: [9]}  # row 1 stays free; row 2 joins after 4 steps, row 0 leaves after 8
+
+    def greedy(logits):
+        return logits.argmax(-1)
+
+    with torch.inference_mode():
+        nxt = {0: greedy(batch.start(0, torch.tensor(tokens[0])))}
+        for step in range(20):
+            if step == 4:
+                nxt[2] = greedy(batch.start(2, torch.tensor(tokens[2])))
+            if step == 8:
+                batch.free(0)
+            for row, t in nxt.items():
+                if batch.active[row]:
+                    tokens[row].append(int(t))
+            token = torch.tensor([int(nxt.get(row, 0)) for row in range(3)])
+            logits = batch.step(token)
+            nxt = {row: greedy(logits[row]) for row in nxt if batch.active[row]}
+    assert not batch.active[0] and not batch.active[1]
+    for row, prompt_len in ((0, 3), (2, 1)):
+        alone = run(model, torch.tensor([tokens[row][:prompt_len]]), len(tokens[row]) - prompt_len)
+        assert alone[0].tolist() == tokens[row][prompt_len:], row
+
+
 def test_top_k_1_equals_greedy():
     model = tiny_model()
     idx = torch.randint(0, 65, (2, 4), generator=torch.Generator().manual_seed(4))
@@ -292,10 +340,16 @@ def test_decode_layout_keeps_values_tie_and_logits():
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_matches_eager():
+def test_compiled_decode_step_matches_eager_and_compiles_once():
+    from torch._dynamo.utils import counters
+
     tok = CharTokenizer.from_text(TEXT)
     kw = dict(max_new_tokens=30, temperature=0.0)
     eager = Sampler(tiny_model(vocab_size=tok.vocab_size), tok, device="cpu", dtype="float32")
     compiled = Sampler(tiny_model(vocab_size=tok.vocab_size), tok, device="cpu", dtype="float32", compile=True)
     assert compiled.decode is not eager.decode
+    torch._dynamo.reset()
+    counters.clear()
     assert compiled.generate("All:", num_samples=2, **kw) == eager.generate("All:", num_samples=2, **kw)
+    # 29 decode steps, one compilation: the static cache's shapes do not change from token to token.
+    assert counters["frames"]["total"] == 1 and counters["stats"]["unique_graphs"] == 1

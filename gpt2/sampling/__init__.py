@@ -2,14 +2,14 @@
 
 - `gpt2.sampling.logits`: pure functions over (B, V) logits (temperature, top-k, top-p, repetition penalty,
   drawing the next token).
-- `gpt2.sampling.engine`: `prefill`, `decode_step` and `generate` (KV-cached, token ids out).
+- `gpt2.sampling.engine`: `Batch`, `decode_step` and `generate` (KV-cached, token ids out).
 - `gpt2.sampling.text`: `TextStream`, token ids -> text pieces with stop strings.
 - `gpt2.sampling.sampler`: `Sampler`, the notebook API (`generate`, `stream`).
 - `gpt2.sampling.cli`: the `sample.py` / `gpt2-sample` command (`run`).
 """
 
 from gpt2.sampling.cli import run, unescape
-from gpt2.sampling.engine import SamplingParams, decode_step, generate, prefill, use_decode_layout, window_size
+from gpt2.sampling.engine import Batch, SamplingParams, decode_step, generate, use_decode_layout, window_size
 from gpt2.sampling.logits import (
     apply_repetition_penalty,
     apply_temperature,
@@ -21,7 +21,7 @@ from gpt2.sampling.sampler import GenerationSettings, Sampler
 from gpt2.sampling.text import TextStream
 
 __all__ = [
-    "GenerationSettings", "Sampler", "SamplingParams", "TextStream", "apply_repetition_penalty", "apply_temperature",
-    "decode_step", "generate", "prefill", "run", "sample_next_token", "top_k_filter", "top_p_filter", "unescape",
+    "Batch", "GenerationSettings", "Sampler", "SamplingParams", "TextStream", "apply_repetition_penalty", "apply_temperature",
+    "decode_step", "generate", "run", "sample_next_token", "top_k_filter", "top_p_filter", "unescape",
     "use_decode_layout", "window_size",
 ]

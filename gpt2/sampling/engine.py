@@ -1,9 +1,11 @@
-"""The engine: `prefill`, `decode_step`, `generate` -> token ids.
+"""The engine: `Batch` (rows of a KV cache that start, decode and slide on their own), `decode_step`, and
+`generate` -> token ids.
 
-`generate` prefills the prompt once into a KV cache allocated once per call, then yields one (B,) tensor of
-token ids per step. Rows that emitted end-of-text stop (their later entries are -1) and generation ends when
-every row has; past `block_size` the context window slides (the last half of the context is re-prefilled)
-instead of failing. Both steps are the model's own `last_logits`: there is no second copy of the forward.
+`generate` prefills each prompt once into a KV cache allocated once per call, then yields one (B,) tensor of
+token ids per step. Prompts may differ in length: each row has its own positions. Rows that emitted end-of-text
+stop (their later entries are -1) and generation ends when every row has; past `block_size` a row's context
+window slides (the last half of it is re-prefilled) instead of failing. Every step is the model's own
+`last_logits`: there is no second copy of the forward. The server (`gpt2.serve`) drives a `Batch` itself.
 
 References: gpt-fast `generate.py` (prefill/decode split, sampling without a host sync).
 """
@@ -11,7 +13,7 @@ References: gpt-fast `generate.py` (prefill/decode split, sampling without a hos
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -49,15 +51,9 @@ def use_decode_layout(model: GPT) -> GPT:
     return model
 
 
-def prefill(model: GPT, idx: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-    """Run a whole prompt idx (B, T) through the model in one pass, filling the cache from position 0.
-    Returns the next-token logits (B, V) in fp32."""
-    kv_cache.reset()
-    return model.last_logits(idx, kv_cache)
-
-
 def decode_step(model: GPT, token: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-    """Feed one token per row, token (B, 1), at the cache's position. Returns next-token logits (B, V) fp32."""
+    """Feed one token per row, token (B, 1), at each row's next position. Returns next-token logits (B, V) fp32.
+    This is the unit `torch.compile` compiles: with a static cache its shapes never change."""
     return model.last_logits(token, kv_cache)
 
 
@@ -65,66 +61,119 @@ DecodeFn = Callable[[GPT, torch.Tensor, KVCache], torch.Tensor]
 
 
 def window_size(block_size: int) -> int:
-    """Tokens kept when the context slides past block_size: the last half, so each re-prefill buys
+    """Tokens kept when a row's context slides past block_size: the last half, so each re-prefill buys
     block_size // 2 cached steps."""
     return max(1, block_size // 2)
 
 
-class _Context:
-    """The tokens a generation's KV cache holds, so that the window can slide when the cache is full."""
+class Batch:
+    """The rows of one KV cache, each continuing its own sequence: a row starts on its own (`start`, a prefill
+    of its prompt), all rows decode together one token per `step`, and a row whose context reaches block_size
+    slides it (its last `window_size` tokens are re-prefilled) instead of failing. A `free` row idles at
+    position 0 until it starts again, so a server's requests can join and leave a running batch.
 
-    def __init__(self, model: GPT, idx: torch.Tensor, max_new_tokens: int, decode: DecodeFn) -> None:
-        B, T = idx.shape
-        self.model, self.decode = model, decode
-        self.block_size = model.config.block_size
-        max_len = min(T + max_new_tokens, self.block_size)
-        self.cache = KVCache(model.config, B, max_len, device=idx.device, dtype=model.lm_head.weight.dtype)
-        self.tokens = torch.empty(B, self.block_size, dtype=torch.long, device=idx.device)
-        self.tokens[:, :T] = idx
+    `static=True` makes every decode step the same shapes (see `KVCache`): compile `decode` once and it never
+    recompiles, token after token. Lengths live on the host here, so no step needs a device sync.
+    """
 
-    def next_logits(self, token: torch.Tensor) -> torch.Tensor:
-        """Append token (B,) and return the logits after it: one decode step, or, when the cache is full
-        (only when prompt + new tokens exceed block_size), a re-prefill of the last `window_size` tokens."""
-        cache = self.cache
-        if cache.pos < cache.max_len:
-            self.tokens[:, cache.pos] = token
-            return self.decode(self.model, token[:, None], cache)
-        keep = window_size(self.block_size)
-        window = torch.cat([self.tokens[:, self.block_size - keep + 1 :], token[:, None]], dim=1)  # (B, keep)
-        self.tokens[:, :keep] = window
-        return prefill(self.model, window, cache)
+    def __init__(self, model: GPT, rows: int, max_len: int, *, decode: DecodeFn = decode_step,
+                 static: bool = False) -> None:  # fmt: skip
+        device, config = model.lm_head.weight.device, model.config
+        self.model, self.decode, self.block_size = model, decode, config.block_size
+        self.cache = KVCache(config, rows, max_len, device=device, dtype=model.lm_head.weight.dtype, static=static)
+        self.tokens = torch.zeros(rows, max_len, dtype=torch.long)  # each row's context, on the host
+        self.lengths = [0] * rows
+        self.active = [False] * rows
+
+    def start(self, row: int, ids: torch.Tensor) -> torch.Tensor:
+        """Make `row` continue prompt ids (T,) (T <= the cache's max_len); returns its next-token logits (1, V)."""
+        return self._prefill([row], ids[None])
+
+    def start_all(self, idx: torch.Tensor) -> torch.Tensor:
+        """Start every row at once on prompts of one length, idx (B, T); returns logits (B, V)."""
+        return self._prefill(list(range(idx.size(0))), idx)
+
+    def free(self, row: int) -> None:
+        self.active[row] = False
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Append token (B,) to every active row (free rows ignore theirs) and return the logits after it (B, V)."""
+        for row, length in enumerate(self.lengths):
+            if not self.active[row]:
+                self._set_length(row, 0)  # an idle row attends to its one position, whatever it holds
+            elif length == self.cache.max_len:
+                self._slide(row)
+        rows = torch.arange(len(self.lengths))
+        self.tokens[rows, torch.tensor(self.lengths)] = token.cpu()
+        self.lengths = [length + 1 if active else 0 for length, active in zip(self.lengths, self.active)]
+        return self.decode(self.model, token[:, None], self.cache)
+
+    def _prefill(self, rows: list[int], idx: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        if not 1 <= T <= self.cache.max_len:
+            raise ValueError(f"prompt length {T} must be in [1, {self.cache.max_len}] (the KV cache's length)")
+        cache = self.cache.row(rows[0]) if len(rows) == 1 else self.cache
+        cache.reset()
+        for row, ids in zip(rows, idx.cpu()):
+            self.tokens[row, :T], self.lengths[row], self.active[row] = ids, T, True
+        return self.model.last_logits(idx.to(self.cache.k.device), cache)
+
+    def _slide(self, row: int) -> None:
+        """Keep the last `window_size` - 1 tokens of a full row (the next one makes `window_size`)."""
+        assert self.cache.max_len == self.block_size, "only a cache of block_size positions fills up"
+        keep = window_size(self.block_size) - 1
+        self._set_length(row, 0)
+        if keep:
+            window = self.tokens[row, self.cache.max_len - keep :].clone()
+            self.tokens[row, :keep] = window
+            self.model.hidden_states(window[None].to(self.cache.k.device), self.cache.row(row))
+            self.lengths[row] = keep
+
+    def _set_length(self, row: int, length: int) -> None:
+        self.lengths[row] = length
+        self.cache.lengths[row] = length
+        self.cache.host_lengths[row] = length
 
 
 @torch.inference_mode()
 def generate(
     model: GPT,
-    idx: torch.Tensor,
+    prompts: torch.Tensor | Sequence[Sequence[int]],
     max_new_tokens: int,
     params: SamplingParams = SamplingParams(),
     *,
     eot_id: int | None = None,
     generator: torch.Generator | None = None,
     decode: DecodeFn = decode_step,
+    static: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """Continue prompts idx (B, T) (T <= block_size, one length for all rows) by up to `max_new_tokens`.
+    """Continue prompts by up to `max_new_tokens`: a (B, T) tensor, or B lists of token ids of any lengths
+    (each row then has its own positions: what a row generates does not depend on the others).
 
     Yields one (B,) int64 CPU tensor per step: the new token of each row. When `eot_id` is given, a row that
     emits it has finished: later steps hold -1 in its place, and the generator returns once every row has
     finished. Moving the sampled ids to the CPU is the only host sync per step.
 
-    The KV cache is allocated once, for min(T + max_new_tokens, block_size) positions; past it the context
-    slides (see `_Context`). `decode` is the decode-step function (e.g. a torch.compile'd `decode_step`).
+    The KV cache is allocated once, for min(longest prompt + max_new_tokens, block_size) positions; past it a
+    row's context slides (see `Batch`). `decode` is the decode-step function (e.g. a torch.compile'd
+    `decode_step`); `static` gives it fixed shapes.
     """
-    B, T = idx.shape
-    if not 1 <= T <= model.config.block_size:
-        raise ValueError(f"prompt length {T} must be in [1, block_size={model.config.block_size}]")
-    context = _Context(model, idx, max_new_tokens, decode)
+    rows = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+    B, longest = len(rows), max(len(r) for r in rows)
+    if not 1 <= min(len(r) for r in rows) <= longest <= model.config.block_size:
+        raise ValueError(f"prompt lengths must be in [1, block_size={model.config.block_size}]")
+    batch = Batch(model, B, min(longest + max_new_tokens, model.config.block_size), decode=decode, static=static)
+    if all(len(r) == longest for r in rows):
+        logits = batch.start_all(torch.stack(rows).to(batch.cache.k.device))
+    else:
+        logits = torch.cat([batch.start(b, r) for b, r in enumerate(rows)])
     seen = None  # (B, V) tokens in the context, for the repetition penalty
     if params.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=logits.device)
+        for b, r in enumerate(rows):
+            seen[b, r.to(logits.device)] = True
     finished = torch.zeros(B, dtype=torch.bool)  # on the CPU, next to the yielded tokens
 
-    logits = prefill(model, idx, context.cache)
     for step in range(max_new_tokens):
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
@@ -139,4 +188,4 @@ def generate(
             return
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
-        logits = context.next_logits(token)
+        logits = batch.step(token)

@@ -71,9 +71,10 @@ class Sampler:
             raise UserError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
             )
-        # The compiled decode step lives on this object (never rebinding module globals). Its sequence
-        # length changes every step, so it is compiled with dynamic shapes.
-        self.decode: DecodeFn = torch.compile(decode_step, dynamic=True) if compile else decode_step
+        # The compiled decode step lives on this object (never rebinding module globals). It runs on static KV
+        # caches, whose shapes never change from token to token: one compilation per cache size.
+        self.static = compile
+        self.decode: DecodeFn = torch.compile(decode_step) if compile else decode_step
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs: Any) -> "Sampler":
@@ -134,7 +135,7 @@ class Sampler:
         streams = [TextStream(self.tokenizer, generation.stop) for _ in range(num_samples)]
         done = [False] * num_samples
         steps = generate(self.model, idx, generation.max_new_tokens, generation.params, eot_id=eot,
-                         generator=generator, decode=self.decode)
+                         generator=generator, decode=self.decode, static=self.static)
         for tokens in steps:
             yield from _text_pieces(tokens.tolist(), streams, done, eot)
             if all(done):
