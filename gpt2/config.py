@@ -310,6 +310,10 @@ class SampleConfig(InferenceConfig):
     """Text to continue; '-' reads stdin, 'FILE:path' reads a file; empty starts from end-of-text (gpt2) or a
     newline (char)."""
     prompt_file: Optional[str] = None
+    """A file whose whole text is the prompt."""
+    prompts_file: Optional[str] = None
+    """Many prompts, generated in batches of batch_size whatever their lengths: a .txt file with one prompt per
+    line (\\n for a newline), or a .jsonl file with a "prompt" string per line. num_samples is per prompt."""
     num_samples: int = 1
     max_new_tokens: int = 256
     temperature: float = 0.8
@@ -325,7 +329,7 @@ class SampleConfig(InferenceConfig):
     ignore_eot: bool = False
     """Keep generating past end-of-text."""
     batch_size: int = 8
-    """Samples generated together in one batch."""
+    """Samples generated together in one batch (prompts of different lengths batch together)."""
     stream: Optional[bool] = None
     """Print tokens as they come (None: on for one sample on a terminal)."""
     output: Optional[str] = None

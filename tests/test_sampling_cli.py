@@ -215,7 +215,7 @@ def test_long_runs_show_progress_and_save_each_batch_as_it_finishes(char_run, tm
     from gpt2.sampling import Sampler
 
     out = tmp_path / "s.jsonl"
-    real = Sampler.stream_batch
+    real = Sampler.stream_rows
     calls = []
 
     def interrupted_on_the_third_batch(self, *args, **kwargs):
@@ -224,10 +224,56 @@ def test_long_runs_show_progress_and_save_each_batch_as_it_finishes(char_run, tm
             raise KeyboardInterrupt
         yield from real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Sampler, "stream_batch", interrupted_on_the_third_batch)
+    monkeypatch.setattr(Sampler, "stream_rows", interrupted_on_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
         run(OmegaConf.create({"checkpoint": str(char_run), "device": "cpu", "num_samples": 6, "batch_size": 2,
                               "max_new_tokens": 10, "stream": False, "output": str(out)}))  # fmt: skip
     assert len(out.read_text().splitlines()) == 4  # the two finished batches were saved
     captured = capsys.readouterr()
     assert captured.out.count("-" * 40) == 4 and "sampling" in captured.err  # samples as they finish; progress
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_prompts_file_batches_prompts_of_any_length_in_input_order(char_run, tmp_path, capsys, suffix):
+    """A prompts file of different-length prompts, 2 samples each, in batches of 3 rows: one record per prompt
+    and sample in input order, and greedy text per prompt equal to what sample.py gives it alone."""
+    prompts = ["ROMEO:", "But soft, what light\nthrough yonder", "J", "Ay me."]
+    path = tmp_path / f"prompts{suffix}"
+    if suffix == ".txt":
+        path.write_text("\n".join(p.replace("\n", "\\n") for p in prompts) + "\n\n")  # a blank line is skipped
+    else:
+        path.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(prompts)))
+    out = tmp_path / "s.jsonl"
+    kw = dict(checkpoint=str(char_run), temperature=0.0, max_new_tokens=40)  # slides past block_size=32
+    run_ok(capsys, prompts_file=str(path), num_samples=2, batch_size=3, output=str(out), **kw)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt_index"], r["prompt"]) for r in records] == [(i, p) for i, p in enumerate(prompts) for _ in "ab"]
+    for i, prompt in enumerate(prompts):
+        alone = tmp_path / f"alone{i}.jsonl"
+        run_ok(capsys, prompt=prompt, output=str(alone), **kw)
+        assert records[2 * i]["sample"] == records[2 * i + 1]["sample"] == json.loads(alone.read_text())["sample"]
+
+
+@pytest.mark.parametrize(
+    "content, name, message",
+    [
+        (None, "missing.txt", "prompts_file={path} does not exist"),
+        ("\n \n", "empty.txt", "prompts_file={path} has no prompts"),
+        ('{"prompt": "ROMEO:"}\n{"prompt": "x"\n', "bad.jsonl", "{path}:2: not valid JSON"),
+        ('{"prompt": "ROMEO:"}\n\n{"text": "x"}\n', "field.jsonl", '{path}:3: no "prompt" string'),
+        ("ROMEO:\nJULIET: ~~\n", "chars.txt", "{path}:2: character '~' is not in this char vocabulary"),
+        (b"ROMEO:\n\xff\n", "latin1.txt", "{path}:2: not UTF-8 (byte 0xff)"),
+    ],
+)
+def test_bad_prompts_files_name_file_and_line(char_run, tmp_path, capsys, content, name, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    err = run_in_process(capsys, checkpoint=str(char_run), device="cpu", max_new_tokens=5, prompts_file=str(path))
+    assert message.format(path=path) in err
+
+
+def test_prompts_file_with_a_prompt_is_an_error(char_run, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("ROMEO:\n")
+    err = run_in_process(capsys, checkpoint=str(char_run), prompt="JULIET:", prompts_file=str(tmp_path / "p.txt"))
+    assert "give prompts_file=... alone" in err

@@ -41,31 +41,80 @@ def read_prompt(prompt: str, prompt_file: str | None) -> str:
     return unescape(prompt)
 
 
+def read_prompts_file(path: str) -> list[tuple[str, str]]:
+    """The prompts of a `prompts_file`, each with where it is ("file:line"): a .jsonl file holds one JSON object
+    with a "prompt" string per line; any other file one prompt per line, with `\\n` escapes as on the command
+    line. Blank lines are skipped. A missing or empty file, or a bad line, is a UserError naming file:line."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"prompts_file={path} does not exist; give a .txt (one prompt per line) or .jsonl file")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = file.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 (byte 0x{e.object[e.start]:02x}); save the file as UTF-8") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            where = f"{path}:{number}"
+            prompts.append((_jsonl_prompt(line, where) if file.suffix == ".jsonl" else unescape(line), where))
+    if not prompts:
+        raise UserError(f"prompts_file={path} has no prompts; write one per line")
+    return prompts
+
+
+def _jsonl_prompt(line: str, where: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg}); write one object per line, like {{\"prompt\": \"...\"}}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise UserError(f'{where}: no "prompt" string; write one object per line, like {{"prompt": "..."}}')
+    return record["prompt"]
+
+
 def run(cfg: Any) -> list[str]:
-    """Sample as `cfg` (a SampleConfig or Hydra DictConfig) says; print the samples; return them."""
+    """Sample as `cfg` (a SampleConfig or Hydra DictConfig) says; print the samples; return them (num_samples for
+    each prompt, in input order)."""
     cfg = cfg if isinstance(cfg, SampleConfig) else to_object(cfg, SampleConfig)
     if cfg.output:  # before any work: a path that cannot be written would lose every sample at the end
-        _append_samples(cfg.output, [], {})
-    prompt = read_prompt(cfg.prompt, cfg.prompt_file)
+        _append_samples(cfg.output, [], [], {})
+    prompts = _prompts(cfg)
     sampler = _sampler(cfg)
     settings = GenerationSettings(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         repetition_penalty=cfg.repetition_penalty, stop=[unescape(x) for x in cfg.stop], ignore_eot=cfg.ignore_eot,
         seed=cfg.seed,
     )
-    sampler.encode_prompt(prompt, cfg.max_new_tokens)  # bad prompt characters fail before any work
-    stream = cfg.stream if cfg.stream is not None else (cfg.num_samples == 1 and sys.stdout.isatty())
+    for prompt, where in prompts:  # bad prompt characters fail before any work
+        try:
+            sampler.encode_prompt(prompt, cfg.max_new_tokens)
+        except UserError as e:
+            raise UserError(f"{where}: {e}" if where else str(e)) from None
+    rows = [prompt for prompt, _ in prompts for _ in range(cfg.num_samples)]
+    stream = cfg.stream if cfg.stream is not None else (len(rows) == 1 and sys.stdout.isatty())
 
     source = {"checkpoint": cfg.checkpoint} if cfg.checkpoint else {"init_from": cfg.init_from}
-    record = {"prompt": prompt, "settings": {**source, **asdict(settings), "device": str(sampler.device),
-                                             "dtype": str(sampler.dtype).removeprefix("torch.")}}  # fmt: skip
+    settings_record = {**source, **asdict(settings), "device": str(sampler.device),
+                       "dtype": str(sampler.dtype).removeprefix("torch.")}  # fmt: skip
     samples: list[str] = []
     # Each sample is printed, and appended to `output`, as soon as it is done: an interrupt loses none.
-    for texts in (_stream_one_by_one if stream else _in_batches)(sampler, prompt, cfg, settings):
+    for texts in (_stream_one_by_one if stream else _in_batches)(sampler, rows, cfg, settings):
         if cfg.output:
-            _append_samples(cfg.output, texts, record)
+            first = len(samples)
+            indices = [(first + i) // cfg.num_samples for i in range(len(texts))]
+            _append_samples(cfg.output, texts, [(i, prompts[i][0]) for i in indices], settings_record)
         samples += texts
     return samples
+
+
+def _prompts(cfg: SampleConfig) -> list[tuple[str, str]]:
+    """(prompt, where it came from) for each prompt: the one prompt, or a prompts_file's."""
+    if cfg.prompts_file is None:
+        return [(read_prompt(cfg.prompt, cfg.prompt_file), "")]
+    if cfg.prompt or cfg.prompt_file:
+        raise UserError("give prompts_file=... alone, without prompt=... or prompt_file=...")
+    return read_prompts_file(cfg.prompts_file)
 
 
 def _sampler(cfg: SampleConfig) -> Sampler:
@@ -77,39 +126,42 @@ def _sampler(cfg: SampleConfig) -> Sampler:
     return Sampler.from_pretrained(str(cfg.init_from), **kwargs)
 
 
-def _stream_one_by_one(sampler: Sampler, prompt: str, cfg: SampleConfig, settings: GenerationSettings
-                       ) -> Iterator[list[str]]:
+def _stream_one_by_one(sampler: Sampler, rows: list[str], cfg: SampleConfig, settings: GenerationSettings
+                       ) -> Iterator[list[str]]:  # fmt: skip
     """Samples one at a time, each printed token by token as it comes."""
     generator = sampler.new_generator(settings.seed)
-    for _ in range(cfg.num_samples):
+    for prompt in rows:
         print(prompt, end="", flush=True)
         text = ""
-        for _, piece in sampler.stream_batch(prompt, 1, generator=generator, **asdict(settings)):
+        for _, piece in sampler.stream_rows([prompt], generator=generator, **asdict(settings)):
             text += piece
             print(piece, end="", flush=True)
         print("\n" + "-" * 40, flush=True)
         yield [text]
 
 
-def _in_batches(sampler: Sampler, prompt: str, cfg: SampleConfig, settings: GenerationSettings
-                ) -> Iterator[list[str]]:
+def _in_batches(sampler: Sampler, rows: list[str], cfg: SampleConfig, settings: GenerationSettings
+                ) -> Iterator[list[str]]:  # fmt: skip
     """Samples a batch at a time, printed when the batch is done, with a progress bar on stderr meanwhile."""
     from gpt2.progress import progress_bar
 
-    with progress_bar(total=cfg.num_samples * cfg.max_new_tokens, unit="tok", desc="sampling") as bar:
-        for texts in sampler.generate_batches(prompt, cfg.num_samples, batch_size=cfg.batch_size, on_piece=bar.update,
-                                              **asdict(settings)):  # fmt: skip
-            for text in texts:
+    done = 0
+    with progress_bar(total=len(rows) * cfg.max_new_tokens, unit="tok", desc="sampling") as bar:
+        for texts in sampler.generate_batches(rows, batch_size=cfg.batch_size, on_piece=bar.update, **asdict(settings)):
+            for prompt, text in zip(rows[done:], texts):
                 bar.write(prompt + text + "\n" + "-" * 40, file=sys.stdout)
+            done += len(texts)
             yield texts
 
 
-def _append_samples(path: str, texts: list[str], record: dict) -> None:
-    """One JSON line per sample ({prompt, sample, settings}) appended to `path`; UserError if it cannot be."""
+def _append_samples(path: str, texts: list[str], prompts: list[tuple[int, str]], settings: dict) -> None:
+    """One JSON line per sample ({prompt_index, prompt, sample, settings}) appended to `path`; UserError if it
+    cannot be."""
     try:
         with open(path, "a", encoding="utf-8") as f:
-            for text in texts:
-                f.write(json.dumps({"prompt": record["prompt"], "sample": text, "settings": record["settings"]}) + "\n")
+            for text, (index, prompt) in zip(texts, prompts):
+                record = {"prompt_index": index, "prompt": prompt, "sample": text, "settings": settings}
+                f.write(json.dumps(record) + "\n")
     except OSError as e:
         raise UserError(f"output={path} cannot be written ({e.strerror}); choose a writable path") from None
 

@@ -122,52 +122,54 @@ class Sampler:
             g.manual_seed(seed)
         return g
 
-    def stream_batch(
-        self, prompt: str, num_samples: int = 1, *, generator: torch.Generator | None = None, **settings: Any
-    ) -> Iterator[tuple[int, str]]:
-        """Generate `num_samples` continuations of `prompt` as one batch; yield (row, text piece) as text
-        becomes safe to show (see TextStream). Every row ends with a (possibly empty) final piece."""
+    def stream_rows(self, prompts: list[str], *, generator: torch.Generator | None = None, **settings: Any
+                    ) -> Iterator[tuple[int, str]]:  # fmt: skip
+        """Continue each of `prompts` (any lengths, repeats allowed) as one batch, a row each; yield (row, text
+        piece) as text becomes safe to show (see TextStream). Every row ends with a (possibly empty) final piece."""
         generation = GenerationSettings(**settings)
-        ids = self.encode_prompt(prompt, generation.max_new_tokens)
-        idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=self.device)  # (B, T)
+        rows = [self.encode_prompt(prompt, generation.max_new_tokens) for prompt in prompts]
         generator = generator or self.new_generator(generation.seed)
         eot = None if generation.ignore_eot else self.tokenizer.eot_id
-        streams = [TextStream(self.tokenizer, generation.stop) for _ in range(num_samples)]
-        done = [False] * num_samples
-        steps = generate(self.model, idx, generation.max_new_tokens, generation.params, eot_id=eot,
-                         generator=generator, decode=self.decode, static=self.static)
+        streams = [TextStream(self.tokenizer, generation.stop) for _ in rows]
+        done = [False] * len(rows)
+        steps = generate(self.model, rows, generation.max_new_tokens, generation.params, eot_id=eot,
+                         generator=generator, decode=self.decode, static=self.static)  # fmt: skip
         for tokens in steps:
             yield from _text_pieces(tokens.tolist(), streams, done, eot)
             if all(done):
                 return
-        for row in range(num_samples):
+        for row in range(len(rows)):
             if not done[row]:
                 yield row, streams[row].finish()
 
-    def generate(self, prompt: str, num_samples: int = 1, *, batch_size: int = 8, **settings: Any) -> list[str]:
-        """`num_samples` continuations of `prompt`, generated in batches of up to `batch_size`."""
-        return [text for batch in self.generate_batches(prompt, num_samples, batch_size=batch_size, **settings)
+    def generate(self, prompts: str | list[str], num_samples: int = 1, *, batch_size: int = 8, **settings: Any
+                 ) -> list[str]:  # fmt: skip
+        """`num_samples` continuations of each prompt (a string or a list of them), in input order, generated
+        in batches of up to `batch_size` rows whatever the prompts' lengths."""
+        return [text for batch in self.generate_batches(prompts, num_samples, batch_size=batch_size, **settings)
                 for text in batch]  # fmt: skip
 
     def generate_batches(
-        self, prompt: str, num_samples: int = 1, *, batch_size: int = 8, on_piece: Callable[[], Any] | None = None,
-        **settings: Any,
-    ) -> Iterator[list[str]]:
+        self, prompts: str | list[str], num_samples: int = 1, *, batch_size: int = 8,
+        on_piece: Callable[[], Any] | None = None, **settings: Any,
+    ) -> Iterator[list[str]]:  # fmt: skip
         """`generate`, yielding each batch's continuations as soon as the batch is done (so a long run can
         save what it has); `on_piece` is called for every text piece (roughly every token), for progress."""
         generation = GenerationSettings(**settings)
         generator = self.new_generator(generation.seed)
-        for start in range(0, num_samples, batch_size):
-            batch = [""] * min(batch_size, num_samples - start)
-            for row, piece in self.stream_batch(prompt, len(batch), generator=generator, **asdict(generation)):
-                batch[row] += piece
+        rows = [p for p in ([prompts] if isinstance(prompts, str) else prompts) for _ in range(num_samples)]
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            texts = [""] * len(batch)
+            for row, piece in self.stream_rows(batch, generator=generator, **asdict(generation)):
+                texts[row] += piece
                 if on_piece is not None:
                     on_piece()
-            yield batch
+            yield texts
 
     def stream(self, prompt: str, **settings: Any) -> Iterator[str]:
         """One continuation of `prompt`, as text pieces while they are generated."""
-        for _, piece in self.stream_batch(prompt, 1, **settings):
+        for _, piece in self.stream_rows([prompt], **settings):
             if piece:
                 yield piece
 
