@@ -349,6 +349,39 @@ class SampleConfig(InferenceConfig):
 
 
 @dataclass
+class ServeConfig(InferenceConfig):
+    """Everything `python -m gpt2.serve` (`gpt2-serve`) reads."""
+
+    purpose: ClassVar[str] = "serve"
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0: every interface; the server has no authentication)."""
+    port: int = 8000
+    """TCP port (0: any free one, printed at start)."""
+    batch_size: int = 8
+    """Sequences decoded together: concurrent requests share each step (continuous batching)."""
+    max_waiting: int = 64
+    """Sequences that may wait for a free row; past it requests get 503 with Retry-After."""
+    max_tokens: int = 1024
+    """The largest max_tokens a request may ask for."""
+    model_name: Optional[str] = None
+    """The model id clients name (GET /v1/models); default: the checkpoint folder's or init_from's name."""
+    compile: bool = False
+    """torch.compile the decode step (static KV cache: it compiles once)."""
+    shutdown_timeout_s: float = 30.0
+    """On SIGTERM or Ctrl-C: how long requests in flight may take to finish before they are cancelled."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"port must be in [0, 65535], got {self.port}")
+        for key in ("max_waiting", "max_tokens"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.shutdown_timeout_s < 0:
+            raise UserError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
+
+
+@dataclass
 class PrepareConfig:
     """Everything `data/prepare.py` reads."""
 
@@ -421,6 +454,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainRunConfig)
     cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(name="serve_schema", node=ServeConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
 
 

@@ -5,6 +5,7 @@
 - `GPT2_BPE_DIR`: OpenAI's GPT-2 BPE files (`encoder.json`, `vocab.bpe`; MIT licence), byte-identical to the
   ones tiktoken downloads, so the GPT-2 tokenizer never needs the network.
 - `TINY_SHAKESPEARE`: tiny-shakespeare (Karpathy's char-rnn corpus, public domain), the demo's default corpus.
+- `PLAYGROUND_HTML`: the server's playground page (`gpt2-serve`, `GET /`): one file, no build step.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ CONFIG_DIR = PACKAGE_DIR / "configs"
 ASSETS_DIR = PACKAGE_DIR / "assets"
 GPT2_BPE_DIR = ASSETS_DIR / "gpt2-bpe"
 TINY_SHAKESPEARE = ASSETS_DIR / "tinyshakespeare.txt"
+PLAYGROUND_HTML = ASSETS_DIR / "playground.html"
 
 BUILTIN_SOURCES = {"tinyshakespeare": TINY_SHAKESPEARE}
 """`data.source=builtin:<name>`: corpora shipped with the package."""

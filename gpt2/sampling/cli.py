@@ -120,10 +120,8 @@ def _prompts(cfg: SampleConfig) -> list[tuple[str, str]]:
 def _sampler(cfg: SampleConfig) -> Sampler:
     """The Sampler `cfg` names. dtype=auto with greedy decoding is fp32: greedy text must equal other tools'."""
     greedy_fp32 = cfg.dtype == "auto" and cfg.temperature == 0
-    kwargs = dict(device=cfg.device, dtype="float32" if greedy_fp32 else cfg.dtype, compile=cfg.compile)
-    if cfg.checkpoint:
-        return Sampler.from_checkpoint(cfg.checkpoint, **kwargs)
-    return Sampler.from_pretrained(str(cfg.init_from), **kwargs)
+    dtype = "float32" if greedy_fp32 else cfg.dtype
+    return Sampler.load(cfg.checkpoint, cfg.init_from, device=cfg.device, dtype=dtype, compile=cfg.compile)
 
 
 def _stream_one_by_one(sampler: Sampler, rows: list[str], cfg: SampleConfig, settings: GenerationSettings

@@ -77,6 +77,13 @@ class Sampler:
         self.decode: DecodeFn = torch.compile(decode_step) if compile else decode_step
 
     @classmethod
+    def load(cls, checkpoint: str | None, init_from: str | None, **kwargs: Any) -> "Sampler":
+        """From a checkpoint if given, else from `init_from` (the `checkpoint=` / `init_from=` keys)."""
+        if checkpoint:
+            return cls.from_checkpoint(checkpoint, **kwargs)
+        return cls.from_pretrained(str(init_from), **kwargs)
+
+    @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs: Any) -> "Sampler":
         """From one of our checkpoints: a run's out_dir or a .pt file (model config and tokenizer inside)."""
         from gpt2.checkpoint import load_model

@@ -1,0 +1,3 @@
+from gpt2.serve.cli import main
+
+main()
