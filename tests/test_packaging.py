@@ -4,11 +4,14 @@ install) carries everything the console scripts need to run from any directory w
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import ROOT
@@ -97,6 +100,23 @@ def test_wheel_install_runs_the_console_scripts_from_anywhere_offline(tmp_path):
                "stream=false")  # fmt: skip
     assert r.stdout.startswith("ROMEO, my lord:")
     assert (work / "data" / "shakespeare" / "meta.json").exists()
+    serve = subprocess.Popen([str(site / "bin" / "gpt2-serve"), "checkpoint=out/shakespeare_char_cpu", "port=0"],
+                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        url = re.search(r"http://[\d.]+:\d+", serve.stdout.readline()).group(0)
+        with httpx.Client(trust_env=False) as client:  # the environment's proxies are dead on purpose
+            for _ in range(100):
+                try:
+                    page = client.get(url + "/")
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            assert "gpt2 playground" in page.text  # the page ships in the wheel
+            reply = client.post(url + "/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5}, timeout=60)
+            assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "length"
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
 
 
 def test_the_torch_floor_covers_the_apis_the_code_calls():
