@@ -135,7 +135,10 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.host_lengths = np.zeros(batch_size, dtype=np.int64)  # `lengths` on the host, kept when not static
         self.static = static
-        self._span, self._mask, self._index = max_len, None, None  # set by `begin` for one forward pass
+        # Set by `begin` for one forward pass:
+        self._span, self._start, self._index = max_len, None, None
+        self.mask: torch.Tensor | None = None
+        self.is_causal = False
 
     @property
     def max_len(self) -> int:
@@ -146,7 +149,7 @@ class KVCache:
         view = object.__new__(KVCache)
         view.k, view.v, view.lengths = self.k[:, b : b + 1], self.v[:, b : b + 1], self.lengths[b : b + 1]
         view.host_lengths, view.static = self.host_lengths[b : b + 1], self.static  # numpy slice: a view
-        view._span, view._mask, view._index = self.max_len, None, None
+        view._span, view._start, view._index, view.mask, view.is_causal = self.max_len, None, None, None, False
         return view
 
     def reset(self) -> None:
@@ -155,25 +158,40 @@ class KVCache:
         self.host_lengths[:] = 0
 
     def begin(self, T: int) -> torch.Tensor:
-        """Prepare a forward pass of T new positions per row; returns their positions (B, T)."""
+        """Prepare a forward pass of T new positions per row; returns their positions, (B, T) or (T,) when every
+        row is at the same length. Sets `mask` and `is_causal` for scaled_dot_product_attention."""
         B, nh, hs = self.k.shape[1], self.k.shape[2], self.k.shape[4]
+        device = self.lengths.device
+        self._start = None  # the rows' common length, when known on the host: plain slices, no per-row mask
         if not self.static:
             used = int(self.host_lengths.max())
             if used + T > self.max_len:
                 raise ValueError(f"sequence of {used + T} tokens exceeds the KV cache's {self.max_len} positions")
             self._span = used + T
-        positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
-        keys = torch.arange(self._span, device=positions.device)
-        self._mask = (keys <= positions[:, :, None])[:, None]  # (B, 1, T, span): query sees keys up to itself
+            if int(self.host_lengths.min()) == used:
+                self._start = used
+        if self._start is not None:  # one new token sees every key; a prompt from 0 is causal; a chunk after
+            self.is_causal = self._start == 0 and T > 1  # a prefix sees the prefix and the causal part of itself
+            self.mask = None if T == 1 or self._start == 0 else torch.ones(
+                T, self._span, dtype=torch.bool, device=device).tril(diagonal=self._start)  # fmt: skip
+            return torch.arange(self._start, self._span, device=device)
+        positions = self.lengths[:, None] + torch.arange(T, device=device)  # (B, T)
+        keys = torch.arange(self._span, device=device)
+        self.is_causal = False
+        self.mask = (keys <= positions[:, :, None])[:, None]  # (B, 1, T, span): query sees keys up to itself
         self._index = positions[:, None, :, None].expand(B, nh, T, hs)
         return positions
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Write k, v (B, nh, T, hs) at each row's new positions; return the keys, values and attention mask
-        for this pass: (B, nh, span, hs) twice and (B, 1, T, span)."""
-        self.k[layer].scatter_(2, self._index, k)
-        self.v[layer].scatter_(2, self._index, v)
-        return self.k[layer, :, :, : self._span], self.v[layer, :, :, : self._span], self._mask
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) at each row's new positions; return this pass's keys and values, each
+        (B, nh, span, hs), to attend to with `mask` / `is_causal`."""
+        if self._start is not None:
+            self.k[layer, :, :, self._start : self._span] = k
+            self.v[layer, :, :, self._start : self._span] = v
+        else:
+            self.k[layer].scatter_(2, self._index, k)
+            self.v[layer].scatter_(2, self._index, v)
+        return self.k[layer, :, :, : self._span], self.v[layer, :, :, : self._span]
 
     def advance(self, T: int) -> None:
         self.lengths += T
@@ -200,9 +218,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         mask, is_causal = None, True
-        if kv_cache is not None:  # keys and values of the positions before these, and a per-row mask
-            k, v, mask = kv_cache.update(self.layer_idx, k, v)  # (B, nh, span, hs) twice, (B, 1, T, span)
-            is_causal = False
+        if kv_cache is not None:  # keys and values of the positions before these too, and which ones to see
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, span, hs)
+            mask, is_causal = kv_cache.mask, kv_cache.is_causal
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )  # (B, nh, T, hs)

@@ -89,6 +89,30 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("static", [False, True])
+def test_kv_cache_rows_at_different_lengths_equal_their_full_forward(static):
+    """Per-row positions: rows prefilled alone to different lengths, then chunks and single tokens for all rows
+    at once (the per-row mask path), give each row the logits of its own full forward."""
+    model = tiny().eval()
+    idx = torch.randint(0, 100, (3, 20))
+    full, _ = model(idx)
+    cache = KVCache(model.config, batch_size=3, max_len=24, static=static)
+    starts = [4, 9, 1]
+    for b, start in enumerate(starts):
+        model(idx[b : b + 1, :start], kv_cache=cache.row(b))
+    assert cache.lengths.tolist() == starts
+    chunk = torch.stack([idx[b, s : s + 3] for b, s in enumerate(starts)])  # 3 positions after each prefix
+    logits, _ = model(chunk, kv_cache=cache)
+    for b, s in enumerate(starts):
+        torch.testing.assert_close(logits[b], full[b, s : s + 3], atol=1e-5, rtol=0)
+    for t in range(3, 8):
+        step = torch.stack([idx[b, s + t : s + t + 1] for b, s in enumerate(starts)])
+        logits, _ = model(step, kv_cache=cache)
+        for b, s in enumerate(starts):
+            torch.testing.assert_close(logits[b, 0], full[b, s + t], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_greedy_decoding_with_and_without_cache_is_identical():
     model = tiny().eval()
     prompt = torch.randint(0, 100, (2, 5))
