@@ -2,12 +2,14 @@
 
     python bench/sample.py                    # GPT-2 124M shape, random weights, CPU fp32; a few minutes on 2 cores
     python bench/sample.py --new-tokens 64 --reps 1 --no-append
+    python bench/sample.py --ragged           # prompts of different lengths, batched: vs transformers, left-padded
 
 For batch 1 and 8, a prompt of 4 tokens and `--new-tokens` new ones (sampling: temperature 1, top_k 200):
-- `gpt2 engine`: `gpt2.sampling.generate` on the model as `Sampler` prepares it (weights in the decode
-  layout on CPU, see `use_decode_layout`), KV cache preallocated once;
-- `gpt2 engine, nn.Linear layout` (batch 1): the same without the decode layout, to show what it buys;
+- `gpt2 engine`: `gpt2.sampling.generate` on the model as `Sampler` prepares it (on CPU, weights in the
+  layout that suits the batch size, see `use_decode_layout`), KV cache preallocated once;
+- `gpt2 engine, nn.Linear layout` (batch 1): the same without the one-row layout, to show what it buys;
 - `gpt2 engine, bfloat16` (batch 1): weights and cache in bf16, the alternative `dtype=auto` was measured against;
+- `gpt2 engine, compiled decode` (batch 1, with --compiled): `torch.compile`'d decode step on a static KV cache;
 - `no KV cache`: the same model, a full forward over the whole context for every token (`--nocache-tokens`
   new tokens, fewer because its cost grows with the context; tokens/s is still comparable, and flattering
   to it since its contexts are shorter);
@@ -15,6 +17,11 @@ For batch 1 and 8, a prompt of 4 tokens and `--new-tokens` new ones (sampling: t
   and loaded with `from_pretrained`.
 Engines run round-robin `--reps` times and the best tokens/s is kept (the machine is shared). Prints a markdown
 table and appends it to BENCHMARKS.md unless --no-append.
+
+--ragged instead: `--prompts` prompts of 4 to 64 tokens, greedy, `--new-tokens` each, generated in batches of
+each of `--batch-sizes`: our engine (each row its own positions, no padding) against transformers' batched
+`generate` with left padding and an attention mask, on the same weights. Also checks that every prompt gets the
+same tokens in a batch as alone.
 """
 
 from __future__ import annotations
@@ -33,15 +40,17 @@ import torch
 
 from gpt2.hf import save_pretrained
 from gpt2.model import GPT, GPTConfig
-from gpt2.sampling import SamplingParams, generate, sample_next_token, use_decode_layout
+from gpt2.sampling import SamplingParams, decode_step, generate, sample_next_token, use_decode_layout
 import report  # noqa: E402  (bench/report.py, next to this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = SamplingParams(temperature=1.0, top_k=200)
 
 
-def engine(model: GPT, idx: torch.Tensor, n: int) -> int:
-    steps = sum(1 for _ in generate(model, idx, n, PARAMS, generator=torch.Generator().manual_seed(0)))
+def engine(model: GPT, idx: torch.Tensor, n: int, layout: bool = True, **kw) -> int:
+    if layout:  # as the Sampler does: the weight layout that suits this many rows
+        use_decode_layout(model, idx.size(0))
+    steps = sum(1 for _ in generate(model, idx, n, PARAMS, generator=torch.Generator().manual_seed(0), **kw))
     return steps * idx.size(0)
 
 
@@ -65,6 +74,65 @@ def hf_generate(hf_model, idx: torch.Tensor, n: int) -> int:
     return (out.size(1) - idx.size(1)) * idx.size(0)
 
 
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def engine_ragged(model: GPT, prompts: list[list[int]], n: int, batch_size: int) -> list[list[int]]:
+    out = []
+    use_decode_layout(model, batch_size)
+    for start in range(0, len(prompts), batch_size):
+        steps = torch.stack(list(generate(model, prompts[start : start + batch_size], n, GREEDY)), dim=1)
+        out += steps.tolist()
+    return out
+
+
+@torch.inference_mode()
+def hf_ragged(hf_model, prompts: list[list[int]], n: int, batch_size: int) -> list[list[int]]:
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        width = max(len(p) for p in batch)
+        idx = torch.tensor([[50256] * (width - len(p)) + p for p in batch])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids = hf_model.generate(idx, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                pad_token_id=50256)  # fmt: skip
+        out += ids[:, width:].tolist()
+    return out
+
+
+def ragged(args, ours: GPT, hf_model) -> str:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(4, 65, (args.prompts,), generator=g).tolist()
+    prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in lengths]
+    n, rows = args.new_tokens, []
+    alone = engine_ragged(ours, prompts, n, 1)
+    for B in (int(b) for b in args.batch_sizes.split(",")):
+        best = {"gpt2": 0.0, "transformers": 0.0}
+        same = True
+        for rep in range(args.reps):
+            t0 = time.perf_counter()
+            tokens = engine_ragged(ours, prompts, n, B)
+            best["gpt2"] = max(best["gpt2"], len(prompts) * n / (time.perf_counter() - t0))
+            same &= tokens == alone
+            t0 = time.perf_counter()
+            hf_ragged(hf_model, prompts, n, B)
+            best["transformers"] = max(best["transformers"], len(prompts) * n / (time.perf_counter() - t0))
+            print(f"batch {B} rep {rep}: {best}", flush=True)
+        rows.append(f"| {B} | {best['gpt2']:.1f} | {best['transformers']:.1f} | "
+                    f"{best['gpt2'] / best['transformers']:.2f}x | {'yes' if same else 'NO'} |")  # fmt: skip
+    return (
+        f"## Batched prompts of different lengths ({datetime.date.today()})\n\n"
+        f"`python bench/sample.py --ragged --prompts {args.prompts} --new-tokens {n} --batch-sizes {args.batch_sizes} "
+        f"--reps {args.reps}` on {report.machine()}, {torch.get_num_threads()} threads. GPT-2 124M shape, random "
+        f"weights, fp32, {args.prompts} prompts of 4 to 64 tokens (mean {sum(lengths) / len(lengths):.0f}), greedy, "
+        f"{n} new tokens each, in batches of `batch`; tokens/s = all new tokens / wall time, best of the "
+        "repetitions. transformers: `generate` with left padding and an attention mask. `same as alone`: every "
+        "prompt's tokens in the batch equal its tokens generated alone (batch 1).\n\n"
+        "| batch | gpt2 tokens/s | transformers tokens/s | gpt2 / transformers | same as alone |\n"
+        "|---:|---:|---:|---:|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
 def timed(fn: Callable[[], int]) -> float:
     t0 = time.perf_counter()
     tokens = fn()
@@ -79,6 +147,9 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    p.add_argument("--compiled", action="store_true", help="add a torch.compile'd decode row (minutes to compile)")
+    p.add_argument("--ragged", action="store_true", help="the batched-prompts table instead (see above)")
+    p.add_argument("--prompts", type=int, default=32, help="--ragged: how many prompts")
     args = p.parse_args()
 
     from transformers import GPT2LMHeadModel
@@ -93,6 +164,13 @@ def main() -> None:
         save_pretrained(plain, tmp)
         hf_model = GPT2LMHeadModel.from_pretrained(tmp).eval()
     ours = use_decode_layout(copy.deepcopy(plain))
+    if args.ragged:
+        table = ragged(args, ours, hf_model)
+        print("\n" + table)
+        if not args.no_append:
+            report.append(table)
+        return
+    compiled = torch.compile(decode_step) if args.compiled else None
     # bf16 only where this CPU computes it natively: emulated bf16 is ~50x slower than fp32 and would only
     # measure the emulation (dtype=auto picks fp32 there).
     fast_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -109,9 +187,13 @@ def main() -> None:
             ("transformers generate", "float32", n, lambda: hf_generate(hf_model, idx, n)),
         ]
         if B == 1:
-            cases.insert(1, ("gpt2 engine, nn.Linear layout", "float32", n, lambda: engine(plain, idx, n)))
+            cases.insert(1, ("gpt2 engine, nn.Linear layout", "float32", n, lambda: engine(plain, idx, n, layout=False)))
             if fast_bf16:
                 cases.insert(2, ("gpt2 engine, bfloat16", "bfloat16", n, lambda: engine(ours_bf16, idx, n)))
+            if compiled is not None:
+                cases.insert(1, ("gpt2 engine, compiled decode (static cache)", "float32", n,
+                                 lambda: engine(ours, idx, n, decode=compiled, static=True)))  # fmt: skip
+                engine(ours, idx, n, decode=compiled, static=True)  # compile outside the timed runs
         engine(ours, idx, 4), hf_generate(hf_model, idx, 4)  # warm up kernels
         if fast_bf16:
             engine(ours_bf16, idx, 4)

@@ -133,6 +133,9 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        if static:  # fixed addresses too: a compiled step that updates them in place can replay as a CUDA graph
+            for tensor in (self.k, self.v, self.lengths):
+                torch._dynamo.mark_static_address(tensor)
         self.host_lengths = np.zeros(batch_size, dtype=np.int64)  # `lengths` on the host, kept when not static
         self.static = static
         # Set by `begin` for one forward pass:

@@ -330,13 +330,14 @@ def test_decode_layout_keeps_values_tie_and_logits():
     idx = torch.randint(0, 65, (2, 10), generator=torch.Generator().manual_seed(9))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     logits = model(idx)[0]
-    use_decode_layout(model)
-    assert model.lm_head.weight is model.transformer.wte.weight
-    assert not model.transformer.h[0].mlp.c_fc.weight.is_contiguous()  # (in, out) storage
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    torch.testing.assert_close(model(idx)[0], logits, atol=1e-5, rtol=1e-5)
-    assert torch.equal(run(model, idx, 20), uncached_greedy(model, idx, 20))
+    for rows, contiguous in ((1, False), (8, True), (1, False)):  # one row: (in, out) storage; more: nn.Linear's
+        use_decode_layout(model, rows)
+        assert model.lm_head.weight is model.transformer.wte.weight
+        assert model.transformer.h[0].mlp.c_fc.weight.is_contiguous() == contiguous
+        after = model.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        torch.testing.assert_close(model(idx)[0], logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(run(model, idx, 20), uncached_greedy(model, idx, 20))
 
 
 @pytest.mark.slow

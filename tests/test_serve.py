@@ -170,6 +170,13 @@ def test_bad_requests_get_an_error_naming_the_field_and_the_server_keeps_serving
     assert server.post(prompt="x", max_tokens=2).status_code == 200
 
 
+def test_a_prompt_longer_than_the_context_keeps_its_tail_with_a_warning(server):
+    reply = server.post(prompt="word " * 100, max_tokens=5, temperature=0)  # 100 tokens, block_size 64
+    assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == 59
+    time.sleep(0.2)
+    assert "the prompt has 100 tokens, more than the model's context of 64; keeping its last 59" in "".join(server.output)
+
+
 def test_a_body_that_is_not_json_is_400(server):
     reply = httpx.post(server.url + "/v1/completions", content=b"{nope", headers={"Content-Type": "application/json"})
     assert reply.status_code == 400 and reply.json()["error"]["message"] == "the request body is not valid JSON"

@@ -33,20 +33,28 @@ class SamplingParams:
 
 
 @torch.no_grad()
-def use_decode_layout(model: GPT) -> GPT:
-    """Store each Linear weight, and the tied `wte`/`lm_head` matrix, as the transpose of a contiguous
-    (in, out) tensor: same shapes and values, other strides, no extra memory. Returns `model` (changed in place).
+def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
+    """Lay out each Linear weight, and the tied `wte`/`lm_head` matrix, for decoding `rows` sequences at once:
+    for one row as the transpose of a contiguous (in, out) tensor, for more in nn.Linear's own (out, in). Same
+    shapes and values either way, other strides; one weight is copied at a time and nothing is kept twice.
+    Returns `model` (changed in place; a no-op when it already has that layout).
 
-    Why: on CPU, one-token decoding is a chain of matrix-vector products bound by memory bandwidth, and MKL
-    streams the (in, out) layout faster than nn.Linear's (out, in): about 1.25x for the blocks and 2x for the
-    50304-row LM head of GPT-2 124M on the 2-core x86 sandbox (bench/sample.py, BENCHMARKS.md). Embedding
-    lookups read a few strided rows, which costs nothing noticeable. The sampler uses it on CPU only.
+    Why: on CPU, one-row decoding is a chain of matrix-vector products bound by memory bandwidth, and MKL
+    streams the (in, out) layout faster: about 1.3x for the blocks and 2x for the 50304-row LM head of GPT-2
+    124M on the 2-core x86 sandbox. With 8 or 32 rows the products are small matrix products, which MKL runs
+    1.5-2x faster in the (out, in) layout (bench/sample.py, BENCHMARKS.md). The sampler uses it on CPU only.
     """
+    def relaid(weight: torch.Tensor) -> nn.Parameter:
+        data = weight.t().contiguous().t() if rows == 1 else weight.contiguous()
+        return nn.Parameter(data, requires_grad=False)
+
+    wte = model.transformer.wte
+    if wte.weight.is_contiguous() == (rows > 1):
+        return model
     for module in model.modules():
         if isinstance(module, nn.Linear) and module is not model.lm_head:
-            module.weight = nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
-    wte = model.transformer.wte
-    wte.weight = nn.Parameter(wte.weight.t().contiguous().t(), requires_grad=False)
+            module.weight = relaid(module.weight)
+    wte.weight = relaid(wte.weight)
     model.lm_head.weight = wte.weight  # keep the tie
     return model
 

@@ -64,17 +64,17 @@ class Sampler:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dtype = resolve_dtype(dtype, self.device)  # weights and KV cache: no fp32 master copy
         self.model = model.eval().to(device=self.device, dtype=self.dtype)
-        if self.device.type == "cpu":
-            use_decode_layout(self.model)
         self.tokenizer = tokenizer
         if tokenizer.vocab_size > model.config.vocab_size:
             raise UserError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
             )
         # The compiled decode step lives on this object (never rebinding module globals). It runs on static KV
-        # caches, whose shapes never change from token to token: one compilation per cache size.
+        # caches, whose shapes and addresses never change from token to token: one compilation per cache size,
+        # replayed as a CUDA graph on GPUs. (On CPU the compiled step was slower than eager here: BENCHMARKS.md.)
         self.static = compile
-        self.decode: DecodeFn = torch.compile(decode_step) if compile else decode_step
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.decode: DecodeFn = torch.compile(decode_step, mode=mode) if compile else decode_step
 
     @classmethod
     def load(cls, checkpoint: str | None, init_from: str | None, **kwargs: Any) -> "Sampler":
@@ -121,6 +121,11 @@ class Sampler:
             ids = ids[-keep:]
         return ids
 
+    def prepare_for(self, rows: int) -> None:
+        """Lay the weights out for decoding `rows` sequences at once (CPU only; see `use_decode_layout`)."""
+        if self.device.type == "cpu":
+            use_decode_layout(self.model, rows)
+
     def new_generator(self, seed: int | None) -> torch.Generator:
         g = torch.Generator(device=self.device)
         if seed is None:
@@ -135,6 +140,7 @@ class Sampler:
         piece) as text becomes safe to show (see TextStream). Every row ends with a (possibly empty) final piece."""
         generation = GenerationSettings(**settings)
         rows = [self.encode_prompt(prompt, generation.max_new_tokens) for prompt in prompts]
+        self.prepare_for(len(rows))
         generator = generator or self.new_generator(generation.seed)
         eot = None if generation.ignore_eot else self.tokenizer.eot_id
         streams = [TextStream(self.tokenizer, generation.stop) for _ in rows]

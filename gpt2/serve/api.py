@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from gpt2.errors import UserError
 from gpt2.resources import PLAYGROUND_HTML
 from gpt2.sampling import SamplingParams, TextStream
-from gpt2.serve.scheduler import Event, Job, QueueFull, Row, Scheduler
+from gpt2.serve.scheduler import Event, Job, QueueFull, Row, Scheduler, log
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 
@@ -168,9 +168,11 @@ def _job(scheduler: Scheduler, body: CompletionRequest) -> tuple[Job, list[int]]
     job = Job(asyncio.get_running_loop())
     prompt_tokens = []
     for p, prompt in enumerate(body.prompts):
-        with warnings.catch_warnings():  # a prompt longer than the context keeps its tail, as sample.py does
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:  # a prompt longer than the context keeps its tail
+            warnings.simplefilter("always")
             ids = sampler.encode_prompt(prompt, max_tokens)
+        for warning in caught:
+            log.warning("%s", warning.message)
         prompt_tokens.append(len(ids))
         for i in range(body.n):
             index = p * body.n + i

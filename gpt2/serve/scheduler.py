@@ -69,6 +69,7 @@ class Scheduler:
 
     def __init__(self, sampler: Sampler, rows: int, max_waiting: int) -> None:
         self.sampler, self.max_waiting = sampler, max_waiting
+        sampler.prepare_for(rows)
         self.batch = Batch(sampler.model, rows, sampler.model.config.block_size, decode=sampler.decode,
                            static=sampler.static)  # fmt: skip
         self.slots: list[Row | None] = [None] * rows
