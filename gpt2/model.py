@@ -114,7 +114,7 @@ class KVCache:
     `static=False` attends over the longest row's prefix only (host-side lengths say how long, with no device
     sync). `static=True` always attends over all `max_len` positions, masked: every decode step then has the same
     shapes and reads no host-side state, so it compiles once (and replays as a CUDA graph); the caller keeps the
-    lengths on the host itself and must not write past `max_len`. `row(b)` is the same cache seen as row b alone.
+    lengths on the host itself and must not write past `max_len`. `rows(i, j)` is the same cache seen as rows i..j-1.
     """
 
     def __init__(
@@ -147,11 +147,12 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def row(self, b: int) -> "KVCache":
-        """Row b alone, sharing this cache's storage (to prefill or reset one row of a running batch)."""
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows [start, stop) alone, sharing this cache's storage (to prefill or reset one row of a running
+        batch, or to decode only the rows in use)."""
         view = object.__new__(KVCache)
-        view.k, view.v, view.lengths = self.k[:, b : b + 1], self.v[:, b : b + 1], self.lengths[b : b + 1]
-        view.host_lengths, view.static = self.host_lengths[b : b + 1], self.static  # numpy slice: a view
+        view.k, view.v, view.lengths = self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop]
+        view.host_lengths, view.static = self.host_lengths[start:stop], self.static  # numpy slice: a view
         view._span, view._start, view._index, view.mask, view.is_causal = self.max_len, None, None, None, False
         return view
 

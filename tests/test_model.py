@@ -99,7 +99,7 @@ def test_kv_cache_rows_at_different_lengths_equal_their_full_forward(static):
     cache = KVCache(model.config, batch_size=3, max_len=24, static=static)
     starts = [4, 9, 1]
     for b, start in enumerate(starts):
-        model(idx[b : b + 1, :start], kv_cache=cache.row(b))
+        model(idx[b : b + 1, :start], kv_cache=cache.rows(b, b + 1))
     assert cache.lengths.tolist() == starts
     chunk = torch.stack([idx[b, s : s + 3] for b, s in enumerate(starts)])  # 3 positions after each prefix
     logits, _ = model(chunk, kv_cache=cache)

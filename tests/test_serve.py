@@ -160,6 +160,8 @@ def test_curl_streams_server_sent_events(server, greedy):
         ({"prompt": "x", "logit_bias": {"1": 2}}, 400, None, "logit_bias is not supported"),
         ({"prompt": "x", "file": "/etc/passwd"}, 400, "file", "unknown field"),
         ({"prompt": "x", "model": "gpt-4"}, 404, "model", "the model 'gpt-4' does not exist"),
+        ({"prompt": ["x"] * 3, "n": 100}, 400, "n", "3 prompts x n=100 is 300 sequences, more than this server"),
+        ({"prompt": "x" * (9 << 20)}, 413, None, "the request body must be at most 8 MiB"),
     ],
 )
 def test_bad_requests_get_an_error_naming_the_field_and_the_server_keeps_serving(server, body, status, param, message):
@@ -171,7 +173,7 @@ def test_bad_requests_get_an_error_naming_the_field_and_the_server_keeps_serving
 
 
 def test_a_prompt_longer_than_the_context_keeps_its_tail_with_a_warning(server):
-    reply = server.post(prompt="word " * 100, max_tokens=5, temperature=0)  # 100 tokens, block_size 64
+    reply = server.post(prompt=" word" * 100, max_tokens=5, temperature=0)  # 100 tokens, block_size 64
     assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == 59
     time.sleep(0.2)
     assert "the prompt has 100 tokens, more than the model's context of 64; keeping its last 59" in "".join(server.output)

@@ -105,7 +105,8 @@ class Batch:
         self.active[row] = False
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Append token (B,) to every active row (free rows ignore theirs) and return the logits after it (B, V)."""
+        """Append token (B,) to every active row (free rows ignore theirs) and return the logits after it, (B', V)
+        for the first B' rows, which hold every active one (B' = B with a static cache)."""
         for row, length in enumerate(self.lengths):
             if not self.active[row]:
                 self._set_length(row, 0)  # an idle row attends to its one position, whatever it holds
@@ -114,13 +115,16 @@ class Batch:
         rows = torch.arange(len(self.lengths))
         self.tokens[rows, torch.tensor(self.lengths)] = token.cpu()
         self.lengths = [length + 1 if active else 0 for length, active in zip(self.lengths, self.active)]
-        return self.decode(self.model, token[:, None], self.cache)
+        # Decode the rows up to the last active one only (rows start lowest-first), unless shapes must not change.
+        used = len(rows) if self.cache.static else 1 + max((r for r, a in enumerate(self.active) if a), default=0)
+        cache = self.cache if used == len(rows) else self.cache.rows(0, used)
+        return self.decode(self.model, token[:used, None], cache)
 
     def _prefill(self, rows: list[int], idx: torch.Tensor) -> torch.Tensor:
         T = idx.size(1)
         if not 1 <= T <= self.cache.max_len:
             raise ValueError(f"prompt length {T} must be in [1, {self.cache.max_len}] (the KV cache's length)")
-        cache = self.cache.row(rows[0]) if len(rows) == 1 else self.cache
+        cache = self.cache.rows(rows[0], rows[0] + 1) if len(rows) == 1 else self.cache
         cache.reset()
         for row, ids in zip(rows, idx.cpu()):
             self.tokens[row, :T], self.lengths[row], self.active[row] = ids, T, True
@@ -134,7 +138,7 @@ class Batch:
         if keep:
             window = self.tokens[row, self.cache.max_len - keep :].clone()
             self.tokens[row, :keep] = window
-            self.model.hidden_states(window[None].to(self.cache.k.device), self.cache.row(row))
+            self.model.hidden_states(window[None].to(self.cache.k.device), self.cache.rows(row, row + 1))
             self.lengths[row] = keep
 
     def _set_length(self, row: int, length: int) -> None:

@@ -24,6 +24,7 @@ from gpt2.sampling import SamplingParams, TextStream
 from gpt2.serve.scheduler import Event, Job, QueueFull, Row, Scheduler, log
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+MAX_BODY_BYTES = 8 << 20  # a request body past this is refused (413) before it is read
 
 
 class StreamOptions(BaseModel):
@@ -93,6 +94,13 @@ def create_app(scheduler: Scheduler, model_name: str, max_tokens: int) -> FastAP
     app = FastAPI(title="gpt2", lifespan=lifespan, docs_url=None, redoc_url=None)
     created = int(time.time())
 
+    @app.middleware("http")
+    async def limit_body_size(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return error(413, f"the request body must be at most {MAX_BODY_BYTES >> 20} MiB")
+        return await call_next(request)
+
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         invalid_json = exc.errors()[0]["type"] == "json_invalid"
@@ -119,6 +127,10 @@ def create_app(scheduler: Scheduler, model_name: str, max_tokens: int) -> FastAP
         if body.max_tokens is not None and body.max_tokens > max_tokens:
             return error(400, f"max_tokens must be <= {max_tokens} (this server's max_tokens), got {body.max_tokens}",
                          param="max_tokens")  # fmt: skip
+        sequences = len(body.prompts) * body.n
+        if sequences > scheduler.max_waiting:
+            return error(400, f"{len(body.prompts)} prompts x n={body.n} is {sequences} sequences, more than this "
+                         f"server queues (max_waiting={scheduler.max_waiting}); split the request", param="n")
         try:
             job, prompt_tokens = _job(scheduler, body)
         except UserError as e:
