@@ -26,8 +26,11 @@ eval.hellaswag_interval eval.hellaswag_limit eval.hellaswag_path
 device dtype compile seed out_dir init_from
 """.split()
 SAMPLE_KEYS = """
-checkpoint init_from prompt prompt_file num_samples max_new_tokens temperature top_k top_p repetition_penalty stop
-ignore_eot batch_size stream output seed device dtype compile
+checkpoint init_from prompt prompt_file prompts_file num_samples max_new_tokens temperature top_k top_p
+repetition_penalty stop ignore_eot batch_size stream output seed device dtype compile
+""".split()
+SERVE_KEYS = """
+checkpoint init_from batch_size device dtype host port max_waiting max_tokens model_name compile shutdown_timeout_s
 """.split()
 
 
@@ -45,6 +48,7 @@ def keys(cls: type, prefix: str = "") -> list[str]:
 def test_key_sets_are_frozen():
     assert sorted(keys(config.TrainRunConfig)) == sorted(TRAIN_KEYS)
     assert sorted(keys(config.SampleConfig)) == sorted(SAMPLE_KEYS)
+    assert sorted(keys(config.ServeConfig)) == sorted(SERVE_KEYS)
     assert sorted(keys(config.PrepareConfig)) == sorted([k for k in TRAIN_KEYS if k.startswith("data.")]
                                                         + ["data_root", "overwrite"])  # fmt: skip
 
@@ -54,7 +58,7 @@ def test_every_field_is_documented():
     import inspect
 
     for cls in (config.ModelConfig, config.DataConfig, config.OptimConfig, config.TrainConfig,
-                config.TrainRunConfig, config.SampleConfig, config.EvalConfig):  # fmt: skip
+                config.TrainRunConfig, config.SampleConfig, config.ServeConfig, config.EvalConfig):  # fmt: skip
         for f in dataclasses.fields(cls):
             owner = next(c for c in cls.__mro__ if f.name in c.__dict__.get("__annotations__", {}))  # inherited
             source = inspect.getsource(owner)
@@ -82,6 +86,10 @@ def test_every_field_is_documented():
         (config.SampleConfig, {"init_from": "gpt2", "top_p": 0.0}, "top_p must be in (0, 1]"),
         (config.SampleConfig, {"init_from": "gpt2", "temperature": -1}, "temperature must be >= 0"),
         (config.SampleConfig, {}, "no model to sample from"),
+        (config.ServeConfig, {}, "no model to serve"),
+        (config.ServeConfig, {"init_from": "gpt2", "port": 70000}, "port must be in [0, 65535]"),
+        (config.ServeConfig, {"init_from": "gpt2", "max_tokens": 0}, "max_tokens must be >= 1"),
+        (config.ServeConfig, {"init_from": "gpt2", "shutdown_timeout_s": -1}, "shutdown_timeout_s must be >= 0"),
         (config.SampleConfig, {"init_from": "gpt2", "checkpoint": "out/x"}, "not both"),
         (config.PrepareConfig, {"data": {"val_fraction": 1.5}}, "data.val_fraction must be in [0, 1)"),
         (config.PrepareConfig, {"data": {"shard_tokens": 1}}, "data.shard_tokens=1 is below 1025: every shard must"),
