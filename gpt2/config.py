@@ -186,6 +186,9 @@ class TrainConfig:
     """Evaluate (and checkpoint) every this many steps; 0 disables periodic eval."""
     eval_iters: int = 20
     """Batches averaged per split for an eval."""
+    early_stopping_patience: int = 0
+    """Stop once this many evaluations in a row bring no new best val loss (0: never stop early). best.pt
+    keeps the best model, ckpt.pt the latest."""
     log_interval: int = 10
     """Log a training line every this many steps."""
     grad_clip: float = 1.0
@@ -208,6 +211,10 @@ class TrainConfig:
             raise UserError(f"train.tokens_per_step must be >= 1 (or null), got {self.tokens_per_step}")
         if self.eval_interval < 0:
             raise UserError(f"train.eval_interval must be >= 0, got {self.eval_interval}")
+        if self.early_stopping_patience < 0:
+            raise UserError(f"train.early_stopping_patience must be >= 0 (0: off), got {self.early_stopping_patience}")
+        if self.early_stopping_patience and not self.eval_interval:
+            raise UserError("train.early_stopping_patience needs evaluations: set train.eval_interval > 0")
         if self.grad_clip < 0:
             raise UserError(f"train.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         if self.collective_timeout_s < 1:

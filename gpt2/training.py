@@ -96,6 +96,8 @@ class TrainState:
     tokens_seen: int = 0
     last_eval_step: int = -1
     """The step whose eval is logged: a resume does not repeat it, and one stopped mid-eval redoes it."""
+    evals_since_best: int = 0
+    """Evaluations in a row without a new best val loss (for train.early_stopping_patience)."""
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +165,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, self.dtype)
         self.hellaswag = self._load_hellaswag() if cfg.eval.hellaswag_interval else None
         self._stop_signal: int | None = None
+        self._said_early_stop = False
         self.divergence = DivergenceWatch(self.device, check_grad_norm=not self.scaler.is_enabled())
         self._clock = (time.perf_counter(), 0)  # (time, step) the speed is measured from (`_read_metrics`)
         self._write_run_config()
@@ -207,11 +210,13 @@ class Trainer:
         self._restart_clock()
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
-            while self.state.step < train.max_iters:
+            while self.state.step < train.max_iters and not self._stopped_early():  # (a resumed run may be done)
                 step = self.state.step
                 if train.eval_interval and step % train.eval_interval == 0 and step != self.state.last_eval_step:
                     self.evaluate_and_checkpoint()
                     self._stop_if_asked()  # a signal during a long eval is answered when the eval gives up
+                    if self._stopped_early():
+                        break
                 if self.hellaswag and step % self.cfg.eval.hellaswag_interval == 0 and step != self.resumed_at:
                     self.evaluate_hellaswag()
                 if self.state.step == self._clock[1]:
@@ -220,7 +225,7 @@ class Trainer:
                 if self.state.step % train.log_interval == 0 or self.state.step == train.max_iters:
                     self.logger.log(self._read_metrics(last), self.state.step)
                 self._stop_if_asked()
-            if self.state.step != self.state.last_eval_step:
+            if self.state.step != self.state.last_eval_step and not self._stopped_early():
                 self.evaluate_and_checkpoint()
                 self._stop_if_asked()
             self.checkpointer.wait()
@@ -326,11 +331,23 @@ class Trainer:
         best = metrics["val_loss"] < self.state.best_val_loss
         if best:
             self.state.best_val_loss = metrics["val_loss"]
+        self.state.evals_since_best = 0 if best else self.state.evals_since_best + 1
         # Nothing to save before the first step (a rerun starts over identically). It also matters: gathering
         # an FSDP2 optimizer's still-empty state would initialise it with a step, changing Adam's first update.
         if self.state.step > 0:
             self.divergence.check(self.checkpointer.path)  # never a checkpoint of a diverged state
             self.checkpointer.save(best=best)
+
+    def _stopped_early(self) -> bool:
+        """True once train.early_stopping_patience evaluations in a row brought no new best (said once)."""
+        patience = self.cfg.train.early_stopping_patience
+        if not patience or self.state.evals_since_best < patience:
+            return False
+        if self.info.is_main and not self._said_early_stop:
+            print(f"early stopping at step {self.state.step}: no new best val loss in {patience} evaluations "
+                  f"(best {self.state.best_val_loss:.4f}, in {self.checkpointer.best_path})", flush=True)
+        self._said_early_stop = True
+        return True
 
     def evaluate_hellaswag(self) -> None:
         """HellaSwag acc / acc_norm (ranks score disjoint examples, then all-reduce), logged like val loss."""

@@ -20,7 +20,7 @@ optim.name optim.lr optim.min_lr optim.weight_decay optim.beta1 optim.beta2 opti
 optim.schedule optim.decay_fraction optim.muon_lr optim.muon_momentum
 train.batch_size train.grad_accum_steps train.tokens_per_step train.max_iters train.eval_interval train.eval_iters
 train.log_interval train.grad_clip train.parallelism train.collective_timeout_s
-train.activation_checkpointing
+train.activation_checkpointing train.early_stopping_patience
 wandb.enabled wandb.project wandb.run_name wandb.mode
 eval.hellaswag_interval eval.hellaswag_limit eval.hellaswag_path
 device dtype compile seed out_dir init_from
@@ -80,6 +80,9 @@ def test_every_field_is_documented():
         (config.TrainRunConfig, {"model": {"dropout": 1.0}}, "model.dropout must be in [0, 1)"),
         (config.TrainRunConfig, {"train": {"batch_size": 0}}, "train.batch_size must be >= 1"),
         (config.TrainRunConfig, {"train": {"parallelism": "tp"}}, "train.parallelism='tp' is not valid"),
+        (config.TrainRunConfig, {"train": {"early_stopping_patience": -1}}, "train.early_stopping_patience must be >= 0"),
+        (config.TrainRunConfig, {"train": {"early_stopping_patience": 3, "eval_interval": 0}},
+         "train.early_stopping_patience needs evaluations: set train.eval_interval > 0"),
         (config.TrainRunConfig, {"device": "tpu"}, "device='tpu' is not valid"),
         (config.TrainRunConfig, {"dtype": "fp8"}, "dtype='fp8' is not valid"),
         (config.TrainRunConfig, {"optim": {"name": "muon"}, "train": {"parallelism": "fsdp"}}, "needs whole matrices"),

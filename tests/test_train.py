@@ -481,3 +481,32 @@ def test_multirun_jobs_get_their_own_out_dirs(char_data, tmp_path):
     ckpts = sorted(out.rglob("ckpt.pt"))
     assert len(ckpts) == 2 and ckpts[0].parent != ckpts[1].parent
     assert {torch.load(c, weights_only=True)["config"]["optim"]["lr"] for c in ckpts} == {1e-3, 2e-3}
+
+
+def test_early_stopping_stops_at_the_right_eval_and_a_resume_keeps_count(char_data, tmp_path, monkeypatch, capsys):
+    """Scripted val losses 3.0, 2.5, 2.6, 2.4, 2.7, 2.8 at steps 0, 5, ... with patience 2: the best is at step 15,
+    steps 20 and 25 bring none, so training stops at step 25 with best.pt from step 15. A run stopped at step 20
+    and resumed stops at step 25 too (the count is resumable state)."""
+    from gpt2.config import TrainRunConfig, to_object
+    from gpt2.distributed import DistInfo
+    from gpt2.training import Trainer
+
+    losses = {0: 3.0, 5: 2.5, 10: 2.6, 15: 2.4, 20: 2.7, 25: 2.8, 30: 2.0}
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"train_loss": 1.0, "val_loss": losses[self.state.step]})
+
+    def fit(out: Path, max_iters: int) -> Trainer:
+        cfg = to_object(compose(f"data.name={char_data}", f"out_dir={out}", *TINY, f"train.max_iters={max_iters}",
+                                "train.eval_interval=5", "train.early_stopping_patience=2"), TrainRunConfig)  # fmt: skip
+        trainer = Trainer(cfg, DistInfo())
+        trainer.fit()
+        return trainer
+
+    for out, runs in ((tmp_path / "straight", [40]), (tmp_path / "resumed", [20, 40])):
+        for max_iters in runs:
+            trainer = fit(out, max_iters)
+        assert trainer.state.step == 25 and trainer.state.best_val_loss == 2.4
+        assert torch.load(out / "best.pt", weights_only=True)["step"] == 15
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 25
+        evals = [r["step"] for r in records(out, "eval")]
+        assert evals == [0, 5, 10, 15, 20, 25]
+        assert "early stopping at step 25: no new best val loss in 2 evaluations (best 2.4000" in capsys.readouterr().out
