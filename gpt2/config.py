@@ -389,6 +389,30 @@ class ServeConfig(InferenceConfig):
 
 
 @dataclass
+class ExportConfig:
+    """Everything `python -m gpt2.export` (`gpt2-export`) reads."""
+
+    checkpoint: Optional[str] = None
+    """The run to export: its out_dir (the latest model, ckpt.pt) or a .pt file such as out/run/best.pt."""
+    out_dir: Optional[str] = None
+    """The folder to write; it must not exist yet or be empty, unless overwrite=true."""
+    format: str = "hf"
+    """hf: a Hugging Face GPT-2 folder (config.json, model.safetensors and the tokenizer files)."""
+    dtype: str = "float32"
+    """Weights in the export: float32, bfloat16 or float16."""
+    overwrite: bool = False
+    """Write into a folder that is not empty (the export's files replace theirs; nothing else is removed)."""
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise UserError("no run to export: pass checkpoint=<run dir or .pt>")
+        if not self.out_dir:
+            raise UserError("no out_dir: pass out_dir=<folder to write the export to>")
+        check_choice("format", self.format, ("hf",))
+        check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass
 class PrepareConfig:
     """Everything `data/prepare.py` reads."""
 
@@ -462,6 +486,7 @@ def register() -> None:
     cs.store(name="train_schema", node=TrainRunConfig)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="serve_schema", node=ServeConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
 
 

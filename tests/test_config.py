@@ -58,7 +58,8 @@ def test_every_field_is_documented():
     import inspect
 
     for cls in (config.ModelConfig, config.DataConfig, config.OptimConfig, config.TrainConfig,
-                config.TrainRunConfig, config.SampleConfig, config.ServeConfig, config.EvalConfig):  # fmt: skip
+                config.TrainRunConfig, config.SampleConfig, config.ServeConfig, config.ExportConfig,
+                config.EvalConfig):  # fmt: skip
         for f in dataclasses.fields(cls):
             owner = next(c for c in cls.__mro__ if f.name in c.__dict__.get("__annotations__", {}))  # inherited
             source = inspect.getsource(owner)

@@ -100,6 +100,8 @@ def test_wheel_install_runs_the_console_scripts_from_anywhere_offline(tmp_path):
                "stream=false")  # fmt: skip
     assert r.stdout.startswith("ROMEO, my lord:")
     assert (work / "data" / "shakespeare" / "meta.json").exists()
+    script("gpt2-export", "checkpoint=out/shakespeare_char_cpu", "out_dir=exported")
+    assert (work / "exported" / "model.safetensors").exists()
     serve = subprocess.Popen([str(site / "bin" / "gpt2-serve"), "checkpoint=out/shakespeare_char_cpu", "port=0"],
                              cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:

@@ -21,7 +21,8 @@ from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
 ENTRY = {"train.py": ("train", "TrainRunConfig"), "sample.py": ("sample", "SampleConfig"),
-         "data/prepare.py": ("prepare", "PrepareConfig"), "gpt2.serve": ("serve", "ServeConfig")}  # fmt: skip
+         "data/prepare.py": ("prepare", "PrepareConfig"), "gpt2.serve": ("serve", "ServeConfig"),
+         "gpt2.export": ("export", "ExportConfig")}  # fmt: skip
 
 
 def bash_blocks(text: str) -> list[str]:
@@ -46,7 +47,7 @@ def entry_and_args(argv: list[str]) -> tuple[str, list[str]] | None:
     for i, word in enumerate(argv):
         if word in ENTRY and argv[0] in ("python", "torchrun"):
             return word, [a for a in argv[i + 1 :] if a not in ("-m", "--cfg", "job")]
-    if argv[:3] in (["python", "-m", "gpt2.eval"], ["python", "-m", "gpt2.serve"]):
+    if argv[:2] == ["python", "-m"] and argv[2] in ("gpt2.eval", "gpt2.serve", "gpt2.export"):
         return argv[2], argv[3:]
     return None
 
@@ -57,7 +58,7 @@ CHECKED = [(" ".join(c), entry_and_args(c)) for c in ALL if entry_and_args(c)]
 
 def test_readme_shows_the_commands_users_need():
     entries = {e for _, (e, _) in CHECKED}
-    assert entries == {"train.py", "sample.py", "data/prepare.py", "gpt2.eval", "gpt2.serve"}
+    assert entries == {"train.py", "sample.py", "data/prepare.py", "gpt2.eval", "gpt2.serve", "gpt2.export"}
     quick = bash_blocks(README.split("## Quick start")[1])[0]
     assert [c[:2] for c in commands(quick)] == [["make", "demo"], ["make", "test"]]
     ci = (ROOT / ".ci" / "run").read_text()

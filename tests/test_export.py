@@ -1,0 +1,83 @@
+"""`python -m gpt2.export`: a run becomes a Hugging Face folder that `transformers.pipeline` uses as it is, with
+our tokenizer's ids and our logits, and the same greedy text as sample.py; best.pt by path; bad input is one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from omegaconf import OmegaConf
+from test_sampling_cli import TEXT, save_checkpoint
+
+from gpt2.checkpoint import load_model
+from gpt2.export import run
+from gpt2.sampling import run as sample_run
+from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("bpe_run"), GPT2Tokenizer(), block_size=64)
+
+
+def test_hf_export_works_in_a_transformers_pipeline_with_our_text_and_logits(bpe_run, tmp_path):
+    from transformers import GPT2LMHeadModel, pipeline
+
+    out = run(OmegaConf.create({"checkpoint": str(bpe_run), "out_dir": str(tmp_path / "hf")}))
+    prompt = "The meaning of life, said the café owner,"
+    generator = pipeline("text-generation", model=str(out), device="cpu")
+    ids = generator.tokenizer(prompt)["input_ids"]
+    assert ids == GPT2Tokenizer().encode(prompt)
+    text = generator(prompt, max_new_tokens=20, do_sample=False)[0]["generated_text"]
+    ours = sample_run(OmegaConf.create({"checkpoint": str(bpe_run), "device": "cpu", "prompt": prompt,
+                                        "temperature": 0.0, "max_new_tokens": 20, "ignore_eot": True}))[0]  # fmt: skip
+    assert text == prompt + ours
+    model, _, _ = load_model(bpe_run)
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(GPT2LMHeadModel.from_pretrained(out)(idx).logits, model(idx)[0], atol=1e-4, rtol=0)
+
+
+def test_best_checkpoint_and_dtype(bpe_run, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+
+    shutil.copyfile(bpe_run / "ckpt.pt", tmp_path / "best.pt")
+    out = run(OmegaConf.create({"checkpoint": str(tmp_path / "best.pt"), "out_dir": str(tmp_path / "hf"),
+                                "dtype": "bfloat16"}))  # fmt: skip
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("transformer.wte.weight").dtype == torch.bfloat16
+
+
+def test_char_run_exports_weights_and_says_the_tokenizer_is_not_included(tmp_path, capsys):
+    char_run = save_checkpoint(tmp_path / "char", CharTokenizer.from_text(TEXT))
+    out = run(OmegaConf.create({"checkpoint": str(char_run), "out_dir": str(tmp_path / "hf")}))
+    assert (out / "model.safetensors").exists() and not (out / "vocab.json").exists()
+    assert "weights only: its char vocabulary has no Hugging Face tokenizer" in capsys.readouterr().out
+
+
+def export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpt2.export", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)  # fmt: skip
+
+
+def test_bad_input_is_one_line_and_nothing_is_overwritten(bpe_run, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    for args, message in (
+        ([f"out_dir={tmp_path / 'x'}"], "no run to export: pass checkpoint="),
+        ([f"checkpoint={bpe_run}"], "no out_dir"),
+        ([f"checkpoint={bpe_run}", f"out_dir={tmp_path / 'x'}", "format=onnx"], "format='onnx' is not valid"),
+        ([f"checkpoint={tmp_path / 'nope'}", f"out_dir={tmp_path / 'x'}"], "nope"),
+        ([f"checkpoint={bpe_run}", f"out_dir={taken}"], f"out_dir={taken} is not empty"),
+    ):
+        r = export(*args)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+    r = export(f"checkpoint={bpe_run}", f"out_dir={taken}", "overwrite=true")
+    assert r.returncode == 0 and (taken / "notes.txt").read_text() == "mine" and (taken / "config.json").exists()
