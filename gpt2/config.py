@@ -95,6 +95,9 @@ class DataConfig:
     """Tokenizer threads (0: all cores)."""
     seed: int = 1337
     """Seed of the train/val split."""
+    order: str = "random"
+    """Training windows: random (drawn with replacement, as nanoGPT: for pretraining) or epoch (each
+    non-overlapping block_size window once per epoch, in a seeded permutation: for fine-tuning)."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -110,6 +113,7 @@ class DataConfig:
             )
         if self.num_proc < 0:
             raise UserError(f"data.num_proc must be >= 0, got {self.num_proc}")
+        check_choice("data.order", self.order, ("random", "epoch"))
 
 
 @dataclass
@@ -182,6 +186,9 @@ class TrainConfig:
     micro-step)."""
     max_iters: int = 2000
     """Optimizer steps to train for."""
+    epochs: Optional[float] = None
+    """Instead of max_iters: passes over the training split, as many steps as that many times its
+    non-overlapping block_size windows make (exact passes with data.order=epoch)."""
     eval_interval: int = 250
     """Evaluate (and checkpoint) every this many steps; 0 disables periodic eval."""
     eval_iters: int = 20
@@ -211,6 +218,8 @@ class TrainConfig:
             raise UserError(f"train.tokens_per_step must be >= 1 (or null), got {self.tokens_per_step}")
         if self.eval_interval < 0:
             raise UserError(f"train.eval_interval must be >= 0, got {self.eval_interval}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise UserError(f"train.epochs must be > 0 (or null: train.max_iters steps), got {self.epochs}")
         if self.early_stopping_patience < 0:
             raise UserError(f"train.early_stopping_patience must be >= 0 (0: off), got {self.early_stopping_patience}")
         if self.early_stopping_patience and not self.eval_interval:

@@ -149,8 +149,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.loader = TokenLoader(
             self.ds, "train", batch_size=train.batch_size, block_size=self.block_size, rank=info.rank,
-            world_size=info.world_size, seed=cfg.seed, device=self.device,
+            world_size=info.world_size, seed=cfg.seed, order=cfg.data.order, device=self.device,
         )
+        if train.epochs is not None:
+            train.max_iters = _steps_for_epochs(train, len(self.loader.epoch_windows))
         self.state = TrainState()
         self.logger = MetricsLogger(self.out_dir, enabled=info.is_main, wandb_cfg=cfg.wandb, run_config=to_dict(cfg))
         self.checkpointer = Checkpointer(
@@ -511,11 +513,25 @@ class Trainer:
             f"device: {self.device} x {info.world_size}, dtype {str(self.dtype).removeprefix('torch.')}, "
             f"compile {self.compile}, parallelism {train.parallelism if info.is_distributed else 'none'}\n"
             f"batch: {self.tokens_per_step:,} tokens per step = {train.batch_size} sequences x {self.block_size} tokens "
-            f"x {self.accum} micro-steps x {info.world_size} ranks; {train.max_iters} steps; out_dir {self.out_dir}"
+            f"x {self.accum} micro-steps x {info.world_size} ranks; {train.max_iters} steps; out_dir {self.out_dir}\n"
+            f"data: {self.cfg.data.order} order; an epoch ({len(self.loader.epoch_windows):,} windows of "
+            f"{self.block_size} tokens) is {len(self.loader.epoch_windows) / (train.batch_size * train.grad_accum_steps):,.1f} steps"
         )
         warning = schedule_warning(self.cfg.optim, train.max_iters)
         if warning:
             print0(warning)
+
+
+def _steps_for_epochs(train: TrainConfig, windows_per_epoch: int) -> int:
+    """Optimizer steps for `train.epochs` passes over an epoch of `windows_per_epoch` windows (rounded up)."""
+    per_step = train.batch_size * train.grad_accum_steps  # windows in one global batch
+    if windows_per_epoch < per_step:
+        raise UserError(
+            f"train.epochs needs a training split of at least one global batch: it holds {windows_per_epoch} "
+            f"windows of block_size tokens and a step takes {per_step} (train.batch_size x grad_accum_steps); "
+            "lower them, or use more data"
+        )
+    return math.ceil(train.epochs * windows_per_epoch / per_step)
 
 
 def _grad_accum_steps(train: TrainConfig, block_size: int, world_size: int) -> int:

@@ -15,10 +15,11 @@ from gpt2.errors import UserError
 TRAIN_KEYS = """
 model.n_layer model.n_head model.n_embd model.block_size model.dropout model.bias
 data.name data.builder data.tokenizer data.source data.subset data.split data.val_source data.val_fraction
-data.extensions data.text_field data.shard_tokens data.num_proc data.seed
+data.extensions data.text_field data.shard_tokens data.num_proc data.seed data.order
 optim.name optim.lr optim.min_lr optim.weight_decay optim.beta1 optim.beta2 optim.warmup_iters optim.lr_decay_iters
 optim.schedule optim.decay_fraction optim.muon_lr optim.muon_momentum
-train.batch_size train.grad_accum_steps train.tokens_per_step train.max_iters train.eval_interval train.eval_iters
+train.batch_size train.grad_accum_steps train.tokens_per_step train.max_iters train.epochs train.eval_interval
+train.eval_iters
 train.log_interval train.grad_clip train.parallelism train.collective_timeout_s
 train.activation_checkpointing train.early_stopping_patience
 wandb.enabled wandb.project wandb.run_name wandb.mode
@@ -82,6 +83,8 @@ def test_every_field_is_documented():
         (config.TrainRunConfig, {"train": {"batch_size": 0}}, "train.batch_size must be >= 1"),
         (config.TrainRunConfig, {"train": {"parallelism": "tp"}}, "train.parallelism='tp' is not valid"),
         (config.TrainRunConfig, {"train": {"early_stopping_patience": -1}}, "train.early_stopping_patience must be >= 0"),
+        (config.TrainRunConfig, {"train": {"epochs": 0}}, "train.epochs must be > 0"),
+        (config.TrainRunConfig, {"data": {"order": "sorted"}}, "data.order='sorted' is not valid"),
         (config.TrainRunConfig, {"train": {"early_stopping_patience": 3, "eval_interval": 0}},
          "train.early_stopping_patience needs evaluations: set train.eval_interval > 0"),
         (config.TrainRunConfig, {"device": "tpu"}, "device='tpu' is not valid"),

@@ -179,3 +179,36 @@ def test_block_size_too_large_and_other_bad_arguments(ds):
 def test_cuda_batches_are_on_device(ds):
     x, y = TokenLoader(ds, batch_size=2, block_size=8, device=torch.device("cuda")).next_batch()
     assert x.is_cuda and y.is_cuda and torch.equal(x[:, 1:].cpu(), y[:, :-1].cpu())
+
+
+def test_epoch_order_sees_every_window_once_per_epoch_for_1_and_2_ranks_and_resumes(ds):
+    """data.order=epoch: the non-overlapping windows, each once per epoch in a seeded permutation (epochs
+    differ); 2 ranks get the global micro-batches of 1 rank; a loader resumed mid-epoch goes on identically."""
+    B, T = 4, 16
+    one = TokenLoader(ds, "train", batch_size=B, block_size=T, seed=5, order="epoch")
+    E = len(one.epoch_windows)
+    starts = [w - one.windows.ends[s - 1] if s else w
+              for w in one.epoch_windows for s in [int(np.searchsorted(one.windows.ends, w, side="right"))]]
+    assert all(start % T == 0 for start in starts)  # non-overlapping: starts at multiples of block_size
+    assert E == sum((s.tokens - T + T - 1) // T for s in ds.shards("train"))
+    per_epoch = -(-2 * E // B)  # micro-batches covering two epochs
+    seen = np.concatenate([one.global_batch_windows(k) for k in range(per_epoch)])[: 2 * E]
+    first, second = seen[:E], seen[E:]
+    assert sorted(first.tolist()) == sorted(second.tolist()) == sorted(one.epoch_windows.tolist())
+    assert not np.array_equal(first, second)  # another permutation each epoch
+
+    ranks = [TokenLoader(ds, "train", batch_size=B, block_size=T, seed=5, order="epoch", rank=r, world_size=2)
+             for r in (0, 1)]  # fmt: skip
+    singles = [one.next_batch()[0] for _ in range(6)]
+    for i in range(3):
+        for r in (0, 1):
+            assert torch.equal(ranks[r].next_batch()[0], singles[2 * i + r])
+
+    state = one.state_dict()
+    resumed = TokenLoader(ds, "train", batch_size=B, block_size=T, seed=5, order="epoch")
+    resumed.load_state_dict(state)
+    for _ in range(per_epoch):  # across the epoch boundary
+        assert torch.equal(resumed.next_batch()[0], one.next_batch()[0])
+    other_seed = TokenLoader(ds, "train", batch_size=B, block_size=T, seed=6, order="epoch")
+    assert not np.array_equal(other_seed.global_batch_windows(0), TokenLoader(
+        ds, "train", batch_size=B, block_size=T, seed=5, order="epoch").global_batch_windows(0))

@@ -510,3 +510,25 @@ def test_early_stopping_stops_at_the_right_eval_and_a_resume_keeps_count(char_da
         evals = [r["step"] for r in records(out, "eval")]
         assert evals == [0, 5, 10, 15, 20, 25]
         assert "early stopping at step 25: no new best val loss in 2 evaluations (best 2.4000" in capsys.readouterr().out
+
+
+def test_epochs_derive_the_steps_and_a_split_smaller_than_a_batch_is_an_error(char_data, tmp_path, capsys):
+    from gpt2.config import TrainRunConfig, to_object
+    from gpt2.distributed import DistInfo
+    from gpt2.errors import UserError
+    from gpt2.training import Trainer
+
+    def trainer(*overrides: str) -> Trainer:
+        cfg = to_object(compose(f"data.name={char_data}", f"out_dir={tmp_path / 'run'}", *TINY, "data.order=epoch",
+                                *overrides), TrainRunConfig)  # fmt: skip
+        return Trainer(cfg, DistInfo())
+
+    t = trainer("train.epochs=2", "train.grad_accum_steps=2")
+    E = len(t.loader.epoch_windows)
+    assert t.cfg.train.max_iters == -(-2 * E // (4 * 2)) and t.loader.order == "epoch"
+    assert f"max_iters: {t.cfg.train.max_iters}" in (tmp_path / "run" / "config.yaml").read_text()
+    t.fit()
+    assert t.loader.state_dict()["position"] * 4 >= 2 * E  # two passes of windows
+    assert f"an epoch ({E:,} windows of 32 tokens)" in capsys.readouterr().out
+    with pytest.raises(UserError, match="train.epochs needs a training split of at least one global batch"):
+        trainer("train.epochs=1", "train.batch_size=4096", f"out_dir={tmp_path / 'big'}")

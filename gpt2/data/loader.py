@@ -9,6 +9,11 @@ processes with 1 micro-step each see the same micro-batches {0, 1} at step 0, an
 number (`position`, the micro-batches consumed by all ranks together), the same on every rank and valid for
 any world size.
 
+`order="epoch"` (data.order=epoch) draws without replacement instead: an epoch is the split's
+non-overlapping windows (starts 0, block_size, 2 block_size, ... in each shard), visited in a permutation seeded
+with (seed, epoch); global micro-batch k holds positions [k B, (k + 1) B) of the endless sequence epoch 0, epoch
+1, ..., so every window is seen once per epoch, and resuming and world sizes work as above.
+
 Evaluation uses `num_batches * batch_size` windows evenly spaced over the split (no randomness), so the same
 weights always get the same loss; global eval batch j goes to rank j % W.
 """
@@ -50,6 +55,13 @@ class _Windows:
                 f"model.block_size{more}"
             )
 
+    def non_overlapping(self) -> np.ndarray:
+        """The ids of the windows that start at multiples of block_size in their shard: one epoch's windows."""
+        offsets = np.concatenate(([0], self.ends[:-1]))
+        per_shard = [offset + np.arange(0, max(0, s.tokens - self.block_size), self.block_size, dtype=np.int64)
+                     for offset, s in zip(offsets.tolist(), self.shards)]  # fmt: skip
+        return np.concatenate(per_shard)
+
     def gather(self, windows: np.ndarray) -> np.ndarray:
         """Global window ids (N,) -> their tokens (N, block_size + 1) as int64, checked against the vocab."""
         shard_ids = np.searchsorted(self.ends, windows, side="right")
@@ -90,13 +102,17 @@ class TokenLoader:
     """
 
     def __init__(self, ds: TokenDataset, split: str = "train", *, batch_size: int, block_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 1337, device: torch.device | str = "cpu") -> None:
+                 world_size: int = 1, seed: int = 1337, order: str = "random",
+                 device: torch.device | str = "cpu") -> None:  # fmt: skip
         _check_rank(rank, world_size)
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if seed < 0:
             raise UserError(f"seed must be >= 0 for the data loader, got {seed}")
         self.windows = _Windows(ds, split, block_size)
+        self.epoch_windows = self.windows.non_overlapping()  # (E,) window ids: what an epoch visits
+        self.order = order
+        self._permutations: dict[int, np.ndarray] = {}  # epoch -> its order, for the epochs in use
         self.batch_size, self.block_size = batch_size, block_size
         self.rank, self.world_size = rank, world_size
         self.seed = seed
@@ -106,8 +122,20 @@ class TokenLoader:
 
     def global_batch_windows(self, k: int) -> np.ndarray:
         """The window ids of global micro-batch k: a pure function of (seed, k) and the split."""
-        rng = np.random.default_rng([self.seed, k])
-        return rng.integers(0, self.windows.count, size=self.batch_size)
+        if self.order == "random":
+            rng = np.random.default_rng([self.seed, k])
+            return rng.integers(0, self.windows.count, size=self.batch_size)
+        E = len(self.epoch_windows)
+        epoch, index = np.divmod(np.arange(k * self.batch_size, (k + 1) * self.batch_size), E)
+        return np.array([self._permutation(e)[i] for e, i in zip(epoch.tolist(), index.tolist())], dtype=np.int64)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s window ids in its seeded order (kept for the last two epochs used)."""
+        if epoch not in self._permutations:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._permutations = {e: p for e, p in self._permutations.items() if e == epoch - 1}
+            self._permutations[epoch] = self.epoch_windows[rng.permutation(len(self.epoch_windows))]
+        return self._permutations[epoch]
 
     def next_index(self) -> int:
         """The global micro-batch the next `next_batch()` returns."""
