@@ -6,6 +6,7 @@ the queue is full. `create_app` builds the FastAPI app around a running `Schedul
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import secrets
 import time
@@ -117,7 +118,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_tokens: int) -> FastAP
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
-        return PLAYGROUND_HTML.read_text(encoding="utf-8").replace("{{MODEL}}", model_name)
+        return PLAYGROUND_HTML.read_text(encoding="utf-8").replace("{{MODEL}}", html.escape(model_name))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
