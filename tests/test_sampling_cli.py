@@ -277,3 +277,12 @@ def test_prompts_file_with_a_prompt_is_an_error(char_run, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("ROMEO:\n")
     err = run_in_process(capsys, checkpoint=str(char_run), prompt="JULIET:", prompts_file=str(tmp_path / "p.txt"))
     assert "give prompts_file=... alone" in err
+
+
+def test_a_long_prompt_in_a_prompts_file_is_said_once_with_its_line(char_run, tmp_path, capsys, recwarn):
+    (tmp_path / "p.txt").write_text("ROMEO:\n" + "But soft, what light through yonder window breaks?\n")
+    run(OmegaConf.create({"checkpoint": str(char_run), "device": "cpu", "prompts_file": str(tmp_path / "p.txt"),
+                          "max_new_tokens": 5, "stream": False}))  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("the prompt has") == 1 and not recwarn.list
+    assert f"warning: {tmp_path / 'p.txt'}:2: the prompt has 50 tokens, more than the model's context of 32" in err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -86,11 +87,15 @@ def run(cfg: Any) -> list[str]:
         repetition_penalty=cfg.repetition_penalty, stop=[unescape(x) for x in cfg.stop], ignore_eot=cfg.ignore_eot,
         seed=cfg.seed,
     )
-    for prompt, where in prompts:  # bad prompt characters fail before any work
+    for prompt, where in prompts:  # bad prompt characters fail, and long prompts are said, before any work
         try:
-            sampler.encode_prompt(prompt, cfg.max_new_tokens)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                sampler.encode_prompt(prompt, cfg.max_new_tokens)
         except UserError as e:
             raise UserError(f"{where}: {e}" if where else str(e)) from None
+        for warning in caught:
+            print(f"warning: {where + ': ' if where else ''}{warning.message}", file=sys.stderr)
     rows = [prompt for prompt, _ in prompts for _ in range(cfg.num_samples)]
     stream = cfg.stream if cfg.stream is not None else (len(rows) == 1 and sys.stdout.isatty())
 
@@ -99,12 +104,14 @@ def run(cfg: Any) -> list[str]:
                        "dtype": str(sampler.dtype).removeprefix("torch.")}  # fmt: skip
     samples: list[str] = []
     # Each sample is printed, and appended to `output`, as soon as it is done: an interrupt loses none.
-    for texts in (_stream_one_by_one if stream else _in_batches)(sampler, rows, cfg, settings):
-        if cfg.output:
-            first = len(samples)
-            indices = [(first + i) // cfg.num_samples for i in range(len(texts))]
-            _append_samples(cfg.output, texts, [(i, prompts[i][0]) for i in indices], settings_record)
-        samples += texts
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the prompt has")  # said above, once per prompt
+        for texts in (_stream_one_by_one if stream else _in_batches)(sampler, rows, cfg, settings):
+            if cfg.output:
+                first = len(samples)
+                indices = [(first + i) // cfg.num_samples for i in range(len(texts))]
+                _append_samples(cfg.output, texts, [(i, prompts[i][0]) for i in indices], settings_record)
+            samples += texts
     return samples
 
 
