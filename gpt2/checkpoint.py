@@ -164,10 +164,52 @@ def model_from_state(ckpt: dict[str, Any], device: str | torch.device = "cpu") -
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """A checkpoint -> (model in eval mode on `device`, tokenizer, the run config dict)."""
+    """A checkpoint -> (model in eval mode on `device`, tokenizer, the run config dict). A LoRA run's checkpoint
+    holds its adapters only: they are applied to its base (the run's init_from, which must be at hand) and
+    merged, so the model is a plain GPT either way."""
     ckpt = load(path)
-    model = model_from_state(ckpt, device).eval()
-    return model, tokenizer_from_dict(ckpt["tokenizer"]), ckpt.get("config", {})
+    config = ckpt.get("config", {})
+    if config.get("lora", {}).get("rank"):
+        model = _merged_lora_model(ckpt, config)
+    else:
+        model = model_from_state(ckpt)
+    return model.to(device).eval(), tokenizer_from_dict(ckpt["tokenizer"]), config
+
+
+def _merged_lora_model(ckpt: dict[str, Any], config: dict[str, Any]) -> GPT:
+    from gpt2.lora import apply_lora, merge_lora
+
+    lora, init_from = config["lora"], config["init_from"]
+    try:
+        model, _ = load_init(init_from)
+    except UserError as e:
+        raise UserError(f"this LoRA run's base model, init_from={init_from}, cannot be loaded ({e}); put it "
+                        "back where the run found it") from None  # fmt: skip
+    model.crop_block_size(ckpt["model_config"]["block_size"])
+    apply_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if unexpected or any("lora_" in key for key in missing):
+        raise UserError(f"the LoRA adapters in this checkpoint do not fit init_from={init_from}")
+    return merge_lora(model)
+
+
+def load_init(init_from: str) -> tuple[GPT, dict[str, Any]]:
+    """The model and tokenizer (as a dict) of a fine-tuning init: a pretrained name, a Hugging Face-layout
+    directory, or one of our checkpoints (a run dir or a .pt file; a LoRA run's comes merged)."""
+    from gpt2.config import PRETRAINED
+
+    path = Path(init_from)
+    if init_from in PRETRAINED or (path.is_dir() and (path / "config.json").exists()):
+        from gpt2 import hf
+
+        return hf.load_pretrained(init_from), {"name": "gpt2"}
+    if not path.exists() and not init_from.endswith(".pt"):
+        raise UserError(
+            f"init_from={init_from!r} is neither scratch, a pretrained name ({', '.join(PRETRAINED)}), "
+            "a Hugging Face-layout directory nor a checkpoint; fix the name or the path"
+        )
+    model, tokenizer, _ = load_model(init_from)
+    return model, tokenizer.to_dict()
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

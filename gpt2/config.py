@@ -259,6 +259,31 @@ class EvalConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (gpt2/lora.py): fine-tune low-rank updates of the chosen Linear layers, the rest frozen."""
+
+    rank: int = 0
+    """Rank r of each update (0: off, a full fine-tune). 8-16 is usual."""
+    alpha: float = 16.0
+    """The update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    """Linear layers to adapt, by name suffix: c_attn, c_proj (attention's and the MLP's), c_fc, attn.c_proj,
+    mlp.c_proj."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise UserError(f"lora.rank must be >= 0 (0: off), got {self.rank}")
+        if self.alpha <= 0:
+            raise UserError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.rank and not self.targets:
+            raise UserError("lora.targets is empty; name the layers to adapt, e.g. [c_attn,c_proj,c_fc]")
+
+
+@dataclass
 class TrainRunConfig:
     """Everything `train.py` reads."""
 
@@ -268,6 +293,7 @@ class TrainRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     device: str = "auto"
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     dtype: str = "auto"
@@ -286,6 +312,11 @@ class TrainRunConfig:
         check_choice("dtype", self.dtype, DTYPES)
         if not self.out_dir:
             raise UserError("out_dir is empty; give the run a directory, e.g. out_dir=out/myrun")
+        if self.lora.rank and self.init_from == "scratch":
+            raise UserError("lora.rank adapts a trained model: give init_from=<gpt2, an HF dir or a run> (or lora.rank=0)")
+        if self.lora.rank and self.train.parallelism == "fsdp":
+            raise UserError("lora.rank does not run under train.parallelism=fsdp yet; use ddp (the frozen base is "
+                            "not sharded, but it has no gradients or optimizer state)")
         if self.optim.name == "muon" and self.train.parallelism == "fsdp":
             raise UserError(
                 "optim.name=muon needs whole matrices, but train.parallelism=fsdp shards them; "

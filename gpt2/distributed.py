@@ -130,25 +130,31 @@ def is_sharded(model: nn.Module) -> bool:
 
 class FullModelState:
     """The model's weights as one unsharded, plain-keyed state dict (Stateful, for the checkpoint): gathered to
-    the CPU from FSDP2 shards on save, sharded again on load; the module's own state dict otherwise."""
+    the CPU from FSDP2 shards on save, sharded again on load; the module's own state dict otherwise. With `keys`
+    (a LoRA run's adapters), only those entries are saved and restored: the rest is the frozen base."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, keys: set[str] | None = None) -> None:
+        self.model, self.keys = model, keys
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if is_sharded(self.model):
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
             return get_model_state_dict(self.model, options=_full_state_options())
-        return self.model.state_dict()
+        state = self.model.state_dict()
+        return state if self.keys is None else {k: v for k, v in state.items() if k in self.keys}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if is_sharded(self.model):
             from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
             set_model_state_dict(self.model, state, options=_full_state_options())
-        else:
+        elif self.keys is None:
             self.model.load_state_dict(state)
+        else:
+            if set(state) != self.keys:
+                raise UserError("the checkpoint's LoRA adapters do not match this model's (lora.targets?)")
+            self.model.load_state_dict(state, strict=False)
 
 
 def optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:

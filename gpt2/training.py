@@ -26,17 +26,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2 import checkpoint, distributed
 from gpt2.checkpoint import Checkpointer
 from gpt2.cli import job_out_dir, typed_keys
-from gpt2.config import PRETRAINED, TrainConfig, TrainRunConfig, to_dict, to_object
+from gpt2.config import LoraConfig, TrainConfig, TrainRunConfig, to_dict, to_object
 from gpt2.data import TokenLoader, check_block_size, eval_batches, open_dataset
 from gpt2.device import autocast, check_memory, configure_backends, resolve_dtype
 from gpt2.distributed import DistInfo, FullModelState, print0
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.flops import mfu, peak_flops
+from gpt2.lora import adapter_names, apply_lora
 from gpt2.metrics import MetricsLogger
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import build_optimizer, clip_grad_norm_, schedule_warning, set_lr
@@ -131,6 +133,8 @@ class Trainer:
         self.sharded = info.is_distributed and cfg.train.parallelism == "fsdp"
         self._initial_state: dict[str, torch.Tensor] | None = None  # rank 0's weights for a model built on meta
         self.model = self._build_model(ckpt, typed_model_keys).train()
+        if cfg.lora.rank:
+            self._adapt(self.model)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
         cfg.model = self.model.config.arch  # the truth, for config.yaml and the checkpoint
         self.block_size = self.model.config.block_size
@@ -157,7 +161,7 @@ class Trainer:
         self.logger = MetricsLogger(self.out_dir, enabled=info.is_main, wandb_cfg=cfg.wandb, run_config=to_dict(cfg))
         self.checkpointer = Checkpointer(
             self.out_dir,
-            components={"model": FullModelState(self.model), "optimizer": self.optimizers, "scaler": self.scaler,
+            components={"model": FullModelState(self.model, adapter_names(self.model) if cfg.lora.rank else None), "optimizer": self.optimizers, "scaler": self.scaler,
                         "loader": self.loader, "rng": RankRNG(self.device, info.rank)},
             counters=(self.state, self.logger),
             metadata=self._run_metadata,
@@ -383,7 +387,8 @@ class Trainer:
         (`_initial_state`), from which they are broadcast into every rank's shards."""
         if ckpt is not None:
             self._check_resume(ckpt, typed)
-            return self._new_model(GPTConfig(**ckpt["model_config"]), initialize=False)
+            if not self.cfg.lora.rank:  # (a LoRA run's checkpoint holds its adapters only: the base is its init)
+                return self._new_model(GPTConfig(**ckpt["model_config"]), initialize=False)
         if self.cfg.init_from == "scratch":
             return self._new_model(GPTConfig.of(self.cfg.model, self.ds.vocab_size), initialize=True)
         model = self._model_from_init(self.cfg.init_from, typed)
@@ -407,6 +412,19 @@ class Trainer:
         with torch.device("meta"):
             return GPT(config)
 
+    def _adapt(self, model: GPT) -> None:
+        """LoRA: freeze the model and add adapters; the frozen Linear weights are kept in bf16 when training in
+        bf16 (half the memory of the base), the adapters in fp32."""
+        lora = self.cfg.lora
+        adapted = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
+        if self.dtype == torch.bfloat16:
+            for module in model.modules():
+                if isinstance(module, nn.Linear) and module is not model.lm_head:
+                    module.weight.data = module.weight.data.to(torch.bfloat16)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print0(f"LoRA rank {lora.rank} on {len(adapted)} layers: {trainable:,} trainable parameters "
+               f"({100 * trainable / sum(p.numel() for p in model.parameters()):.2f}%)")
+
     def _check_resume(self, ckpt: dict[str, Any], typed: frozenset[str]) -> None:
         """A rerun continues the run in out_dir: an init_from, optim.name or model.* value that disagrees with
         it, or a max_iters below the step it reached, is an error (never silently ignored)."""
@@ -417,6 +435,13 @@ class Trainer:
                 f"init_from={saved.get('init_from', 'scratch')}; rerun with that init_from to resume it, or use a "
                 "new out_dir"
             )
+        saved_lora = {**asdict(LoraConfig()), **saved.get("lora", {})}
+        for key, value in asdict(self.cfg.lora).items():
+            if value != saved_lora[key]:
+                raise UserError(
+                    f"lora.{key}={value} disagrees with the run in {self.out_dir} (lora.{key}={saved_lora[key]}); "
+                    "resume with the run's LoRA settings, or use a new out_dir"
+                )
         if self.cfg.optim.name != saved["optim"]["name"]:
             raise UserError(
                 f"optim.name={self.cfg.optim.name} disagrees with the run in {self.out_dir}, which trains with "
@@ -446,7 +471,7 @@ class Trainer:
     def _model_from_init(self, init_from: str, typed: frozenset[str]) -> GPT:
         """Fine-tuning: a pretrained name, a Hugging Face-layout dir, or one of our checkpoints (a run dir or
         .pt). Its architecture wins; block_size may shrink (positions cropped) and dropout may change."""
-        model, tokenizer = _load_init(init_from)
+        model, tokenizer = checkpoint.load_init(init_from)
         self.ds.check_tokenizer(tokenizer)
         self.ds.check_vocab(model.config.vocab_size)
         have = model.config
@@ -553,23 +578,6 @@ def _grad_accum_steps(train: TrainConfig, block_size: int, world_size: int) -> i
             f"make it a multiple of {world_size} (the global batch is batch_size x grad_accum_steps)"
         )
     return steps
-
-
-def _load_init(init_from: str) -> tuple[GPT, dict[str, Any]]:
-    """The model and tokenizer (as a dict) of a fine-tuning init: a pretrained name, a Hugging Face-layout
-    directory, or one of our checkpoints (a run dir or a .pt file)."""
-    path = Path(init_from)
-    if init_from in PRETRAINED or (path.is_dir() and (path / "config.json").exists()):
-        from gpt2 import hf
-
-        return hf.load_pretrained(init_from), {"name": "gpt2"}
-    if not path.exists() and not init_from.endswith(".pt"):
-        raise UserError(
-            f"init_from={init_from!r} is neither scratch, a pretrained name ({', '.join(PRETRAINED)}), "
-            "a Hugging Face-layout directory nor a checkpoint; fix the name or the path"
-        )
-    ckpt = checkpoint.load(init_from)
-    return checkpoint.model_from_state(ckpt), ckpt["tokenizer"]
 
 
 def _compile(model: GPT, parallelism: str) -> None:

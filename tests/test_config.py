@@ -24,6 +24,7 @@ train.log_interval train.grad_clip train.parallelism train.collective_timeout_s
 train.activation_checkpointing train.early_stopping_patience
 wandb.enabled wandb.project wandb.run_name wandb.mode
 eval.hellaswag_interval eval.hellaswag_limit eval.hellaswag_path
+lora.rank lora.alpha lora.dropout lora.targets
 device dtype compile seed out_dir init_from
 """.split()
 SAMPLE_KEYS = """
@@ -59,7 +60,7 @@ def test_every_field_is_documented():
     import inspect
 
     for cls in (config.ModelConfig, config.DataConfig, config.OptimConfig, config.TrainConfig,
-                config.TrainRunConfig, config.SampleConfig, config.ServeConfig, config.ExportConfig,
+                config.TrainRunConfig, config.LoraConfig, config.SampleConfig, config.ServeConfig, config.ExportConfig,
                 config.EvalConfig):  # fmt: skip
         for f in dataclasses.fields(cls):
             owner = next(c for c in cls.__mro__ if f.name in c.__dict__.get("__annotations__", {}))  # inherited

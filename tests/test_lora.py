@@ -1,0 +1,110 @@
+"""LoRA: an adapted layer equals its merged weights, training touches only the adapters, a LoRA run's checkpoint
+holds only them (and resumes exactly), and sample.py / export take the run directly (merged onto its base)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from test_train import TINY, assert_same_weights, char_data, interrupt, train  # noqa: F401 (char_data: a fixture)
+
+from gpt2.errors import UserError
+from gpt2.lora import LoRALinear, adapter_names, apply_lora, merge_lora
+from gpt2.model import GPT, GPTConfig
+
+LORA = ["lora.rank=4", "lora.alpha=8", "train.eval_interval=10", "model.dropout=0.0", "optim.lr=1e-2"]
+
+
+def tiny() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)).eval()
+
+
+def test_adapted_model_equals_its_merged_weights():
+    model = tiny()
+    idx = torch.randint(0, 50, (2, 16))
+    base = model(idx)[0]
+    adapted = apply_lora(model, rank=4, alpha=8, dropout=0.0, targets=["c_attn", "mlp.c_proj"])
+    assert adapted == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn", "transformer.h.0.mlp.c_proj",
+                       "transformer.h.1.mlp.c_proj"]  # fmt: skip
+    torch.testing.assert_close(model(idx)[0], base)  # B = 0: the adapted model starts as its base
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == adapter_names(model) and len(trainable) == 8
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_()
+    adapted_logits = model(idx)[0]
+    assert not torch.allclose(adapted_logits, base, atol=1e-3)
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    torch.testing.assert_close(model(idx)[0], adapted_logits, atol=1e-4, rtol=1e-4)
+    assert set(model.state_dict()) == set(tiny().state_dict())
+
+
+def test_targets_that_match_nothing_are_an_error():
+    with pytest.raises(UserError, match="lora.targets: 'q_proj' matches no Linear layer"):
+        apply_lora(tiny(), rank=4, alpha=8, dropout=0.0, targets=["q_proj"])
+
+
+@pytest.fixture(scope="module")
+def base_run(char_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_base") / "base"
+    train([f"data.name={char_data}", f"out_dir={out}", *TINY, "train.max_iters=30", "train.eval_interval=30"],
+          out.parent)  # fmt: skip
+    return out
+
+
+def test_lora_run_trains_adapters_only_resumes_exactly_and_samples_merged(char_data, base_run, tmp_path):
+    from gpt2.checkpoint import load_model
+    from gpt2.export import run as export
+
+    args = lambda out: [f"data.name={char_data}", f"out_dir={out}", f"init_from={base_run}", *TINY, *LORA,  # noqa: E731
+                        "train.max_iters=60", "lora.dropout=0.1"]  # fmt: skip
+    full = tmp_path / "full"
+    p = train(args(full), tmp_path)
+    assert "LoRA rank 4 on 8 layers" in p.stdout  # c_attn, attn.c_proj, c_fc, mlp.c_proj x 2 blocks
+    ckpt = torch.load(full / "ckpt.pt", weights_only=True)
+    assert set(ckpt["model"]) == {k for k in ckpt["model"] if k.endswith(("lora_A", "lora_B"))} and len(ckpt["model"]) == 16
+    assert set(ckpt["optimizer"]["state"]) == set(ckpt["model"])  # only adapters are optimized
+    base = torch.load(base_run / "ckpt.pt", weights_only=True)["model"]
+
+    merged, _, _ = load_model(full)  # the run as sample.py / eval / export see it: adapters merged onto the base
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base[k])]
+    assert changed and all(k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for k in changed)
+
+    interrupted = tmp_path / "interrupted"
+    assert interrupt(args(interrupted), tmp_path, interrupted, at_step=35, sig=signal.SIGTERM) == 128 + signal.SIGTERM
+    train(args(interrupted), tmp_path)
+    assert_same_weights(torch.load(interrupted / "ckpt.pt", weights_only=True)["model"], ckpt["model"])
+
+    out = export(OmegaConf.create({"checkpoint": str(full), "out_dir": str(tmp_path / "hf")}))
+    assert (out / "model.safetensors").exists()
+    from gpt2.sampling import run as sample_run
+
+    texts = sample_run(OmegaConf.create({"checkpoint": str(full), "device": "cpu", "max_new_tokens": 8,
+                                         "temperature": 0.0, "stream": False}))  # fmt: skip
+    assert len(texts) == 1 and len(texts[0]) == 8
+
+
+def test_lora_bad_inputs_are_one_line(char_data, base_run, tmp_path):
+    from test_train import compose
+
+    from gpt2.config import TrainRunConfig, to_object
+
+    for overrides, message in (
+        (["lora.rank=-1"], "lora.rank must be >= 0"),
+        (["lora.rank=4"], "lora.rank adapts a trained model: give init_from="),
+        ([f"init_from={base_run}", "lora.rank=4", "train.parallelism=fsdp"], "does not run under train.parallelism=fsdp"),
+        ([f"init_from={base_run}", "lora.rank=4", "lora.targets=[]"], "lora.targets is empty"),
+    ):
+        with pytest.raises(UserError, match=message):
+            to_object(compose(f"data.name={char_data}", f"out_dir={tmp_path}", *overrides), TrainRunConfig)
+    out = tmp_path / "run"
+    train([f"data.name={char_data}", f"out_dir={out}", f"init_from={base_run}", *TINY, *LORA, "train.max_iters=10"],
+          tmp_path)  # fmt: skip
+    p = train([f"data.name={char_data}", f"out_dir={out}", f"init_from={base_run}", *TINY, *LORA, "lora.rank=8",
+               "train.max_iters=20"], tmp_path, check=False)  # fmt: skip
+    assert p.returncode == 2 and "lora.rank=8 disagrees with the run" in p.stderr
