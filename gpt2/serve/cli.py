@@ -5,7 +5,6 @@ stops taking connections, lets requests in flight finish for up to shutdown_time
 from __future__ import annotations
 
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
