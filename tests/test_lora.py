@@ -57,6 +57,7 @@ def base_run(char_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_lora_run_trains_adapters_only_resumes_exactly_and_samples_merged(char_data, base_run, tmp_path):
     from gpt2.checkpoint import load_model
     from gpt2.export import run as export
