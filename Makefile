@@ -32,7 +32,7 @@ demo: install
 	$(PY) train.py experiment=shakespeare_char_cpu
 	$(PY) sample.py checkpoint=out/shakespeare_char_cpu prompt="ROMEO:" num_samples=2 max_new_tokens=300
 
-# The test command (README, CI): everything but the tests marked slow (about 6 minutes on 2 CPU cores).
+# The test command (README, CI): everything but the tests marked slow (about 8 minutes on 2 CPU cores).
 # CI also runs `make test-slow` (multi-process, compile, packaging and end-to-end demo runs: about 5 minutes).
 test: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
