@@ -1,8 +1,13 @@
-"""`python -m gpt2.export checkpoint=out/run out_dir=out/run_hf` (console script `gpt2-export`): a run as a
-Hugging Face GPT-2 folder that `transformers.pipeline("text-generation", model=out_dir)` uses as it is:
-config.json and model.safetensors (`gpt2.hf.save_pretrained`) plus, for GPT-2 BPE runs, the tokenizer files
-(vocab.json and merges.txt are the BPE files the package ships). A char-vocabulary run has no Hugging Face
-tokenizer: its export holds the weights only, and says so."""
+"""`python -m gpt2.export checkpoint=out/run out_dir=out/run_hf` (console script `gpt2-export`).
+
+- `format=hf`: a run as a Hugging Face GPT-2 folder that `transformers.pipeline("text-generation", model=out_dir)`
+  uses as it is: config.json and model.safetensors (`gpt2.hf.save_pretrained`; a LoRA run merged onto its base)
+  plus, for GPT-2 BPE runs, the tokenizer files (vocab.json and merges.txt are the BPE files the package ships).
+  A char-vocabulary run has no Hugging Face tokenizer: its export holds the weights only, and says so.
+- `format=peft`: a LoRA run's adapters alone in PEFT's layout (adapter_config.json, adapter_model.safetensors),
+  for `peft.PeftModel.from_pretrained(<its base as a transformers GPT2LMHeadModel>, out_dir)`. Hugging Face GPT-2
+  keeps these layers as Conv1D, which PEFT adapts with the same A (r, in) and B (out, r) as ours.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ def run(cfg: Any) -> Path:
     cfg = cfg if isinstance(cfg, ExportConfig) else to_object(cfg, ExportConfig)
     out = Path(cfg.out_dir)
     _check_out_dir(out, cfg.overwrite)
+    if cfg.format == "peft":
+        return write_peft_adapter(cfg.checkpoint, out, getattr(torch, cfg.dtype))
     model, tokenizer, _ = load_model(cfg.checkpoint, "cpu")
     save_pretrained(model, out, dtype=getattr(torch, cfg.dtype))
     if tokenizer.name == "gpt2":
@@ -57,6 +64,32 @@ def write_gpt2_tokenizer(out: Path, model_max_length: int) -> None:
               **special}  # fmt: skip
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def write_peft_adapter(run: str, out: Path, dtype: torch.dtype) -> Path:
+    """A LoRA run's adapters in PEFT's files; UserError for a run without LoRA."""
+    from safetensors.torch import save_file
+
+    from gpt2.checkpoint import load
+
+    ckpt = load(run)
+    config = ckpt.get("config", {})
+    lora = config.get("lora", {})
+    if not lora.get("rank"):
+        raise UserError(f"format=peft exports LoRA adapters, and {run} fine-tuned every weight (lora.rank=0); "
+                        "use format=hf")  # fmt: skip
+    tensors = {f"base_model.model.{name}.weight": t.to(dtype).contiguous() for name, t in ckpt["model"].items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": config["init_from"],
+        "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
+        "target_modules": lora["targets"], "fan_in_fan_out": True, "bias": "none", "inference_mode": True,
+    }  # fmt: skip
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+    print(f"exported the LoRA adapters of {run} to {out}: peft.PeftModel.from_pretrained(<{config['init_from']} as a "
+          f"GPT2LMHeadModel>, \"{out}\")")  # fmt: skip
+    return out
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_train import TINY, assert_same_weights, char_data, interrupt, train  # noqa: F401 (char_data: a fixture)
+from test_train import TINY, assert_same_weights, bpe_data, char_data, interrupt, train  # noqa: F401 (fixtures)
 
 from gpt2.errors import UserError
 from gpt2.lora import LoRALinear, adapter_names, apply_lora, merge_lora
@@ -109,3 +109,37 @@ def test_lora_bad_inputs_are_one_line(char_data, base_run, tmp_path):
     p = train([f"data.name={char_data}", f"out_dir={out}", f"init_from={base_run}", *TINY, *LORA, "lora.rank=8",
                "train.max_iters=20"], tmp_path, check=False)  # fmt: skip
     assert p.returncode == 2 and "lora.rank=8 disagrees with the run" in p.stderr
+
+
+@pytest.mark.slow
+def test_lora_run_from_an_hf_base_exports_to_peft_and_merged_hf_with_our_logits(bpe_data, tmp_path):
+    """A LoRA fine-tune of a Hugging Face base: format=peft loads with peft.PeftModel onto that base, format=hf is
+    the merged model; both give the logits our merged model gives."""
+    from peft import PeftModel
+    from test_train import hf_model_dir
+    from transformers import GPT2LMHeadModel
+
+    from gpt2.checkpoint import load_model
+    from gpt2.export import run as export
+
+    base = hf_model_dir(tmp_path / "base")
+    out = tmp_path / "run"
+    train([f"data.name={bpe_data}", f"out_dir={out}", f"init_from={base}", "train.batch_size=2", "train.max_iters=8",
+           "train.eval_interval=8", "train.eval_iters=2", "optim.lr=1e-2", "optim.warmup_iters=2", "device=cpu",
+           "dtype=float32", "compile=false", "lora.rank=4", "lora.alpha=8", "lora.targets=[c_attn,mlp.c_proj]"],
+          tmp_path)  # fmt: skip
+    ours, _, _ = load_model(out)
+    idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours(idx)[0]
+        assert not torch.allclose(want, GPT2LMHeadModel.from_pretrained(base)(idx).logits, atol=1e-4)  # it trained
+        peft_dir = export(OmegaConf.create({"checkpoint": str(out), "out_dir": str(tmp_path / "peft"), "format": "peft"}))
+        peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), str(peft_dir)).eval()
+        torch.testing.assert_close(peft_model(idx).logits, want, atol=1e-4, rtol=1e-4)
+        hf_dir = export(OmegaConf.create({"checkpoint": str(out), "out_dir": str(tmp_path / "hf")}))
+        torch.testing.assert_close(GPT2LMHeadModel.from_pretrained(hf_dir)(idx).logits, want, atol=1e-4, rtol=1e-4)
+    full = tmp_path / "full"  # a run without LoRA has no adapters to export
+    train([f"data.name={bpe_data}", f"out_dir={full}", f"init_from={base}", "train.batch_size=2", "train.max_iters=1",
+           "train.eval_interval=1", "train.eval_iters=1", "device=cpu", "dtype=float32", "compile=false"], tmp_path)
+    with pytest.raises(UserError, match="format=peft exports LoRA adapters"):
+        export(OmegaConf.create({"checkpoint": str(full), "out_dir": str(tmp_path / "x"), "format": "peft"}))
