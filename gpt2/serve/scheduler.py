@@ -125,10 +125,10 @@ class Scheduler:
                     self._wake.wait()
             return {}
         tokens = torch.zeros(len(self.slots), dtype=torch.long)
-        for slot, row_logits in logits.items():
+        slots = list(logits)
+        sampled = torch.cat([self._sample(self.slots[slot], logits[slot]) for slot in slots]).tolist()  # one sync
+        for slot, token in zip(slots, sampled):
             row = self.slots[slot]
-            token = int(sample_next_token(row_logits, temperature=row.params.temperature, top_k=row.params.top_k,
-                                          top_p=row.params.top_p, generator=row.generator))  # fmt: skip
             if row.job.cancelled or self._deliver(row, token):
                 self._free(slot)
             else:
@@ -137,6 +137,13 @@ class Scheduler:
             return {}
         out = self.batch.step(tokens.to(self.batch.cache.k.device))
         return {slot: out[slot : slot + 1] for slot, row in enumerate(self.slots) if row is not None}
+
+    @staticmethod
+    def _sample(row: Row, logits: torch.Tensor) -> torch.Tensor:
+        """The row's next token (1,), on the device: each row has its own settings and generator."""
+        params = row.params
+        return sample_next_token(logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                                 generator=row.generator)  # fmt: skip
 
     def _admit(self) -> dict[int, torch.Tensor]:
         started = {}
