@@ -69,8 +69,9 @@ class DataConfig:
     """Folder under data/ (or a path) holding {train,val}_NNNNNN.bin and meta.json."""
     builder: str = "text"
     """How prepare.py builds it: text (files, folders, globs, URLs or a Hugging Face dataset), or
-    hf_stream (a large Hugging Face dataset streamed into fixed-size shards), or shards (adopt a folder of llm.c
-    shards as they are: `data=llmc`)."""
+    hf_stream (a large Hugging Face dataset streamed into fixed-size shards), shards (adopt a folder of llm.c
+    shards as they are: `data=llmc`), or instructions (prompt/completion or chat rows, with the loss on the
+    completions only: `data=instructions`, see gpt2.data.instructions)."""
     tokenizer: str = "gpt2"
     """gpt2 (tiktoken BPE) or char (a character vocabulary built from the corpus)."""
     source: Optional[str] = None
@@ -89,6 +90,12 @@ class DataConfig:
     (binary, non-UTF-8 and empty files are skipped and reported)."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.json/.parquet files and Hugging Face datasets."""
+    prompt_field: str = "prompt"
+    """builder=instructions: the field holding a row's prompt (no loss on it)."""
+    completion_field: str = "completion"
+    """builder=instructions: the field holding a row's completion (the loss is on it and its end-of-text)."""
+    messages_field: str = "messages"
+    """builder=instructions: the field holding a chat, a list of {role: system|user|assistant, content}."""
     shard_tokens: int = 100_000_000
     """Tokens per shard file (at least 1025: one window of a 1024-token context)."""
     num_proc: int = 0
@@ -102,8 +109,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise UserError("data.name is empty; give the dataset a folder name, e.g. data.name=mycorpus")
-        check_choice("data.builder", self.builder, ("text", "hf_stream", "shards"))
+        check_choice("data.builder", self.builder, ("text", "hf_stream", "shards", "instructions"))
         check_choice("data.tokenizer", self.tokenizer, ("gpt2", "char"))
+        if self.builder == "instructions" and self.tokenizer != "gpt2":
+            raise UserError("data.builder=instructions needs data.tokenizer=gpt2: each completion ends with its "
+                            "end-of-text token, which a char vocabulary does not have")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_tokens < MIN_SHARD_TOKENS:

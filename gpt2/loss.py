@@ -50,7 +50,7 @@ def _chunked_loss(x, weight, targets, vocab_size, chunk, dtype, grads):
             grad = (grad * valid[:, None]).to(dtype)
             grad_x[start : start + chunk] = grad @ w
             grad_w[:vocab_size] += (grad.t() @ xs).float()
-    return total / (targets != -1).sum()
+    return total / (targets != -1).sum().clamp(min=1)  # (a batch without targets has loss 0)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -59,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # the padded rows stay 0
         loss = _chunked_loss(x, weight, targets, vocab_size, chunk, dtype, grads=(grad_x, grad_w))
-        ctx.save_for_backward(grad_x, grad_w, (targets != -1).sum())
+        ctx.save_for_backward(grad_x, grad_w, (targets != -1).sum().clamp(min=1))
         ctx.weight_dtype = weight.dtype
         return loss
 

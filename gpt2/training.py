@@ -156,7 +156,7 @@ class Trainer:
             world_size=info.world_size, seed=cfg.seed, order=cfg.data.order, device=self.device,
         )
         if train.epochs is not None:
-            train.max_iters = _steps_for_epochs(train, len(self.loader.epoch_windows))
+            train.max_iters = _steps_for_epochs(train, len(self.loader.epoch), self.loader.sequences.unit)
         self.state = TrainState()
         self.logger = MetricsLogger(self.out_dir, enabled=info.is_main, wandb_cfg=cfg.wandb, run_config=to_dict(cfg))
         self.checkpointer = Checkpointer(
@@ -282,50 +282,51 @@ class Trainer:
         """Forward and backward over this rank's micro-batches; the gradients are of the mean loss over all
         micro-steps of all ranks. Returns this rank's mean loss, on the device."""
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.accum):
+        for micro, weight in enumerate(self.loader.micro_batch_weights(self.accum)):
             x, y = self.loader.next_batch()
             # The gradient all-reduce runs once, on the last micro-step.
             with distributed.no_sync(self.parallel_model, enabled=micro < self.accum - 1):
                 with autocast(self.device, self.dtype):
                     _, loss = self.parallel_model(x, y, return_logits=False)  # the loss in chunks (gpt2.loss)
-                loss = loss / self.accum  # gradients of the mean over micro-steps
+                loss = loss * weight  # gradients of the mean over all targets of the step (1 / accum for tokens)
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         return loss_sum
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
-        """Mean loss over `eval_iters` fixed batches of each split (the same batches every eval), all ranks.
+        """Mean loss over the targets of `eval_iters` fixed batches of each split (the same batches every eval), all ranks.
         A single process gives up between batches when a stop signal came (None): a long eval must not outlast
         a scheduler's grace period. (Ranks of a distributed run finish it together, then stop.)"""
         self.model.eval()
         out = {}
         for split in ("train", "val"):
-            total = torch.zeros(2, device=self.device)  # (sum of losses, batches)
-            for (x, y), weight in self._weighted_eval_batches(split):
+            total = torch.zeros(2, device=self.device)  # (sum of losses, targets)
+            for x, y in self._eval_batches(split):
                 if self._stop_signal is not None and not self.info.is_distributed:
                     self.model.train()
                     return None
                 with autocast(self.device, self.dtype):
                     _, loss = self.model(x, y, return_logits=False)
-                total += torch.stack([loss.float() * weight, torch.tensor(weight, device=self.device)])
+                targets = (y != -1).sum()
+                total += torch.stack([loss.float() * targets, targets.float()])
             distributed.all_reduce_mean(total)
             out[f"{split}_loss"] = (total[0] / total[1]).item()
         self.model.train()
         return out
 
-    def _weighted_eval_batches(self, split: str) -> list[tuple[tuple[torch.Tensor, torch.Tensor], float]]:
-        """This rank's eval batches of `split`, each with weight 1. FSDP2's forward is a collective, so there
-        every rank runs the same number of forwards: the ranks with fewer batches pad with weight-0 ones."""
+    def _eval_batches(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's eval batches of `split`. FSDP2's forward is a collective, so there every rank runs the
+        same number of forwards: the ranks with fewer batches pad with batches without targets (all -1)."""
         train = self.cfg.train
-        batches = [(b, 1.0) for b in eval_batches(
+        batches = list(eval_batches(
             self.ds, split, num_batches=train.eval_iters, batch_size=train.batch_size, block_size=self.block_size,
             rank=self.info.rank, world_size=self.info.world_size, device=self.device,
-        )]  # fmt: skip
+        ))  # fmt: skip
         if distributed.is_sharded(self.parallel_model):
-            padding = torch.zeros(1, self.block_size, dtype=torch.long, device=self.device)
+            padding = torch.full((1, self.block_size), -1, dtype=torch.long, device=self.device)
             n = math.ceil(train.eval_iters / self.info.world_size)
-            batches += [((padding, padding), 0.0)] * (n - len(batches))
+            batches += [(padding.clamp(min=0), padding)] * (n - len(batches))
         return batches
 
     def evaluate_and_checkpoint(self) -> None:
@@ -539,24 +540,28 @@ class Trainer:
             f"compile {self.compile}, parallelism {train.parallelism if info.is_distributed else 'none'}\n"
             f"batch: {self.tokens_per_step:,} tokens per step = {train.batch_size} sequences x {self.block_size} tokens "
             f"x {self.accum} micro-steps x {info.world_size} ranks; {train.max_iters} steps; out_dir {self.out_dir}\n"
-            f"data: {self.cfg.data.order} order; an epoch ({len(self.loader.epoch_windows):,} windows of "
-            f"{self.block_size} tokens) is {len(self.loader.epoch_windows) / (train.batch_size * train.grad_accum_steps):,.1f} steps"
+            f"data: {self.cfg.data.order} order; an epoch ({len(self.loader.epoch):,} {self.loader.sequences.unit}) "
+            f"is {len(self.loader.epoch) / (train.batch_size * train.grad_accum_steps):,.1f} steps"
         )
+        examples = self.loader.sequences
+        if self.ds.has_examples and (examples.truncated or examples.untrained):
+            print0(f"warning: {examples.truncated:,} of {examples.count:,} training examples are longer than "
+                   f"block_size + 1 = {self.block_size + 1} tokens and are cut to it; {examples.untrained:,} keep no "
+                   "completion token within it and train nothing (raise model.block_size or shorten the prompts)")
         warning = schedule_warning(self.cfg.optim, train.max_iters)
         if warning:
             print0(warning)
 
 
-def _steps_for_epochs(train: TrainConfig, windows_per_epoch: int) -> int:
-    """Optimizer steps for `train.epochs` passes over an epoch of `windows_per_epoch` windows (rounded up)."""
-    per_step = train.batch_size * train.grad_accum_steps  # windows in one global batch
-    if windows_per_epoch < per_step:
+def _steps_for_epochs(train: TrainConfig, per_epoch: int, unit: str) -> int:
+    """Optimizer steps for `train.epochs` passes over an epoch of `per_epoch` sequences (rounded up)."""
+    per_step = train.batch_size * train.grad_accum_steps  # sequences in one global batch
+    if per_epoch < per_step:
         raise UserError(
-            f"train.epochs needs a training split of at least one global batch: it holds {windows_per_epoch} "
-            f"windows of block_size tokens and a step takes {per_step} (train.batch_size x grad_accum_steps); "
-            "lower them, or use more data"
+            f"train.epochs needs a training split of at least one global batch: it holds {per_epoch} {unit} "
+            f"and a step takes {per_step} (train.batch_size x grad_accum_steps); lower them, or use more data"
         )
-    return math.ceil(train.epochs * windows_per_epoch / per_step)
+    return math.ceil(train.epochs * per_epoch / per_step)
 
 
 def _grad_accum_steps(train: TrainConfig, block_size: int, world_size: int) -> int:

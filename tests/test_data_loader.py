@@ -52,7 +52,7 @@ def test_round_trip_text_to_shards_to_batches(ds):
     starts = np.concatenate(([0], np.cumsum([s.tokens for s in ds.shards("train")])))
     ends = np.cumsum([s.tokens - 16 for s in ds.shards("train")])
     for k in range(5):
-        windows = loader.global_batch_windows(k)
+        windows = loader.global_batch(k)
         x, y = loader.next_batch()
         assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
         for row, w in enumerate(windows):
@@ -186,15 +186,15 @@ def test_epoch_order_sees_every_window_once_per_epoch_for_1_and_2_ranks_and_resu
     differ); 2 ranks get the global micro-batches of 1 rank; a loader resumed mid-epoch goes on identically."""
     B, T = 4, 16
     one = TokenLoader(ds, "train", batch_size=B, block_size=T, seed=5, order="epoch")
-    E = len(one.epoch_windows)
-    starts = [w - one.windows.ends[s - 1] if s else w
-              for w in one.epoch_windows for s in [int(np.searchsorted(one.windows.ends, w, side="right"))]]
+    E = len(one.epoch)
+    starts = [w - one.sequences.ends[s - 1] if s else w
+              for w in one.epoch for s in [int(np.searchsorted(one.sequences.ends, w, side="right"))]]
     assert all(start % T == 0 for start in starts)  # non-overlapping: starts at multiples of block_size
     assert E == sum((s.tokens - T + T - 1) // T for s in ds.shards("train"))
     per_epoch = -(-2 * E // B)  # micro-batches covering two epochs
-    seen = np.concatenate([one.global_batch_windows(k) for k in range(per_epoch)])[: 2 * E]
+    seen = np.concatenate([one.global_batch(k) for k in range(per_epoch)])[: 2 * E]
     first, second = seen[:E], seen[E:]
-    assert sorted(first.tolist()) == sorted(second.tolist()) == sorted(one.epoch_windows.tolist())
+    assert sorted(first.tolist()) == sorted(second.tolist()) == sorted(one.epoch.tolist())
     assert not np.array_equal(first, second)  # another permutation each epoch
 
     ranks = [TokenLoader(ds, "train", batch_size=B, block_size=T, seed=5, order="epoch", rank=r, world_size=2)
@@ -210,5 +210,5 @@ def test_epoch_order_sees_every_window_once_per_epoch_for_1_and_2_ranks_and_resu
     for _ in range(per_epoch):  # across the epoch boundary
         assert torch.equal(resumed.next_batch()[0], one.next_batch()[0])
     other_seed = TokenLoader(ds, "train", batch_size=B, block_size=T, seed=6, order="epoch")
-    assert not np.array_equal(other_seed.global_batch_windows(0), TokenLoader(
-        ds, "train", batch_size=B, block_size=T, seed=5, order="epoch").global_batch_windows(0))
+    assert not np.array_equal(other_seed.global_batch(0), TokenLoader(
+        ds, "train", batch_size=B, block_size=T, seed=5, order="epoch").global_batch(0))

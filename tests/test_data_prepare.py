@@ -254,7 +254,7 @@ def test_bad_sources_are_user_errors(tmp_path):
 
 def test_builtin_names_match_the_config_group():
     names = {p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")}
-    assert names == set(BUILTIN) | {"text", "llmc"}
+    assert names == set(BUILTIN) | {"text", "llmc", "instructions"}
 
 
 def test_cli_prepares_and_rejects_bad_input_with_one_line(tmp_path):

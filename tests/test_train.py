@@ -524,7 +524,7 @@ def test_epochs_derive_the_steps_and_a_split_smaller_than_a_batch_is_an_error(ch
         return Trainer(cfg, DistInfo())
 
     t = trainer("train.epochs=2", "train.grad_accum_steps=2")
-    E = len(t.loader.epoch_windows)
+    E = len(t.loader.epoch)
     assert t.cfg.train.max_iters == -(-2 * E // (4 * 2)) and t.loader.order == "epoch"
     assert f"max_iters: {t.cfg.train.max_iters}" in (tmp_path / "run" / "config.yaml").read_text()
     t.fit()

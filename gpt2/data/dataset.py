@@ -86,6 +86,8 @@ class Shard:
     path: Path
     tokens: int
     max_token: int
+    mask_path: Path | None = None
+    """Instruction data: the shard's per-token loss/start mask (see gpt2.data.instructions)."""
 
 
 class TokenDataset:
@@ -103,6 +105,11 @@ class TokenDataset:
     @property
     def name(self) -> str:
         return self.meta.get("name", self.dir.name)
+
+    @property
+    def has_examples(self) -> bool:
+        """Instruction data: examples with loss masks (gpt2.data.instructions), not a plain token stream."""
+        return bool(self.meta.get("examples"))
 
     @property
     def vocab_size(self) -> int:
@@ -134,6 +141,13 @@ class TokenDataset:
         mm = self._memmaps.get(shard.path)
         if mm is None:
             mm = self._memmaps[shard.path] = open_tokens(shard.path, shard.tokens)
+        return mm
+
+    def mask(self, shard: Shard) -> np.ndarray:
+        """An instruction shard's uint8 mask (one per token; bits in gpt2.data.instructions), memory-mapped."""
+        mm = self._memmaps.get(shard.mask_path)
+        if mm is None:
+            mm = self._memmaps[shard.mask_path] = np.load(shard.mask_path, mmap_mode="r")
         return mm
 
     def check_vocab(self, model_vocab_size: int) -> None:
@@ -223,5 +237,23 @@ def open_dataset(name_or_path: str, data_root: str | Path = "data") -> TokenData
             if count != rec["tokens"]:
                 raise UserError(f"shard {path} holds {count} tokens but {meta_path} says {rec['tokens']}; prepare the "
                                 f"dataset again with overwrite=true")
-            shards[split].append(Shard(path, count, int(rec["max_token"])))
+            mask = _check_mask(dir, rec, count, meta_path) if meta.get("examples") else None
+            shards[split].append(Shard(path, count, int(rec["max_token"]), mask))
     return TokenDataset(dir, meta, shards)
+
+
+def _check_mask(dir: Path, rec: dict, tokens: int, meta_path: Path) -> Path:
+    """The path of a shard's loss mask, checked to hold one uint8 per token (a UserError names it otherwise)."""
+    fix = "prepare the dataset again with overwrite=true"
+    if not isinstance(rec.get("mask"), str):
+        raise UserError(f"{meta_path}: shard {rec['file']} has no \"mask\" file although the dataset holds "
+                        f"examples; {fix}")
+    path = dir / rec["mask"]
+    try:
+        mask = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise UserError(f"loss mask {path} is missing or unreadable ({type(e).__name__}: {e}); {fix}") from None
+    if mask.dtype != np.uint8 or mask.shape != (tokens,):
+        raise UserError(f"loss mask {path} holds {mask.shape} {mask.dtype} values for a shard of {tokens} tokens; "
+                        f"{fix}")
+    return path

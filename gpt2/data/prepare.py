@@ -71,6 +71,8 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
         return _adopt(data, out_dir)
     _check_ours(out_dir, [s for s in (data.source, data.val_source) if s])
     source, val_source = _open_sources(data, out_dir)
+    if data.builder == "instructions":
+        return _prepare_examples(data, out_dir, source, val_source)
     # The GPT-2 vocabulary first: fail fast when it is unavailable, before any pass over the corpus.
     tokenizer: CharTokenizer | GPT2Tokenizer | None = GPT2Tokenizer() if data.tokenizer == "gpt2" else None
     rule, cuts, val_mask, chars = _plan_split(data, source, val_source, char_vocab=tokenizer is None)
@@ -91,9 +93,36 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
     return out_dir
 
 
+def _prepare_examples(data: DataConfig, out_dir: Path, source: Source, val_source: Optional[Source]) -> Path:
+    """data.builder=instructions: rows -> example shards with loss masks (see gpt2.data.instructions)."""
+    from gpt2.data.instructions import write_examples
+
+    print(f"preparing {out_dir} from {source!r}" + (f" (val: {val_source!r})" if val_source else "")
+          + "; instruction examples, loss on the completions", flush=True)
+    stage = out_dir / STAGE_DIR
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        shards, examples, rule = write_examples(source, val_source, data, stage, data.num_proc or _cpu_count())
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if examples["train"] == 0:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise UserError(f"data.source={data.source} holds no training examples; check the path")
+    meta = new_meta(data, GPT2Tokenizer(), shards, examples, source=repr(source),
+                    val_source=repr(val_source) if val_source else None, split_rule=rule)
+    meta["examples"] = True
+    _swap_in(stage, out_dir, meta)
+    print(f"wrote {out_dir}: {_summary(out_dir / META_FILE)}; {examples['train']:,} train and "
+          f"{examples['val']:,} val examples", flush=True)
+    return out_dir
+
+
 def _open_sources(data: DataConfig, out_dir: Path) -> tuple[Any, Any]:
     """The training source and, when `data.val_source` is set, the validation source."""
-    common = dict(data_dir=out_dir, text_field=data.text_field, subset=data.subset, split=data.split,
+    text_field = None if data.builder == "instructions" else data.text_field  # (rows are read whole)
+    common = dict(data_dir=out_dir, text_field=text_field, subset=data.subset, split=data.split,
                   streaming=data.builder == "hf_stream", extensions=data.extensions)  # fmt: skip
     source = open_source(_source_spec(data, out_dir), key="data.source", **common)
     val_source = open_source(data.val_source, key="data.val_source", **common) if data.val_source else None
@@ -196,6 +225,7 @@ def _written_here(out_dir: Path) -> set[str]:
         adopted = meta.get("data", {}).get("builder") == "shards"
         for split in meta["splits"].values():
             names |= {r["file"] for r in split["shards"] if not adopted or (out_dir / r["file"]).is_symlink()}
+            names |= {r["mask"] for r in split["shards"] if isinstance(r.get("mask"), str)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     try:

@@ -101,9 +101,13 @@ class ShardWriter:
             if self._count == self.shard_tokens:
                 self._finish()
 
-    def close(self) -> list[dict]:
+    def end_shard(self) -> None:
+        """Finish the open shard now, even if it is not full (the next write starts a new one)."""
         if self._file is not None:
             self._finish()
+
+    def close(self) -> list[dict]:
+        self.end_shard()
         return self.shards
 
     def abort(self) -> None:

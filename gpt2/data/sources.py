@@ -25,7 +25,7 @@ import os
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from gpt2.errors import UserError
 from gpt2.resources import BUILTIN_SOURCES
@@ -79,11 +79,32 @@ class FileSource:
             else:
                 yield from _parquet_pieces(path, self.text_field)
 
+    def rows(self) -> Iterator[tuple[Any, str]]:
+        """(row, where) for every row of the .jsonl/.json/.parquet files, `where` naming it in errors (file:line).
+        Plain text files have no rows: a UserError says so, before any row is read."""
+        for path in self.files:
+            if path.suffix.lower() not in ROW_SUFFIXES:
+                raise UserError(f"{path} is a text file, not rows: instruction data comes from .jsonl, .json or "
+                                ".parquet files (one example per row) or hf:<dataset>")
+        for path in self.files:
+            suffix = path.suffix.lower()
+            if suffix == ".jsonl":
+                yield from _jsonl_rows(path)
+            elif suffix == ".json":
+                for i, row in enumerate(_load_json_rows(path)):
+                    yield row, f"{path} item {i}"
+            else:
+                import pyarrow.parquet as pq
+
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                    for i, row in enumerate(batch.to_pylist()):
+                        yield row, f"{path} row {i}"
+
 
 class HFSource:
     """Documents from a Hugging Face dataset (`datasets.load_dataset`), one per row of `text_field`."""
 
-    def __init__(self, name: str, subset: Optional[str], split: str, text_field: str, streaming: bool) -> None:
+    def __init__(self, name: str, subset: Optional[str], split: str, text_field: Optional[str], streaming: bool) -> None:
         self.name, self.subset, self.split, self.text_field, self.streaming = name, subset, split, text_field, streaming
         self._ds = None
 
@@ -107,7 +128,7 @@ class HFSource:
                     "data.source/data.subset/data.split, or run once with network access so it is cached"
                 ) from e
             columns = self._ds.column_names
-            if columns is not None and self.text_field not in columns:
+            if columns is not None and self.text_field is not None and self.text_field not in columns:
                 raise UserError(
                     f"Hugging Face dataset {self!r} has no column {self.text_field!r} (columns: "
                     f"{', '.join(columns)}); set data.text_field"
@@ -127,6 +148,10 @@ class HFSource:
             for batch in ds.iter(batch_size=1024):
                 for text in batch[self.text_field]:
                     yield text or "", True
+
+    def rows(self) -> Iterator[tuple[Any, str]]:
+        for i, row in enumerate(self._dataset()):
+            yield row, f"{self!r} row {i}"
 
 
 Source = FileSource | HFSource
@@ -274,6 +299,12 @@ def _text_file_pieces(path: Path) -> Iterator[Piece]:
 
 
 def _jsonl_pieces(path: Path, text_field: str) -> Iterator[Piece]:
+    for row, where in _jsonl_rows(path):
+        yield _row_text(row, text_field, where), True
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str]]:
+    """(parsed row, "file:line") for each non-blank line; bad JSON or UTF-8 is a UserError naming the line."""
     with open(path, "rb") as f:
         offset = 0
         for lineno, raw in enumerate(f, 1):
@@ -285,7 +316,7 @@ def _jsonl_pieces(path: Path, text_field: str) -> Iterator[Piece]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
-            yield _row_text(row, text_field, f"{path}:{lineno}"), True
+            yield row, f"{path}:{lineno}"
 
 
 def _decode(raw: bytes, path: Path, offset: int) -> str:

@@ -1,0 +1,224 @@
+"""Instruction data: prompt/completion pairs or chats, prepared so that the loss falls on the completions only.
+
+`data.builder=instructions` (`data=instructions`) reads rows of .jsonl/.json/.parquet files or a Hugging Face
+dataset, one example per row, in either form:
+- `{"prompt": "...", "completion": "..."}` (fields `data.prompt_field`, `data.completion_field`): the example is
+  prompt + completion + <|endoftext|>, with the loss on the completion and its end-of-text, so that the model
+  learns where an answer stops. Nothing is inserted between the two: put the separator you will prompt with
+  (e.g. "Q: ...\\nA:" and " answer") in the data.
+- `{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}` (`data.messages_field`),
+  rendered with this template, the loss on each assistant reply and its end-of-text:
+
+      {system}\\n\\n                   an optional first system message
+      User: {user}\\nAssistant:       each user message
+       {assistant}<|endoftext|>       each assistant message (the loss is on these tokens)
+
+  so that `sample.py prompt="User: How are you?\\nAssistant:"` asks the tuned model, and it stops at its answer's
+  end-of-text. A later turn follows the end-of-text directly ("...<|endoftext|>User: ...").
+
+Each piece is tokenized on its own and the pieces are concatenated. A row with neither form, an empty completion
+or reply, or a chat without an assistant message is an error naming the row.
+
+On disk: the tokens are ordinary llm.c shards (so the dataset also reads as plain token data); next to each shard,
+`<shard>.mask.npy` holds one uint8 per token: bit 0 (TARGET) marks the tokens the loss is on, bit 1 (START) the
+first token of each example. No example spans two shards. meta.json has `"examples": true`. The training loader
+(`gpt2.data.loader`) makes each example one sequence of its own, padded with ignored targets (-1) and cut to
+block_size + 1 tokens when longer (the run's summary counts those).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from gpt2.config import DataConfig
+from gpt2.data.shards import TOKEN_DTYPE, ShardWriter
+from gpt2.errors import UserError
+from gpt2.progress import progress_bar
+from gpt2.tokenizer import GPT2Tokenizer
+
+TARGET = 1  # mask bit: the loss is on this token (it is a target of the token before it)
+START = 2  # mask bit: the first token of an example
+MASK_SUFFIX = ".mask.npy"
+ROLES = ("system", "user", "assistant")
+BATCH_ROWS = 1024  # rows tokenized together
+Segment = tuple[str, bool]  # (text, the loss is on it: then an end-of-text follows it)
+
+
+def mask_name(shard_file: str) -> str:
+    """`train_000000.bin` -> `train_000000.mask.npy`."""
+    return shard_file.removesuffix(".bin") + MASK_SUFFIX
+
+
+def segments(row: Any, data: DataConfig, where: str) -> list[Segment]:
+    """A row -> its text segments, each marked with whether the loss is on it (see the module docstring)."""
+    if isinstance(row, dict) and row.get(data.messages_field) is not None:
+        return _chat_segments(row[data.messages_field], data.messages_field, where)
+    if isinstance(row, dict) and data.prompt_field in row and data.completion_field in row:
+        prompt, completion = row[data.prompt_field], row[data.completion_field]
+        for field, value in ((data.prompt_field, prompt), (data.completion_field, completion)):
+            if not isinstance(value, str):
+                raise UserError(f"{where}: field {field!r} is {type(value).__name__}, not text")
+        if not completion:
+            raise UserError(f"{where}: the completion ({data.completion_field!r}) is empty: there is nothing to "
+                            "train on; fill it in or remove the row")
+        return [(prompt, False), (completion, True)]
+    keys = f" (keys: {', '.join(map(str, row))})" if isinstance(row, dict) else f" (a {type(row).__name__})"
+    raise UserError(
+        f"{where}: an example needs {data.prompt_field!r} and {data.completion_field!r} fields or a "
+        f"{data.messages_field!r} list{keys}; set data.prompt_field/data.completion_field or data.messages_field"
+    )
+
+
+def _chat_segments(messages: Any, field: str, where: str) -> list[Segment]:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: {field!r} must be a non-empty list of {{role, content}} messages")
+    out: list[Segment] = []
+    previous = None
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if role not in ROLES or not isinstance(content, str):
+            raise UserError(f"{where}: {field}[{i}] must be {{\"role\": {'|'.join(ROLES)}, \"content\": <text>}}, "
+                            f"got {message!r:.80}")
+        if role == "system":
+            if i:
+                raise UserError(f"{where}: {field}[{i}] is a system message; only the first message may be one")
+            out.append((f"{content}\n\n", False))
+        elif role == "user":
+            out.append((f"User: {content}\nAssistant:", False))
+        else:
+            if not content:
+                raise UserError(f"{where}: {field}[{i}] is an empty assistant reply; fill it in or remove the row")
+            if previous != "user":
+                out.append(("Assistant:", False))
+            out.append((f" {content}", True))
+        previous = role
+    if not any(target for _, target in out):
+        raise UserError(f"{where}: {field!r} has no assistant message: there is nothing to train on")
+    return out
+
+
+def encode_examples(rows: list[tuple[Any, str]], data: DataConfig, tokenizer: GPT2Tokenizer, num_threads: int
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rows -> (tokens, mask) per example: the segments' tokens, an end-of-text after each trained segment."""
+    per_row = [segments(row, data, where) for row, where in rows]
+    ids = iter(tokenizer.encode_batch([text for segs in per_row for text, _ in segs], num_threads))
+    out = []
+    for segs in per_row:
+        tokens: list[int] = []
+        mask: list[int] = []
+        for _, target in segs:
+            piece = next(ids) + ([tokenizer.eot_id] if target else [])
+            tokens += piece
+            mask += [TARGET if target else 0] * len(piece)
+        mask[0] |= START
+        out.append((np.array(tokens, dtype=TOKEN_DTYPE), np.array(mask, dtype=np.uint8)))
+    return out
+
+
+class ExampleWriter:
+    """Writes one split's examples: tokens into shards (`ShardWriter`), masks next to them, never splitting an
+    example across two shards. `close()` returns the shard records with their "mask" file and example count."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int) -> None:
+        self.out_dir, self.shard_tokens = out_dir, shard_tokens
+        self.tokens = ShardWriter(out_dir, split, shard_tokens)
+        self.masks: list[np.ndarray] = []  # of the open shard
+        self.open_tokens = 0
+        self.examples: list[int] = []  # per finished shard
+        self.open_examples = 0
+
+    def write(self, tokens: np.ndarray, mask: np.ndarray, where: str) -> None:
+        if tokens.size > self.shard_tokens:
+            raise UserError(f"{where}: the example has {tokens.size} tokens, more than a shard holds "
+                            f"(data.shard_tokens={self.shard_tokens}); raise data.shard_tokens")
+        if self.open_tokens + tokens.size > self.shard_tokens:
+            self.tokens.end_shard()
+            self._save_mask()
+        self.tokens.write(tokens)
+        self.masks.append(mask)
+        self.open_tokens += tokens.size
+        self.open_examples += 1
+        if self.open_tokens == self.shard_tokens:  # the ShardWriter finished it
+            self._save_mask()
+
+    def _save_mask(self) -> None:
+        name = mask_name(self.tokens.shards[-1]["file"])
+        np.save(self.out_dir / name, np.concatenate(self.masks))
+        self.examples.append(self.open_examples)
+        self.masks, self.open_tokens, self.open_examples = [], 0, 0
+
+    def close(self) -> list[dict]:
+        if self.open_tokens:
+            self.tokens.end_shard()
+            self._save_mask()
+        records = self.tokens.close()
+        for record, count in zip(records, self.examples):
+            record.update(mask=mask_name(record["file"]), examples=count)
+        return records
+
+    def abort(self) -> None:
+        self.tokens.abort()
+
+
+def write_examples(source: Any, val_source: Optional[Any], data: DataConfig, stage: Path, num_threads: int
+                   ) -> tuple[dict[str, list[dict]], dict[str, int], str]:
+    """Tokenize the rows of `source` (and `val_source`) into `stage`. Returns (shard records per split,
+    examples per split, the split rule). The split: `val_source` is val; else `data.val_fraction` of the rows,
+    chosen with `data.seed` (at least one, at most all but one)."""
+    from gpt2.data.prepare import _val_mask
+
+    tokenizer = GPT2Tokenizer()
+    for src in (source, val_source):
+        next(iter(src.rows()), None) if src is not None else None  # a text file is an error before any work
+    if val_source is not None:
+        val_mask, rule = None, "val_source"
+    elif data.val_fraction == 0:
+        val_mask, rule = None, "no validation split (data.val_fraction=0)"
+    else:
+        n = source.count_documents()
+        if n < 2:
+            raise UserError(f"data.source={data.source} holds {n} example(s): a validation split needs at least 2; "
+                            "add examples, give a data.val_source, or set data.val_fraction=0")
+        val_mask = _val_mask(n, data.val_fraction, data.seed)
+        rule = f"{int(val_mask.sum())} of {n} examples val, chosen with seed {data.seed}"
+    writers = {split: ExampleWriter(stage, split, data.shard_tokens) for split in ("train", "val")}
+    bar = progress_bar(desc=f"tokenizing {data.name}", unit="ex", smoothing=0.1, mininterval=1.0, delay=2.0)
+    try:
+        for batch in _batches(_split_rows(source, val_source, val_mask)):
+            examples = encode_examples([(row, where) for _, row, where in batch], data, tokenizer, num_threads)
+            for (split, _, where), (tokens, mask) in zip(batch, examples):
+                writers[split].write(tokens, mask, where)
+            bar.update(len(batch))
+        shards = {split: w.close() for split, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        bar.close()
+    counts = {split: sum(r["examples"] for r in records) for split, records in shards.items()}
+    return shards, counts, rule
+
+
+def _split_rows(source: Any, val_source: Optional[Any], val_mask: Optional[np.ndarray]
+                ) -> Iterator[tuple[str, Any, str]]:
+    for i, (row, where) in enumerate(source.rows()):
+        yield ("val" if val_mask is not None and val_mask[i] else "train"), row, where
+    if val_source is not None:
+        for row, where in val_source.rows():
+            yield "val", row, where
+
+
+def _batches(items: Iterator[tuple[str, Any, str]]) -> Iterator[list[tuple[str, Any, str]]]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == BATCH_ROWS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

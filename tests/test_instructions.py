@@ -1,0 +1,267 @@
+"""Instruction data (`data=instructions`): prompt/completion and chat rows become examples whose loss is on the
+completions only, checked against a brute-force per-example computation, through the loader, the trainer's
+gradient accumulation, DDP and the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+from test_train import TINY, compose, env, records, train
+
+EOT = 50256
+
+
+def rows() -> list[dict]:
+    """40 examples of varied lengths: prompt/completion pairs, some long, and chats."""
+    words = "the quick brown fox jumps over the lazy dog and then it sleeps under a tree".split()
+    out = []
+    for i in range(34):
+        prompt = " ".join(words[: 2 + i % 7]) + f" ({i})?\nA:"
+        completion = " " + " ".join(words[i % 5 : i % 5 + 1 + (i * 7) % 11]) * (1 + (i % 6 == 0) * 4)
+        out.append({"prompt": prompt, "completion": completion})
+    for i in range(6):
+        out.append({"messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"question {i}"},
+            {"role": "assistant", "content": f"answer {i}"},
+            {"role": "user", "content": "and then?"},
+            {"role": "assistant", "content": " ".join(words[: 3 + i])},
+        ]})  # fmt: skip
+    return out
+
+
+def write_jsonl(path: Path, items: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in items))
+    return path
+
+
+def prepare(root: Path, source: Path, **overrides):
+    from gpt2.config import DataConfig
+    from gpt2.data.prepare import prepare as prepare_data
+
+    data = DataConfig(name="sft", builder="instructions", source=str(source), **overrides)
+    return prepare_data(data, data_root=root, overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sft")
+    return prepare(root, write_jsonl(root / "train.jsonl", rows()))
+
+
+def tiny_model(block_size: int = 32):
+    from gpt2.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=50257))
+
+
+def examples_of(ds, split: str = "train") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every example of a split as (tokens, target mask), read straight from the shards and masks."""
+    from gpt2.data.instructions import START, TARGET
+
+    out = []
+    for shard in ds.shards(split):
+        tokens, mask = np.asarray(ds.tokens(shard)), np.asarray(ds.mask(shard))
+        starts = np.flatnonzero(mask & START).tolist() + [len(tokens)]
+        out += [(tokens[a:b].astype(np.int64), (mask[a:b] & TARGET) > 0) for a, b in zip(starts, starts[1:])]
+    return out
+
+
+def brute_force_loss(model, examples, block_size: int) -> torch.Tensor:
+    """Sum of the next-token losses on every target token of every example, each run alone and unpadded (cut
+    to block_size + 1 tokens), divided by the number of targets."""
+    total, count = 0.0, 0
+    for tokens, target in examples:
+        tokens, target = torch.from_numpy(tokens[: block_size + 1]), torch.from_numpy(target[: block_size + 1])
+        logits, _ = model(tokens[None, :-1])
+        losses = F.cross_entropy(logits[0, :, :50257], tokens[1:], reduction="none")
+        total = total + losses[target[1:]].sum()
+        count += int(target[1:].sum())
+    return total / count
+
+
+def test_prepare_renders_pairs_and_chats_with_masks_on_the_completions(sft_data):
+    from gpt2.data import open_dataset
+    from gpt2.tokenizer import GPT2Tokenizer
+
+    tok = GPT2Tokenizer()
+    ds = open_dataset(str(sft_data))
+    meta = json.loads((sft_data / "meta.json").read_text())
+    assert meta["examples"] is True and ds.has_examples
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
+    found = {tok.decode(t.tolist()): tok.decode(t[m].tolist()) for t, m in examples_of(ds) + examples_of(ds, "val")}
+    for row in rows()[:34]:  # prompt + completion + end-of-text; the loss on the completion and end-of-text
+        text = row["prompt"] + row["completion"] + "<|endoftext|>"
+        assert found[text] == row["completion"] + "<|endoftext|>"
+    chat = ("Be brief.\n\nUser: question 0\nAssistant: answer 0<|endoftext|>User: and then?\nAssistant: the quick "
+            "brown<|endoftext|>")
+    assert found[chat] == " answer 0<|endoftext|> the quick brown<|endoftext|>"
+    # Each piece is tokenized alone: the tokens are exactly the pieces' tokens, concatenated.
+    t, m = next((t, m) for t, m in examples_of(ds) + examples_of(ds, "val") if tok.decode(t.tolist()) == chat)
+    pieces = ["Be brief.\n\n", "User: question 0\nAssistant:", " answer 0", "User: and then?\nAssistant:", " the quick brown"]
+    expected = [tok.encode(pieces[0]) + tok.encode(pieces[1]), tok.encode(pieces[2]) + [EOT], tok.encode(pieces[3]),
+                tok.encode(pieces[4]) + [EOT]]  # fmt: skip
+    assert t.tolist() == sum(expected, [])
+    assert m.tolist() == sum(([i % 2 == 1] * len(e) for i, e in enumerate(expected)), [])
+
+
+def test_masked_loss_equals_brute_force_per_example(sft_data):
+    """Batches of examples (padded, some cut to block_size + 1 tokens) give the loss of a brute-force pass over
+    each example alone, on its completion tokens only: in the chunked training loss and in the logits path."""
+    from gpt2.data import TokenLoader, open_dataset
+
+    T = 24
+    ds = open_dataset(str(sft_data))
+    loader = TokenLoader(ds, "train", batch_size=8, block_size=T, order="epoch", seed=3)
+    assert loader.sequences.truncated > 0  # some examples are longer than T + 1 tokens
+    model = tiny_model(T)
+    every = examples_of(ds)
+    for k in range(3):
+        ids = loader.global_batch(k)
+        x, y = loader.next_batch()
+        assert x.shape == y.shape == (8, T)
+        expected = brute_force_loss(model, [every[i] for i in ids.tolist()], T)
+        _, chunked = model(x, y, return_logits=False)
+        _, plain = model(x, y)
+        torch.testing.assert_close(chunked, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain, expected, atol=1e-5, rtol=1e-5)
+        assert loader.sequences.targets(ids) == int((y != -1).sum())
+
+
+def test_a_step_averages_over_every_target_of_its_global_batch(sft_data, tmp_path):
+    """With gradient accumulation the micro-batches hold different numbers of targets: the step's gradient is
+    that of the mean over all the step's targets (not the mean of the micro-batch means)."""
+    from gpt2.config import TrainRunConfig, to_object
+    from gpt2.distributed import DistInfo
+    from gpt2.model import GPT
+    from gpt2.training import Trainer
+
+    cfg = to_object(compose(f"data.name={sft_data}", f"out_dir={tmp_path / 'run'}", *TINY, "model.block_size=24",
+                            "train.grad_accum_steps=2", "model.dropout=0"), TrainRunConfig)  # fmt: skip
+    trainer = Trainer(cfg, DistInfo())
+    reference = GPT.from_state_dict(trainer.model.config, trainer.model.state_dict())
+    every = examples_of(trainer.ds)
+    ids = np.concatenate([trainer.loader.global_batch(0), trainer.loader.global_batch(1)])
+    weights = trainer.loader.micro_batch_weights(2)
+    assert weights[0] != weights[1]  # the case where averaging micro-batch means would be wrong
+    loss = trainer._accumulate_gradients()
+
+    expected = brute_force_loss(reference, [every[i] for i in ids.tolist()], 24)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), atol=1e-5, rtol=1e-5)
+    ours = dict(trainer.model.named_parameters())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(ours[name].grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "Q?"}, r"rows.jsonl:2: an example needs 'prompt' and 'completion' fields or a 'messages' list "
+                       r"\(keys: prompt\)"),
+    ({"prompt": "Q?", "completion": ""}, r"rows.jsonl:2: the completion \('completion'\) is empty"),
+    ({"prompt": "Q?", "completion": 3}, r"rows.jsonl:2: field 'completion' is int, not text"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, r"rows.jsonl:2: 'messages' has no assistant message"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, r"rows.jsonl:2: messages\[0\] must be"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}]},
+     r"rows.jsonl:2: messages\[1\] is a system message; only the first"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+     r"rows.jsonl:2: messages\[1\] is an empty assistant reply"),
+    ({"messages": "hello"}, r"rows.jsonl:2: 'messages' must be a non-empty list"),
+])  # fmt: skip
+def test_bad_rows_are_one_error_naming_the_row_and_nothing_is_written(tmp_path, row, message):
+    from gpt2.errors import UserError
+
+    source = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a", "completion": " b"}, row, *rows()[:5]])
+    with pytest.raises(UserError, match=message):
+        prepare(tmp_path, source)
+    assert not (tmp_path / "sft").exists() or not any((tmp_path / "sft").iterdir())
+
+
+def test_other_bad_input_is_one_error(tmp_path):
+    from gpt2.config import DataConfig
+    from gpt2.errors import UserError
+
+    text = tmp_path / "notes.txt"
+    text.write_text("just text\n")
+    with pytest.raises(UserError, match=r"notes.txt is a text file, not rows: instruction data comes from .jsonl"):
+        prepare(tmp_path, text)
+    with pytest.raises(UserError, match="holds 1 example\\(s\\): a validation split needs at least 2"):
+        prepare(tmp_path, write_jsonl(tmp_path / "one.jsonl", rows()[:1]))
+    with pytest.raises(UserError, match="data.builder=instructions needs data.tokenizer=gpt2"):
+        DataConfig(builder="instructions", tokenizer="char")
+    # Field names are configurable.
+    renamed = [{"q": r["prompt"], "a": r["completion"]} for r in rows()[:10]]
+    out = prepare(tmp_path, write_jsonl(tmp_path / "qa.jsonl", renamed), prompt_field="q", completion_field="a")
+    assert json.loads((out / "meta.json").read_text())["splits"]["train"]["documents"] == 9
+
+
+def test_examples_never_span_two_shards(tmp_path):
+    """Small shards: each example lies whole in one shard, the masks line up with their shards, and every
+    example is read back."""
+    from gpt2.config import MIN_SHARD_TOKENS
+    from gpt2.data import open_dataset
+
+    many = rows() * 40  # ~1600 examples, several shards of MIN_SHARD_TOKENS tokens
+    out = prepare(tmp_path, write_jsonl(tmp_path / "many.jsonl", many), shard_tokens=MIN_SHARD_TOKENS)
+    ds = open_dataset(str(out))
+    assert len(ds.shards("train")) > 2
+    from gpt2.data.instructions import START
+
+    for shard in ds.shards("train"):
+        assert ds.mask(shard)[0] & START  # each shard starts with an example
+    assert len(examples_of(ds)) + len(examples_of(ds, "val")) == len(many)
+    # A corrupt mask is named.
+    mask_path = ds.shards("train")[0].mask_path
+    np.save(mask_path, np.zeros(3, dtype=np.uint8))
+    from gpt2.errors import UserError
+
+    with pytest.raises(UserError, match=f"loss mask {mask_path} holds"):
+        open_dataset(str(out))
+
+
+def test_cli_prepares_trains_by_epochs_and_samples(tmp_path):
+    """The README's instruction fine-tuning commands, end to end on a tiny model: prepare, train one epoch in
+    the epoch order, sample from the run."""
+    source = write_jsonl(tmp_path / "chat.jsonl", rows())
+    p = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "data=instructions", "data.name=chat",
+                        f"data.source={source}"], cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "36 train and 4 val examples" in p.stdout
+    out = tmp_path / "out"
+    run = train(["data.name=chat", f"out_dir={out}", *TINY, "model.block_size=24", "data.order=epoch",
+                 "train.epochs=1", "train.eval_interval=5"], tmp_path)  # fmt: skip
+    assert "an epoch (36 examples) is 9.0 steps" in run.stdout
+    assert "are longer than block_size + 1 = 25 tokens and are cut to it" in run.stdout
+    assert records(out)[-1]["step"] == 9
+    sample = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"checkpoint={out}", "prompt=User: hi\nAssistant:",
+                             "max_new_tokens=5", "device=cpu"], cwd=tmp_path, capture_output=True, text=True,
+                            env=env(), timeout=120)  # fmt: skip
+    assert sample.returncode == 0, sample.stderr[-2000:]
+
+    bad = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "data=instructions", "data.name=bad",
+                          f"data.source={write_jsonl(tmp_path / 'bad.jsonl', [rows()[0], {'text': 'x'}])}"], cwd=tmp_path,
+                         capture_output=True, text=True, env=env(), timeout=120)  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "bad.jsonl:2: an example needs 'prompt'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_on_instruction_data(sft_data, tmp_path):
+    """DDP with gradient accumulation on examples with different numbers of targets: every rank weighs its
+    micro-batches by the global target count, so the loss curve is the single process's."""
+    from test_train_distributed import curve, torchrun
+
+    args = [f"data.name={sft_data}", *TINY, "model.block_size=24", "train.grad_accum_steps=2", "train.max_iters=6",
+            "train.eval_interval=3", "train.eval_iters=3"]  # fmt: skip
+    train([*args, f"out_dir={tmp_path / 'one'}"], tmp_path)
+    torchrun([*args, f"out_dir={tmp_path / 'two'}"], tmp_path)
+    assert curve(tmp_path / "two") == pytest.approx(curve(tmp_path / "one"), abs=1e-5, rel=0)
