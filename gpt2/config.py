@@ -448,7 +448,7 @@ class ExportConfig:
     """The folder to write; it must not exist yet or be empty, unless overwrite=true."""
     format: str = "hf"
     """hf: a Hugging Face GPT-2 folder (config.json, model.safetensors and the tokenizer files; a LoRA run
-    merged); peft: a LoRA run's adapters in PEFT's format."""
+    merged); peft: a LoRA run's adapters in PEFT's format; gguf: out_dir/model.gguf for llama.cpp."""
     dtype: str = "float32"
     """Weights in the export: float32, bfloat16 or float16."""
     overwrite: bool = False
@@ -459,7 +459,7 @@ class ExportConfig:
             raise UserError("no run to export: pass checkpoint=<run dir or .pt>")
         if not self.out_dir:
             raise UserError("no out_dir: pass out_dir=<folder to write the export to>")
-        check_choice("format", self.format, ("hf", "peft"))
+        check_choice("format", self.format, ("hf", "peft", "gguf"))
         check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
 

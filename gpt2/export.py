@@ -7,6 +7,10 @@
 - `format=peft`: a LoRA run's adapters alone in PEFT's layout (adapter_config.json, adapter_model.safetensors),
   for `peft.PeftModel.from_pretrained(<its base as a transformers GPT2LMHeadModel>, out_dir)`. Hugging Face GPT-2
   keeps these layers as Conv1D, which PEFT adapts with the same A (r, in) and B (out, r) as ours.
+- `format=gguf`: `out_dir/model.gguf` for llama.cpp (`llama-cli -m`, llama-cpp-python, Ollama), written with
+  the `gguf` package in llama.cpp's `gpt2` layout (its convert_hf_to_gguf.py's tensor names, the GPT-2 BPE
+  vocabulary and merges, end-of-text as BOS/EOS; a LoRA run merged). `dtype=float16` halves the file (1-D
+  tensors stay fp32, as llama.cpp's converter does); `float32` reproduces our greedy tokens exactly.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ def run(cfg: Any) -> Path:
     if cfg.format == "peft":
         return write_peft_adapter(cfg.checkpoint, out, getattr(torch, cfg.dtype))
     model, tokenizer, _ = load_model(cfg.checkpoint, "cpu")
+    if cfg.format == "gguf":
+        return write_gguf(model, tokenizer, out, getattr(torch, cfg.dtype), name=Path(cfg.checkpoint).stem)
     save_pretrained(model, out, dtype=getattr(torch, cfg.dtype))
     if tokenizer.name == "gpt2":
         write_gpt2_tokenizer(out, model.config.block_size)
@@ -90,6 +96,90 @@ def write_peft_adapter(run: str, out: Path, dtype: torch.dtype) -> Path:
     print(f"exported the LoRA adapters of {run} to {out}: peft.PeftModel.from_pretrained(<{config['init_from']} as a "
           f"GPT2LMHeadModel>, \"{out}\")")  # fmt: skip
     return out
+
+
+# HF GPT-2 key (as `gpt2.hf.state_dict_to_hf` writes it) -> llama.cpp's gpt2 tensor name.
+GGUF_NAMES = {
+    "transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+    "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
+    "ln_1.weight": "attn_norm.weight", "ln_1.bias": "attn_norm.bias",
+    "attn.c_attn.weight": "attn_qkv.weight", "attn.c_attn.bias": "attn_qkv.bias",
+    "attn.c_proj.weight": "attn_output.weight", "attn.c_proj.bias": "attn_output.bias",
+    "ln_2.weight": "ffn_norm.weight", "ln_2.bias": "ffn_norm.bias",
+    "mlp.c_fc.weight": "ffn_up.weight", "mlp.c_fc.bias": "ffn_up.bias",
+    "mlp.c_proj.weight": "ffn_down.weight", "mlp.c_proj.bias": "ffn_down.bias",
+}  # fmt: skip
+
+
+def gguf_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """The model's weights under llama.cpp's gpt2 names, as (out, in) matrices, the vocabulary unpadded; the
+    tied head is written as `output.weight` too, as llama.cpp's converter does."""
+    from gpt2.hf import CONV1D, state_dict_to_hf
+
+    out = {}
+    for key, t in state_dict_to_hf(model).items():
+        if key.startswith("transformer.h."):
+            layer, rest = key.removeprefix("transformer.h.").split(".", 1)
+            name = f"blk.{layer}.{GGUF_NAMES[rest]}"
+        else:
+            name = GGUF_NAMES[key]
+        out[name] = t.t().contiguous() if key.endswith(CONV1D) else t
+    out["output.weight"] = out["token_embd.weight"]
+    return out
+
+
+def write_gguf(model: Any, tokenizer: Any, out: Path, dtype: torch.dtype, name: str) -> Path:
+    """`out/model.gguf`: the model in llama.cpp's gpt2 architecture with the GPT-2 BPE tokenizer."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("format=gguf needs the gguf package: pip install gguf") from None
+    if tokenizer.name != "gpt2":
+        raise UserError(f"format=gguf needs a GPT-2 BPE model: this run's {tokenizer.name} vocabulary has no "
+                        "llama.cpp tokenizer; use format=hf")  # fmt: skip
+    if dtype == torch.bfloat16:
+        raise UserError("format=gguf writes dtype=float32 or float16; llama.cpp's bf16 support varies by build")
+    config = model.config
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.gguf"
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), "gpt2")
+    writer.add_name(name)
+    writer.add_context_length(config.block_size)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_feed_forward_length(4 * config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_head_count(config.n_head)
+    writer.add_layer_norm_eps(1e-5)
+    half = dtype == torch.float16
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32)
+    _add_gpt2_vocab(writer, gguf)
+    for tensor_name, t in gguf_tensors(model).items():
+        writer.add_tensor(tensor_name, t.to(torch.float16 if half and t.dim() == 2 else torch.float32).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(path)
+    print(f"exported to {path}: llama-cli -m {path} -p \"...\", or llama_cpp.Llama(model_path=\"{path}\")")
+    return path
+
+
+def _add_gpt2_vocab(writer: Any, gguf: Any) -> None:
+    """OpenAI's BPE files as llama.cpp's `gpt2` tokenizer: tokens by id, merges, end-of-text as BOS and EOS."""
+    encoder = json.loads((GPT2_BPE_DIR / "encoder.json").read_text(encoding="utf-8"))
+    tokens = sorted(encoder, key=encoder.get)
+    assert [encoder[t] for t in tokens] == list(range(len(tokens)))
+    merges = [line for line in (GPT2_BPE_DIR / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line]
+    types = [gguf.TokenType.CONTROL if t == EOT else gguf.TokenType.NORMAL for t in tokens]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(encoder[EOT])
+    writer.add_eos_token_id(encoder[EOT])
+    writer.add_add_bos_token(False)
 
 
 def main() -> None:

@@ -81,3 +81,50 @@ def test_bad_input_is_one_line_and_nothing_is_overwritten(bpe_run, tmp_path):
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
     r = export(f"checkpoint={bpe_run}", f"out_dir={taken}", "overwrite=true")
     assert r.returncode == 0 and (taken / "notes.txt").read_text() == "mine" and (taken / "config.json").exists()
+
+
+@pytest.mark.slow  # needs llama-cpp-python, which builds llama.cpp from source (.ci/run installs it)
+def test_gguf_export_gives_llama_cpp_our_tokens_logits_and_greedy_text(tmp_path):
+    """A trained GPT-2 BPE run exported to GGUF: llama.cpp (through llama-cpp-python) tokenizes like us, computes
+    our logits and generates our greedy text; float16 is close."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+    from test_train import TINY, train
+
+    from gpt2.config import DataConfig
+    from gpt2.data.prepare import prepare
+
+    (tmp_path / "corpus.txt").write_text(TEXT * 40)
+    data = prepare(DataConfig(name="bpe", source=str(tmp_path / "corpus.txt")), data_root=tmp_path)
+    run_dir = tmp_path / "run"
+    train([f"data.name={data}", f"out_dir={run_dir}", *TINY, "train.max_iters=40", "train.eval_interval=40"], tmp_path)
+    for dtype in ("float32", "float16"):
+        r = export(f"checkpoint={run_dir}", f"out_dir={tmp_path / dtype}", "format=gguf", f"dtype={dtype}")
+        assert r.returncode == 0, r.stderr
+    prompt = "The meaning of life, said the café owner,"
+    ids = GPT2Tokenizer().encode(prompt)
+    model, _, _ = load_model(run_dir)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0, :, : model.config.vocab_size]
+    expected = sample_run(OmegaConf.create({"checkpoint": str(run_dir), "device": "cpu", "prompt": prompt,
+                                            "temperature": 0.0, "max_new_tokens": 12, "ignore_eot": True}))[0]  # fmt: skip
+    for dtype, atol in (("float32", 1e-3), ("float16", 5e-2)):
+        llm = llama_cpp.Llama(model_path=str(tmp_path / dtype / "model.gguf"), n_ctx=32, logits_all=True,
+                              verbose=False)  # fmt: skip
+        try:
+            assert llm.tokenize(prompt.encode(), add_bos=False) == ids
+            llm.eval(ids)
+            torch.testing.assert_close(torch.from_numpy(np.array(llm.scores[: len(ids)])), ours, atol=atol, rtol=0)
+            if dtype == "float32":
+                llm.reset()
+                greedy = []
+                for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+                    greedy.append(token)
+                    if len(greedy) == 12:
+                        break
+                assert expected.strip() and llm.detokenize(greedy).decode("utf-8", errors="replace") == expected
+        finally:
+            llm.close()
+    char_run = save_checkpoint(tmp_path / "char", CharTokenizer.from_text(TEXT))
+    r = export(f"checkpoint={char_run}", f"out_dir={tmp_path / 'c'}", "format=gguf")
+    assert r.returncode == 2 and "format=gguf needs a GPT-2 BPE model" in r.stderr
