@@ -86,7 +86,7 @@ def test_bad_input_is_one_line_and_nothing_is_overwritten(bpe_run, tmp_path):
 @pytest.mark.slow  # needs llama-cpp-python, which builds llama.cpp from source (.ci/run installs it)
 def test_gguf_export_gives_llama_cpp_our_tokens_logits_and_greedy_text(tmp_path):
     """A trained GPT-2 BPE run exported to GGUF: llama.cpp (through llama-cpp-python) tokenizes like us, computes
-    our logits and generates our greedy text; float16 is close."""
+    our logits (up to ggml's fp16 GELU table) and generates our greedy text; float16 is close."""
     llama_cpp = pytest.importorskip("llama_cpp")
     import numpy as np
     from test_train import TINY, train
@@ -97,32 +97,37 @@ def test_gguf_export_gives_llama_cpp_our_tokens_logits_and_greedy_text(tmp_path)
     (tmp_path / "corpus.txt").write_text(TEXT * 40)
     data = prepare(DataConfig(name="bpe", source=str(tmp_path / "corpus.txt")), data_root=tmp_path)
     run_dir = tmp_path / "run"
-    train([f"data.name={data}", f"out_dir={run_dir}", *TINY, "train.max_iters=40", "train.eval_interval=40"], tmp_path)
+    train([f"data.name={data}", f"out_dir={run_dir}", *TINY, "train.max_iters=300", "train.eval_interval=300", "optim.lr=1e-2"], tmp_path)
     for dtype in ("float32", "float16"):
         r = export(f"checkpoint={run_dir}", f"out_dir={tmp_path / dtype}", "format=gguf", f"dtype={dtype}")
         assert r.returncode == 0, r.stderr
-    prompt = "The meaning of life, said the café owner,"
+    prompt = "ROMEO:\nBut soft, what"
     ids = GPT2Tokenizer().encode(prompt)
     model, _, _ = load_model(run_dir)
+    V = model.config.vocab_size
     with torch.no_grad():
-        ours = model(torch.tensor([ids]))[0][0, :, : model.config.vocab_size]
-    expected = sample_run(OmegaConf.create({"checkpoint": str(run_dir), "device": "cpu", "prompt": prompt,
-                                            "temperature": 0.0, "max_new_tokens": 12, "ignore_eot": True}))[0]  # fmt: skip
-    for dtype, atol in (("float32", 1e-3), ("float16", 5e-2)):
+        ours = model(torch.tensor([ids]))[0][0, :, :V]
+        greedy = list(ids)  # our greedy continuation, token by token
+        for _ in range(12):
+            greedy.append(int(model(torch.tensor([greedy]))[0][0, -1, :V].argmax()))
+    expected = greedy[len(ids):]
+    assert len(set(expected)) > 3  # a trained model's text, not one token repeated
+    scale = float(ours.abs().max())
+    for dtype, tolerance in (("float32", 5e-4), ("float16", 2e-3)):  # of the largest logit (ggml: fp16 GELU table)
         llm = llama_cpp.Llama(model_path=str(tmp_path / dtype / "model.gguf"), n_ctx=32, logits_all=True,
-                              verbose=False)  # fmt: skip
+                              type_k=0, type_v=0, verbose=False)  # an fp32 KV cache (GGML_TYPE_F32) # fmt: skip
         try:
             assert llm.tokenize(prompt.encode(), add_bos=False) == ids
             llm.eval(ids)
-            torch.testing.assert_close(torch.from_numpy(np.array(llm.scores[: len(ids)])), ours, atol=atol, rtol=0)
+            theirs = torch.from_numpy(np.array(llm.scores[: len(ids)]))
+            torch.testing.assert_close(theirs, ours, atol=tolerance * scale, rtol=0)
             if dtype == "float32":
-                llm.reset()
-                greedy = []
+                theirs = []
                 for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
-                    greedy.append(token)
-                    if len(greedy) == 12:
+                    theirs.append(token)
+                    if len(theirs) == len(expected):
                         break
-                assert expected.strip() and llm.detokenize(greedy).decode("utf-8", errors="replace") == expected
+                assert theirs == expected
         finally:
             llm.close()
     char_run = save_checkpoint(tmp_path / "char", CharTokenizer.from_text(TEXT))
