@@ -49,7 +49,8 @@ def _chunked_loss(x, weight, targets, vocab_size, chunk, dtype, grads):
             grad[torch.arange(len(ts), device=ts.device), safe] -= 1.0  # d(sum of losses) / d(logits)
             grad = (grad * valid[:, None]).to(dtype)
             grad_x[start : start + chunk] = grad @ w
-            grad_w[:vocab_size] += (grad.t() @ xs).float()
+            if grad_w is not None:  # (None: a frozen head, as under LoRA: a third of the head's matmuls saved)
+                grad_w[:vocab_size] += (grad.t() @ xs).float()
     return total / (targets != -1).sum().clamp(min=1)  # (a batch without targets has loss 0)
 
 
@@ -57,7 +58,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size, chunk, dtype):  # type: ignore[override]
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # the padded rows stay 0
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # padded rows stay 0
         loss = _chunked_loss(x, weight, targets, vocab_size, chunk, dtype, grads=(grad_x, grad_w))
         ctx.save_for_backward(grad_x, grad_w, (targets != -1).sum().clamp(min=1))
         ctx.weight_dtype = weight.dtype
@@ -67,4 +70,5 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):  # type: ignore[override]
         grad_x, grad_w, count = ctx.saved_tensors
         scale = grad_loss / count
-        return grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None, None
+        weight_grad = None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype)
+        return grad_x * scale.to(grad_x.dtype), weight_grad, None, None, None, None

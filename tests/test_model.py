@@ -310,7 +310,7 @@ def _loss_and_grads(model: GPT, idx: torch.Tensor, targets: torch.Tensor, **kwar
     model.zero_grad(set_to_none=True)
     _, loss = model(idx, targets, **kwargs)
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("vocab_size", [100, 50257])
@@ -336,6 +336,13 @@ def test_chunked_loss_and_gradients_equal_the_logits_path(monkeypatch, vocab_siz
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
     assert grads["transformer.wte.weight"][vocab_size:].abs().max() == 0
+
+    # A frozen head and embedding (LoRA): their gradient is not computed; the others are the same.
+    model.transformer.wte.weight.requires_grad_(False)
+    _, frozen = _loss_and_grads(model, idx, targets, return_logits=False)
+    assert "transformer.wte.weight" not in {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in frozen.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_chunked_loss_under_bf16_autocast_matches_the_autocast_logits_path():
