@@ -250,31 +250,39 @@ class Checkpointer:
     tokenizer, resolved config). Adding a piece of resumable state is adding one entry. Every rank calls
     `save`: the components gather sharded or per-rank state; rank 0 writes.
 
-    Writes do not stall training: `save` copies the state to CPU memory (a snapshot that later steps cannot
-    change), then rank 0 writes it in a background thread while training goes on. One write at a time: the
-    next `save`, and `wait()` (at the end of a run, before a stop's exit), wait for the previous one and raise
-    its error, if any. The file is still written atomically, so a kill mid-write leaves the previous one.
+    With `background` (training on an accelerator), writes do not stall training: `save` copies the state to
+    CPU memory (a snapshot that later steps cannot change), then rank 0 writes it in a background thread while
+    training goes on. One write at a time: the next `save`, and `wait()` (at the end of a run, before a stop's
+    exit), wait for the previous one and raise its error, if any. Without it (training on the CPU, where the
+    state already is in CPU memory and a snapshot would double the run's footprint: 25 GB more for a full
+    gpt2-xl fine-tune) rank 0 writes the live state before `save` returns. Either way the file is written
+    atomically, so a kill mid-write leaves the previous one.
     """
 
     def __init__(self, out_dir: str | Path, components: dict[str, Stateful], counters: tuple[Stateful, ...],
-                 metadata: Callable[[], dict[str, Any]], is_main: bool) -> None:
+                 metadata: Callable[[], dict[str, Any]], is_main: bool, background: bool = True) -> None:
         self.path = Path(out_dir) / CKPT_NAME
         self.best_path = Path(out_dir) / BEST_NAME
         self.components, self.counters, self.metadata, self.is_main = components, counters, metadata, is_main
+        self.background = background
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def save(self, best: bool = False) -> None:
-        """Snapshot the state and write it to ckpt.pt in the background; with `best`, best.pt then becomes a
-        hard link to it (a copy where links are unsupported)."""
+        """Write the state to ckpt.pt (from a snapshot, in the background, with `background`); with `best`,
+        best.pt then becomes a hard link to it (a copy where links are unsupported)."""
         state = {key: owner.state_dict() for key, owner in self.components.items()}
         for owner in self.counters:
             state.update(owner.state_dict())
         if self.is_main:
-            snapshot = _cpu_copy({**self.metadata(), **state})
             self.wait()
-            self._writer = threading.Thread(target=self._write, args=(snapshot, best), name="checkpoint-writer")
-            self._writer.start()
+            if self.background:
+                snapshot = _cpu_copy({**self.metadata(), **state})
+                self._writer = threading.Thread(target=self._write, args=(snapshot, best), name="checkpoint-writer")
+                self._writer.start()
+            else:
+                self._write({**self.metadata(), **state}, best)
+                self.wait()  # raise its error now
         distributed.barrier()
 
     def wait(self) -> None:

@@ -166,6 +166,7 @@ class Trainer:
             counters=(self.state, self.logger),
             metadata=self._run_metadata,
             is_main=info.is_main,
+            background=self.device.type != "cpu",  # (on the CPU a snapshot would double the run's memory)
         )  # fmt: skip
         self.flops_per_token = self.model.flops_per_token(self.block_size)
         self.peak_flops = peak_flops(self.device, self.dtype)

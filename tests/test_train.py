@@ -383,7 +383,8 @@ def test_a_training_step_never_waits_for_the_device(char_data, tmp_path, monkeyp
 
 def test_a_checkpoint_is_written_in_the_background_from_a_snapshot(tmp_path, monkeypatch):
     """Checkpointer.save returns before the write finishes; the file holds the state as it was at save time
-    (training goes on changing the live tensors); a failed write is raised by the next wait()."""
+    (training goes on changing the live tensors); a failed write is raised by the next wait(). Without
+    `background` (CPU training) it writes the live state, with no copy, before returning."""
     import time
 
     from gpt2 import checkpoint
@@ -421,6 +422,17 @@ def test_a_checkpoint_is_written_in_the_background_from_a_snapshot(tmp_path, mon
     writer.save()
     with pytest.raises(UserError, match="No space left"):
         writer.wait()
+
+    # Training on the CPU: no snapshot (it would double the run's memory); written before save returns.
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    monkeypatch.setattr(checkpoint, "_cpu_copy", lambda obj: pytest.fail("a snapshot of CPU state"))
+    writer = checkpoint.Checkpointer(tmp_path, {"model": Owner()}, (), lambda: {"model_config": {}}, is_main=True,
+                                     background=False)  # fmt: skip
+    writer.save()
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]["w"].sum() == 3
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    with pytest.raises(UserError, match="No space left"):
+        writer.save()
 
 
 def test_bad_inputs_fail_with_one_line(char_data, tmp_path):
