@@ -415,14 +415,15 @@ class Trainer:
             return GPT(config)
 
     def _adapt(self, model: GPT) -> None:
-        """LoRA: freeze the model and add adapters; the frozen Linear weights are kept in bf16 when training in
-        bf16 (half the memory of the base), the adapters in fp32."""
+        """LoRA: freeze the model and add adapters; the frozen Linear weights are kept in the training dtype when
+        it is bf16 or fp16 (half the memory of the base: they get no gradients, so the GradScaler never sees
+        them), the adapters in fp32."""
         lora = self.cfg.lora
         adapted = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
-        if self.dtype == torch.bfloat16:
+        if self.dtype in (torch.bfloat16, torch.float16):
             for module in model.modules():
                 if isinstance(module, nn.Linear) and module is not model.lm_head:
-                    module.weight.data = module.weight.data.to(torch.bfloat16)
+                    module.weight.data = module.weight.data.to(self.dtype)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print0(f"LoRA rank {lora.rank} on {len(adapted)} layers: {trainable:,} trainable parameters "
                f"({100 * trainable / sum(p.numel() for p in model.parameters()):.2f}%)")

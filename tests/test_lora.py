@@ -143,3 +143,23 @@ def test_lora_run_from_an_hf_base_exports_to_peft_and_merged_hf_with_our_logits(
            "train.eval_interval=1", "train.eval_iters=1", "device=cpu", "dtype=float32", "compile=false"], tmp_path)
     with pytest.raises(UserError, match="format=peft exports LoRA adapters"):
         export(OmegaConf.create({"checkpoint": str(full), "out_dir": str(tmp_path / "x"), "format": "peft"}))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_run_keeps_the_frozen_base_in_that_dtype_and_the_adapters_in_fp32(char_data, base_run,
+                                                                                           tmp_path, dtype, monkeypatch):
+    from test_train import compose
+
+    import gpt2.training
+    from gpt2.config import TrainRunConfig, to_object
+    from gpt2.distributed import DistInfo
+    from gpt2.training import Trainer
+
+    monkeypatch.setattr(gpt2.training, "resolve_dtype", lambda *_: getattr(torch, dtype))  # (fp16: a GPU's, e.g. a T4)
+    overrides = [*TINY, *LORA, f"init_from={base_run}", f"dtype={dtype}"]
+    trainer = Trainer(to_object(compose(f"data.name={char_data}", f"out_dir={tmp_path}", *overrides), TrainRunConfig),
+                      DistInfo())  # fmt: skip
+    attn = trainer.model.transformer.h[0].attn.c_attn
+    assert isinstance(attn, LoRALinear) and attn.weight.dtype == getattr(torch, dtype) and not attn.weight.requires_grad
+    assert attn.lora_A.dtype == attn.lora_B.dtype == torch.float32
+    assert {p.dtype for group in trainer.optimizers.param_groups for p in group["params"]} == {torch.float32}
