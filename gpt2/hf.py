@@ -178,7 +178,8 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: GPTConfig, source
     V, Vp = config.vocab_size, config.padded_vocab_size
     out = {}
     for hf_key, our_key in key_map.items():
-        t = hf_sd[hf_key].to(torch.float32)
+        hf_t = hf_sd.pop(hf_key)  # each HF tensor is freed once converted: the peak is one model, not two
+        t = hf_t.to(torch.float32)
         if hf_key.endswith(CONV1D):
             t = t.t()
         want = expected[our_key]
@@ -186,7 +187,7 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: GPTConfig, source
             want = torch.Size((V, want[1]))  # HF's vocab is unpadded
         if t.shape != want:
             raise UserError(
-                f"{source}: {hf_key} has shape {tuple(hf_sd[hf_key].shape)}, expected {tuple(want)} "
+                f"{source}: {hf_key} has shape {tuple(hf_t.shape)}, expected {tuple(want)} "
                 f"{'(transposed) ' if hf_key.endswith(CONV1D) else ''}for the sizes in its config.json"
             )
         if our_key == "transformer.wte.weight":

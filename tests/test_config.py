@@ -15,7 +15,7 @@ from gpt2.errors import UserError
 TRAIN_KEYS = """
 model.n_layer model.n_head model.n_embd model.block_size model.dropout model.bias
 data.name data.builder data.tokenizer data.source data.subset data.split data.val_source data.val_fraction
-data.extensions data.text_field data.shard_tokens data.num_proc data.seed data.order
+data.extensions data.text_field data.prompt_field data.completion_field data.messages_field data.shard_tokens data.num_proc data.seed data.order
 optim.name optim.lr optim.min_lr optim.weight_decay optim.beta1 optim.beta2 optim.warmup_iters optim.lr_decay_iters
 optim.schedule optim.decay_fraction optim.muon_lr optim.muon_momentum
 train.batch_size train.grad_accum_steps train.tokens_per_step train.max_iters train.epochs train.eval_interval
