@@ -280,8 +280,9 @@ class Trainer:
         self._clock = (time.perf_counter(), self.state.step)
 
     def _accumulate_gradients(self) -> torch.Tensor:
-        """Forward and backward over this rank's micro-batches; the gradients are of the mean loss over all
-        micro-steps of all ranks. Returns this rank's mean loss, on the device."""
+        """Forward and backward over this rank's micro-batches; the gradients are of the mean loss over every
+        target of the step's micro-batches on all ranks. Returns this rank's part of that loss times the number
+        of ranks (so that their mean is the loss), on the device."""
         loss_sum = torch.zeros((), device=self.device)
         for micro, weight in enumerate(self.loader.micro_batch_weights(self.accum)):
             x, y = self.loader.next_batch()
@@ -296,9 +297,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
-        """Mean loss over the targets of `eval_iters` fixed batches of each split (the same batches every eval), all ranks.
-        A single process gives up between batches when a stop signal came (None): a long eval must not outlast
-        a scheduler's grace period. (Ranks of a distributed run finish it together, then stop.)"""
+        """Mean loss over the targets of `eval_iters` fixed batches of each split (the same batches every eval),
+        all ranks. A single process gives up between batches when a stop signal came (None): a long eval must not
+        outlast a scheduler's grace period. (Ranks of a distributed run finish it together, then stop.)"""
         self.model.eval()
         out = {}
         for split in ("train", "val"):
