@@ -172,8 +172,8 @@ def write_examples(source: Any, val_source: Optional[Any], data: DataConfig, sta
     from gpt2.data.prepare import _val_mask
 
     tokenizer = GPT2Tokenizer()
-    for src in (source, val_source):
-        next(iter(src.rows()), None) if src is not None else None  # a text file is an error before any work
+    for src in (s for s in (source, val_source) if s is not None):
+        next(iter(src.rows()), None)  # a text file among the sources is an error before any work
     if val_source is not None:
         val_mask, rule = None, "val_source"
     elif data.val_fraction == 0:
