@@ -3,7 +3,8 @@
 - AdamW (Loshchilov & Hutter) with weight decay on >= 2-D weights only (matmul weights and embeddings), none
   on biases and LayerNorm gains, as nanoGPT; the fused CUDA kernel when on CUDA.
 - Muon (Jordan et al. 2024, `torch.optim.Muon`) for the 2-D matrices inside the transformer blocks, with AdamW
-  for everything else (embeddings / tied LM head, LayerNorms, biases), as modded-nanogpt.
+  for everything else (embeddings / tied LM head, LayerNorms, biases), as modded-nanogpt; its Newton-Schulz
+  iteration runs in fp32 where bf16 is not native (see `Muon`).
 - Schedules (`lr_at`): linear warmup, then cosine decay to min_lr (GPT-3 paper), or warmup-stable-decay
   (WSD, Hu et al. 2024 "MiniCPM": hold the peak, then decay linearly over the last `decay_fraction`).
 """
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from gpt2 import distributed
 from gpt2.config import OptimConfig
+from gpt2.device import resolve_dtype
 from gpt2.errors import UserError
 
 
@@ -105,6 +107,57 @@ class Optimizers:
                 group.update(values)
 
 
+class Muon(torch.optim.Muon):
+    """`torch.optim.Muon` with its Newton-Schulz iteration in `ns_dtype`. torch's always runs it in bf16, which is
+    what GPUs since Ampere and CPUs with AVX-512 bf16 want, but elsewhere bf16 matmuls are emulated: on the AVX2
+    sandbox the CPU recipe's step took 1,109 ms instead of 85. With `ns_dtype=torch.float32` the step is the same
+    algorithm (Nesterov momentum, quintic Newton-Schulz with torch's coefficients, lr scaled by
+    sqrt(max(1, rows/cols)), decoupled weight decay) and the same state, with the iteration in fp32 and batched
+    over the matrices of one shape (one per layer: 1.5x faster than one at a time for the CPU recipe)."""
+
+    def __init__(self, params: Any, *, ns_dtype: torch.dtype, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if self.ns_dtype == torch.bfloat16:
+            return super().step(closure)
+        assert closure is None, "the trainer never passes a closure"
+        for group in self.param_groups:
+            assert group["adjust_lr_fn"] in (None, "original"), "only torch's default lr adjustment is built"
+            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape.setdefault(p.shape, []).append(p)
+            for (rows, cols), params in by_shape.items():
+                updates = torch.stack([self._momentum_update(p, group) for p in params]).to(self.ns_dtype)
+                updates = orthogonalize(updates, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                for p, update in zip(params, updates):
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update, alpha=-group["lr"] * math.sqrt(max(1.0, rows / cols)))
+
+    def _momentum_update(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+
+def orthogonalize(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration (Jordan et al. 2024) on each matrix of g (n, rows, cols), in g's
+    dtype: about U V^T for each matrix U S V^T."""
+    a, b, c = coefficients
+    tall = g.size(1) > g.size(2)
+    x = g.mT if tall else g
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
 def _adamw(groups: list[dict[str, Any]], cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda" or None
@@ -118,11 +171,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> Opt
         hidden = [p for n, p in params if p.dim() == 2 and ".h." in f".{n}"]
         hidden_ids = {id(p) for p in hidden}
         rest = [(n, p) for n, p in params if id(p) not in hidden_ids]
-        muon = torch.optim.Muon(
+        fast_bf16 = resolve_dtype("auto", torch.device(device_type)) == torch.bfloat16
+        muon = Muon(
             [{"params": hidden, "base_lr": cfg.muon_lr}],
             lr=cfg.muon_lr,
             weight_decay=cfg.weight_decay,
             momentum=cfg.muon_momentum,
+            ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32,
         )
         adamw = _adamw(_decay_groups(rest, cfg), cfg, device_type)
         return Optimizers([muon, adamw], model)

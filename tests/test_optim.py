@@ -10,7 +10,8 @@ import torch
 from gpt2.config import OptimConfig
 from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
-from gpt2.optim import build_optimizer, lr_at, set_lr
+from gpt2 import optim
+from gpt2.optim import Muon, build_optimizer, lr_at, set_lr
 
 
 def tiny_model(seed: int = 0) -> GPT:
@@ -94,6 +95,44 @@ def test_muon_splits_hidden_matrices_and_trains():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_in_fp32_steps_like_torchs_muon_run_in_fp32(monkeypatch, nesterov):
+    """The fp32 path equals torch.optim.Muon's own code with its bf16 cast made a no-op (tall and wide matrices,
+    momentum, weight decay, several steps), and stays within bf16 rounding of torch's real (bf16) Muon."""
+    torch.manual_seed(0)
+    start = [torch.randn(48, 16), torch.randn(16, 40)]
+    grads = [[torch.randn_like(w) for w in start] for _ in range(4)]
+
+    def run(make):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = make(params)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        return params
+
+    kwargs = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov)
+    ours = run(lambda ps: Muon(ps, ns_dtype=torch.float32, **kwargs))
+    torchs_bf16 = run(lambda ps: torch.optim.Muon(ps, **kwargs))
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "bfloat16", lambda self, *a, **k: self.clone())
+        torchs_fp32 = run(lambda ps: torch.optim.Muon(ps, **kwargs))
+    for a, b, c, w in zip(ours, torchs_fp32, torchs_bf16, start):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert (a - c).norm() < 0.02 * (c - w).norm()
+
+
+@pytest.mark.parametrize("auto_dtype, ns_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                                  (torch.float16, torch.float32)])  # fmt: skip
+def test_muon_orthogonalizes_in_bf16_only_where_the_device_has_native_bf16(monkeypatch, auto_dtype, ns_dtype):
+    """torch's Muon casts to bf16 always; on an AVX2 CPU or a T4 that is emulated (13x slower step)."""
+    monkeypatch.setattr(optim, "resolve_dtype", lambda name, device: auto_dtype)
+    muon = build_optimizer(tiny_model(), OptimConfig(name="muon"), "cpu").optimizers[0]
+    assert muon.ns_dtype == ns_dtype
 
 
 def test_set_lr_scales_muon_groups_by_the_same_factor():
