@@ -15,8 +15,13 @@ For batch 1 and 8, a prompt of 4 tokens and `--new-tokens` new ones (sampling: t
   to it since its contexts are shorter);
 - `transformers generate`: `GPT2LMHeadModel.generate` on the same weights, exported with `gpt2.hf.save_pretrained`
   and loaded with `from_pretrained`.
-Engines run round-robin `--reps` times and the best tokens/s is kept (the machine is shared). Prints a markdown
-table and appends it to BENCHMARKS.md unless --no-append.
+Engines run round-robin `--reps` times and the best tokens/s is kept (the machine is shared). Each KV-cache row
+also gets its weight stream: one decode step reads every weight once (the ~124M parameters except the position
+table), so GB/s = steps/s x weight bytes, against this machine's copy bandwidth measured at the start (read +
+write bytes of a 256 MB `copy_`, best of 5): the limit of one-row decoding. Prints a markdown table and appends
+it to BENCHMARKS.md unless --no-append. The batch-1 fp32 engine and transformers are also profiled (64 tokens,
+torch.profiler, fastest of 3 alternating runs): the share of their time in matrix products (aten::addmm /
+aten::mm), the GB/s those stream, and the ratio to transformers an engine with no work outside them would reach.
 
 --ragged instead: `--prompts` prompts of 4 to 64 tokens, greedy, `--new-tokens` each, generated in batches of
 each of `--batch-sizes`: our engine (each row its own positions, no padding) against transformers' batched
@@ -133,6 +138,37 @@ def ragged(args, ours: GPT, hf_model) -> str:
     )
 
 
+def weight_bytes(model: GPT) -> int:
+    """Bytes one decode step reads: every parameter once (tied ones once), but one row of the position table."""
+    wpe = model.transformer.wpe.weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not wpe)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s read + written by the best of 5 copies of 256 MB (the memory-bandwidth roof of decoding)."""
+    src = torch.ones(64 * 2**20)
+    dst = torch.empty_like(src)
+    best = min(timed_once(lambda: dst.copy_(src)) for _ in range(5))
+    return 2 * src.numel() * src.element_size() / best
+
+
+def timed_once(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def matmul_profile(run: Callable[[], int]) -> tuple[float, float]:
+    """(seconds, of which in aten::addmm / aten::mm) of one `run`, under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    events = prof.key_averages()  # self times, in microseconds
+    total = sum(e.self_cpu_time_total for e in events)
+    return total / 1e6, sum(e.self_cpu_time_total for e in events if e.key in ("aten::addmm", "aten::mm")) / 1e6
+
+
 def timed(fn: Callable[[], int]) -> float:
     t0 = time.perf_counter()
     tokens = fn()
@@ -176,12 +212,13 @@ def main() -> None:
     fast_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     ours_bf16 = use_decode_layout(copy.deepcopy(plain).to(torch.bfloat16)) if fast_bf16 else None
     load = os.getloadavg()[0]
+    bandwidth = copy_bandwidth()
 
     rows = []
     for B in (int(b) for b in args.batch_sizes.split(",")):
         idx = torch.randint(0, 50257, (B, 4), generator=torch.Generator().manual_seed(B))
         n, nc = args.new_tokens, args.nocache_tokens
-        cases: list[tuple[str, str, int, Callable[[], int]]] = [
+        cases: list[tuple[str, str, int, Callable[[], int]]] = [  # (name, dtype, new tokens, run)
             ("gpt2 engine (KV cache)", "float32", n, lambda: engine(ours, idx, n)),
             ("no KV cache (full forward per token)", "float32", nc, lambda: no_cache(ours, idx, nc)),
             ("transformers generate", "float32", n, lambda: hf_generate(hf_model, idx, n)),
@@ -204,16 +241,33 @@ def main() -> None:
                 print(f"batch {B} rep {rep}: {name}: {best[name]:.1f} tok/s", flush=True)
         hf = best["transformers generate"]
         for name, dtype, tokens, _ in cases:
-            rows.append(f"| {B} | {name} | {dtype} | {tokens} | {best[name]:.1f} | {best[name] / hf:.2f}x |")
+            stream = "" if name.startswith("no KV cache") else (
+                f"{best[name] / B * weight_bytes(ours_bf16 if dtype == 'bfloat16' else ours) / 1e9:.1f}")
+            share = f"{float(stream) * 1e9 / bandwidth:.0%}" if stream else ""
+            rows.append(f"| {B} | {name} | {dtype} | {tokens} | {best[name]:.1f} | {best[name] / hf:.2f}x | "
+                        f"{stream} | {share} |")  # fmt: skip
 
+    # Batch 1, fp32, 64 tokens: n forwards (prefill, then n - 1 decode steps) each read every weight once.
+    idx, n = torch.randint(0, 50257, (1, 4), generator=torch.Generator().manual_seed(1)), 64
+    runs = [(matmul_profile(lambda: engine(ours, idx, n)), matmul_profile(lambda: hf_generate(hf_model, idx, n)))
+            for _ in range(3)]  # alternating; the fastest of each
+    (ours_s, ours_mm), (hf_s, hf_mm) = min(r[0] for r in runs), min(r[1] for r in runs)
+    profiled = (f"Profiled at batch 1 in fp32 (64 tokens): the engine spends {ours_mm / ours_s:.0%} of its time in "
+                f"matrix products (aten::addmm/mm), which stream the weights at "
+                f"{n * weight_bytes(ours) / ours_mm / 1e9:.1f} GB/s, transformers {hf_mm / hf_s:.0%}; an engine doing "
+                f"nothing but these products would be {hf_s / ours_mm:.2f}x transformers.")  # fmt: skip
+    print(profiled)
     header = (
         f"## Sampling speed ({datetime.date.today()})\n\n"
         f"`python bench/sample.py --new-tokens {args.new_tokens} --nocache-tokens {args.nocache_tokens} "
         f"--reps {args.reps}{f' --threads {args.threads}' if args.threads else ''}` on 2-core x86 CPU sandbox ({platform.machine()}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads (load average {load:.1f} at start: the machine is shared, so compare "
         "rows of one table). GPT-2 124M shape, random weights, prompt of 4 tokens, sampling with temperature 1 "
-        "and top_k 200; tokens/s = new tokens x batch / wall time, best of the round-robin repetitions.\n\n"
-        "| batch | engine | dtype | new tokens | tokens/s | vs transformers |\n|---:|---|---|---:|---:|---:|\n"
+        f"and top_k 200; tokens/s = new tokens x batch / wall time, best of the round-robin repetitions. Weight "
+        f"stream = decode steps/s x weight bytes ({weight_bytes(ours) / 1e6:.0f} MB in fp32); copy bandwidth "
+        f"measured at the start: {bandwidth / 1e9:.1f} GB/s. {profiled}\n\n"
+        "| batch | engine | dtype | new tokens | tokens/s | vs transformers | weight stream GB/s | of copy bandwidth |\n"
+        "|---:|---|---|---:|---:|---:|---:|---:|\n"
     )
     table = header + "\n".join(rows) + "\n"
     print("\n" + table)
