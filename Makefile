@@ -33,7 +33,7 @@ demo: install
 	$(PY) sample.py checkpoint=out/shakespeare_char_cpu prompt="ROMEO:" num_samples=2 max_new_tokens=300
 
 # The test command (README, CI): everything but the tests marked slow (about 9 minutes on 2 CPU cores).
-# CI also runs `make test-slow` (multi-process, compile, packaging, GGUF and end-to-end demo runs: about 7 minutes).
+# CI also runs `make test-slow` (multi-process, compile, packaging, GGUF, half-precision LoRA and end-to-end demo runs: about 8 minutes).
 test: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 

@@ -145,6 +145,7 @@ def test_lora_run_from_an_hf_base_exports_to_peft_and_merged_hf_with_our_logits(
         export(OmegaConf.create({"checkpoint": str(full), "out_dir": str(tmp_path / "x"), "format": "peft"}))
 
 
+@pytest.mark.slow  # ~30 s each: half precision is emulated on CPUs without native bf16 / fp16 matmuls
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_a_half_precision_run_keeps_the_frozen_base_in_that_dtype_and_the_adapters_in_fp32(char_data, base_run,
                                                                                            tmp_path, dtype, monkeypatch):
