@@ -120,7 +120,7 @@ class Muon(torch.optim.Muon):
         self.ns_dtype = ns_dtype
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
+    def step(self, closure: Any = None) -> Any:
         if self.ns_dtype == torch.bfloat16:
             return super().step(closure)
         assert closure is None, "the trainer never passes a closure"
