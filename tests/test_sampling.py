@@ -142,6 +142,27 @@ def test_cached_equals_uncached_greedy_including_sliding_window():
     assert len(set(cached[0].tolist())) > 3  # a real path, not one repeated token
 
 
+def test_passes_over_a_kv_cache_never_use_cudnn_attention(monkeypatch):
+    """cuDNN's attention builds a plan per key length: eager decoding on an H200 ran 10x slower with it. Prefill,
+    decode steps and window slides run with it disabled; a training forward leaves the backends as they were."""
+    import torch.nn.functional as F
+
+    enabled = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        enabled.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = tiny_model(block_size=16)
+    run(model, torch.zeros(1, 4, dtype=torch.long), 30)  # prefill, decode, and slides past block_size 16
+    assert len(enabled) > 30 * model.config.n_layer and not any(enabled)
+    enabled.clear()
+    model(torch.zeros(1, 4, dtype=torch.long))
+    assert enabled and all(enabled)
+
+
 def test_prompt_filling_the_context_slides_immediately():
     model = tiny_model(block_size=16)
     idx = torch.randint(0, 65, (1, 16), generator=torch.Generator().manual_seed(2))

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt2.model import GPT, KVCache
 from gpt2.sampling.logits import apply_repetition_penalty, sample_next_token
@@ -63,6 +64,13 @@ def decode_step(model: GPT, token: torch.Tensor, kv_cache: KVCache) -> torch.Ten
     """Feed one token per row, token (B, 1), at each row's next position. Returns next-token logits (B, V) fp32.
     This is the unit `torch.compile` compiles: with a static cache its shapes never change."""
     return model.last_logits(token, kv_cache)
+
+
+def cached_attention():
+    """The attention kernels for passes over a KV cache: any but cuDNN's, which builds an execution plan for each
+    new key length. On an H200 (torch 2.11) that made eager batch-1 decoding of GPT-2 124M 10x slower: 26 tokens/s,
+    against 270-350 with flash or memory-efficient attention (bench/gpu_check.py). Training is unaffected."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 DecodeFn = Callable[[GPT, torch.Tensor, KVCache], torch.Tensor]
@@ -118,7 +126,8 @@ class Batch:
         # Decode the rows up to the last active one only (rows start lowest-first), unless shapes must not change.
         used = len(rows) if self.cache.static else 1 + max((r for r, a in enumerate(self.active) if a), default=0)
         cache = self.cache if used == len(rows) else self.cache.rows(0, used)
-        return self.decode(self.model, token[:used, None], cache)
+        with cached_attention():
+            return self.decode(self.model, token[:used, None], cache)
 
     def _prefill(self, rows: list[int], idx: torch.Tensor) -> torch.Tensor:
         T = idx.size(1)
@@ -128,7 +137,8 @@ class Batch:
         cache.reset()
         for row, ids in zip(rows, idx.cpu()):
             self.tokens[row, :T], self.lengths[row], self.active[row] = ids, T, True
-        return self.model.last_logits(idx.to(self.cache.k.device), cache)
+        with cached_attention():
+            return self.model.last_logits(idx.to(self.cache.k.device), cache)
 
     def _slide(self, row: int) -> None:
         """Keep the last `window_size` - 1 tokens of a full row (the next one makes `window_size`)."""
@@ -138,7 +148,8 @@ class Batch:
         if keep:
             window = self.tokens[row, self.cache.max_len - keep :].clone()
             self.tokens[row, :keep] = window
-            self.model.hidden_states(window[None].to(self.cache.k.device), self.cache.rows(row, row + 1))
+            with cached_attention():
+                self.model.hidden_states(window[None].to(self.cache.k.device), self.cache.rows(row, row + 1))
             self.lengths[row] = keep
 
     def _set_length(self, row: int, length: int) -> None:
