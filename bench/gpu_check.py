@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -51,6 +52,8 @@ def train_run(tmp: Path, name: str, *overrides: str) -> tuple[Path, list[dict]]:
     out = tmp / name
     p = train([*RUN_124M, *overrides, f"out_dir={out}"], tmp)
     if p.returncode:
+        print(f"{name}: train.py exited with status {p.returncode}; the end of its stderr:\n{p.stderr[-3000:]}",
+              file=sys.stderr, flush=True)
         raise RunFailed((p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1])
     return out, records(out)
 
@@ -198,6 +201,7 @@ def main() -> None:
             try:
                 ok, details = check()
             except Exception as e:  # noqa: BLE001  (a check that crashes is a FAIL with its reason)
+                traceback.print_exc()
                 ok, details = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             verdict = "SKIP" if ok is None else "PASS" if ok else "FAIL"
             rows.append(f"| {name} | {verdict} | {details} ({time.perf_counter() - t0:.0f} s) |")
