@@ -10,6 +10,11 @@
 (b) The GPU recipe's shape (6 x 384, context 256, batch 64, dropout 0.2; `experiment=shakespeare_char`) on
     the CPU: ms per training step (mean over steps 3-6, fp32 and eager on both sides), tokens/s and the ratio.
 
+With --gpu (on a CUDA machine) it runs instead:
+(c) the GPU recipe as each README gives it (`config/train_shakespeare_char.py`; our `experiment=shakespeare_char`:
+    bf16, torch.compile, AdamW, evals every 250 steps) for --gpu-iters steps (lr decay over as many), one run
+    each: whole wall time, final val loss and the median ms per step after step 100.
+
 Both prepare tiny-shakespeare from the copy this package ships (nanoGPT's prepare.py downloads it otherwise).
 """
 
@@ -18,11 +23,14 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,18 +91,65 @@ def gpu_shape(nano: Path, work: Path) -> tuple[float, float]:
     return sum(nano_ms) / len(nano_ms), sum(our_ms) / len(our_ms)
 
 
+def gpu_recipe(nano: Path, work: Path, iters: int, logs: Path | None) -> dict[str, tuple[float, float, float]]:
+    """{run: (wall s, final val loss, median ms/step after step 100)} of nanoGPT's GPU recipe and ours, on CUDA;
+    each run's output goes to `logs` when given."""
+    nano_s, nano_out = timed([sys.executable, "train.py", "config/train_shakespeare_char.py", f"--max_iters={iters}",
+                              f"--lr_decay_iters={iters}"], nano)  # fmt: skip
+    nano_ms = [float(t) for i, t in re.findall(r"iter (\d+): loss [\d.]+, time (\d+\.\d+)ms", nano_out) if int(i) > 100]
+    args = ["experiment=shakespeare_char", f"train.max_iters={iters}", f"optim.lr_decay_iters={iters}"]
+    our_s, our_out = timed(ours([*args, f"out_dir={work / 'gpu'}"], work), work)
+    our_ms = [float(ms) for step, ms in re.findall(r"step (\d+) \| loss [^|]+\| lr [^|]+\| grad norm [^|]+\| "
+                                                    r"(\d+\.\d+) ms", our_out) if int(step) > 100]  # fmt: skip
+    if logs:
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / "nanogpt.log").write_text(nano_out)
+        (logs / "ours.log").write_text(our_out)
+    return {"nanoGPT": (nano_s, last_val_loss(nano_out), statistics.median(nano_ms)),
+            "ours": (our_s, last_val_loss(our_out), statistics.median(our_ms))}
+
+
+def gpu_main(nano: Path, iters: int, logs: Path | None, append: bool) -> None:
+    import report
+
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        timed([sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare_char", f"data_root={work / 'data'}"],
+              work)  # fmt: skip
+        runs = gpu_recipe(nano, work, iters, logs)
+    (ns, nv, nms), (os_, ov, oms) = runs["nanoGPT"], runs["ours"]
+    table = "\n".join(["| (c) GPU recipe | nanoGPT | ours | ratio (nanoGPT / ours) |", "|---|---|---|---|",
+                       f"| wall s, {iters} steps, evals included | {ns:.1f} | {os_:.1f} | {ns / os_:.2f}x |",
+                       f"| final val loss | {nv:.4f} | {ov:.4f} | |",
+                       f"| median ms/step after step 100 | {nms:.2f} | {oms:.2f} | {nms / oms:.2f}x |"])  # fmt: skip
+    print(table)
+    section = (f"{report.heading('Against nanoGPT on the GPU')}\n\n`{report.command_line()}` on "
+               f"{report.machine(torch.device('cuda'))}, nanoGPT at its checkout's HEAD; one run each, "
+               f"compilation included in the wall time.\n\n{table}\n")  # fmt: skip
+    if append:
+        report.append(section)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nanogpt", required=True, type=Path, help="a nanoGPT checkout (train.py, config/, data/)")
     p.add_argument("--pairs", type=int, default=2, help="alternating runs of the CPU recipe")
+    p.add_argument("--gpu", action="store_true", help="(c) the GPU recipe on CUDA instead of (a) and (b)")
+    p.add_argument("--gpu-iters", type=int, default=5000, help="--gpu: steps of each run (the recipe's 5000)")
+    p.add_argument("--logs", type=Path, help="--gpu: write each run's output there")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = p.parse_args()
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu runs both trainers on CUDA and this machine has no CUDA GPU: drop --gpu for the CPU "
+                         "comparisons")  # fmt: skip
     import report
     from gpt2.resources import TINY_SHAKESPEARE
 
     nano = args.nanogpt.resolve()
     shutil.copyfile(TINY_SHAKESPEARE, nano / "data" / "shakespeare_char" / "input.txt")
     timed([sys.executable, "data/shakespeare_char/prepare.py"], nano)
+    if args.gpu:
+        return gpu_main(nano, args.gpu_iters, args.logs, not args.no_append)
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         timed([sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare_char", f"data_root={work / 'data'}"],
