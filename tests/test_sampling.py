@@ -144,7 +144,8 @@ def test_cached_equals_uncached_greedy_including_sliding_window():
 
 def test_passes_over_a_kv_cache_never_use_cudnn_attention(monkeypatch):
     """cuDNN's attention builds a plan per key length: eager decoding on an H200 ran 10x slower with it. Prefill,
-    decode steps and window slides run with it disabled; a training forward leaves the backends as they were."""
+    decode steps and window slides run with it disabled; a static cache's decode steps (fixed shapes) and a
+    training forward leave the backends as they were."""
     import torch.nn.functional as F
 
     enabled = []
@@ -158,6 +159,10 @@ def test_passes_over_a_kv_cache_never_use_cudnn_attention(monkeypatch):
     model = tiny_model(block_size=16)
     run(model, torch.zeros(1, 4, dtype=torch.long), 30)  # prefill, decode, and slides past block_size 16
     assert len(enabled) > 30 * model.config.n_layer and not any(enabled)
+    enabled.clear()
+    run(model, torch.zeros(1, 4, dtype=torch.long), 8, static=True)  # one prefill, then 7 fixed-shape steps
+    L = model.config.n_layer
+    assert enabled == [False] * L + [True] * 7 * L
     enabled.clear()
     model(torch.zeros(1, 4, dtype=torch.long))
     assert enabled and all(enabled)

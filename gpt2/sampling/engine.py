@@ -12,6 +12,7 @@ References: gpt-fast `generate.py` (prefill/decode split, sampling without a hos
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -66,10 +67,14 @@ def decode_step(model: GPT, token: torch.Tensor, kv_cache: KVCache) -> torch.Ten
     return model.last_logits(token, kv_cache)
 
 
-def cached_attention():
-    """The attention kernels for passes over a KV cache: any but cuDNN's, which builds an execution plan for each
-    new key length. On an H200 (torch 2.11) that made eager batch-1 decoding of GPT-2 124M 10x slower: 26 tokens/s,
-    against 270-350 with flash or memory-efficient attention (bench/gpu_check.py). Training is unaffected."""
+def cached_attention(shapes_vary: bool = True) -> contextlib.AbstractContextManager:
+    """The attention kernels for passes over a KV cache whose shapes vary from pass to pass (the key length grows
+    every decode step; prompts differ): any but cuDNN's, which builds an execution plan for each new shape. On an
+    H200 (torch 2.11) that made eager batch-1 decoding of GPT-2 124M 10x slower: 19-27 tokens/s, against 232-353
+    with flash or memory-efficient attention (BENCHMARKS.md, GPU check). With fixed shapes (a static cache's
+    decode step, compiled once and replayed as a CUDA graph) a plan is built once and the default choice stands."""
+    if not shapes_vary:
+        return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
@@ -126,7 +131,7 @@ class Batch:
         # Decode the rows up to the last active one only (rows start lowest-first), unless shapes must not change.
         used = len(rows) if self.cache.static else 1 + max((r for r, a in enumerate(self.active) if a), default=0)
         cache = self.cache if used == len(rows) else self.cache.rows(0, used)
-        with cached_attention():
+        with cached_attention(shapes_vary=not self.cache.static):
             return self.decode(self.model, token[:used, None], cache)
 
     def _prefill(self, rows: list[int], idx: torch.Tensor) -> torch.Tensor:
