@@ -364,6 +364,8 @@ def test_decode_layout_keeps_values_tie_and_logits():
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
         torch.testing.assert_close(model(idx)[0], logits, atol=1e-5, rtol=1e-5)
         assert torch.equal(run(model, idx, 20), uncached_greedy(model, idx, 20))
+    half = use_decode_layout(tiny_model().to(torch.bfloat16), rows=1)  # its fast kernel wants (out, in)
+    assert half.transformer.h[0].mlp.c_fc.weight.is_contiguous() and half.lm_head.weight.is_contiguous()
 
 
 @pytest.mark.slow

@@ -37,21 +37,25 @@ class SamplingParams:
 @torch.no_grad()
 def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
     """Lay out each Linear weight, and the tied `wte`/`lm_head` matrix, for decoding `rows` sequences at once:
-    for one row as the transpose of a contiguous (in, out) tensor, for more in nn.Linear's own (out, in). Same
-    shapes and values either way, other strides; one weight is copied at a time and nothing is kept twice.
-    Returns `model` (changed in place; a no-op when it already has that layout).
+    for one row of an fp32 model as the transpose of a contiguous (in, out) tensor, otherwise in nn.Linear's own
+    (out, in). Same shapes and values either way, other strides; one weight is copied at a time and nothing is
+    kept twice. Returns `model` (changed in place; a no-op when it already has that layout).
 
     Why: on CPU, one-row decoding is a chain of matrix-vector products bound by memory bandwidth, and MKL
-    streams the (in, out) layout faster: about 1.3x for the blocks and 2x for the 50304-row LM head of GPT-2
+    streams the fp32 (in, out) layout faster: about 1.3x for the blocks and 2x for the 50304-row LM head of GPT-2
     124M on the 2-core x86 sandbox. With 8 or 32 rows the products are small matrix products, which MKL runs
-    1.5-2x faster in the (out, in) layout (bench/sample.py, BENCHMARKS.md). The sampler uses it on CPU only.
+    1.5-2x faster in the (out, in) layout (bench/sample.py, BENCHMARKS.md). bf16 and fp16 products of one row
+    take PyTorch's reduced-precision matrix-vector kernel in the (out, in) layout only: (in, out) ran 8-15x
+    slower on the AVX2 sandbox. The sampler uses it on CPU only.
     """
+    one_row = rows == 1 and model.lm_head.weight.dtype == torch.float32
+
     def relaid(weight: torch.Tensor) -> nn.Parameter:
-        data = weight.t().contiguous().t() if rows == 1 else weight.contiguous()
+        data = weight.t().contiguous().t() if one_row else weight.contiguous()
         return nn.Parameter(data, requires_grad=False)
 
     wte = model.transformer.wte
-    if wte.weight.is_contiguous() == (rows > 1):
+    if wte.weight.is_contiguous() != one_row:
         return model
     for module in model.modules():
         if isinstance(module, nn.Linear) and module is not model.lm_head:
