@@ -8,8 +8,13 @@ Checks (each a row of the table it prints and appends to BENCHMARKS.md):
 3. fused AdamW: the optimizer the trainer builds on CUDA uses the fused kernel.
 4. flash attention: a bf16 training forward/backward of the model runs under SDPBackend.FLASH_ATTENTION only.
 5. sampling: KV-cached decoding, GPT-2 124M shape, batch 1, 256 new tokens: tokens/s.
-6. resume: a run stopped by SIGTERM saves, exits 143, and the same command resumes and finishes.
-7. ddp: with 2+ GPUs, torchrun with 2 processes (NCCL) gives the 1-process loss curve (bf16: within 2e-2).
+6. compiled decode: the Sampler's compile=true path (static cache, CUDA graphs) gives eager's greedy text with
+   one compiled graph; tokens/s of both.
+7. resume: a run stopped by SIGTERM saves, exits 143, and the same command resumes and finishes.
+8. ddp: with 2+ GPUs, torchrun with 2 processes (NCCL) gives the 1-process loss curve (bf16: within 2e-2).
+A run that fails prints the end of its stderr, a check that crashes its traceback; the table has one line each.
+On a machine where the project's venv cannot be built (no network), `python bench/gpu_check.py` runs with any
+Python that has torch and the package's requirements importable (`PYTHONPATH=<repo>`).
 On a machine without CUDA it says so and exits 0, having run nothing.
 """
 
