@@ -14,7 +14,7 @@ Checks (each a row of the table it prints and appends to BENCHMARKS.md):
 8. ddp: with 2+ GPUs, torchrun with 2 processes (NCCL) gives the 1-process loss curve (bf16: within 2e-2).
 A run that fails prints the end of its stderr, a check that crashes its traceback; the table has one line each.
 On a machine where the project's venv cannot be built (no network), `python bench/gpu_check.py` runs with any
-Python that has torch and the package's requirements importable (`PYTHONPATH=<repo>`).
+Python that has torch and the package's requirements: the package comes from this checkout.
 On a machine without CUDA it says so and exits 0, having run nothing.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -35,6 +36,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The scripts it starts (train.py, data/prepare.py) import the package from this checkout too, installed or not.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 TRAIN = [sys.executable, str(ROOT / "train.py")]
 RUN_124M = ["model=gpt2", "data=shakespeare", "train.batch_size=8", "train.eval_interval=0", "train.log_interval=5",
             "optim.warmup_iters=10", "optim.lr=6e-4", "device=cuda"]  # fmt: skip

@@ -21,6 +21,7 @@ Both prepare tiny-shakespeare from the copy this package ships (nanoGPT's prepar
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -34,6 +35,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The scripts it starts (train.py, data/prepare.py) import the package from this checkout too, installed or not.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 NANO_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
             "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
