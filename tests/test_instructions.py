@@ -204,6 +204,21 @@ def test_other_bad_input_is_one_error(tmp_path):
     assert json.loads((out / "meta.json").read_text())["splits"]["train"]["documents"] == 9
 
 
+def test_a_split_without_a_target_within_block_size_is_one_error_at_start(tmp_path):
+    """Prompts longer than the context leave no completion token to train or evaluate on: the run used to
+    train nothing and log val loss nan, exit 0. Now it stops before building a model."""
+    long = [{"prompt": "the lazy dog " * 30 + f"({i})", "completion": " yes."} for i in range(20)]
+    data = prepare(tmp_path, write_jsonl(tmp_path / "long.jsonl", long))
+    p = train([*TINY, f"data.name={data}", "train.max_iters=2", f"out_dir={tmp_path / 'out'}"], tmp_path, check=False)
+    assert p.returncode == 2 and not (tmp_path / "out" / "ckpt.pt").exists()
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: none of the 18 train examples of {data} has a completion token within its first block_size + 1 = "
+        "33 tokens (the prompts fill the context), so there is nothing to train or evaluate on: raise "
+        "model.block_size or shorten the prompts")  # fmt: skip
+    train([*TINY, f"data.name={data}", "model.block_size=128", "train.max_iters=2", f"out_dir={tmp_path / 'ok'}"],
+          tmp_path)  # fmt: skip
+
+
 def test_examples_never_span_two_shards(tmp_path):
     """Small shards: each example lies whole in one shard, the masks line up with their shards, and every
     example is read back."""

@@ -252,9 +252,17 @@ class TokenLoader:
 
 
 def check_block_size(ds: TokenDataset, block_size: int) -> None:
-    """UserError unless both splits hold a whole `block_size + 1`-token window (before any model is built)."""
+    """UserError unless both splits hold a whole `block_size + 1`-token window, or for instruction data a loss
+    target within the first `block_size + 1` tokens of some example (before any model is built): without one,
+    training learns nothing and the val loss is 0 / 0."""
     for split in ("train", "val"):
-        sequences(ds, split, block_size)
+        items = sequences(ds, split, block_size)
+        if isinstance(items, _Examples) and not items.target_counts.any():
+            raise UserError(
+                f"none of the {items.count:,} {split} examples of {ds.dir} has a completion token within its first "
+                f"block_size + 1 = {block_size + 1} tokens (the prompts fill the context), so there is nothing to "
+                "train or evaluate on: raise model.block_size or shorten the prompts"
+            )
 
 
 def eval_batches(ds: TokenDataset, split: str, *, num_batches: int, batch_size: int, block_size: int,
