@@ -2,14 +2,18 @@
 
     python bench/memory.py                     # both tables; appends to BENCHMARKS.md
     python bench/memory.py --no-append --sizes gpt2    # the first table only
+    python bench/memory.py --dtype bfloat16 --sizes gpt2   # bf16 on any CPU (zero-filled matmuls where emulated)
 
 Each measurement runs in a fresh process (peak RSS is per process): build the model and AdamW, then run the
 steps, and report the peak resident set size (ru_maxrss). On CPU this is the whole footprint: weights,
 gradients, optimizer state, activations and the loss.
 
-1. GPT-2 124M, batch 4 x 1024, bf16 autocast (fp32 where this CPU emulates bf16), an AdamW step with its state allocated: the loss from the whole
-   batch's logits (the plain path, as nanoGPT computes it), from chunks (gpt2.loss, what the trainer uses), and
-   chunks plus activation checkpointing (train.activation_checkpointing=true).
+1. GPT-2 124M, batch 4 x 1024, bf16 autocast (fp32 where this CPU emulates bf16, unless --dtype bfloat16), an
+   AdamW step with its state allocated: the loss from the whole batch's logits (the plain path, as nanoGPT
+   computes it), from chunks (gpt2.loss, what the trainer uses), and chunks plus activation checkpointing
+   (train.activation_checkpointing=true). bf16 on a CPU that emulates it (a step would take hours) runs with
+   the matrix products' and attention's results replaced by zero-filled tensors of the same shapes and strides
+   (bench/finetune_memory.py's method: every tensor is still allocated; 3-11% low against real fp32 steps).
 2. What activation checkpointing saves at 124M/350M/774M/1.5B, batch 4 x 1024, bf16 and fp32: the bytes of the
    tensors autograd keeps for the backward, counted on fake tensors (exact, instant, any size). Peak RSS at
    batch 1 hides it: there the gradients, allocated during the backward as the activations are freed, are as
@@ -31,13 +35,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def measure(size: str, batch: int, logits: bool, checkpointing: bool, optimizer: bool, dtype: str) -> dict:
+def measure(size: str, batch: int, logits: bool, checkpointing: bool, optimizer: bool, dtype: str, zero: bool) -> dict:
     """In this process: one training step, then peak RSS in GiB and the step's seconds. With `optimizer`, AdamW's
     state exists before the step (as from the second step on: a first step with zero gradients allocates it),
-    so one forward+backward shows the steady-state peak."""
+    so one forward+backward shows the steady-state peak. `zero`: matmul results zero-filled (see the docstring)."""
+    import contextlib
+
     import torch
+    from finetune_memory import zero_matmuls
 
     from gpt2.config import OptimConfig
+    from gpt2.device import autocast
     from gpt2.model import GPT, preset
     from gpt2.optim import build_optimizer
 
@@ -52,12 +60,13 @@ def measure(size: str, batch: int, logits: bool, checkpointing: bool, optimizer:
         adamw.zero_grad(set_to_none=True)
     idx = torch.randint(0, 50257, (batch, 1024))
     t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=getattr(torch, dtype), enabled=dtype != "float32"):
-        _, loss = model(idx, idx, return_logits=logits)
-    loss.backward()
-    if adamw is not None:
-        adamw.step()
-        adamw.zero_grad(set_to_none=True)
+    with zero_matmuls() if zero else contextlib.nullcontext():
+        with autocast(torch.device("cpu"), getattr(torch, dtype)):  # the trainer's
+            _, loss = model(idx, idx, return_logits=logits)
+        loss.backward()
+        if adamw is not None:
+            adamw.step()
+            adamw.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
     return {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "s_per_step": seconds}
 
@@ -68,12 +77,13 @@ def in_child(**case) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def step_table(dtype: str) -> str:
+def step_table(dtype: str, zero: bool) -> str:
     rows = ["| loss | activation checkpointing | peak RSS (GiB) | s/step |", "|---|---|---|---|"]
     for name, logits, checkpointing in [("whole-batch logits (plain path)", True, False),
                                         ("chunked (gpt2.loss)", False, False),
                                         ("chunked", False, True)]:  # fmt: skip
-        r = in_child(size="gpt2", batch=4, logits=logits, checkpointing=checkpointing, optimizer=True, dtype=dtype)
+        r = in_child(size="gpt2", batch=4, logits=logits, checkpointing=checkpointing, optimizer=True, dtype=dtype,
+                     zero=zero)
         rows.append(f"| {name} | {'on' if checkpointing else 'off'} | {r['peak_gib']:.2f} | {r['s_per_step']:.1f} |")
         print(rows[-1], flush=True)
     return "\n".join(rows)
@@ -118,6 +128,8 @@ def main() -> None:
     p.add_argument("--sizes", default="gpt2,gpt2-medium,gpt2-large,gpt2-xl")
     p.add_argument("--dtype", default="auto", help="of the 124M step table: auto (bfloat16 where this CPU has "
                    "fast bf16 matmuls, else float32: emulated bf16 is ~50x slower), float32 or bfloat16")
+    p.add_argument("--zero-matmuls", choices=("auto", "yes", "no"), default="auto",
+                   help="zero-filled matmul results: auto = for bf16 on a CPU without native bf16")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -130,14 +142,19 @@ def main() -> None:
 
     from gpt2.device import resolve_dtype
 
+    from finetune_memory import native_bf16
+
     dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
-    first = step_table(dtype)
+    zero = args.zero_matmuls == "yes" or (args.zero_matmuls == "auto" and dtype == "bfloat16" and not native_bf16())
+    first = step_table(dtype, zero)
     second = activations_table(args.sizes.split(","))
     section = (
         f"{report.heading('Training-step memory: chunked loss and activation checkpointing')}\n\n"
         f"`{report.command_line()}` on {report.machine()}. Each row is a fresh process (peak RSS: weights, "
         f"gradients, optimizer state, activations, loss). GPT-2 124M, batch 4 x 1024 tokens, {dtype}, one "
-        "AdamW step with the optimizer state already allocated (the steady state):\n\n"
+        "AdamW step with the optimizer state already allocated (the steady state)"
+        f"{'; matmul and attention results zero-filled (this CPU emulates bf16): s/step is no speed' if zero else ''}"
+        ":\n\n"
         f"{first}\n"
         + "\nWhat activation checkpointing saves, batch 4 x 1024 tokens, chunked loss: the bytes autograd keeps from "
         f"the forward for the backward, counted exactly on fake tensors (`torch._subclasses.FakeTensorMode`):\n\n{second}\n"
