@@ -45,7 +45,7 @@ def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
     streams the fp32 (in, out) layout faster: about 1.3x for the blocks and 2x for the 50304-row LM head of GPT-2
     124M on the 2-core x86 sandbox. With 8 or 32 rows the products are small matrix products, which MKL runs
     1.5-2x faster in the (out, in) layout (bench/sample.py, BENCHMARKS.md). bf16 and fp16 products of one row
-    take PyTorch's reduced-precision matrix-vector kernel in the (out, in) layout only: (in, out) ran 8-15x
+    take PyTorch's reduced-precision matrix-vector kernel in the (out, in) layout only: (in, out) ran 7-24x
     slower on the AVX2 sandbox. The sampler uses it on CPU only.
     """
     one_row = rows == 1 and model.lm_head.weight.dtype == torch.float32
