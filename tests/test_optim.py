@@ -53,14 +53,15 @@ def test_adamw_decays_only_matrices_and_embeddings():
 
 
 def test_adamw_matches_torch_adamw():
-    """Our grouping + schedule plumbing steps exactly like a hand-built torch AdamW."""
+    """Our grouping + schedule plumbing steps exactly like a hand-built torch AdamW (fused, as on the CPU)."""
     a, b = tiny_model(), tiny_model()
     cfg = OptimConfig(lr=1e-2, min_lr=1e-3, weight_decay=0.1, warmup_iters=2)
     ours = build_optimizer(a, cfg, "cpu")
     decay = [p for p in b.parameters() if p.dim() >= 2]
     no_decay = [p for p in b.parameters() if p.dim() < 2]
     ref = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], betas=(0.9, 0.95)
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], betas=(0.9, 0.95),
+        fused=True,
     )
     x = torch.randint(0, 64, (4, 16))
     for step in range(5):
