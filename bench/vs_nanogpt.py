@@ -8,7 +8,11 @@
     checkpoints included, and the final val loss. Goal: the same val loss (<= 1.89) in at most 2/3 of nanoGPT's
     time. Each pair also runs ours with nanoGPT's own AdamW recipe (2000 steps), which isolates the trainer.
 (b) The GPU recipe's shape (6 x 384, context 256, batch 64, dropout 0.2; `experiment=shakespeare_char`) on
-    the CPU: ms per training step (mean over steps 3-6, fp32 and eager on both sides), tokens/s and the ratio.
+    the CPU: ms per training step (mean over steps 3-6, fp32 and eager on both sides), tokens/s and the ratio,
+    --shape-pairs alternating runs; and what the step's FLOPs per second are of this CPU's fp32 matmul ceiling
+    (measured in the same run at the step's largest products), which bounds every trainer's tokens/s. Then the
+    same shape in one process, --shape-rounds steps of nanoGPT's model, ours, and ours with torch's dropout
+    alternating (this shared machine's speed drifts between processes more than between steps).
 
 With --gpu (on a CUDA machine) it runs instead:
 (c) the GPU recipe as each README gives it (`config/train_shakespeare_char.py`; our `experiment=shakespeare_char`:
@@ -82,16 +86,84 @@ def cpu_recipe(nano: Path, work: Path, pairs: int) -> list[dict[str, tuple[float
     return rounds
 
 
-def gpu_shape(nano: Path, work: Path) -> tuple[float, float]:
-    """ms per step (steps 3-6) of nanoGPT and of ours on the GPU recipe's shape."""
+def matmul_ceiling() -> float:
+    """This CPU's fp32 matmul FLOP/s: the best of 5 at each of the GPU recipe shape's block products (batch
+    64 x 256 tokens, 384 -> 1152, 384 -> 1536, 1536 -> 384), the slowest of those."""
+    rates = []
+    for k, n in ((384, 1152), (384, 1536), (1536, 384)):
+        a, b = torch.randn(64 * 256, k), torch.randn(k, n)
+        best = min(timed_call(lambda: a @ b) for _ in range(5))
+        rates.append(2 * a.shape[0] * k * n / best)
+    return min(rates)
+
+
+def timed_call(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def shape_flops_per_step() -> float:
+    """Training FLOPs of one step of the GPU recipe's shape (gpt2.model's count, nanoGPT's MFU formula)."""
+    from gpt2.model import GPT, GPTConfig
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65))
+    return model.flops_per_token() * 64 * 256
+
+
+def gpu_shape(nano: Path, work: Path, run: int) -> tuple[float, float]:
+    """ms per step (steps 3-6) of nanoGPT and of ours on the GPU recipe's shape (`run`: a fresh out_dir each)."""
     _, nano_out = timed([sys.executable, "train.py", *NANO_GPU_SHAPE], nano)
     nano_ms = [float(t) for i, t in re.findall(r"iter (\d+): loss [\d.]+, time (\d+\.\d+)ms", nano_out) if int(i) >= 3]
     _, our_out = timed(ours(["experiment=shakespeare_char", "device=cpu", "dtype=float32", "compile=false",
                              "train.max_iters=6", "train.eval_interval=0", "train.eval_iters=1", "train.log_interval=1",
-                             f"out_dir={work / 'gpu_shape'}"], work), work)  # fmt: skip
+                             f"out_dir={work / f'gpu_shape{run}'}"], work), work)  # fmt: skip
     our_ms = [float(ms) for step, ms in re.findall(r"step (\d+) \| loss [^|]+\| lr [^|]+\| grad norm [^|]+\| "
                                                     r"(\d+\.\d+) ms", our_out) if int(step) >= 4]  # fmt: skip
     return sum(nano_ms) / len(nano_ms), sum(our_ms) / len(our_ms)
+
+
+def shape_in_one_process(nano: Path, rounds: int) -> dict[str, float]:
+    """{model: median seconds per step} of the GPU recipe's shape in this process, steps alternating: nanoGPT's
+    model and optimizer (its `configure_optimizers`), ours as the trainer builds them, and ours with torch's
+    own dropout (`gpt2.dropout` off): the same machine state for all three."""
+    import gpt2.dropout
+    from gpt2.config import OptimConfig
+    from gpt2.model import GPT, GPTConfig
+    from gpt2.optim import build_optimizer
+
+    sys.path.insert(0, str(nano))
+    import model as nanogpt_model  # nanoGPT's model.py
+
+    shape = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.2)
+    theirs = nanogpt_model.GPT(nanogpt_model.GPTConfig(**shape, bias=False))  # its train.py's default
+    their_opt = theirs.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    mine = GPT(GPTConfig(**shape))
+    my_opt = build_optimizer(mine, OptimConfig(lr=1e-3, beta2=0.99), "cpu")
+    x, y = torch.randint(0, 65, (64, 256)), torch.randint(0, 65, (64, 256))
+    fast_mask = gpt2.dropout._draws_fast_mask
+
+    def nanogpt_step() -> None:
+        theirs(x, y)[1].backward()
+        their_opt.step()
+        their_opt.zero_grad(set_to_none=True)
+
+    def our_step(fast_dropout: bool) -> None:
+        gpt2.dropout._draws_fast_mask = fast_mask if fast_dropout else (lambda *args: False)
+        mine(x, y, return_logits=False)[1].backward()
+        my_opt.step(None)
+        my_opt.zero_grad(set_to_none=True)
+
+    steps = {"nanoGPT": nanogpt_step, "ours": lambda: our_step(True), "ours, torch's dropout": lambda: our_step(False)}
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(rounds + 1):  # the first round warms up
+        for name, step in steps.items():
+            took = timed_call(step)
+            if i:
+                seconds[name].append(took)
+    gpt2.dropout._draws_fast_mask = fast_mask
+    return {name: statistics.median(s) for name, s in seconds.items()}
 
 
 def gpu_recipe(nano: Path, work: Path, iters: int, logs: Path | None) -> dict[str, tuple[float, float, float]]:
@@ -136,7 +208,9 @@ def gpu_main(nano: Path, iters: int, logs: Path | None, append: bool) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nanogpt", required=True, type=Path, help="a nanoGPT checkout (train.py, config/, data/)")
-    p.add_argument("--pairs", type=int, default=2, help="alternating runs of the CPU recipe")
+    p.add_argument("--pairs", type=int, default=2, help="alternating runs of the CPU recipe (0: skip it)")
+    p.add_argument("--shape-pairs", type=int, default=2, help="alternating runs of the GPU recipe shape")
+    p.add_argument("--shape-rounds", type=int, default=3, help="alternating steps of that shape in one process")
     p.add_argument("--gpu", action="store_true", help="(c) the GPU recipe on CUDA instead of (a) and (b)")
     p.add_argument("--gpu-iters", type=int, default=5000, help="--gpu: steps of each run (the recipe's 5000)")
     p.add_argument("--logs", type=Path, help="--gpu: write each run's output there")
@@ -158,8 +232,15 @@ def main() -> None:
         timed([sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare_char", f"data_root={work / 'data'}"],
               work)  # fmt: skip
         runs = cpu_recipe(nano, work, args.pairs)
-        nano_ms, our_ms = gpu_shape(nano, work)
-    tokens = 64 * 256
+        shapes = []  # (nanoGPT ms, our ms, the ceiling around them: this shared machine's speed drifts)
+        for i in range(args.shape_pairs):
+            before = matmul_ceiling()
+            nano_ms, our_ms = gpu_shape(nano, work, i)
+            shapes.append((nano_ms, our_ms, max(before, matmul_ceiling())))
+            print(f"shape pair {i + 1}: nanoGPT {nano_ms:.0f} ms/step, ours {our_ms:.0f}, fp32 matmul ceiling "
+                  f"{shapes[-1][2] / 1e9:.0f} GFLOP/s", flush=True)  # fmt: skip
+    flops, tokens = shape_flops_per_step(), 64 * 256
+    in_process = shape_in_one_process(nano, args.shape_rounds) if args.shape_rounds else {}
     rows = ["| run | nanoGPT | ours | ratio (nanoGPT / ours) |", "|---|---|---|---|"]
     for i, round_ in enumerate(runs):
         ns, nv = round_["nanoGPT"]
@@ -167,13 +248,27 @@ def main() -> None:
             os_, ov = round_[name]
             rows.append(f"| (a) CPU recipe, round {i + 1}, {name}: wall s (final val loss) | {ns:.0f} ({nv:.4f}) "
                         f"| {os_:.0f} ({ov:.4f}) | {ns / os_:.2f}x |")  # fmt: skip
-    rows.append(f"| (b) GPU recipe shape on CPU: ms/step (tokens/s) | {nano_ms:.0f} ({tokens / nano_ms * 1e3:,.0f}) "
-                f"| {our_ms:.0f} ({tokens / our_ms * 1e3:,.0f}) | {nano_ms / our_ms:.2f}x |")  # fmt: skip
+    for i, (nano_ms, our_ms, ceiling) in enumerate(shapes):
+        rows.append(f"| (b) GPU recipe shape on CPU, pair {i + 1}: ms/step (tokens/s; share of the fp32 matmul "
+                    f"ceiling of {ceiling / 1e9:.0f} GFLOP/s) | {nano_ms:.0f} ({tokens / nano_ms * 1e3:,.0f}; "
+                    f"{flops / nano_ms * 1e3 / ceiling:.0%}) | {our_ms:.0f} ({tokens / our_ms * 1e3:,.0f}; "
+                    f"{flops / our_ms * 1e3 / ceiling:.0%}) | {nano_ms / our_ms:.2f}x |")  # fmt: skip
+    nano_s = in_process.pop("nanoGPT", None)
+    for name, took in in_process.items():
+        rows.append(f"| (b) GPU recipe shape, one process, {name}: median s/step of {args.shape_rounds} (tokens/s) "
+                    f"| {nano_s:.1f} ({tokens / nano_s:,.0f}) | {took:.1f} ({tokens / took:,.0f}) "
+                    f"| {nano_s / took:.2f}x |")  # fmt: skip
     table = "\n".join(rows)
+    if shapes:
+        ceiling = max(c for _, _, c in shapes)
+        table += (f"\n\nA step of the GPU recipe's shape is {flops / 1e12:.2f} TFLOP; at the best fp32 matmul rate "
+                  f"measured ({ceiling / 1e9:.0f} GFLOP/s) it would take {flops / ceiling:.1f} s, "
+                  f"{ceiling / flops * tokens:,.0f} tokens/s: the bound for any fp32 trainer on this CPU.")  # fmt: skip
     print(table)
     section = (f"{report.heading('Against nanoGPT on the CPU')}\n\n`{report.command_line()}` on {report.machine()}, "
                f"nanoGPT at its checkout's HEAD, runs alternating. (a) is each README's CPU command (ours also with "
-               f"nanoGPT's AdamW recipe), whole wall time; (b) is fp32, eager, steps 3-6.\n\n{table}\n")  # fmt: skip
+               f"nanoGPT's AdamW recipe), whole wall time; (b) is fp32, eager, the mean of steps 3-6."
+               f"\n\n{table}\n")  # fmt: skip
     if not args.no_append:
         report.append(section)
 
