@@ -39,10 +39,14 @@ def single(char_data, tmp_path_factory) -> Path:  # noqa: F811
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_two_processes_match_one(char_data, tmp_path, single, parallelism):  # noqa: F811
+@pytest.mark.parametrize("parallelism, checkpointing", [("ddp", False), ("fsdp", False), ("fsdp", True)],
+                         ids=["ddp", "fsdp", "fsdp-activation-checkpointing"])
+def test_two_processes_match_one(char_data, tmp_path, single, parallelism, checkpointing):  # noqa: F811
+    """(FSDP with activation checkpointing is how the largest models train: each block's recomputation
+    all-gathers its shards again.)"""
     out = tmp_path / parallelism
-    torchrun([f"data.name={char_data}", f"out_dir={out}", f"train.parallelism={parallelism}", *ARGS], tmp_path)
+    torchrun([f"data.name={char_data}", f"out_dir={out}", f"train.parallelism={parallelism}",
+              f"train.activation_checkpointing={str(checkpointing).lower()}", *ARGS], tmp_path)  # fmt: skip
     assert len(curve(out)) == len(curve(single)) == 8 + 3  # every step and the evals at 0, 4, 8: rank 0 only
     assert curve(out) == pytest.approx(curve(single), abs=1e-5, rel=0)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -189,3 +193,4 @@ def test_two_nodes_through_the_c10d_rendezvous_match_one_process(char_data, tmp_
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]
     assert all(agent.returncode == 0 for agent in agents), "\n".join(o[-2000:] for o in outputs)
     assert curve(out) == pytest.approx(curve(single), abs=1e-5, rel=0)
+
