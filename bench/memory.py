@@ -3,6 +3,7 @@
     python bench/memory.py                     # both tables; appends to BENCHMARKS.md
     python bench/memory.py --no-append --sizes gpt2    # the first table only
     python bench/memory.py --dtype bfloat16 --sizes gpt2   # bf16 on any CPU (zero-filled matmuls where emulated)
+    python bench/memory.py --tables ddp        # the DDP table only
 
 Each measurement runs in a fresh process (peak RSS is per process): build the model and AdamW, then run the
 steps, and report the peak resident set size (ru_maxrss). On CPU this is the whole footprint: weights,
@@ -18,6 +19,13 @@ gradients, optimizer state, activations and the loss.
    tensors autograd keeps for the backward, counted on fake tensors (exact, instant, any size). Peak RSS at
    batch 1 hides it: there the gradients, allocated during the backward as the activations are freed, are as
    large as the activations.
+3. DDP, 2 processes over gloo (torchrun): peak RSS per rank of GPT-2 124M over 4 AdamW steps of 2 micro-steps
+   of 1 x 1024 tokens (the first under no_sync), fp32, with the trainer's DDP (`gpt2.distributed.wrap_model`
+   and `zero_grad`: the gradients live in the all-reduce buckets from step to step) and with torch's defaults
+   (nanoGPT's train.py), where the first micro-step of each step allocates gradients beside the buckets. Run
+   with glibc's MALLOC_MMAP_THRESHOLD_=131072, so that every tensor of 128 KiB or more is returned to the
+   system when freed: the RSS then follows the live tensors (glibc's default keeps freed ones up to 32 MiB in
+   its heap, which hid the difference behind the order of allocations in a first try).
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+DDP_STEPS = 4
 
 
 def measure(size: str, batch: int, logits: bool, checkpointing: bool, optimizer: bool, dtype: str, zero: bool) -> dict:
@@ -89,6 +99,50 @@ def step_table(dtype: str, zero: bool) -> str:
     return "\n".join(rows)
 
 
+def measure_ddp(ours: bool) -> dict:
+    """Under torchrun: the largest peak RSS of the ranks, in GiB, over DDP steps (see the docstring, table 3)."""
+    import torch
+    import torch.nn as nn
+
+    from gpt2 import distributed
+    from gpt2.config import OptimConfig
+    from gpt2.model import GPT, preset
+    from gpt2.optim import build_optimizer
+
+    info = distributed.init("cpu")
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2")).train()
+    ddp = distributed.wrap_model(model, info, "ddp") if ours else nn.parallel.DistributedDataParallel(model)
+    adamw = build_optimizer(model, OptimConfig(), "cpu")
+    idx = torch.randint(0, 50257, (1, 1024))
+    for _ in range(DDP_STEPS):  # DDP rebuilds its buckets after the first; the steady state from the third
+        for micro in range(2):
+            with distributed.no_sync(ddp, enabled=micro == 0):
+                ddp(idx, idx, return_logits=False)[1].backward()
+        adamw.step()
+        if ours:
+            distributed.zero_grad(ddp, adamw)
+        else:
+            adamw.zero_grad(set_to_none=True)
+    peak = max(distributed.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+    distributed.cleanup()
+    return {"peak_gib": peak}
+
+
+def ddp_table() -> str:
+    rows = ["| DDP | peak RSS per rank (GiB) |", "|---|---|"]
+    for name, ours in [("torch's defaults, as nanoGPT's train.py", False),
+                       ("ours: gradients kept in the buckets", True)]:  # fmt: skip
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+               "--ddp-child", json.dumps(ours)]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2)),
+               "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors leave the RSS at once (see the docstring)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        rows.append(f"| {name} | {json.loads(out.stdout.strip().splitlines()[-1])['peak_gib']:.2f} |")
+        print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
 def activation_bytes(size: str, batch: int, checkpointing: bool, dtype: str) -> int:
     """Bytes of the tensors autograd keeps from the forward for the backward (activations, and the chunked
     loss's gradients), counted exactly on fake tensors: no memory, no compute, any model size."""
@@ -130,11 +184,18 @@ def main() -> None:
                    "fast bf16 matmuls, else float32: emulated bf16 is ~50x slower), float32 or bfloat16")
     p.add_argument("--zero-matmuls", choices=("auto", "yes", "no"), default="auto",
                    help="zero-filled matmul results: auto = for bf16 on a CPU without native bf16")
+    p.add_argument("--tables", default="step,activations,ddp", help="which of the three tables to measure")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--ddp-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(**json.loads(args.child))))
+        return
+    if args.ddp_child:
+        result = measure_ddp(json.loads(args.ddp_child))
+        if os.environ["RANK"] == "0":
+            print(json.dumps(result))
         return
     import report
 
@@ -144,21 +205,33 @@ def main() -> None:
 
     from finetune_memory import native_bf16
 
-    dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
-    zero = args.zero_matmuls == "yes" or (args.zero_matmuls == "auto" and dtype == "bfloat16" and not native_bf16())
-    first = step_table(dtype, zero)
-    second = activations_table(args.sizes.split(","))
-    section = (
-        f"{report.heading('Training-step memory: chunked loss and activation checkpointing')}\n\n"
-        f"`{report.command_line()}` on {report.machine()}. Each row is a fresh process (peak RSS: weights, "
-        f"gradients, optimizer state, activations, loss). GPT-2 124M, batch 4 x 1024 tokens, {dtype}, one "
-        "AdamW step with the optimizer state already allocated (the steady state)"
-        f"{'; matmul and attention results zero-filled (this CPU emulates bf16): s/step is no speed' if zero else ''}"
-        ":\n\n"
-        f"{first}\n"
-        + "\nWhat activation checkpointing saves, batch 4 x 1024 tokens, chunked loss: the bytes autograd keeps from "
-        f"the forward for the backward, counted exactly on fake tensors (`torch._subclasses.FakeTensorMode`):\n\n{second}\n"
-    )
+    tables = set(args.tables.split(","))
+    if not tables or tables - {"step", "activations", "ddp"}:
+        p.error(f"--tables {args.tables}: choose among step, activations and ddp, comma-separated")
+    parts = [f"{report.heading('Training-step memory')}\n\n`{report.command_line()}` on {report.machine()}."]
+    if "step" in tables:
+        dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
+        zero = args.zero_matmuls == "yes" or (args.zero_matmuls == "auto" and dtype == "bfloat16" and not native_bf16())
+        parts.append(
+            "Chunked loss and activation checkpointing. Each row is a fresh process (peak RSS: weights, gradients, "
+            f"optimizer state, activations, loss). GPT-2 124M, batch 4 x 1024 tokens, {dtype}, one AdamW step with "
+            "the optimizer state already allocated (the steady state)"
+            f"{'; matmul and attention results zero-filled (this CPU emulates bf16): s/step is no speed' if zero else ''}"
+            f":\n\n{step_table(dtype, zero)}"
+        )
+    if "activations" in tables:
+        parts.append(
+            "What activation checkpointing saves, batch 4 x 1024 tokens, chunked loss: the bytes autograd keeps from "
+            "the forward for the backward, counted exactly on fake tensors (`torch._subclasses.FakeTensorMode`):\n\n"
+            f"{activations_table(args.sizes.split(','))}"
+        )
+    if "ddp" in tables:
+        parts.append(
+            f"DDP, 2 processes over gloo: peak RSS per rank of GPT-2 124M, fp32, {DDP_STEPS} AdamW steps of two "
+            "micro-steps of 1 x 1024 tokens (the first under no_sync), MALLOC_MMAP_THRESHOLD_=131072:\n\n"
+            f"{ddp_table()}"
+        )
+    section = "\n\n".join(parts) + "\n"
     print(section)
     if not args.no_append:
         report.append(section)

@@ -80,10 +80,11 @@ def wrap_model(model: nn.Module, info: DistInfo, parallelism: str = "ddp", dtype
                ) -> nn.Module:
     """DDP or FSDP2 around `model` under torchrun; `model` itself when single-process.
 
-    FSDP2 shards each transformer block, then the root (embeddings, final norm, tied head), in place: the
-    returned module is `model`, now holding DTensor parameters. With a bf16/fp16 `dtype`, FSDP2 gathers the
-    parameters in that dtype (half the all-gather traffic and unsharded memory) and reduces gradients in fp32;
-    the sharded master weights and the optimizer stay fp32.
+    DDP keeps the gradients in its all-reduce buckets (`gradient_as_bucket_view`). FSDP2 shards each transformer
+    block, then the root (embeddings, final norm, tied head), in place: the returned module is `model`, now
+    holding DTensor parameters. With a bf16/fp16 `dtype`, FSDP2 gathers the parameters in that dtype (half the
+    all-gather traffic and unsharded memory) and reduces gradients in fp32; the sharded master weights and the
+    optimizer stay fp32.
     """
     if not info.is_distributed:
         return model
@@ -97,7 +98,16 @@ def wrap_model(model: nn.Module, info: DistInfo, parallelism: str = "ddp", dtype
         fully_shard(model, mp_policy=policy)
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    # Gradients as views of DDP's all-reduce buckets (kept there by `zero_grad`): no second copy of them under
+    # gradient accumulation (0.5 GB at 124M, 6 GB at 1.5B per GPU in fp32), and no copy between the two.
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+
+
+def zero_grad(model: nn.Module, optimizers: Any) -> None:
+    """Clear the gradients for the next step. Under DDP they are views of its all-reduce buckets and are zeroed
+    in place: set to None, the next step's first micro-steps (under `no_sync`) would allocate a second copy of
+    them beside the buckets. Elsewhere None, which frees them until the next backward."""
+    optimizers.zero_grad(set_to_none=not isinstance(model, nn.parallel.DistributedDataParallel))
 
 
 @contextlib.contextmanager

@@ -252,7 +252,7 @@ class Trainer:
         grad_norm = clip_grad_norm_(list(self.model.parameters()), clip)
         self.divergence.update(self.state.step, loss, grad_norm)
         self.optimizers.step(self.scaler)  # with fp16, skipped when gradients overflowed
-        self.optimizers.zero_grad(set_to_none=True)
+        distributed.zero_grad(self.parallel_model, self.optimizers)
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
