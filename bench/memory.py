@@ -3,7 +3,7 @@
     python bench/memory.py                     # both tables; appends to BENCHMARKS.md
     python bench/memory.py --no-append --sizes gpt2    # the first table only
     python bench/memory.py --dtype bfloat16 --sizes gpt2   # bf16 on any CPU (zero-filled matmuls where emulated)
-    python bench/memory.py --tables ddp        # the DDP table only
+    python bench/memory.py --tables parallel   # the DDP/FSDP table only
 
 Each measurement runs in a fresh process (peak RSS is per process): build the model and AdamW, then run the
 steps, and report the peak resident set size (ru_maxrss). On CPU this is the whole footprint: weights,
@@ -19,10 +19,11 @@ gradients, optimizer state, activations and the loss.
    tensors autograd keeps for the backward, counted on fake tensors (exact, instant, any size). Peak RSS at
    batch 1 hides it: there the gradients, allocated during the backward as the activations are freed, are as
    large as the activations.
-3. DDP, 2 processes over gloo (torchrun): peak RSS per rank of GPT-2 124M over 4 AdamW steps of 2 micro-steps
-   of 1 x 1024 tokens (the first under no_sync), fp32, with the trainer's DDP (`gpt2.distributed.wrap_model`
-   and `zero_grad`: the gradients live in the all-reduce buckets from step to step) and with torch's defaults
-   (nanoGPT's train.py), where the first micro-step of each step allocates gradients beside the buckets. Run
+3. DDP and FSDP2, 2 processes over gloo (torchrun): peak RSS per rank of GPT-2 124M over 4 AdamW steps of 2
+   micro-steps of 1 x 1024 tokens (the first under no_sync), fp32, with the trainer's DDP
+   (`gpt2.distributed.wrap_model` and `zero_grad`: the gradients live in the all-reduce buckets from step to
+   step), with torch's DDP defaults (nanoGPT's train.py), where the first micro-step of each step allocates
+   gradients beside the buckets, and with the trainer's FSDP2 (built on meta, sharded, then initialised). Run
    with glibc's MALLOC_MMAP_THRESHOLD_=131072, so that every tensor of 128 KiB or more is returned to the
    system when freed: the RSS then follows the live tensors (glibc's default keeps freed ones up to 32 MiB in
    its heap, which hid the difference behind the order of allocations in a first try).
@@ -42,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DDP_STEPS = 4
+PARALLEL_STEPS = 4
 
 
 def measure(size: str, batch: int, logits: bool, checkpointing: bool, optimizer: bool, dtype: str, zero: bool) -> dict:
@@ -99,8 +100,9 @@ def step_table(dtype: str, zero: bool) -> str:
     return "\n".join(rows)
 
 
-def measure_ddp(ours: bool) -> dict:
-    """Under torchrun: the largest peak RSS of the ranks, in GiB, over DDP steps (see the docstring, table 3)."""
+def measure_parallel(mode: str) -> dict:
+    """Under torchrun: the largest peak RSS of the ranks, in GiB, over training steps (the docstring's table 3).
+    `mode`: "torch-ddp" (torch's DDP defaults), "ddp" or "fsdp" (the trainer's `gpt2.distributed`)."""
     import torch
     import torch.nn as nn
 
@@ -111,30 +113,40 @@ def measure_ddp(ours: bool) -> dict:
 
     info = distributed.init("cpu")
     torch.manual_seed(0)
-    model = GPT(preset("gpt2")).train()
-    ddp = distributed.wrap_model(model, info, "ddp") if ours else nn.parallel.DistributedDataParallel(model)
+    if mode == "fsdp":  # as the trainer: built on meta, sharded, rank 0's weights broadcast into the shards
+        with torch.device("meta"):
+            model = GPT(preset("gpt2")).train()
+        initial = GPT(preset("gpt2")).state_dict() if info.is_main else {}
+        wrapped = distributed.wrap_model(model, info, "fsdp")
+        distributed.materialize(model, info.device, initial)
+        del initial
+    else:
+        model = GPT(preset("gpt2")).train()
+        ddp = nn.parallel.DistributedDataParallel
+        wrapped = ddp(model) if mode == "torch-ddp" else distributed.wrap_model(model, info, "ddp")
     adamw = build_optimizer(model, OptimConfig(), "cpu")
     idx = torch.randint(0, 50257, (1, 1024))
-    for _ in range(DDP_STEPS):  # DDP rebuilds its buckets after the first; the steady state from the third
+    for _ in range(PARALLEL_STEPS):  # DDP rebuilds its buckets after the first; the steady state from the third
         for micro in range(2):
-            with distributed.no_sync(ddp, enabled=micro == 0):
-                ddp(idx, idx, return_logits=False)[1].backward()
+            with distributed.no_sync(wrapped, enabled=micro == 0):
+                wrapped(idx, idx, return_logits=False)[1].backward()
         adamw.step()
-        if ours:
-            distributed.zero_grad(ddp, adamw)
-        else:
+        if mode == "torch-ddp":
             adamw.zero_grad(set_to_none=True)
+        else:
+            distributed.zero_grad(wrapped, adamw)
     peak = max(distributed.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
     distributed.cleanup()
     return {"peak_gib": peak}
 
 
-def ddp_table() -> str:
-    rows = ["| DDP | peak RSS per rank (GiB) |", "|---|---|"]
-    for name, ours in [("torch's defaults, as nanoGPT's train.py", False),
-                       ("ours: gradients kept in the buckets", True)]:  # fmt: skip
+def parallel_table() -> str:
+    rows = ["| 2 processes | peak RSS per rank (GiB) |", "|---|---|"]
+    for name, mode in [("DDP, torch's defaults (as nanoGPT's train.py)", "torch-ddp"),
+                       ("DDP, ours: gradients kept in the buckets", "ddp"),
+                       ("FSDP2, ours (`train.parallelism=fsdp`)", "fsdp")]:  # fmt: skip
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-               "--ddp-child", json.dumps(ours)]  # fmt: skip
+               "--parallel-child", mode]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2)),
                "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors leave the RSS at once (see the docstring)
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
@@ -184,16 +196,16 @@ def main() -> None:
                    "fast bf16 matmuls, else float32: emulated bf16 is ~50x slower), float32 or bfloat16")
     p.add_argument("--zero-matmuls", choices=("auto", "yes", "no"), default="auto",
                    help="zero-filled matmul results: auto = for bf16 on a CPU without native bf16")
-    p.add_argument("--tables", default="step,activations,ddp", help="which of the three tables to measure")
+    p.add_argument("--tables", default="step,activations,parallel", help="which of the three tables to measure")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--ddp-child", help=argparse.SUPPRESS)
+    p.add_argument("--parallel-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(**json.loads(args.child))))
         return
-    if args.ddp_child:
-        result = measure_ddp(json.loads(args.ddp_child))
+    if args.parallel_child:
+        result = measure_parallel(args.parallel_child)
         if os.environ["RANK"] == "0":
             print(json.dumps(result))
         return
@@ -206,8 +218,8 @@ def main() -> None:
     from finetune_memory import native_bf16
 
     tables = set(args.tables.split(","))
-    if not tables or tables - {"step", "activations", "ddp"}:
-        p.error(f"--tables {args.tables}: choose among step, activations and ddp, comma-separated")
+    if not tables or tables - {"step", "activations", "parallel"}:
+        p.error(f"--tables {args.tables}: choose among step, activations and parallel, comma-separated")
     parts = [f"{report.heading('Training-step memory')}\n\n`{report.command_line()}` on {report.machine()}."]
     if "step" in tables:
         dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
@@ -225,11 +237,11 @@ def main() -> None:
             "the forward for the backward, counted exactly on fake tensors (`torch._subclasses.FakeTensorMode`):\n\n"
             f"{activations_table(args.sizes.split(','))}"
         )
-    if "ddp" in tables:
+    if "parallel" in tables:
         parts.append(
-            f"DDP, 2 processes over gloo: peak RSS per rank of GPT-2 124M, fp32, {DDP_STEPS} AdamW steps of two "
-            "micro-steps of 1 x 1024 tokens (the first under no_sync), MALLOC_MMAP_THRESHOLD_=131072:\n\n"
-            f"{ddp_table()}"
+            f"DDP and FSDP2, 2 processes over gloo: peak RSS per rank of GPT-2 124M, fp32, {PARALLEL_STEPS} AdamW "
+            "steps of two micro-steps of 1 x 1024 tokens (the first under no_sync), MALLOC_MMAP_THRESHOLD_=131072:\n\n"
+            f"{parallel_table()}"
         )
     section = "\n\n".join(parts) + "\n"
     print(section)
