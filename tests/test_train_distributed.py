@@ -18,13 +18,15 @@ ARGS = [*TINY, "train.grad_accum_steps=2", "train.max_iters=8", "train.eval_inte
 """eval_iters=3 on 2 ranks: uneven eval batches (FSDP pads them) must still average like one process."""
 
 
-def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> None:
+def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> str:
+    """train.py under torchrun; returns its stdout."""
     import subprocess
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "train.py"), *args]  # fmt: skip
     p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env(), timeout=300)
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
 
 
 def curve(out: Path) -> list[float]:
@@ -90,6 +92,21 @@ def test_a_run_resumes_under_another_parallelism_and_world_size(char_data, tmp_p
         else:
             torchrun([*args, f"train.parallelism={parallelism}"], tmp_path)
     assert curve(out) == pytest.approx(curve(single), abs=1e-4, rel=0)
+
+
+
+@pytest.mark.slow  # ~30-50 s each: torch.compile (inductor, CPU C++) on two ranks
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_compiled_runs_match_one_eager_process(char_data, tmp_path, single, parallelism):  # noqa: F811
+    """What CUDA runs by default: torch.compile under DDP (the whole model, graphs split at DDP's buckets) and
+    under FSDP2 (each block compiled on its own), on the uninterrupted 1-process eager run's training losses."""
+    out = tmp_path / "run"
+    args = [f"train.parallelism={parallelism}", "compile=true", "train.max_iters=4", "optim.lr_decay_iters=8",
+            "train.eval_interval=0"]  # fmt: skip
+    stdout = torchrun([f"data.name={char_data}", f"out_dir={out}", *ARGS, *args], tmp_path)
+    assert f"compile True, parallelism {parallelism}" in stdout
+    losses = [r["loss"] for r in records(out)]
+    assert losses == pytest.approx([r["loss"] for r in records(single)][:4], abs=1e-4, rel=0)
 
 
 def _waiting_rank(rank: int, port: int, out: str) -> None:
