@@ -1,8 +1,8 @@
 """Peak memory of a training step: the chunked cross-entropy and activation checkpointing (issue 14's lean step).
 
-    python bench/memory.py                     # both tables; appends to BENCHMARKS.md
-    python bench/memory.py --no-append --sizes gpt2    # the first table only
-    python bench/memory.py --dtype bfloat16 --sizes gpt2   # bf16 on any CPU (zero-filled matmuls where emulated)
+    python bench/memory.py                     # the three tables below; appends to BENCHMARKS.md
+    python bench/memory.py --no-append --tables step   # the first table only
+    python bench/memory.py --dtype bfloat16 --tables step   # bf16 on any CPU (zero-filled matmuls where emulated)
     python bench/memory.py --tables parallel   # the DDP/FSDP table only
 
 Each measurement runs in a fresh process (peak RSS is per process): build the model and AdamW, then run the
@@ -218,7 +218,7 @@ def main() -> None:
     from finetune_memory import native_bf16
 
     tables = set(args.tables.split(","))
-    if not tables or tables - {"step", "activations", "parallel"}:
+    if tables - {"step", "activations", "parallel"}:
         p.error(f"--tables {args.tables}: choose among step, activations and parallel, comma-separated")
     parts = [f"{report.heading('Training-step memory')}\n\n`{report.command_line()}` on {report.machine()}."]
     if "step" in tables:
