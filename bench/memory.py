@@ -136,6 +136,7 @@ def measure_parallel(mode: str) -> dict:
         else:
             distributed.zero_grad(wrapped, adamw)
     peak = max(distributed.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+    del model, wrapped, adamw  # (so that `cleanup` can stop gloo's threads)
     distributed.cleanup()
     return {"peak_gib": peak}
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional  # noqa: F401  (before any process group exists: see `cleanup`)
 import torch.nn as nn
 
 from gpt2.device import resolve_device
@@ -66,8 +70,41 @@ def cuda_device(local_rank: int) -> torch.device:
 
 
 def cleanup() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Destroy the process group, and with it gloo's worker threads, while Python is still running.
+
+    Its last reference must be the one `destroy_process_group` drops. Otherwise the group and its threads live
+    until the interpreter shuts down, where a thread still releasing a finished collective's tensor needs the
+    GIL and aborts the process ("terminate called without an active exception": 11 of 90 2-process CPU runs,
+    after the checkpoint was written). What held it: torch.distributed.nn.functional, which DDP imports, binds
+    the live group as its functions' default argument when first imported after init (so this module imports
+    it first); DTensor's caches (FSDP2); a DDP or FSDP model in a reference cycle; and, when an error
+    propagates, the locals of its traceback's frames (dropped here; the printed traceback stays whole).
+    """
+    if not dist.is_initialized():
+        return
+    in_flight = sys.exc_info()[1]  # (called from a `finally` while an error propagates)
+    if in_flight is not None:
+        traceback.clear_frames(in_flight.__traceback__)
+    _clear_dtensor_caches()
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def _clear_dtensor_caches() -> None:
+    """DTensor's sharding-propagation and redistribution caches (FSDP2's parameters are DTensors) keep device
+    meshes, and through them the process group, for the life of the process."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    from torch.distributed.tensor import _collective_utils, _redistribute, debug
+
+    clears = (getattr(debug, "_clear_sharding_prop_cache", None),
+              getattr(_redistribute, "clear_redistribute_planner_cache", None),
+              getattr(getattr(_redistribute, "_gen_transform_infos", None), "cache_clear", None),
+              getattr(getattr(getattr(_collective_utils, "MeshTopoInfo", None), "build_from_mesh", None), "cache_clear",
+                      None))  # fmt: skip
+    for clear in clears:
+        if clear is not None:  # (private: older and newer torch may lack one)
+            clear()
 
 
 def print0(*args: Any, **kwargs: Any) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 from test_train import TINY, char_data, env, records, train  # noqa: F401  (char_data is a fixture)
 
@@ -150,11 +151,20 @@ def _fsdp_rank(rank: int, port: int, out: str) -> None:
     import os
 
     from gpt2 import distributed
-    from gpt2.model import GPT, GPTConfig
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     info = distributed.init("cpu")
+    result = _fsdp_micro_step(info)  # (its model is gone before `cleanup`, which then stops gloo's threads)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(result, f)
+    distributed.cleanup()
+
+
+def _fsdp_micro_step(info) -> dict:
+    from gpt2 import distributed
+    from gpt2.model import GPT, GPTConfig
+
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
     distributed.wrap_model(model, info, "fsdp", torch.bfloat16)
@@ -165,12 +175,9 @@ def _fsdp_rank(rank: int, port: int, out: str) -> None:
             _, loss = model(idx, idx, return_logits=False)
         loss.backward()
     weight = model.transformer.h[0].mlp.c_fc.weight
-    result = {"param_dtype": str(policy.param_dtype), "reduce_dtype": str(policy.reduce_dtype),
-              "grad_is_sharded": weight.grad is not None and weight.grad.to_local().shape == weight.to_local().shape,
-              "grad_dtype": str(weight.grad.dtype) if weight.grad is not None else None}  # fmt: skip
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump(result, f)
-    distributed.cleanup()
+    return {"param_dtype": str(policy.param_dtype), "reduce_dtype": str(policy.reduce_dtype),
+            "grad_is_sharded": weight.grad is not None and weight.grad.to_local().shape == weight.to_local().shape,
+            "grad_dtype": str(weight.grad.dtype) if weight.grad is not None else None}  # fmt: skip
 
 
 @pytest.mark.slow  # ~15 s: two spawned processes
@@ -251,3 +258,74 @@ def test_ddp_keeps_gradients_in_its_all_reduce_buckets():
             torch.testing.assert_close(p.grad, q.grad)
     finally:
         dist.destroy_process_group()
+
+
+def native_threads() -> set[str]:
+    """The ids of this process's threads (Python's and native ones), from /proc."""
+    import os
+
+    return set(os.listdir("/proc/self/task"))
+
+
+def test_cleanup_stops_gloo_threads_that_a_ddp_model_in_a_failed_run_still_holds():
+    """A process group that outlives `cleanup` keeps gloo's threads to the interpreter's shutdown, where one of
+    them can abort the process (tests/test_train_distributed.py's runs did, about 1 in 8). Here a DDP model in a
+    reference cycle, in the traceback of an error on its way out, must not keep it."""
+    import torch.distributed as dist
+
+    from gpt2 import distributed
+
+    before = native_threads()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    gloo = native_threads() - before
+    assert gloo, "gloo started no threads: this test no longer tests anything"
+
+    def fit() -> None:
+        ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 4))
+        cycle = {"model": ddp}
+        cycle["self"] = cycle
+        ddp(torch.ones(2, 4)).sum().backward()
+        raise ValueError("a bug mid-run")
+
+    with pytest.raises(ValueError, match="a bug mid-run") as error:
+        try:
+            fit()
+        finally:
+            distributed.cleanup()
+    assert not gloo & native_threads()
+    assert error.traceback[-1].name == "fit"  # the traceback is whole: only its frames' locals are dropped
+
+
+RECORD_THREADS_AT_EXIT = """
+import atexit, os, runpy, sys
+def record():
+    tasks = "/proc/self/task"
+    names = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)]
+    with open(f"{os.environ['THREADS_AT_EXIT']}.{os.environ['RANK']}", "w") as f:
+        f.write("\\n".join(names))
+atexit.register(record)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_a_finished_run_destroys_its_process_group_before_shutdown(char_data, tmp_path, parallelism):  # noqa: F811
+    """Every rank's gloo threads are gone when the interpreter starts shutting down (atexit), which leaves the
+    main thread alone (OMP_NUM_THREADS=1; gloo names its threads pt_gloo_runloop, gloo_tcp_loop). With them alive,
+    ~12% of 2-process runs ended with "terminate called without an active exception" (SIGABRT) after
+    training, once a thread released a finished collective's tensor during the shutdown."""
+    import subprocess
+
+    wrapper = tmp_path / "record_threads_at_exit.py"
+    wrapper.write_text(RECORD_THREADS_AT_EXIT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+           str(ROOT / "train.py"), f"data.name={char_data}", f"out_dir={tmp_path / 'run'}",
+           f"train.parallelism={parallelism}", *ARGS]  # fmt: skip
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=env(THREADS_AT_EXIT=str(tmp_path / "threads")))  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    for rank in (0, 1):
+        names = (tmp_path / f"threads.{rank}").read_text().split("\n")
+        assert len(names) == 1, names
