@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import importlib
 import os
 import sys
 import traceback
@@ -90,21 +91,26 @@ def cleanup() -> None:
     dist.destroy_process_group()
 
 
+DTENSOR_CACHE_CLEARS = ("debug._clear_sharding_prop_cache", "_redistribute.clear_redistribute_planner_cache",
+                        "_redistribute._gen_transform_infos.cache_clear",
+                        "_collective_utils.MeshTopoInfo.build_from_mesh.cache_clear")  # fmt: skip
+"""Under torch.distributed.tensor; private, so an older or newer torch may lack one (it is then skipped)."""
+
+
 def _clear_dtensor_caches() -> None:
     """DTensor's sharding-propagation and redistribution caches (FSDP2's parameters are DTensors) keep device
     meshes, and through them the process group, for the life of the process."""
     if "torch.distributed.tensor" not in sys.modules:
         return
-    from torch.distributed.tensor import _collective_utils, _redistribute, debug
-
-    clears = (getattr(debug, "_clear_sharding_prop_cache", None),
-              getattr(_redistribute, "clear_redistribute_planner_cache", None),
-              getattr(getattr(_redistribute, "_gen_transform_infos", None), "cache_clear", None),
-              getattr(getattr(getattr(_collective_utils, "MeshTopoInfo", None), "build_from_mesh", None), "cache_clear",
-                      None))  # fmt: skip
-    for clear in clears:
-        if clear is not None:  # (private: older and newer torch may lack one)
-            clear()
+    for path in DTENSOR_CACHE_CLEARS:
+        module, *names = path.split(".")
+        try:
+            clear = importlib.import_module(f"torch.distributed.tensor.{module}")
+            for name in names:
+                clear = getattr(clear, name)
+        except (ImportError, AttributeError):
+            continue
+        clear()
 
 
 def print0(*args: Any, **kwargs: Any) -> None:
