@@ -320,7 +320,7 @@ def test_chunked_loss_and_gradients_equal_the_logits_path(monkeypatch, vocab_siz
     and the padded vocabulary rows (whose gradient stays zero)."""
     import gpt2.loss
 
-    monkeypatch.setattr(gpt2.loss, "CHUNK_ELEMENTS", 7 * vocab_size)  # 7 positions a chunk: 5 chunks, one short
+    monkeypatch.setattr(gpt2.loss, "CHUNK_BYTES", 7 * 4 * vocab_size)  # 7 positions a chunk: 5 chunks
     torch.manual_seed(0)
     model = tiny(vocab_size=vocab_size)
     idx = torch.randint(0, vocab_size, (2, 16))
@@ -355,6 +355,59 @@ def test_chunked_loss_under_bf16_autocast_matches_the_autocast_logits_path():
     assert loss == pytest.approx(ref_loss, abs=2e-3)  # bf16 matmuls either way; fp32 softmax
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=2e-2, rtol=5e-2, msg=name)
+
+
+def test_chunked_loss_under_bf16_autocast_is_the_same_in_one_chunk_or_many(monkeypatch):
+    """Under autocast the head-weight gradient of later chunks is added in slices of the vocabulary into an fp32
+    buffer: across 5 chunks (and 3 slices) the loss and gradients are one chunk's, up to bf16 rounding, and both
+    are the autocast logits path's."""
+    import gpt2.loss
+
+    torch.manual_seed(0)
+    model = tiny(vocab_size=100)
+    idx = torch.randint(0, 100, (2, 16))
+    results = []
+    for chunk_bytes, head_slice in ((1 << 30, 4096), (7 * 6 * 100, 40)):
+        monkeypatch.setattr(gpt2.loss, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(gpt2.loss, "HEAD_SLICE", head_slice)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_loss_and_grads(model, idx, idx, return_logits=False))
+        assert gpt2.loss.chunk_rows(32, 100, torch.bfloat16) == (32 if chunk_bytes > 1e6 else 7)
+    (one_loss, one_grads), (loss, grads) = results
+    assert loss == pytest.approx(one_loss, abs=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, one_grads[name], atol=2e-3, rtol=1e-2, msg=name)
+
+
+def test_chunked_loss_makes_no_vocabulary_sized_temporaries_per_chunk(monkeypatch):
+    """However many chunks, the loss allocates two (V, C) tensors: the head-weight gradient (fp32) and the
+    weight in the autocast dtype; no chunk makes a product, a cast or a sum of that size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import gpt2.loss
+
+    monkeypatch.setattr(gpt2.loss, "CHUNK_BYTES", 7 * 6 * 512)  # 7 positions a chunk: 5 chunks
+    monkeypatch.setattr(gpt2.loss, "HEAD_SLICE", 64)
+    V, C = 500, 32
+    x = torch.randn(32, C, requires_grad=True)
+    weight = torch.randn(512, C, requires_grad=True)
+    targets = torch.randint(0, V, (32,))
+    large = []
+
+    class LargeOutputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)}  # fmt: skip
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() >= V * C and out.untyped_storage().data_ptr() not in inputs:
+                large.append(str(func))  # a new tensor of the vocabulary's size (not a view, not written in place)
+            return out
+
+    for dtype in (torch.bfloat16, torch.float32):
+        large.clear()
+        with LargeOutputs(), torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
+            gpt2.loss.linear_cross_entropy(x, weight, targets, V).backward()
+        assert len(large) <= 2, (dtype, large)
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_dropout():
