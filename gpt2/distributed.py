@@ -239,6 +239,49 @@ def _full_state_options() -> Any:
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+class StopVote:
+    """Whether any rank was asked to stop (the signal number; 0: none), agreed on by every rank without making a
+    training step wait for the device or for the other ranks.
+
+    The ranks' flags are max-reduced on a CPU (gloo) group in the background: `after_step` reads the vote it
+    issued after the previous step and issues the next one, so all ranks learn of a signal together, one step
+    after the step during which it arrived, and stop after the same step. `now` votes and waits for the
+    answer, where the ranks wait for each other anyway (after an eval). Single-process: the flag itself."""
+
+    def __init__(self, info: DistInfo) -> None:
+        self.group = dist.new_group(backend="gloo") if info.is_distributed else None
+        self.flag = torch.zeros(1, dtype=torch.int64)  # on the CPU whatever the device: reading it syncs nothing
+        self.pending: Any = None  # the vote in flight
+
+    def after_step(self, signal: int) -> int:
+        if self.group is None:
+            return signal
+        agreed = self._collect()
+        if not agreed:
+            self.flag.fill_(signal)
+            self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return agreed
+
+    def now(self, signal: int) -> int:
+        if self.group is None:
+            return signal
+        agreed = self._collect()
+        self.flag.fill_(max(agreed, signal))
+        dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(self.flag.item())
+
+    def finish(self) -> None:
+        """Wait for the vote in flight (before the process group goes)."""
+        self._collect()
+
+    def _collect(self) -> int:
+        if self.pending is None:
+            return 0
+        self.pending.wait()
+        self.pending = None
+        return int(self.flag.item())
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean of `t` over ranks (in place); `t` itself when single-process."""
     if dist.is_initialized():

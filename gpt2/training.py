@@ -6,7 +6,7 @@ module: LR schedule, optimizers and clipping in `gpt2.optim`, process groups in 
 in `gpt2.data`, logging in `gpt2.metrics`, MFU in `gpt2.flops`, the checkpoint file and `Checkpointer` (which
 saves and restores every resumable component, listed in `Trainer.__init__`) in `gpt2.checkpoint`.
 
-A run lives in `out_dir` (DESIGN.md): `ckpt.pt` (latest, atomic), `best.pt` (lowest val loss), the resolved
+A run lives in `out_dir`: `ckpt.pt` (latest, atomic), `best.pt` (lowest val loss), the resolved
 `config.yaml` and `metrics.jsonl`. If `out_dir/ckpt.pt` exists, the same command resumes it exactly: model,
 optimizer, grad scaler, counters, the data-loader position, every rank's RNG states and the wandb run id are
 all in the checkpoint, so a resumed run on CPU ends with the same weights, bit for bit, as an uninterrupted one.
@@ -172,6 +172,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, self.dtype)
         self.hellaswag = self._load_hellaswag() if cfg.eval.hellaswag_interval else None
         self._stop_signal: int | None = None
+        self.stop_vote = distributed.StopVote(info)
         self._said_early_stop = False
         self.divergence = DivergenceWatch(self.device, check_grad_norm=not self.scaler.is_enabled())
         self._clock = (time.perf_counter(), 0)  # (time, step) the speed is measured from (`_read_metrics`)
@@ -231,12 +232,13 @@ class Trainer:
                 last = self.train_step()
                 if self.state.step % train.log_interval == 0 or self.state.step == train.max_iters:
                     self.logger.log(self._read_metrics(last), self.state.step)
-                self._stop_if_asked()
+                self._stop_if_asked(after_step=True)
             if self.state.step != self.state.last_eval_step and not self._stopped_early():
                 self.evaluate_and_checkpoint()
                 self._stop_if_asked()
             self.checkpointer.wait()
         finally:
+            self.stop_vote.finish()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.logger.close()
@@ -258,7 +260,7 @@ class Trainer:
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
 
     def _read_metrics(self, last: dict[str, Any]) -> dict[str, float]:
-        """The metrics of a log step (DESIGN.md keys), read from the device once: the last step's loss (mean over
+        """The metrics of a log step (metrics.jsonl keys), read from the device once: the last step's loss (mean over
         ranks) and gradient norm, and the speed over the steps since the previous log line."""
         self.divergence.check(self.checkpointer.path)
         loss = distributed.all_reduce_mean(last["loss"].detach().clone()).item()
@@ -514,25 +516,22 @@ class Trainer:
         print0(f"got {signal.Signals(signum).name}: finishing this step, then saving {self.checkpointer.path} "
                "(send it again to stop at once, without saving)")
 
-    def _stop_if_asked(self) -> None:
-        """After a stop signal (on any rank): save a checkpoint of the current step and exit 128 + signal."""
-        if self._should_stop():
-            self.divergence.check(self.checkpointer.path)
-            self.checkpointer.save()
-            self.checkpointer.wait()
-            print0(f"stopped by signal {self._stop_signal} at step {self.state.step}: checkpoint saved "
-                   f"to {self.checkpointer.path}; rerun the same command to resume")
-            raise SystemExit(128 + self._stop_signal)
-
-    def _should_stop(self) -> bool:
-        """Whether any rank got SIGTERM/SIGINT (ranks must agree: the checkpoint save is collective)."""
-        if not self.info.is_distributed:
-            return self._stop_signal is not None  # no device round trip per step
-        flag = torch.tensor(float(self._stop_signal or 0), device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and self._stop_signal is None:
-            self._stop_signal = int(flag.item())
-        return self._stop_signal is not None
+    def _stop_if_asked(self, after_step: bool = False) -> None:
+        """After a stop signal (on any rank): save a checkpoint of the current step and exit 128 + signal. Ranks
+        must agree (the save is collective): after a training step on the vote issued after the step before
+        (no wait), elsewhere on a vote taken now."""
+        local = self._stop_signal or 0
+        agreed = self.stop_vote.after_step(local) if after_step else self.stop_vote.now(local)
+        if not agreed:
+            return
+        self.stop_vote.finish()
+        self._stop_signal = self._stop_signal or agreed
+        self.divergence.check(self.checkpointer.path)
+        self.checkpointer.save()
+        self.checkpointer.wait()
+        print0(f"stopped by signal {self._stop_signal} at step {self.state.step}: checkpoint saved "
+               f"to {self.checkpointer.path}; rerun the same command to resume")
+        raise SystemExit(128 + self._stop_signal)
 
     def _print_summary(self) -> None:
         train, info = self.cfg.train, self.info

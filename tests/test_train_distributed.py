@@ -329,3 +329,91 @@ def test_a_finished_run_destroys_its_process_group_before_shutdown(char_data, tm
     for rank in (0, 1):
         names = (tmp_path / f"threads.{rank}").read_text().split("\n")
         assert len(names) == 1, names
+
+
+def _voting_rank(rank: int, port: int, data: str, out: str) -> None:
+    """One rank of test_distributed_steps_never_wait: two watched steps, then a fit that rank 1 is signalled in."""
+    import os
+    import signal
+
+    from test_train import compose
+
+    from gpt2 import distributed
+    from gpt2.config import TrainRunConfig, to_object
+    from gpt2.training import Trainer
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    info = distributed.init("cpu")
+    cfg = to_object(compose(f"data.name={data}", f"out_dir={out}/run", *ARGS, "train.max_iters=8",
+                            "train.eval_interval=0", "train.log_interval=100"), TrainRunConfig)  # fmt: skip
+    trainer = Trainer(cfg, info)
+    trainer.train_step()
+    trainer._stop_if_asked(after_step=True)
+    waits, blocking = [], []
+    flag = trainer.stop_vote.flag
+    real_all_reduce = torch.distributed.all_reduce
+
+    def watched(name):
+        def read(self, *args, **kwargs):
+            if self is not flag:  # (the vote's own flag lives on the CPU: reading it waits for no device)
+                waits.append(f"Tensor.{name}")
+            return getattr(torch.Tensor, f"_real_{name}")(self, *args, **kwargs)
+
+        return read
+
+    def all_reduce(tensor, *args, **kwargs):
+        if not kwargs.get("async_op"):
+            blocking.append("all_reduce")
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    names = ("item", "tolist", "__float__", "__bool__", "__int__")
+    for name in names:
+        setattr(torch.Tensor, f"_real_{name}", getattr(torch.Tensor, name))
+        setattr(torch.Tensor, name, watched(name))
+    torch.distributed.all_reduce = all_reduce
+    for _ in range(2):  # the loop's body: a step, then the stop vote
+        trainer.train_step()
+        trainer._stop_if_asked(after_step=True)
+    for name in names:
+        setattr(torch.Tensor, name, getattr(torch.Tensor, f"_real_{name}"))
+    torch.distributed.all_reduce = real_all_reduce
+
+    step = trainer.train_step
+
+    def signalled_step():  # rank 1 alone is signalled during its 5th step
+        result = step()
+        if rank == 1 and trainer.state.step == 5:
+            trainer._on_signal(signal.SIGTERM, None)
+        return result
+
+    trainer.train_step = signalled_step
+    try:
+        trainer.fit()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    stopped_at = trainer.state.step
+    del trainer, step, signalled_step
+    saved = torch.load(Path(out) / "run" / "ckpt.pt", weights_only=False)["step"]
+    with open(f"{out}/r.{rank}", "w") as f:
+        json.dump({"waits": waits, "blocking": blocking, "code": code, "stopped_at": stopped_at, "saved": saved}, f)
+    distributed.cleanup()
+
+
+@pytest.mark.slow  # ~15 s: two spawned processes
+def test_distributed_steps_never_wait_and_every_rank_stops_after_the_same_step(char_data, tmp_path):  # noqa: F811
+    """Under 2 gloo ranks a training step and the stop check after it read nothing from the device and wait for
+    no collective: the stop vote of the step before is collected, the next one issued in the background. A
+    signal to one rank during step 5 stops both after step 6, whose checkpoint they save, exiting 143."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_voting_rank, args=(port, str(char_data), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"r.{rank}").read_text())
+        assert result == {"waits": [], "blocking": [], "code": 143, "stopped_at": 6, "saved": 6}, (rank, result)
