@@ -43,9 +43,8 @@ def dataset() -> str:
         return str(prepared)
     from gpt2.data.prepare import prepare
 
-    src = ROOT.parent / "shared" / "offline" / "tinyshakespeare" / "input.txt"
     root = Path(tempfile.mkdtemp())
-    prepare(DataConfig(name="shakespeare_char", source=str(src), tokenizer="char"), data_root=root)
+    prepare(DataConfig(name="shakespeare_char", source="builtin:tinyshakespeare", tokenizer="char"), data_root=root)
     return str(root / "shakespeare_char")
 
 

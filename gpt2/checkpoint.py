@@ -246,7 +246,7 @@ class Checkpointer:
 
     `components` maps a top-level key of ckpt.pt to the object that owns that state (torchtitan's Stateful
     pattern); `counters` are owners whose state dicts are merged into the top level (the trainer's counters
-    and the wandb run id, as DESIGN.md lists them). `metadata()` adds what describes the run (model config,
+    and the wandb run id, top-level keys of the checkpoint format). `metadata()` adds what describes the run (model config,
     tokenizer, resolved config). Adding a piece of resumable state is adding one entry. Every rank calls
     `save`: the components gather sharded or per-rank state; rank 0 writes.
 

@@ -1,4 +1,4 @@
-"""The config surface is a contract (DESIGN.md): the key set is frozen here, so a new key is a deliberate act,
+"""The config surface is a contract users script against: the key set is frozen here, so a new key is a deliberate act,
 and every documented check fails early with one line that names the key."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from gpt2 import config
 from gpt2.errors import UserError
 
-# DESIGN.md's keys, plus the ones added deliberately since (the data builder's, schedules, Muon, eval).
+# The original keys, plus the ones added deliberately since (the data builder's, schedules, Muon, eval).
 TRAIN_KEYS = """
 model.n_layer model.n_head model.n_embd model.block_size model.dropout model.bias
 data.name data.builder data.tokenizer data.source data.subset data.split data.val_source data.val_fraction

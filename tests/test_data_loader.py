@@ -18,7 +18,7 @@ TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i
 
 
 def write_shard(path, tokens: np.ndarray) -> None:
-    """A shard in the llm.c format (DESIGN.md), written by hand: header of 256 int32, then uint16 tokens."""
+    """A shard in the llm.c format (README, "Preparing data"), written by hand: header of 256 int32, then uint16 tokens."""
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = MAGIC, VERSION, len(tokens)
     path.write_bytes(header.tobytes() + np.asarray(tokens).astype("<u2").tobytes())

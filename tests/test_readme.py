@@ -3,7 +3,7 @@
 Every `train.py`, `sample.py`, `data/prepare.py`, `torchrun ... train.py` and `python -m gpt2.eval` command in
 its bash blocks is composed and validated exactly as the CLI would (unknown keys, groups and bad values fail
 here). GPU-sized and network-bound runs stop there; the demo block is run for real, with tiny overrides
-appended, on tiny-shakespeare from ../shared/offline.
+appended, on the tiny-shakespeare the package ships.
 """
 
 from __future__ import annotations
