@@ -14,7 +14,8 @@
     rng             one entry per rank: its RNG states
     step, best_val_loss, tokens_seen, last_eval_step, wandb_run_id    the trainer's counters, at the top level
 
-Writes go to a temporary file in the same directory, then `os.replace`, so a crash never leaves a broken file.
+Writes go through `gpt2.files.atomic_write` (a temporary file, fsync, rename), so a crash never leaves a broken
+file.
 `Checkpointer` is the one place a training run saves and restores its resumable components.
 """
 
@@ -32,6 +33,7 @@ import torch
 
 from gpt2 import distributed
 from gpt2.errors import UserError
+from gpt2.files import atomic_write, temporary_path
 from gpt2.model import GPT, GPTConfig
 from gpt2.tokenizer import from_dict as tokenizer_from_dict
 
@@ -42,17 +44,12 @@ BEST_NAME = "best.pt"
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
-    """Write `state` to `path` atomically (temp file + fsync + rename). A failed write (a full disk) is a
+    """Write `state` to `path` atomically (`gpt2.files.atomic_write`). A failed write (a full disk) is a
     UserError saying so: the previous file at `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"format_version": CHECKPOINT_FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save({"format_version": CHECKPOINT_FORMAT, **state}, f))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError of its zip writer
         reason = getattr(e, "strerror", None) or "the write failed: a full disk or a file-size limit"
         need = sum(t.numel() * t.element_size() for t in _tensors(state)) / 2**20
@@ -62,9 +59,6 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
             f"checkpoint not written ({reason}); {previous}. It needs about {need:,.0f} MiB and "
             f"{path.parent} has {free:,.0f} MiB free: free some space, then rerun the same command to resume"
         ) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _tensors(obj: Any):
@@ -215,7 +209,7 @@ def load_init(init_from: str) -> tuple[GPT, dict[str, Any]]:
 def link_or_copy(src: Path, dst: Path) -> None:
     """`dst` becomes the same file as `src`, atomically (a hard link costs nothing; `src` is later replaced
     by a new file, not rewritten, so the link keeps this version)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(dst)
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)

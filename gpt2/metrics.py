@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.errors import UserError
+from gpt2.files import atomic_write_text
 
 WANDB_KEYS = {
     "loss": "train/loss",
@@ -152,9 +153,7 @@ def _drop_after(path: Path, step: int) -> None:
         print(f"{path}: dropped {broken} incomplete record(s) (a kill or a full disk mid-write)", flush=True)
     if step < 0 and any(line.strip() for line in path.read_text(errors="replace").splitlines()):
         print(f"{path}: cleared the records of an earlier attempt that left no checkpoint", flush=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def format_line(r: dict[str, Any]) -> str:

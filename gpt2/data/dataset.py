@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 
 from gpt2.data.shards import open_tokens, read_header
 from gpt2.errors import UserError
+from gpt2.files import atomic_write_text
 from gpt2.tokenizer import from_dict
 
 META_FILE = "meta.json"
@@ -75,10 +75,8 @@ def new_meta(data: Any, tokenizer: Any, shards: dict[str, list[dict]], documents
 
 
 def write_meta(dir: Path, meta: dict) -> None:
-    """Write `dir/meta.json` atomically (temp file + rename): a folder with it is a complete dataset."""
-    tmp = dir / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, dir / META_FILE)
+    """Write `dir/meta.json` atomically: a folder with it is a complete dataset."""
+    atomic_write_text(dir / META_FILE, json.dumps(meta, indent=1) + "\n")
 
 
 @dataclass(frozen=True)

@@ -219,7 +219,7 @@ def _source_spec(data: DataConfig, out_dir: Path) -> str:
 def _written_here(out_dir: Path) -> set[str]:
     """Names in `out_dir` that this tool wrote: the shards its meta.json lists (for adopted shards only the
     links it made), the shards it was moving in when a run died, its own bookkeeping files and staging folder."""
-    names = {META_FILE, META_FILE + ".tmp", MOVING_FILE, STAGE_DIR}
+    names = {META_FILE, MOVING_FILE, STAGE_DIR} | {p.name for p in out_dir.glob(f".{META_FILE}.*.tmp")}
     try:
         meta = json.loads((out_dir / META_FILE).read_text())
         adopted = meta.get("data", {}).get("builder") == "shards"

@@ -23,11 +23,11 @@ import glob
 import json
 import os
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from gpt2.errors import UserError
+from gpt2.files import download
 from gpt2.resources import BUILTIN_SOURCES
 
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet")  # one document per row; any other file is one text document
@@ -240,26 +240,20 @@ def _skip_report(skipped: dict[str, list[Path]]) -> str:
 
 
 def fetch_url(url: str, dest: Path) -> Path:
-    """Download `url` to `dest` (atomically: temp file + rename) unless `dest` already exists."""
+    """Download `url` to `dest` (atomically) unless `dest` already exists."""
     if dest.exists():
         print(f"using {dest} (already downloaded from {url})", flush=True)
         return dest
     created = not dest.parent.exists()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
     print(f"downloading {url} -> {dest}", flush=True)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-    except OSError as e:  # URLError, timeouts and HTTP errors are all OSErrors
-        tmp.unlink(missing_ok=True)
+        download(url, dest)
+    except (OSError, ValueError) as e:  # URLError, timeouts and HTTP errors are all OSErrors; a bad URL ValueError
         if created:
             dest.parent.rmdir()  # no empty data/<name>/ left behind
         raise UserError(
             f"cannot download {url} ({type(e).__name__}: {e}); offline, put the file at {dest} and run again"
         ) from e
-    os.replace(tmp, dest)
     return dest
 
 

@@ -19,7 +19,6 @@ over ranks (`all_reduce`), and the result comes back under the metrics.jsonl key
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -27,6 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from gpt2 import files
 from gpt2.device import autocast, resolve_device, resolve_dtype
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.progress import progress_bar
@@ -52,29 +52,15 @@ class Example:
 
 
 def download(url: str, dest: Path) -> Path:
-    """Fetch `url` into `dest` atomically (temp file in the same directory, then rename)."""
-    import urllib.error
-    import urllib.request
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    """Fetch `url` into `dest` atomically (`gpt2.files.download`), failing with one line that says what to do."""
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            size = int(response.headers.get("content-length") or 0) or None
-            with progress_bar(total=size, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError, ValueError) as e:  # no network, DNS, HTTP errors, bad URL
+        return files.download(url, dest)
+    except (OSError, ValueError) as e:  # no network, DNS, HTTP errors, bad URL
         reason = getattr(e, "reason", None) or e
         raise UserError(
             f"cannot download HellaSwag from {url} ({reason}); download {FILENAME} where there is a network and "
             f"put it at {dest}, or pass path=<local jsonl>"
         ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
 
 
 def _parse_line(line: str, where: str) -> Example:
