@@ -3,6 +3,7 @@ curve at the same global batch, and their checkpoints are plain, full, resumable
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -334,56 +335,39 @@ def test_a_finished_run_destroys_its_process_group_before_shutdown(char_data, tm
 def _voting_rank(rank: int, port: int, data: str, out: str) -> None:
     """One rank of test_distributed_steps_never_wait: two watched steps, then a fit that rank 1 is signalled in."""
     import os
+
+    from gpt2 import distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    result = _watched_run(distributed.init("cpu"), data, out)  # (its trainer is gone before `cleanup`)
+    with open(f"{out}/r.{rank}", "w") as f:
+        json.dump(result, f)
+    distributed.cleanup()
+
+
+def _watched_run(info, data: str, out: str) -> dict:
     import signal
 
     from test_train import compose
 
-    from gpt2 import distributed
     from gpt2.config import TrainRunConfig, to_object
     from gpt2.training import Trainer
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
-    info = distributed.init("cpu")
     cfg = to_object(compose(f"data.name={data}", f"out_dir={out}/run", *ARGS, "train.max_iters=8",
                             "train.eval_interval=0", "train.log_interval=100"), TrainRunConfig)  # fmt: skip
     trainer = Trainer(cfg, info)
     trainer.train_step()
     trainer._stop_if_asked(after_step=True)
-    waits, blocking = [], []
-    flag = trainer.stop_vote.flag
-    real_all_reduce = torch.distributed.all_reduce
-
-    def watched(name):
-        def read(self, *args, **kwargs):
-            if self is not flag:  # (the vote's own flag lives on the CPU: reading it waits for no device)
-                waits.append(f"Tensor.{name}")
-            return getattr(torch.Tensor, f"_real_{name}")(self, *args, **kwargs)
-
-        return read
-
-    def all_reduce(tensor, *args, **kwargs):
-        if not kwargs.get("async_op"):
-            blocking.append("all_reduce")
-        return real_all_reduce(tensor, *args, **kwargs)
-
-    names = ("item", "tolist", "__float__", "__bool__", "__int__")
-    for name in names:
-        setattr(torch.Tensor, f"_real_{name}", getattr(torch.Tensor, name))
-        setattr(torch.Tensor, name, watched(name))
-    torch.distributed.all_reduce = all_reduce
-    for _ in range(2):  # the loop's body: a step, then the stop vote
-        trainer.train_step()
-        trainer._stop_if_asked(after_step=True)
-    for name in names:
-        setattr(torch.Tensor, name, getattr(torch.Tensor, f"_real_{name}"))
-    torch.distributed.all_reduce = real_all_reduce
-
+    with _watching_syncs(allowed=trainer.stop_vote.flag) as (waits, blocking):
+        for _ in range(2):  # the loop's body: a step, then the stop vote
+            trainer.train_step()
+            trainer._stop_if_asked(after_step=True)
     step = trainer.train_step
 
     def signalled_step():  # rank 1 alone is signalled during its 5th step
         result = step()
-        if rank == 1 and trainer.state.step == 5:
+        if info.rank == 1 and trainer.state.step == 5:
             trainer._on_signal(signal.SIGTERM, None)
         return result
 
@@ -393,12 +377,41 @@ def _voting_rank(rank: int, port: int, data: str, out: str) -> None:
         code = 0
     except SystemExit as e:
         code = e.code
-    stopped_at = trainer.state.step
-    del trainer, step, signalled_step
     saved = torch.load(Path(out) / "run" / "ckpt.pt", weights_only=False)["step"]
-    with open(f"{out}/r.{rank}", "w") as f:
-        json.dump({"waits": waits, "blocking": blocking, "code": code, "stopped_at": stopped_at, "saved": saved}, f)
-    distributed.cleanup()
+    return {"waits": waits, "blocking": blocking, "code": code, "stopped_at": trainer.state.step, "saved": saved}
+
+
+@contextlib.contextmanager
+def _watching_syncs(allowed: torch.Tensor):
+    """Records reads of tensors' values (but `allowed`'s) and blocking all_reduce calls, in two lists."""
+    waits: list[str] = []
+    blocking: list[str] = []
+    names = ("item", "tolist", "__float__", "__bool__", "__int__")
+    real = {name: getattr(torch.Tensor, name) for name in names}
+    real_all_reduce = torch.distributed.all_reduce
+
+    def watched(name):
+        def read(self, *args, **kwargs):
+            if self is not allowed:  # (the vote's own flag lives on the CPU: reading it waits for no device)
+                waits.append(f"Tensor.{name}")
+            return real[name](self, *args, **kwargs)
+
+        return read
+
+    def all_reduce(tensor, *args, **kwargs):
+        if not kwargs.get("async_op"):
+            blocking.append("all_reduce")
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    for name in names:
+        setattr(torch.Tensor, name, watched(name))
+    torch.distributed.all_reduce = all_reduce
+    try:
+        yield waits, blocking
+    finally:
+        for name in names:
+            setattr(torch.Tensor, name, real[name])
+        torch.distributed.all_reduce = real_all_reduce
 
 
 @pytest.mark.slow  # ~15 s: two spawned processes
