@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import report  # noqa: E402  (bench/report.py)
+from report import native_bf16  # noqa: E402
 
 HEAVY_OPS = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.baddbmm.", "aten._scaled_dot_product_flash_attention_for_cpu")
 
@@ -116,11 +117,6 @@ def make_data(root: Path) -> Path:
     from gpt2.data.prepare import prepare
 
     return prepare(DataConfig(name="shakespeare", source="builtin:tinyshakespeare"), data_root=root)
-
-
-def native_bf16() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import report  # noqa: E402  (bench/report.py)
-from finetune_memory import native_bf16  # noqa: E402
+from report import native_bf16  # noqa: E402
 
 from gpt2.config import OptimConfig  # noqa: E402
 from gpt2.device import autocast  # noqa: E402
@@ -94,8 +94,8 @@ def main() -> None:
             lines.append(f"| {name} | 4 x {seq_len} | {r['whole-batch logits']:.2f} | {r['chunked']:.2f} | "
                          f"{r['chunked'] / r['whole-batch logits']:.2f} |")  # fmt: skip
             print(lines[-1], flush=True)
-    section = (f"{report.heading('Loss paths in a training step')}\n\n`{report.command_line()}` on {report.machine()} "
-               f"({'native bf16' if native_bf16() else 'no native bf16'}); GPT-2 124M, one process, the two paths "
+    section = (f"{report.heading('Loss paths in a training step')}\n\n`{report.command_line()}` on {report.machine()}; "
+               f"GPT-2 124M, one process, the two paths "
                f"alternating, median of {args.rounds} rounds after a warm-up round.\n\n" + "\n".join(lines) + "\n")
     print(section)
     if not args.no_append:

@@ -216,7 +216,7 @@ def main() -> None:
 
     from gpt2.device import resolve_dtype
 
-    from finetune_memory import native_bf16
+    from report import native_bf16
 
     tables = set(args.tables.split(","))
     if tables - {"step", "activations", "parallel"}:

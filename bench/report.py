@@ -16,11 +16,18 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 
 
 def machine(device: torch.device | None = None) -> str:
-    """`NVIDIA H100 80GB HBM3, torch 2.x CUDA 12.x` or `2-core x86_64 CPU, torch 2.x CPU`."""
+    """`NVIDIA H100 80GB HBM3, torch 2.x CUDA 12.x` or `2-core x86_64 CPU (native bf16), torch 2.x CPU`."""
     torch_version = torch.__version__.split("+")[0]
     if device is not None and device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch_version} CUDA {torch.version.cuda}"
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch_version} CPU"
+    bf16 = "native bf16" if native_bf16() else "bf16 emulated"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU ({bf16}), torch {torch_version} CPU"
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 matmuls are emulated."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def command_line() -> str:

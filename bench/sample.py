@@ -13,6 +13,9 @@ For batch 1 and 8, a prompt of 4 tokens and `--new-tokens` new ones (sampling: t
 - `no KV cache`: the same model, a full forward over the whole context for every token (`--nocache-tokens`
   new tokens, fewer because its cost grows with the context; tokens/s is still comparable, and flattering
   to it since its contexts are shorter);
+- `llama.cpp` (batch 1, when llama-cpp-python is installed): the same weights exported by this project's GGUF
+  writer (`gpt2.export.write_gguf`) in f32 and f16, generated with `Llama.generate` (same prompt, temperature 1,
+  top_k 200) on as many threads as torch uses: the engine users compare CPU decoding with;
 - `transformers generate`: `GPT2LMHeadModel.generate` on the same weights, exported with `gpt2.hf.save_pretrained`
   and loaded with `from_pretrained`; in bf16 too at batch 1 (`--nocache-tokens` new tokens: on CPUs without
   native bf16 its (in, out) Conv1D weights take an emulated path). "vs transformers" is against its fp32 row.
@@ -22,7 +25,7 @@ table), so GB/s = steps/s x weight bytes, against this machine's copy bandwidth 
 write bytes of a 256 MB `copy_`, best of 5): the limit of one-row decoding. Prints a markdown table and appends
 it to BENCHMARKS.md unless --no-append. The batch-1 fp32 engine and transformers are also profiled (64 tokens,
 torch.profiler, fastest of 3 alternating runs): the share of their time in matrix products (aten::addmm /
-aten::mm), the GB/s those stream, and the ratio to transformers an engine with no work outside them would reach.
+aten::mm, or oneDNN's prepacked linear), the GB/s those stream, and the ratio to transformers an engine with no work outside them would reach.
 
 --ragged instead: `--prompts` prompts of 4 to 64 tokens, greedy, `--new-tokens` each, generated in batches of
 each of `--batch-sizes`: our engine (each row its own positions, no padding) against transformers' batched
@@ -36,7 +39,6 @@ import argparse
 import copy
 import datetime
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -93,6 +95,31 @@ def engine_ragged(model: GPT, prompts: list[list[int]], n: int, batch_size: int)
 
 
 @torch.inference_mode()
+def llama_cpp_models(model: GPT, out: Path) -> dict[str, object]:
+    """llama.cpp on `model`'s weights exported as GGUF, per dtype ("float32", "float16"); {} without llama-cpp-python."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {}
+    from gpt2.export import write_gguf
+    from gpt2.tokenizer import GPT2Tokenizer
+
+    models = {}
+    for dtype in (torch.float32, torch.float16):
+        path = write_gguf(model, GPT2Tokenizer(), out / str(dtype).removeprefix("torch."), dtype, "gpt2-bench")
+        models[str(dtype).removeprefix("torch.")] = llama_cpp.Llama(
+            model_path=str(path), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
+    return models
+
+
+def llama_generate(llm, idx: torch.Tensor, n: int) -> int:
+    """n new tokens from llama.cpp after the prompt idx (1, T): prefill, then n - 1 decode steps, as `engine`."""
+    for count, _ in enumerate(llm.generate(idx[0].tolist(), top_k=200, temp=1.0, reset=True), start=1):
+        if count == n:
+            break
+    return n
+
+
 def hf_ragged(hf_model, prompts: list[list[int]], n: int, batch_size: int) -> list[list[int]]:
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -157,15 +184,18 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / best
 
 
+MATMUL_OPS = ("aten::addmm", "aten::mm", "mkldnn::_linear_pointwise")
+
+
 def matmul_profile(run: Callable[[], int]) -> tuple[float, float]:
-    """(seconds, of which in aten::addmm / aten::mm) of one `run`, under torch.profiler."""
+    """(seconds, of which in matrix products: aten::addmm / aten::mm / oneDNN's prepacked linear) of one `run`."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     events = prof.key_averages()  # self times, in microseconds
     total = sum(e.self_cpu_time_total for e in events)
-    return total / 1e6, sum(e.self_cpu_time_total for e in events if e.key in ("aten::addmm", "aten::mm")) / 1e6
+    return total / 1e6, sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6
 
 
 def timed(fn: Callable[[], int]) -> float:
@@ -210,6 +240,8 @@ def main() -> None:
     # is a matrix-vector product, which PyTorch's reduced-precision kernel streams at fp32's bytes/s.
     ours_bf16 = use_decode_layout(copy.deepcopy(plain).to(torch.bfloat16))
     hf_bf16 = copy.deepcopy(hf_model).to(torch.bfloat16)
+    gguf_dir = tempfile.TemporaryDirectory()
+    llamas = llama_cpp_models(plain, Path(gguf_dir.name))
     load = os.getloadavg()[0]
     bandwidth = copy_bandwidth()
 
@@ -226,6 +258,8 @@ def main() -> None:
             cases.insert(1, ("gpt2 engine, nn.Linear layout", "float32", n, lambda: engine(plain, idx, n, layout=False)))
             cases.insert(2, ("gpt2 engine, bfloat16", "bfloat16", n, lambda: engine(ours_bf16, idx, n)))
             cases.append(("transformers generate, bfloat16", "bfloat16", nc, lambda: hf_generate(hf_bf16, idx, nc)))
+            for dtype, llm in llamas.items():
+                cases.append((f"llama.cpp ({dtype} GGUF)", dtype, n, lambda llm=llm: llama_generate(llm, idx, n)))
             if compiled is not None:
                 cases.insert(1, ("gpt2 engine, compiled decode (static cache)", "float32", n,
                                  lambda: engine(ours, idx, n, decode=compiled, static=True)))  # fmt: skip
@@ -233,6 +267,8 @@ def main() -> None:
         engine(ours, idx, 4), hf_generate(hf_model, idx, 4)  # warm up kernels
         if B == 1:
             engine(ours_bf16, idx, 4), hf_generate(hf_bf16, idx, 4)
+            for llm in llamas.values():
+                llama_generate(llm, idx, 4)
         best = {name: 0.0 for name, *_ in cases}
         for rep in range(args.reps):
             for name, _, _, fn in cases:
@@ -242,7 +278,7 @@ def main() -> None:
         for name, dtype, tokens, _ in cases:
             roof = ""  # weight stream and its share of the copy bandwidth, for the rows that read each weight once
             if not name.startswith("no KV cache"):
-                stream = best[name] / B * weight_bytes(ours_bf16 if dtype == "bfloat16" else ours)
+                stream = best[name] / B * weight_bytes(ours if dtype == "float32" else ours_bf16)
                 roof = f"{stream / 1e9:.1f} | {stream / bandwidth:.0%}"
             rows.append(f"| {B} | {name} | {dtype} | {tokens} | {best[name]:.1f} | {best[name] / hf:.2f}x | "
                         f"{roof or ' | '} |")  # fmt: skip
@@ -253,14 +289,14 @@ def main() -> None:
             for _ in range(3)]  # alternating; the fastest of each
     (ours_s, ours_mm), (hf_s, hf_mm) = min(r[0] for r in runs), min(r[1] for r in runs)
     profiled = (f"Profiled at batch 1 in fp32 (64 tokens): the engine spends {ours_mm / ours_s:.0%} of its time in "
-                f"matrix products (aten::addmm/mm), which stream the weights at "
+                f"matrix products (aten::addmm/mm, mkldnn::_linear_pointwise), which stream the weights at "
                 f"{n * weight_bytes(ours) / ours_mm / 1e9:.1f} GB/s, transformers {hf_mm / hf_s:.0%}; an engine doing "
                 f"nothing but these products would be {hf_s / ours_mm:.2f}x transformers.")  # fmt: skip
     print(profiled)
     header = (
         f"## Sampling speed ({datetime.date.today()})\n\n"
         f"`python bench/sample.py --new-tokens {args.new_tokens} --nocache-tokens {args.nocache_tokens} "
-        f"--reps {args.reps}{f' --threads {args.threads}' if args.threads else ''}` on 2-core x86 CPU sandbox ({platform.machine()}), torch {torch.__version__}, "
+        f"--reps {args.reps}{f' --threads {args.threads}' if args.threads else ''}` on {report.machine()}, "
         f"{torch.get_num_threads()} threads (load average {load:.1f} at start: the machine is shared, so compare "
         "rows of one table). GPT-2 124M shape, random weights, prompt of 4 tokens, sampling with temperature 1 "
         f"and top_k 200; tokens/s = new tokens x batch / wall time, best of the round-robin repetitions. Weight "

@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import report  # noqa: E402  (bench/report.py)
-from finetune_memory import make_data, make_init, native_bf16  # noqa: E402
+from finetune_memory import make_data, make_init  # noqa: E402
+from report import native_bf16  # noqa: E402
 
 RUNS = ("gpt2", "gpt2, whole-batch logits", "transformers Trainer")
 
@@ -141,7 +142,7 @@ def main() -> None:
                 results[run].append(measure(run, job))
                 print(run, results[run][-1], flush=True)
     section = (f"{report.heading('Fine-tuning step: against transformers Trainer')}\n\n`{report.command_line()}` "
-               f"on {report.machine()} ({'native bf16' if native_bf16() else 'no native bf16'}); GPT-2 124M, batch "
+               f"on {report.machine()}; GPT-2 124M, batch "
                f"4 x {args.block_size}, {args.dtype}, {args.steps} steps per run, median after {args.warmup}, "
                f"{args.rounds} alternating rounds.\n\n{table(results, args)}\n")
     print(section)

@@ -3,6 +3,8 @@ top_k=1 vs greedy), invariants (seeds, EOT, stop strings, sliding window) and un
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -382,3 +384,32 @@ def test_compiled_decode_step_matches_eager_and_compiles_once():
     assert compiled.generate("All:", num_samples=2, **kw) == eager.generate("All:", num_samples=2, **kw)
     # 29 decode steps, one compilation: the static cache's shapes do not change from token to token.
     assert counters["frames"]["total"] == 1 and counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_linears_give_the_same_logits_and_leave_training_to_nn_linear(monkeypatch, dtype):
+    """Where oneDNN's prepacked products pay (forced here, so any CPU runs it), the Linears decode from a packed
+    copy of their weight: the same logits and greedy tokens as plain nn.Linear, the same state dict, and
+    a forward that needs gradients takes nn.Linear's own path (the packed copy has none)."""
+    from gpt2.sampling import engine
+
+    monkeypatch.setattr(engine, "prepacking_pays", lambda: True)
+    reference = tiny_model().to(dtype)
+    model = use_decode_layout(copy.deepcopy(reference), rows=1)
+    assert isinstance(model.transformer.h[0].mlp.c_fc, engine.PackedLinear)
+    assert isinstance(model.lm_head, engine.PackedLinear) and model.lm_head.weight is model.transformer.wte.weight
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    idx = torch.randint(0, 65, (2, 10), generator=torch.Generator().manual_seed(9))
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], reference(idx)[0], **tolerance)
+    if dtype == torch.float32:
+        assert torch.equal(run(model, idx, 20), run(reference, idx, 20))
+    use_decode_layout(model, rows=8)  # another layout (fp32): packed again from the new weights
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], reference(idx)[0], **tolerance)
+    model.requires_grad_(True)
+    model(idx, idx)[1].backward()
+    reference(idx, idx)[1].backward()
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    torch.testing.assert_close(weight.grad, reference.transformer.h[0].mlp.c_fc.weight.grad, **tolerance)

@@ -39,14 +39,14 @@ def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
     """Lay out each Linear weight, and the tied `wte`/`lm_head` matrix, for decoding `rows` sequences at once:
     for one row of an fp32 model as the transpose of a contiguous (in, out) tensor, otherwise in nn.Linear's own
     (out, in). Same shapes and values either way, other strides; one weight is copied at a time and nothing is
-    kept twice. Returns `model` (changed in place; a no-op when it already has that layout).
+    kept twice. On CPUs with native bf16, every Linear (the LM head too) then also gets its weight prepacked for
+    oneDNN (`PackedLinear`), which costs the weights' size again. Returns `model` (changed in place; a no-op when it already has that layout).
 
-    Why: on CPU, one-row decoding is a chain of matrix-vector products bound by memory bandwidth, and MKL
-    streams the fp32 (in, out) layout faster: about 1.3x for the blocks and 2x for the 50304-row LM head of GPT-2
-    124M on the 2-core x86 sandbox. With 8 or 32 rows the products are small matrix products, which MKL runs
-    1.5-2x faster in the (out, in) layout (bench/sample.py, BENCHMARKS.md). bf16 and fp16 products of one row
-    take PyTorch's reduced-precision matrix-vector kernel in the (out, in) layout only: (in, out) ran 7-24x
-    slower on the AVX2 sandbox. The sampler uses it on CPU only.
+    Why: on CPU, decoding is a chain of matrix products of few rows, bound by memory bandwidth. MKL streams
+    one fp32 row faster against the (in, out) layout (the LM head most of all); with several rows, and for bf16
+    and fp16 (PyTorch's reduced-precision matrix-vector kernel), the (out, in) layout is the fast one. Where the
+    CPU has native bf16, oneDNN's products against a prepacked weight beat both, in bf16 and fp32
+    (bench/sample.py and BENCHMARKS.md have the figures). The sampler uses this on CPU only.
     """
     one_row = rows == 1 and model.lm_head.weight.dtype == torch.float32
 
@@ -55,14 +55,51 @@ def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
         return nn.Parameter(data, requires_grad=False)
 
     wte = model.transformer.wte
-    if wte.weight.is_contiguous() != one_row:
-        return model
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module is not model.lm_head:
-            module.weight = relaid(module.weight)
-    wte.weight = relaid(wte.weight)
-    model.lm_head.weight = wte.weight  # keep the tie
+    if wte.weight.is_contiguous() == one_row:
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module is not model.lm_head:
+                module.weight = relaid(module.weight)
+        wte.weight = relaid(wte.weight)
+        model.lm_head.weight = wte.weight  # keep the tie
+    if prepacking_pays():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):  # the LM head too: its packed copy is not the embedding's
+                PackedLinear.pack(module)
     return model
+
+
+def prepacking_pays() -> bool:
+    """Whether oneDNN's prepacked products are the fast ones for decoding here: CPUs with native bf16 (AVX512-BF16
+    or AMX), where they were measured; elsewhere MKL's and PyTorch's own kernels were."""
+    return torch.backends.mkldnn.is_available() and (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+class PackedLinear(nn.Linear):
+    """An nn.Linear that also holds its weight reordered for oneDNN (`packed`), used when nothing needs gradients:
+    parameters, state dict and training are nn.Linear's. The packed copy costs the weight's size again."""
+
+    packed: torch.Tensor
+    packed_from: tuple  # where and how the weight `packed` was made from lies: a new layout packs again
+
+    @staticmethod
+    def pack(module: nn.Linear) -> None:
+        if isinstance(module, PackedLinear) and module.is_current():
+            return
+        module.__class__ = PackedLinear
+        module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 1)
+        module.packed_from = (module.weight.data_ptr(), module.weight.stride(), module.weight.dtype)
+
+    def is_current(self) -> bool:
+        return self.packed_from == (self.weight.data_ptr(), self.weight.stride(), self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_current() or x.dtype != self.weight.dtype or (
+            torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return super().forward(x)
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def decode_step(model: GPT, token: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
