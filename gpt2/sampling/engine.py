@@ -71,13 +71,14 @@ def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
 def prepacking_pays() -> bool:
     """Whether oneDNN's prepacked products are the fast ones for decoding here: CPUs with native bf16 (AVX512-BF16
     or AMX), where they were measured; elsewhere MKL's and PyTorch's own kernels were."""
-    return torch.backends.mkldnn.is_available() and (
-        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    has = [getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return torch.backends.mkldnn.is_available() and any(check() for check in has)  # (private: looked up with care)
 
 
 class PackedLinear(nn.Linear):
-    """An nn.Linear that also holds its weight reordered for oneDNN (`packed`), used when nothing needs gradients:
-    parameters, state dict and training are nn.Linear's. The packed copy costs the weight's size again."""
+    """An nn.Linear that also holds its weight reordered for oneDNN (`packed`), used when nothing needs gradients
+    and torch.compile is not tracing (inductor lays out weights itself): parameters, state dict and training are
+    nn.Linear's. The packed copy costs the weight's size again."""
 
     packed: torch.Tensor
     packed_from: tuple  # where and how the weight `packed` was made from lies: a new layout packs again
@@ -94,7 +95,7 @@ class PackedLinear(nn.Linear):
         return self.packed_from == (self.weight.data_ptr(), self.weight.stride(), self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.is_current() or x.dtype != self.weight.dtype or (
+        if torch.compiler.is_compiling() or not self.is_current() or x.dtype != self.weight.dtype or (
             torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return super().forward(x)
         rows = x.reshape(-1, x.shape[-1]).contiguous()
