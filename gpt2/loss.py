@@ -49,8 +49,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 def chunk_rows(rows: int, vocab_size: int, dtype: torch.dtype) -> int:
     """Positions per chunk: as many as `CHUNK_BYTES` holds, split evenly over the chunks `rows` needs."""
     bytes_per_row = vocab_size * (4 if dtype == torch.float32 else 4 + dtype.itemsize)
-    chunks = math.ceil(rows / max(1, CHUNK_BYTES // bytes_per_row))
-    return math.ceil(rows / chunks)
+    chunks = max(1, math.ceil(rows / max(1, CHUNK_BYTES // bytes_per_row)))
+    return max(1, math.ceil(rows / chunks))
 
 
 def _chunked_loss(x, weight, targets, vocab_size, dtype, grads):
@@ -89,7 +89,7 @@ class _Gradients:
         self.weight = None
         if head_grad:
             self.weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-            self.weight[vocab_size:].zero_()  # the padded rows
+            (self.weight if len(x) == 0 else self.weight[vocab_size:]).zero_()  # the padded rows (no chunk: all)
 
     def add(self, start: int, grad: torch.Tensor, xs: torch.Tensor, w: torch.Tensor) -> None:
         """Add one chunk's gradients: `grad` (n, V) is d(summed loss)/d(logits) of rows start:start+n."""
