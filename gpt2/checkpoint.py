@@ -240,8 +240,8 @@ class Checkpointer:
 
     `components` maps a top-level key of ckpt.pt to the object that owns that state (torchtitan's Stateful
     pattern); `counters` are owners whose state dicts are merged into the top level (the trainer's counters
-    and the wandb run id, top-level keys of the checkpoint format). `metadata()` adds what describes the run (model config,
-    tokenizer, resolved config). Adding a piece of resumable state is adding one entry. Every rank calls
+    and the wandb run id, top-level keys of the checkpoint format). `metadata()` adds what describes the run
+    (model config, tokenizer, resolved config). Adding a piece of resumable state is adding one entry. Every rank calls
     `save`: the components gather sharded or per-rank state; rank 0 writes.
 
     With `background` (training on an accelerator), writes do not stall training: `save` copies the state to

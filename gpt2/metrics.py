@@ -1,10 +1,11 @@
 """Training metrics: one logger that fans out to the console, `metrics.jsonl` and wandb.
 
 The trainer hands `MetricsLogger.log` flat dicts whose key names are the `metrics.jsonl` contract
-(README, "Runs, resume and preemption"): training lines carry `step`, `loss`, `lr`, `grad_norm`, `ms_per_step`, `tokens_per_sec`, `mfu`,
-`tokens_seen`; eval lines carry `step`, `train_loss`, `val_loss`. wandb gets the same values under namespaced
-keys (`train/loss`, `val/loss`, `perf/tokens_per_sec`, `perf/mfu`, ...; see `WANDB_KEYS`). On non-main ranks
-`MetricsLogger` is a no-op, so the trainer never branches on the rank to log. MFU: `gpt2.flops`.
+(README, "Runs, resume and preemption"): training lines carry `step`, `loss`, `lr`, `grad_norm`,
+`ms_per_step`, `tokens_per_sec`, `mfu`, `tokens_seen`; eval lines carry `step`, `train_loss`, `val_loss`.
+wandb gets the same values under namespaced keys (`train/loss`, `val/loss`, `perf/tokens_per_sec`,
+`perf/mfu`, ...; see `WANDB_KEYS`). On non-main ranks `MetricsLogger` is a no-op, so the trainer never
+branches on the rank to log. MFU: `gpt2.flops`.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ _ID_CHARS = string.ascii_lowercase + string.digits
 class MetricsLogger:
     """Console + `<out_dir>/metrics.jsonl` + wandb (when enabled). A no-op unless `enabled` (the main rank).
 
-    `start(resume_step)` opens the outputs, `log(metrics, step)` takes the flat metrics.jsonl key names, `close()`
-    flushes and finishes the wandb run. Stateful: the wandb run id is chosen here on a fresh run and restored
+    `start(resume_step)` opens the outputs, `log(metrics, step)` takes the flat metrics.jsonl key names,
+    `close()` flushes and finishes the wandb run. Stateful: the wandb run id is chosen here on a fresh run and restored
     from the checkpoint on resume (before `start`), so wandb continues the same run.
     """
 

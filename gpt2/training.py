@@ -524,7 +524,6 @@ class Trainer:
         agreed = self.stop_vote.after_step(local) if after_step else self.stop_vote.now(local)
         if not agreed:
             return
-        self.stop_vote.finish()
         self._stop_signal = self._stop_signal or agreed
         self.divergence.check(self.checkpointer.path)
         self.checkpointer.save()

@@ -39,8 +39,9 @@ def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
     """Lay out each Linear weight, and the tied `wte`/`lm_head` matrix, for decoding `rows` sequences at once:
     for one row of an fp32 model as the transpose of a contiguous (in, out) tensor, otherwise in nn.Linear's own
     (out, in). Same shapes and values either way, other strides; one weight is copied at a time and nothing is
-    kept twice. On CPUs with native bf16, every Linear (the LM head too) then also gets its weight prepacked for
-    oneDNN (`PackedLinear`), which costs the weights' size again. Returns `model` (changed in place; a no-op when it already has that layout).
+    kept twice. On CPUs with native bf16 the weights instead keep nn.Linear's layout for any `rows`, and every
+    Linear (the LM head too) gets a copy of its weight prepacked for oneDNN (`PackedLinear`), once: this costs
+    the weights' size again. Returns `model` (changed in place; a no-op when it already has that layout).
 
     Why: on CPU, decoding is a chain of matrix products of few rows, bound by memory bandwidth. MKL streams
     one fp32 row faster against the (in, out) layout (the LM head most of all); with several rows, and for bf16
@@ -48,7 +49,8 @@ def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
     CPU has native bf16, oneDNN's products against a prepacked weight beat both, in bf16 and fp32
     (bench/sample.py and BENCHMARKS.md have the figures). The sampler uses this on CPU only.
     """
-    one_row = rows == 1 and model.lm_head.weight.dtype == torch.float32
+    prepack = prepacking_pays()
+    one_row = rows == 1 and model.lm_head.weight.dtype == torch.float32 and not prepack
 
     def relaid(weight: torch.Tensor) -> nn.Parameter:
         data = weight.t().contiguous().t() if one_row else weight.contiguous()
@@ -61,7 +63,7 @@ def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
                 module.weight = relaid(module.weight)
         wte.weight = relaid(wte.weight)
         model.lm_head.weight = wte.weight  # keep the tie
-    if prepacking_pays():
+    if prepack:
         for module in model.modules():
             if isinstance(module, nn.Linear):  # the LM head too: its packed copy is not the embedding's
                 PackedLinear.pack(module)
