@@ -3,7 +3,7 @@
     python bench/eval.py                 # about 3 minutes of CPU time (longer on a busy machine)
     python bench/eval.py --no-append     # print the table only
 
-1. Perplexity: `gpt2.eval.perplexity.evaluate` of a random gpt2-mini-shaped model (6 layers, 384 wide, block
+1. Perplexity: `gpt2.eval.perplexity.evaluate` of a random mini-shaped model (6 layers, 384 wide, block
    256) with tiny-shakespeare's character vocabulary on the first `--ppl-chars` characters of tiny-shakespeare:
    scored tokens/s for non-overlapping windows (stride = window) and the default stride (window // 2, twice the
    forward passes), in fp32 and bf16 autocast, batch 8, plus batch 1 to show what batching buys.
@@ -41,7 +41,7 @@ def bench_perplexity(chars: int) -> list[tuple[str, str, float]]:
     tok = CharTokenizer.from_text(text)
     tokens = np.array(tok.encode(text), dtype=np.uint16)
     torch.manual_seed(0)
-    model = GPT(preset("gpt2-mini", vocab_size=tok.vocab_size)).eval()  # 6L x 384, block 256
+    model = GPT(preset("mini", vocab_size=tok.vocab_size)).eval()  # 6L x 384, block 256
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for stride, batch in ((256, 8), (128, 8), (128, 1)):
@@ -49,7 +49,7 @@ def bench_perplexity(chars: int) -> list[tuple[str, str, float]]:
             t0 = time.perf_counter()
             r = perplexity.evaluate(model, tokens, stride=stride, batch_size=batch, dtype=dtype)
             dt = time.perf_counter() - t0
-            what = f"gpt2-mini shape (char vocab), window 256, stride {stride}, batch {batch}"
+            what = f"mini shape (char vocab), window 256, stride {stride}, batch {batch}"
             rows.append((what, str(dtype).replace("torch.", ""), r.tokens / dt))
             print(f"{what} {dtype}: {r.tokens / dt:,.0f} tok/s (loss {r.loss:.3f})", flush=True)
     return rows

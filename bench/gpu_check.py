@@ -85,7 +85,7 @@ def check_fused_adamw() -> tuple[bool, str]:
     from gpt2.model import GPT, preset
     from gpt2.optim import build_optimizer
 
-    model = GPT(preset("gpt2-tiny", vocab_size=50257)).cuda()
+    model = GPT(preset("tiny", vocab_size=50257)).cuda()
     fused = [opt.defaults.get("fused") for opt in build_optimizer(model, OptimConfig(), "cuda").optimizers]
     return all(fused), f"fused={fused}"
 

@@ -50,7 +50,7 @@ def make_step(model: GPT, step_fn, idx: torch.Tensor, device: torch.device, dtyp
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="gpt2-mini", choices=list(PRESETS))
+    p.add_argument("--preset", default="mini", choices=list(PRESETS))
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--block-size", type=int, default=None, help="sequence length (default: the preset's)")
     p.add_argument("--vocab", type=int, default=65, help="65: char Shakespeare; 50257: GPT-2 BPE (padded 50304)")

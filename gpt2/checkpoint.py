@@ -35,7 +35,6 @@ from gpt2 import distributed
 from gpt2.errors import UserError
 from gpt2.files import atomic_write, temporary_path
 from gpt2.model import GPT, GPTConfig
-from gpt2.tokenizer import from_dict as tokenizer_from_dict
 
 CHECKPOINT_FORMAT = 2
 """2: optimizer state keyed by parameter name, one loader entry. Format 1 files are upgraded on load."""
@@ -146,64 +145,6 @@ def _upgrade_from_format_1(ckpt: dict[str, Any]) -> dict[str, Any]:
         ckpt["loader"] = ckpt["loader"][0]
     ckpt["format_version"] = CHECKPOINT_FORMAT
     return ckpt
-
-
-def model_from_state(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> GPT:
-    """Build the GPT a checkpoint describes and assign its weights (meta-device build, no double init)."""
-    try:
-        model = GPT.from_state_dict(GPTConfig(**ckpt["model_config"]), ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not match its model_config: {str(e).splitlines()[0]}") from None
-    return model.to(device)
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """A checkpoint -> (model in eval mode on `device`, tokenizer, the run config dict). A LoRA run's checkpoint
-    holds its adapters only: they are applied to its base (the run's init_from, which must be at hand) and
-    merged, so the model is a plain GPT either way."""
-    ckpt = load(path)
-    config = ckpt.get("config", {})
-    if config.get("lora", {}).get("rank"):
-        model = _merged_lora_model(ckpt, config)
-    else:
-        model = model_from_state(ckpt)
-    return model.to(device).eval(), tokenizer_from_dict(ckpt["tokenizer"]), config
-
-
-def _merged_lora_model(ckpt: dict[str, Any], config: dict[str, Any]) -> GPT:
-    from gpt2.lora import apply_lora, merge_lora
-
-    lora, init_from = config["lora"], config["init_from"]
-    try:
-        model, _ = load_init(init_from)
-    except UserError as e:
-        raise UserError(f"this LoRA run's base model, init_from={init_from}, cannot be loaded ({e}); put it "
-                        "back where the run found it") from None  # fmt: skip
-    model.crop_block_size(ckpt["model_config"]["block_size"])
-    apply_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if unexpected or any("lora_" in key for key in missing):
-        raise UserError(f"the LoRA adapters in this checkpoint do not fit init_from={init_from}")
-    return merge_lora(model)
-
-
-def load_init(init_from: str) -> tuple[GPT, dict[str, Any]]:
-    """The model and tokenizer (as a dict) of a fine-tuning init: a pretrained name, a Hugging Face-layout
-    directory, or one of our checkpoints (a run dir or a .pt file; a LoRA run's comes merged)."""
-    from gpt2.config import PRETRAINED
-
-    path = Path(init_from)
-    if init_from in PRETRAINED or (path.is_dir() and (path / "config.json").exists()):
-        from gpt2 import hf
-
-        return hf.load_pretrained(init_from), {"name": "gpt2"}
-    if not path.exists() and not init_from.endswith(".pt"):
-        raise UserError(
-            f"init_from={init_from!r} is neither scratch, a pretrained name ({', '.join(PRETRAINED)}), "
-            "a Hugging Face-layout directory nor a checkpoint; fix the name or the path"
-        )
-    model, tokenizer, _ = load_model(init_from)
-    return model, tokenizer.to_dict()
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -17,11 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt2.errors import UserError
-from gpt2.model import ModelConfig
+from gpt2.model import PRESETS, ModelConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 MIN_SHARD_TOKENS = 1025
 """Tokens a shard holds at least: one window (block_size + 1) of GPT-2's 1024-token context."""
 
@@ -63,7 +62,8 @@ def check_sampling(
 
 @dataclass
 class DataConfig:
-    """A dataset: where its prepared shards live (training) and how to build them (`data/prepare.py`)."""
+    """How `data/prepare.py` builds a dataset: the `data.*` keys of prepare.py, and of the `data=<name>` presets.
+    `train.py` reads two of them (`TrainDataConfig`)."""
 
     name: str = "shakespeare_char"
     """Folder under data/ (or a path) holding {train,val}_NNNNNN.bin and meta.json."""
@@ -102,9 +102,6 @@ class DataConfig:
     """Tokenizer threads (0: all cores)."""
     seed: int = 1337
     """Seed of the train/val split."""
-    order: str = "random"
-    """Training windows: random (drawn with replacement, as nanoGPT: for pretraining) or epoch (each
-    non-overlapping block_size window once per epoch, in a seeded permutation: for fine-tuning)."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -123,7 +120,39 @@ class DataConfig:
             )
         if self.num_proc < 0:
             raise UserError(f"data.num_proc must be >= 0, got {self.num_proc}")
+
+
+@dataclass
+class TrainDataConfig:
+    """The `data.*` keys `train.py` reads. Everything else about a dataset (its source, tokenizer, split) was
+    decided when it was prepared and is read from its meta.json; the `data=<name>` presets' preparation keys
+    are dropped here, and one typed on train.py's command line is an error (`check_no_preparation_keys`)."""
+
+    name: str = "shakespeare_char"
+    """Folder under data/ (or a path) holding {train,val}_NNNNNN.bin and meta.json."""
+    order: str = "random"
+    """Training windows: random (drawn with replacement, as nanoGPT: for pretraining) or epoch (each
+    non-overlapping block_size window once per epoch, in a seeded permutation: for fine-tuning)."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise UserError("data.name is empty; give the dataset a folder name, e.g. data.name=mycorpus")
         check_choice("data.order", self.order, ("random", "epoch"))
+
+
+PREPARATION_KEYS = tuple(f.name for f in fields(DataConfig) if f.name not in {f.name for f in fields(TrainDataConfig)})
+"""`data.*` keys that only data/prepare.py reads."""
+
+
+def check_no_preparation_keys(typed: frozenset[str]) -> None:
+    """UserError for a preparation-only `data.*` key typed on train.py's command line (`typed`, without the
+    prefix): training would ignore it."""
+    for key in sorted(typed & set(PREPARATION_KEYS)):
+        raise UserError(
+            f"data.{key} is a data/prepare.py key, which train.py does not read (it reads data.name and data.order; "
+            f"the rest comes from the prepared dataset): prepare with `python data/prepare.py data.{key}=...`, then "
+            "train with data.name=<that dataset>"
+        )
 
 
 @dataclass
@@ -297,8 +326,11 @@ class LoraConfig:
 class TrainRunConfig:
     """Everything `train.py` reads."""
 
+    preset_only: ClassVar[dict[str, tuple[str, ...]]] = {"data": PREPARATION_KEYS}
+    """Keys a composed config may hold that this schema drops (a `data=<name>` preset's preparation keys)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -332,6 +364,21 @@ class TrainRunConfig:
                 "optim.name=muon needs whole matrices, but train.parallelism=fsdp shards them; "
                 "use optim.name=adamw with fsdp, or train.parallelism=ddp with muon"
             )
+
+
+@dataclass
+class _DataPreset(DataConfig):
+    """What `data=<name>` composes for train.py: a preset's keys (preparation keys included) and data.order."""
+
+    order: str = "random"
+
+
+@dataclass
+class _TrainComposition(TrainRunConfig):
+    """The schema Hydra composes train.py's config in; `to_object(cfg, TrainRunConfig)` then drops the
+    presets' preparation keys."""
+
+    data: _DataPreset = field(default_factory=_DataPreset)
 
 
 @dataclass
@@ -513,7 +560,15 @@ def check_keys(cfg: DictConfig, schema: type, prefix: str = "") -> None:
 
 def to_object(cfg: DictConfig, schema: type[T]) -> T:
     """Hydra's DictConfig -> the typed dataclass `schema`, running every `__post_init__` check. A key outside
-    the schema, however it was added, is an error naming the closest valid key."""
+    the schema, however it was added, is an error naming the closest valid key; the schema's `preset_only` keys
+    are dropped."""
+    preset_only = getattr(schema, "preset_only", {})
+    if preset_only:
+        plain = OmegaConf.to_container(cfg, resolve=False)  # (a typed node lets no key go)
+        for group, keys in preset_only.items():
+            for key in keys:
+                plain.get(group, {}).pop(key, None)
+        cfg = OmegaConf.create(plain)
     check_keys(cfg, schema)
     try:
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
@@ -532,13 +587,16 @@ def to_dict(obj: Any) -> dict:
 
 
 def register() -> None:
-    """Register the schemas with Hydra's ConfigStore (the primary YAMLs list them first in `defaults`)."""
+    """Register the schemas with Hydra's ConfigStore (the primary YAMLs list them first in `defaults`), and the
+    model sizes as the `model` config group."""
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainRunConfig)
+    cs.store(name="train_schema", node=_TrainComposition)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="serve_schema", node=ServeConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
+    for name, sizes in PRESETS.items():  # `model=<name>`
+        cs.store(group="model", name=name, node=ModelConfig(**sizes))
 
 
 register()

@@ -23,8 +23,10 @@ from typing import Any
 import hydra
 import torch
 
+from gpt2 import checkpoint, loading
 from gpt2.config import ExportConfig, to_object  # importing gpt2.config registers `export_schema` with Hydra
 from gpt2.errors import UserError, exit_on_user_error
+from gpt2.hf import CONV1D, save_pretrained, state_dict_to_hf
 from gpt2.resources import CONFIG_DIR, GPT2_BPE_DIR
 
 EOT = "<|endoftext|>"
@@ -32,15 +34,13 @@ EOT = "<|endoftext|>"
 
 def run(cfg: Any) -> Path:
     """Export as `cfg` (an ExportConfig or Hydra DictConfig) says; returns the folder written."""
-    from gpt2.checkpoint import load_model
-    from gpt2.hf import save_pretrained
-
     cfg = cfg if isinstance(cfg, ExportConfig) else to_object(cfg, ExportConfig)
     out = Path(cfg.out_dir)
     _check_out_dir(out, cfg.overwrite)
     if cfg.format == "peft":
         return write_peft_adapter(cfg.checkpoint, out, getattr(torch, cfg.dtype))
-    model, tokenizer, _ = load_model(cfg.checkpoint, "cpu")
+    loaded = loading.load_checkpoint(cfg.checkpoint)
+    model, tokenizer = loaded.model, loaded.tokenizer
     if cfg.format == "gguf":
         return write_gguf(model, tokenizer, out, getattr(torch, cfg.dtype), name=Path(cfg.checkpoint).stem)
     save_pretrained(model, out, dtype=getattr(torch, cfg.dtype))
@@ -76,9 +76,7 @@ def write_peft_adapter(run: str, out: Path, dtype: torch.dtype) -> Path:
     """A LoRA run's adapters in PEFT's files; UserError for a run without LoRA."""
     from safetensors.torch import save_file
 
-    from gpt2.checkpoint import load
-
-    ckpt = load(run)
+    ckpt = checkpoint.load(run)
     config = ckpt.get("config", {})
     lora = config.get("lora", {})
     if not lora.get("rank"):
@@ -114,8 +112,6 @@ GGUF_NAMES = {
 def gguf_tensors(model: Any) -> dict[str, torch.Tensor]:
     """The model's weights under llama.cpp's gpt2 names, as (out, in) matrices, the vocabulary unpadded; the
     tied head is written as `output.weight` too, as llama.cpp's converter does."""
-    from gpt2.hf import CONV1D, state_dict_to_hf
-
     out = {}
     for key, t in state_dict_to_hf(model).items():
         if key.startswith("transformer.h."):

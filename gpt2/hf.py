@@ -25,14 +25,9 @@ from pathlib import Path
 import torch
 
 from gpt2.errors import UserError
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT, RELEASED, GPTConfig
 
-HUB_REPOS = {
-    "gpt2": "openai-community/gpt2",  # 124M
-    "gpt2-medium": "openai-community/gpt2-medium",  # 350M
-    "gpt2-large": "openai-community/gpt2-large",  # 774M
-    "gpt2-xl": "openai-community/gpt2-xl",  # 1558M
-}
+HUB_REPOS = {name: f"openai-community/{name}" for name in RELEASED}
 
 # HF GPT2LMHeadModel key -> our key; "{i}" stands for the layer index.
 HF_TO_OURS: dict[str, str] = {

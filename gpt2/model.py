@@ -85,19 +85,24 @@ class GPTConfig(ModelConfig):
         return self.n_embd // self.n_head
 
 
+RELEASED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+"""The sizes OpenAI released weights for: the `init_from=` names, fetched from the Hugging Face hub."""
+
 PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-    # Small research sizes for CPUs and tests.
-    "gpt2-tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
-    "gpt2-mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    # Small sizes for CPUs and tests: 0.79M and 10.6M parameters besides the embeddings (`mini` is the size of
+    # nanoGPT's char-level Shakespeare).
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
+    "mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
 }
+"""Every model size by name: `model=<name>` on the command line, `preset(name)` in Python."""
 
 
 def preset(name: str, **overrides) -> GPTConfig:
-    """The GPTConfig of a named preset (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `gpt2-tiny`, `gpt2-mini`)."""
+    """The GPTConfig of a named size in PRESETS, with `overrides` (any GPTConfig field)."""
     if name not in PRESETS:
         raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return GPTConfig(**{**PRESETS[name], **overrides})

@@ -2,9 +2,11 @@
 
 `run(cfg)` is what `train.py` and the `gpt2-train` console script call. It builds a `Trainer`, whose `fit()`
 loop reads like nanoGPT's: maybe evaluate and checkpoint, `train_step()`, log. Everything else lives in its own
-module: LR schedule, optimizers and clipping in `gpt2.optim`, process groups in `gpt2.distributed`, batches
-in `gpt2.data`, logging in `gpt2.metrics`, MFU in `gpt2.flops`, the checkpoint file and `Checkpointer` (which
-saves and restores every resumable component, listed in `Trainer.__init__`) in `gpt2.checkpoint`.
+module: the model a run starts from (resume, fine-tuning init, scratch, LoRA) in `gpt2.run_model`, LR schedule,
+optimizers and clipping in `gpt2.optim`, process groups in `gpt2.distributed`, batches in `gpt2.data`, logging in
+`gpt2.metrics`, MFU in `gpt2.flops`, NaN/inf detection in `gpt2.divergence`, the checkpoint file and
+`Checkpointer` (which saves and restores every resumable component, listed in `Trainer.__init__`) in
+`gpt2.checkpoint`.
 
 A run lives in `out_dir`: `ckpt.pt` (latest, atomic), `best.pt` (lowest val loss), the resolved
 `config.yaml` and `metrics.jsonl`. If `out_dir/ckpt.pt` exists, the same command resumes it exactly: model,
@@ -20,72 +22,34 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2 import checkpoint, distributed
 from gpt2.checkpoint import Checkpointer
 from gpt2.cli import job_out_dir, typed_keys
-from gpt2.config import LoraConfig, TrainConfig, TrainRunConfig, to_dict, to_object
-from gpt2.data import TokenLoader, check_block_size, eval_batches, open_dataset
-from gpt2.device import autocast, check_memory, configure_backends, resolve_dtype
+from gpt2.config import TrainConfig, TrainRunConfig, check_no_preparation_keys, to_dict, to_object
+from gpt2.data import TokenLoader, eval_batches, open_dataset
+from gpt2.device import autocast, configure_backends, resolve_dtype
 from gpt2.distributed import DistInfo, FullModelState, print0
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.flops import mfu, peak_flops
-from gpt2.lora import adapter_names, apply_lora
+from gpt2.divergence import DivergenceWatch
+from gpt2.lora import adapter_names
 from gpt2.metrics import MetricsLogger
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT
 from gpt2.optim import build_optimizer, clip_grad_norm_, schedule_warning, set_lr
 from gpt2.resources import CONFIG_DIR
 from gpt2.rng import RankRNG
+from gpt2.run_model import MODEL_KEYS, build_model
 from gpt2.runlock import check_shared, run_lock
-
-ARCH_KEYS = ("n_layer", "n_head", "n_embd", "bias")
-"""Model keys that define the architecture: a checkpoint's values win, and an override that disagrees is an error."""
-MODEL_KEYS = (*ARCH_KEYS, "block_size", "dropout")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 """Signals that stop a run with a checkpoint: a scheduler's notice, Ctrl-C, a closed terminal or dropped ssh."""
-
-
-class TrainingDiverged(UserError):
-    """The loss or the gradient norm became NaN/inf. The last good checkpoint is left untouched."""
-
-
-class DivergenceWatch:
-    """The first step whose loss (or, without a GradScaler, gradient norm) was NaN or inf, with both values,
-    kept on the device so that training never waits for it; `check()` reads it (one sync, at log steps and
-    before each checkpoint, on every rank together) and raises TrainingDiverged. With fp16 the GradScaler
-    skips steps with inf/NaN gradients itself, so only the loss counts."""
-
-    def __init__(self, device: torch.device, check_grad_norm: bool) -> None:
-        self.check_grad_norm = check_grad_norm
-        self.first = torch.tensor([math.inf, 0.0, 0.0], device=device)  # (step, loss, grad norm); inf: none yet
-
-    def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        bad = ~torch.isfinite(loss)
-        if self.check_grad_norm:
-            bad |= ~torch.isfinite(grad_norm)
-        values = torch.stack([torch.full_like(loss, step), loss, grad_norm.to(loss.dtype)]).to(self.first.dtype)
-        self.first = torch.where(bad & torch.isinf(self.first[0]), values, self.first)
-
-    def check(self, last_good: Path) -> None:
-        first_step = self.first[:1].clone()
-        if dist.is_initialized():
-            dist.all_reduce(first_step, op=dist.ReduceOp.MIN)  # any rank's divergence stops every rank
-        if math.isfinite(first_step.item()):
-            step, loss, norm = self.first.tolist()
-            raise TrainingDiverged(
-                f"training diverged at step {int(first_step.item())}: loss {loss}, grad norm {norm}; the last good "
-                f"checkpoint is {last_good}. Lower optim.lr or raise optim.warmup_iters, then rerun the same "
-                "command to resume from it"
-            )
 
 
 @dataclass
@@ -130,12 +94,7 @@ class Trainer:
         ckpt = checkpoint.load(self.out_dir / checkpoint.CKPT_NAME) if resuming else None
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank, so FSDP shards agree
-        self.sharded = info.is_distributed and cfg.train.parallelism == "fsdp"
-        self._initial_state: dict[str, torch.Tensor] | None = None  # rank 0's weights for a model built on meta
-        self.model = self._build_model(ckpt, typed_model_keys).train()
-        if cfg.lora.rank:
-            self._adapt(self.model)
-        self.model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.model, initial_state = build_model(cfg, self.ds, info, self.dtype, ckpt, typed_model_keys)
         cfg.model = self.model.config.arch  # the truth, for config.yaml and the checkpoint
         self.block_size = self.model.config.block_size
         train = cfg.train
@@ -146,9 +105,8 @@ class Trainer:
         if self.compile:
             _compile(self.model, train.parallelism if info.is_distributed else "none")
         self.parallel_model = distributed.wrap_model(self.model, info, train.parallelism, self.dtype)
-        if self.sharded:
-            distributed.materialize(self.model, self.device, self._initial_state)
-            self._initial_state = None
+        if distributed.is_sharded(self.parallel_model):
+            distributed.materialize(self.model, self.device, initial_state)
         self.optimizers = build_optimizer(self.model, cfg.optim, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.loader = TokenLoader(
@@ -381,126 +339,6 @@ class Trainer:
         distributed.barrier()
         return hellaswag.load_examples(path, limit)
 
-    # ------------------------------------------------------------------------------------- model and resume
-
-    def _build_model(self, ckpt: dict[str, Any] | None, typed: frozenset[str]) -> GPT:
-        """Resume > fine-tune init > scratch. A resumed model is built like a scratch one, from the checkpoint's
-        architecture: its weights are restored with the rest of the state (`_resume`).
-
-        Under FSDP no rank holds the whole model on its device: the model is built on the meta device and
-        sharded before it has storage (`distributed.materialize`); rank 0 keeps the initial weights on the CPU
-        (`_initial_state`), from which they are broadcast into every rank's shards."""
-        if ckpt is not None:
-            self._check_resume(ckpt, typed)
-            if not self.cfg.lora.rank:  # (a LoRA run's checkpoint holds its adapters only: the base is its init)
-                return self._new_model(GPTConfig(**ckpt["model_config"]), initialize=False)
-        if self.cfg.init_from == "scratch":
-            return self._new_model(GPTConfig.of(self.cfg.model, self.ds.vocab_size), initialize=True)
-        model = self._model_from_init(self.cfg.init_from, typed)
-        if not self.sharded:
-            return model.to(self.device)
-        self._initial_state = model.state_dict() if self.info.is_main else {}
-        with torch.device("meta"):
-            return GPT(model.config)
-
-    def _new_model(self, config: GPTConfig, initialize: bool) -> GPT:
-        """A GPT-2-initialised model on the device (on the meta device under FSDP), built once the data and the
-        memory are known to fit."""
-        check_block_size(self.ds, config.block_size)
-        self.ds.check_vocab(config.vocab_size)
-        check_memory(config, self.device, self.info.world_size if self.sharded else 1)
-        if not self.sharded:
-            with torch.device(self.device):
-                return GPT(config)
-        if initialize:
-            self._initial_state = GPT(config).state_dict() if self.info.is_main else {}  # on the CPU
-        with torch.device("meta"):
-            return GPT(config)
-
-    def _adapt(self, model: GPT) -> None:
-        """LoRA: freeze the model and add adapters; the frozen Linear weights are kept in the training dtype when
-        it is bf16 or fp16 (half the memory of the base: they get no gradients, so the GradScaler never sees
-        them), the adapters in fp32."""
-        lora = self.cfg.lora
-        adapted = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
-        if self.dtype in (torch.bfloat16, torch.float16):
-            for module in model.modules():
-                if isinstance(module, nn.Linear) and module is not model.lm_head:
-                    module.weight.data = module.weight.data.to(self.dtype)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print0(f"LoRA rank {lora.rank} on {len(adapted)} layers: {trainable:,} trainable parameters "
-               f"({100 * trainable / sum(p.numel() for p in model.parameters()):.2f}%)")
-
-    def _check_resume(self, ckpt: dict[str, Any], typed: frozenset[str]) -> None:
-        """A rerun continues the run in out_dir: an init_from, optim.name or model.* value that disagrees with
-        it, or a max_iters below the step it reached, is an error (never silently ignored)."""
-        saved = ckpt["config"]
-        if self.cfg.init_from != saved.get("init_from", "scratch"):
-            raise UserError(
-                f"init_from={self.cfg.init_from} disagrees with the run in {self.out_dir}, which started from "
-                f"init_from={saved.get('init_from', 'scratch')}; rerun with that init_from to resume it, or use a "
-                "new out_dir"
-            )
-        saved_lora = {**asdict(LoraConfig()), **saved.get("lora", {})}
-        for key, value in asdict(self.cfg.lora).items():
-            if value != saved_lora[key]:
-                raise UserError(
-                    f"lora.{key}={value} disagrees with the run in {self.out_dir} (lora.{key}={saved_lora[key]}); "
-                    "resume with the run's LoRA settings, or use a new out_dir"
-                )
-        if self.cfg.optim.name != saved["optim"]["name"]:
-            raise UserError(
-                f"optim.name={self.cfg.optim.name} disagrees with the run in {self.out_dir}, which trains with "
-                f"optim.name={saved['optim']['name']}; resume with the optim.name the run started with, or use a "
-                "new out_dir"
-            )
-        if self.cfg.train.max_iters < ckpt["step"]:
-            raise UserError(
-                f"train.max_iters={self.cfg.train.max_iters} is below step {ckpt['step']}, which the run in "
-                f"{self.out_dir} has reached; raise train.max_iters to train on, or use a new out_dir"
-            )
-        # A run from scratch takes its architecture from the config, so the whole config must agree; a
-        # fine-tune run's came from its init, so only the keys typed on the command line are compared.
-        scratch = saved.get("init_from", "scratch") == "scratch"
-        for key in (k for k in MODEL_KEYS if scratch or k in typed):
-            if getattr(self.cfg.model, key) != ckpt["model_config"][key]:
-                raise UserError(
-                    f"model.{key}={getattr(self.cfg.model, key)} disagrees with the run being resumed in "
-                    f"{self.out_dir} (model.{key}={ckpt['model_config'][key]}); drop the override or use a new out_dir"
-                )
-        self.ds.check_tokenizer(ckpt["tokenizer"])
-        print0(f"resuming {self.out_dir / checkpoint.CKPT_NAME} at step {ckpt['step']}")
-        if ckpt.get("data_fingerprint", self.ds.fingerprint) != self.ds.fingerprint:
-            print0(f"warning: {self.ds.dir} was prepared again since this run's last checkpoint: the run goes on with "
-                   "the new data, so its batches differ from an uninterrupted run's")
-
-    def _model_from_init(self, init_from: str, typed: frozenset[str]) -> GPT:
-        """Fine-tuning: a pretrained name, a Hugging Face-layout dir, or one of our checkpoints (a run dir or
-        .pt). Its architecture wins; block_size may shrink (positions cropped) and dropout may change."""
-        model, tokenizer = checkpoint.load_init(init_from)
-        self.ds.check_tokenizer(tokenizer)
-        self.ds.check_vocab(model.config.vocab_size)
-        have = model.config
-        for key in ARCH_KEYS:
-            if key in typed and getattr(self.cfg.model, key) != getattr(have, key):
-                raise UserError(
-                    f"model.{key}={getattr(self.cfg.model, key)} disagrees with init_from={init_from} "
-                    f"(model.{key}={getattr(have, key)}); drop the override: the architecture comes from the init"
-                )
-        block_size = self.cfg.model.block_size if "block_size" in typed else have.block_size
-        if block_size > have.block_size:
-            raise UserError(
-                f"model.block_size={block_size} is larger than init_from={init_from}'s {have.block_size} "
-                f"positions; use model.block_size<={have.block_size}"
-            )
-        check_block_size(self.ds, block_size)
-        model.crop_block_size(block_size)
-        dropout = self.cfg.model.dropout if "dropout" in typed else have.dropout
-        if dropout != have.dropout:
-            model = GPT.from_state_dict(replace(model.config, dropout=dropout), model.state_dict())
-        print0(f"fine-tuning from {init_from}")
-        return model
-
     # ---------------------------------------------------------------------------------------------- plumbing
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -599,6 +437,7 @@ def _compile(model: GPT, parallelism: str) -> None:
 def run(cfg: DictConfig) -> None:
     """Train (or resume) the run `cfg` describes. Called by `train.py` and `gpt2-train`."""
     typed_model_keys = typed_keys("model", MODEL_KEYS)
+    check_no_preparation_keys(typed_keys("data", ()))
     run_cfg = to_object(cfg, TrainRunConfig)
     run_cfg.out_dir = job_out_dir(run_cfg.out_dir)
     info = distributed.init(run_cfg.device, run_cfg.train.collective_timeout_s)

@@ -12,7 +12,7 @@ from conftest import ROOT
 from omegaconf import OmegaConf
 from test_sampling_cli import TEXT, save_checkpoint
 
-from gpt2.checkpoint import load_model
+from gpt2.loading import load_checkpoint
 from gpt2.export import run
 from gpt2.sampling import run as sample_run
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
@@ -35,7 +35,7 @@ def test_hf_export_works_in_a_transformers_pipeline_with_our_text_and_logits(bpe
     ours = sample_run(OmegaConf.create({"checkpoint": str(bpe_run), "device": "cpu", "prompt": prompt,
                                         "temperature": 0.0, "max_new_tokens": 20, "ignore_eot": True}))[0]  # fmt: skip
     assert text == prompt + ours
-    model, _, _ = load_model(bpe_run)
+    model = load_checkpoint(bpe_run).model
     idx = torch.tensor([ids])
     with torch.no_grad():
         torch.testing.assert_close(GPT2LMHeadModel.from_pretrained(out)(idx).logits, model(idx)[0], atol=1e-4, rtol=0)
@@ -103,7 +103,7 @@ def test_gguf_export_gives_llama_cpp_our_tokens_logits_and_greedy_text(tmp_path)
         assert r.returncode == 0, r.stderr
     prompt = "ROMEO:\nBut soft, what"
     ids = GPT2Tokenizer().encode(prompt)
-    model, _, _ = load_model(run_dir)
+    model = load_checkpoint(run_dir).model
     V = model.config.vocab_size
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0][0, :, :V]

@@ -59,7 +59,7 @@ def base_run(char_data, tmp_path_factory):
 
 @pytest.mark.slow
 def test_lora_run_trains_adapters_only_resumes_exactly_and_samples_merged(char_data, base_run, tmp_path):
-    from gpt2.checkpoint import load_model
+    from gpt2.loading import load_checkpoint
     from gpt2.export import run as export
 
     args = lambda out: [f"data.name={char_data}", f"out_dir={out}", f"init_from={base_run}", *TINY, *LORA,  # noqa: E731
@@ -72,7 +72,7 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_samples_merged(char_d
     assert set(ckpt["optimizer"]["state"]) == set(ckpt["model"])  # only adapters are optimized
     base = torch.load(base_run / "ckpt.pt", weights_only=True)["model"]
 
-    merged, _, _ = load_model(full)  # the run as sample.py / eval / export see it: adapters merged onto the base
+    merged = load_checkpoint(full).model  # the run as sample.py / eval / export see it: adapters merged onto the base
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base[k])]
     assert changed and all(k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for k in changed)
 
@@ -119,7 +119,7 @@ def test_lora_run_from_an_hf_base_exports_to_peft_and_merged_hf_with_our_logits(
     from test_train import hf_model_dir
     from transformers import GPT2LMHeadModel
 
-    from gpt2.checkpoint import load_model
+    from gpt2.loading import load_checkpoint
     from gpt2.export import run as export
 
     base = hf_model_dir(tmp_path / "base")
@@ -128,7 +128,7 @@ def test_lora_run_from_an_hf_base_exports_to_peft_and_merged_hf_with_our_logits(
            "train.eval_interval=8", "train.eval_iters=2", "optim.lr=1e-2", "optim.warmup_iters=2", "device=cpu",
            "dtype=float32", "compile=false", "lora.rank=4", "lora.alpha=8", "lora.targets=[c_attn,mlp.c_proj]"],
           tmp_path)  # fmt: skip
-    ours, _, _ = load_model(out)
+    ours = load_checkpoint(out).model
     idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ours(idx)[0]

@@ -8,12 +8,10 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from conftest import ROOT
 from gpt2 import GPT, GPTConfig, KVCache
 from gpt2.resources import CONFIG_DIR
-from gpt2.config import ModelConfig
 from gpt2.errors import UserError
 from gpt2.model import PRESETS, preset
 
@@ -203,19 +201,17 @@ def test_bad_config_values():
         GPTConfig(dropout=1.0)
 
 
-def test_model_yaml_presets_match_python_presets():
-    """configs/model/<name>.yaml are what users select; they must agree with `gpt2.model.PRESETS`."""
-    yaml_names = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl",
-                  "tiny": "gpt2-tiny", "mini": "gpt2-mini"}  # fmt: skip
-    assert {p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")} >= set(yaml_names)
-    for yaml_name, preset_name in yaml_names.items():
-        cfg = OmegaConf.merge(
-            OmegaConf.structured(ModelConfig), OmegaConf.load(CONFIG_DIR / "model" / f"{yaml_name}.yaml")
-        )
-        model_cfg: ModelConfig = OmegaConf.to_object(cfg)
-        from_yaml = GPTConfig(**{k: getattr(model_cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size")})
-        assert from_yaml == preset(preset_name), yaml_name
-        assert model_cfg.dropout == 0.0 and model_cfg.bias is True
+def test_every_preset_is_a_model_choice_on_the_command_line():
+    """`model=<name>` selects `gpt2.model.PRESETS[name]` (one table of sizes, registered with Hydra)."""
+    from hydra import compose, initialize_config_dir
+
+    from gpt2.config import TrainRunConfig, to_object
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        for name in PRESETS:
+            run = to_object(compose("train", overrides=[f"model={name}"]), TrainRunConfig)
+            assert GPTConfig.of(run.model, 50257) == preset(name, vocab_size=50257), name
+            assert run.model.dropout == 0.0 and run.model.bias is True
 
 
 def test_weight_tying_shares_storage_and_gradients():

@@ -321,7 +321,8 @@ def compose(*overrides: str):
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(char_data, tmp_path):
     from gpt2.config import TrainRunConfig, to_object
     from gpt2.distributed import DistInfo
-    from gpt2.training import Trainer, TrainingDiverged
+    from gpt2.divergence import TrainingDiverged
+    from gpt2.training import Trainer
 
     out = tmp_path / "run"
     cfg = to_object(compose(f"data.name={char_data}", f"out_dir={out}", *TINY, "train.max_iters=20",
@@ -454,6 +455,10 @@ def test_bad_inputs_fail_with_one_line(char_data, tmp_path):
     assert p.returncode == 2 and p.stderr.strip().splitlines() == ["error: optim.lr must be > 0, got -1.0"]
     p = train([*base, "train.bach_size=4"], tmp_path, check=False)
     assert p.returncode != 0 and "bach_size" in p.stderr
+    # A preparation key (which train.py would ignore) is refused as a typo is; a preset's are dropped.
+    p = train([*base, "data.source=corpus.txt"], tmp_path, check=False)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error: data.source is a data/prepare.py key")
+    assert len(p.stderr.strip().splitlines()) == 1
 
 
 def test_resume_with_other_architecture_or_data_fails(char_data, tmp_path):

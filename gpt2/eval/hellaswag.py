@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from gpt2 import files
+from gpt2 import files, loading
 from gpt2.device import autocast, resolve_device, resolve_dtype
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.progress import progress_bar
@@ -259,12 +259,11 @@ def training_metrics(
 
 def run(cfg: HellaSwagConfig) -> dict[str, float | int]:
     """The `hellaswag` command: load the model and the examples, score them, print and return the result."""
-    from gpt2.eval import source
-
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     examples = load_examples(cfg.path, cfg.limit, cfg.cache_dir, cfg.url)  # before the (slower) model load
-    model, tokenizer, what = source.load(cfg.checkpoint, cfg.init_from, device)
+    loaded = loading.load_either(cfg.checkpoint, cfg.init_from, device)
+    model, tokenizer, what = loaded.model, loaded.tokenizer, loaded.description
     check_tokenizer(tokenizer)
     print(f"hellaswag: {what}, {len(examples):,} examples, {dtype}")
     result = evaluate(model, tokenizer, examples, device, dtype, batch_size=cfg.batch_size, progress=True)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpt2 import loading
 from gpt2.device import autocast, resolve_device, resolve_dtype
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.progress import progress_bar
@@ -209,11 +210,10 @@ def split_tokens(data: str, data_root: str, split: str, tokenizer: Any) -> np.nd
 
 def run(cfg: PerplexityConfig) -> PerplexityResult:
     """The `perplexity` command: load the model and the text, score it, print and return the result."""
-    from gpt2.eval import source
-
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model, tokenizer, what = source.load(cfg.checkpoint, cfg.init_from, device)
+    loaded = loading.load_either(cfg.checkpoint, cfg.init_from, device)
+    model, tokenizer, what = loaded.model, loaded.tokenizer, loaded.description
     if cfg.text:
         tokens, where = text_tokens(cfg.text, tokenizer), cfg.text
     else:

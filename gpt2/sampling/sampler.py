@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from gpt2 import loading
 from gpt2.config import SampleConfig, check_sampling
 from gpt2.errors import UserError
 from gpt2.model import GPT
@@ -79,26 +80,19 @@ class Sampler:
     @classmethod
     def load(cls, checkpoint: str | None, init_from: str | None, **kwargs: Any) -> "Sampler":
         """From a checkpoint if given, else from `init_from` (the `checkpoint=` / `init_from=` keys)."""
-        if checkpoint:
-            return cls.from_checkpoint(checkpoint, **kwargs)
-        return cls.from_pretrained(str(init_from), **kwargs)
+        loaded = loading.load_either(checkpoint, init_from)
+        return cls(loaded.model, loaded.tokenizer, **kwargs)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs: Any) -> "Sampler":
         """From one of our checkpoints: a run's out_dir or a .pt file (model config and tokenizer inside)."""
-        from gpt2.checkpoint import load_model
-
-        model, tokenizer, _ = load_model(path, "cpu")
-        return cls(model, tokenizer, **kwargs)
+        return cls.load(str(path), None, **kwargs)
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, **kwargs: Any) -> "Sampler":
         """From OpenAI's weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face-layout directory,
         with the GPT-2 tokenizer."""
-        from gpt2.hf import load_pretrained
-        from gpt2.tokenizer import GPT2Tokenizer
-
-        return cls(load_pretrained(name_or_dir), GPT2Tokenizer(), **kwargs)
+        return cls.load(None, name_or_dir, **kwargs)
 
     def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
         """Prompt text -> ids. Empty starts from end-of-text (gpt2) or a newline (char). A prompt longer than
