@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, ClassVar, Optional, TypeVar, get_type_hints
+from typing import Any, Callable, ClassVar, Optional, TypeVar, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -44,20 +44,74 @@ def check_model_source(checkpoint: Optional[str], init_from: Optional[str], purp
         raise UserError(f"no model to {purpose}: pass checkpoint=<run dir or .pt> or init_from=gpt2")
 
 
-def check_sampling(
-    max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float
-) -> None:
-    """The sampling knobs' ranges (SampleConfig and the Python API's GenerationSettings)."""
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k < 0:
-        raise UserError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise UserError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
+SAMPLING_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "temperature": (lambda v: v >= 0, ">= 0 (0 is greedy)"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0 disables it)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "repetition_penalty": (lambda v: v > 0, "> 0 (1 disables it)"),
+}
+"""The range of each sampling setting: one rule for sample.py, the Python API and the server."""
+
+
+def sampling_range_error(key: str, value: Any) -> str | None:
+    """Why `value` is outside the range of sampling setting `key` (`must be ..., got ...`), or None."""
+    accepts, rule = SAMPLING_RANGES[key]
+    return None if accepts(value) else f"must be {rule}, got {value}"
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is chosen (`gpt2.sampling.logits`). Defaults are sample.py's."""
+
+    temperature: float = 0.8
+    """0 is greedy decoding."""
+    top_k: int = 200
+    """Keep the k most likely tokens (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1: off)."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already in the context (CTRL's penalty; 1: off)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(SamplingParams):
+            _check_sampling(f.name, getattr(self, f.name))
+
+    @property
+    def params(self) -> "SamplingParams":
+        """Just the next-token choice (what the engine takes)."""
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})
+
+
+@dataclass
+class GenerationSettings(SamplingParams):
+    """Everything that shapes a sample besides the prompt: the keyword arguments of `Sampler.generate`/`stream`,
+    keys of sample.py (`SampleConfig` inherits them) and what its `output=` records; the server maps OpenAI's
+    request fields onto them."""
+
+    max_new_tokens: int = 256
+    """Tokens to generate at most."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a sample (not included in the output)."""
+    ignore_eot: bool = False
+    """Keep generating past end-of-text."""
+    seed: Optional[int] = None
+    """Seed of the sampling generator (None: a fresh random one; sample.py's default is 1337)."""
+
+    def __post_init__(self) -> None:
+        SamplingParams.__post_init__(self)
+        _check_sampling("max_new_tokens", self.max_new_tokens)
+
+    @classmethod
+    def of(cls, obj: Any, **changes: Any) -> "GenerationSettings":
+        """The settings of `obj` (a SampleConfig, or any object with these attributes), with `changes`."""
+        return cls(**{f.name: getattr(obj, f.name) for f in fields(cls)} | changes)
+
+
+def _check_sampling(key: str, value: Any) -> None:
+    problem = sampling_range_error(key, value)
+    if problem:
+        raise UserError(f"{key} {problem}")
 
 
 @dataclass
@@ -406,8 +460,9 @@ class InferenceConfig:
 
 
 @dataclass
-class SampleConfig(InferenceConfig):
-    """Everything `sample.py` reads."""
+class SampleConfig(GenerationSettings, InferenceConfig):
+    """Everything `sample.py` reads: the model (InferenceConfig), the generation settings (GenerationSettings) and
+    the prompts, samples and output of the command."""
 
     purpose: ClassVar[str] = "sample from"
     prompt: str = ""
@@ -419,26 +474,13 @@ class SampleConfig(InferenceConfig):
     """Many prompts, generated in batches of batch_size whatever their lengths: a .txt file with one prompt per
     line (\\n for a newline), or a .jsonl file with a "prompt" string per line. num_samples is per prompt."""
     num_samples: int = 1
-    max_new_tokens: int = 256
-    temperature: float = 0.8
-    """0 is greedy decoding."""
-    top_k: int = 200
-    """Keep the k most likely tokens (0: off)."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1: off)."""
-    repetition_penalty: float = 1.0
-    """> 1 discourages tokens already in the context (CTRL's penalty; 1: off)."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end a sample (not included in the output)."""
-    ignore_eot: bool = False
-    """Keep generating past end-of-text."""
     batch_size: int = 8
     """Samples generated together in one batch (prompts of different lengths batch together)."""
     stream: Optional[bool] = None
     """Print tokens as they come (None: on for one sample on a terminal)."""
     output: Optional[str] = None
     """A .jsonl file to append prompt/sample/settings to."""
-    seed: int = 1337
+    seed: Optional[int] = 1337
     dtype: str = "auto"
     """Weights and KV cache: auto (fp32 for greedy decoding, temperature=0, so that the text equals other tools';
     else bf16 on CUDA and on CPUs with fast bf16 kernels, else fp32), float32, bfloat16 or float16."""
@@ -446,10 +488,10 @@ class SampleConfig(InferenceConfig):
     """torch.compile the one-token decode step."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        InferenceConfig.__post_init__(self)
+        GenerationSettings.__post_init__(self)
         if self.num_samples < 1:
             raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
-        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
 
 
 @dataclass

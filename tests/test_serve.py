@@ -149,7 +149,8 @@ def test_curl_streams_server_sent_events(server, greedy):
     "body, status, param, message",
     [
         ({"prompt": "x", "temperature": 3}, 400, "temperature", "less than or equal to 2"),
-        ({"prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
+        ({"prompt": "x", "top_p": 0}, 400, "top_p", "top_p: must be in (0, 1], got 0"),
+        ({"prompt": "x", "top_k": -1}, 400, "top_k", "top_k: must be >= 0"),
         ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
         ({"prompt": "x", "max_tokens": 5000}, 400, "max_tokens", "max_tokens must be <= 1024"),
         ({"prompt": "x", "n": 0}, 400, "n", "greater than or equal to 1"),

@@ -8,8 +8,9 @@
 - `gpt2.sampling.cli`: the `sample.py` / `gpt2-sample` command (`run`).
 """
 
+from gpt2.config import GenerationSettings, SamplingParams
 from gpt2.sampling.cli import run, unescape
-from gpt2.sampling.engine import Batch, SamplingParams, decode_step, generate, use_decode_layout, window_size
+from gpt2.sampling.engine import Batch, decode_step, generate, use_decode_layout, window_size
 from gpt2.sampling.logits import (
     apply_repetition_penalty,
     apply_temperature,
@@ -17,7 +18,7 @@ from gpt2.sampling.logits import (
     top_k_filter,
     top_p_filter,
 )
-from gpt2.sampling.sampler import GenerationSettings, Sampler
+from gpt2.sampling.sampler import Sampler
 from gpt2.sampling.text import TextStream
 
 __all__ = [

@@ -13,10 +13,10 @@ from typing import Any, Iterator
 
 import hydra
 
-from gpt2.config import SampleConfig, to_object  # importing gpt2.config registers `sample_schema` with Hydra
+from gpt2.config import GenerationSettings, SampleConfig, to_object  # importing gpt2.config registers `sample_schema` with Hydra
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.resources import CONFIG_DIR
-from gpt2.sampling.sampler import GenerationSettings, Sampler
+from gpt2.sampling.sampler import Sampler
 
 
 def unescape(text: str) -> str:
@@ -82,11 +82,7 @@ def run(cfg: Any) -> list[str]:
         _append_samples(cfg.output, [], [], {})
     prompts = _prompts(cfg)
     sampler = _sampler(cfg)
-    settings = GenerationSettings(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        repetition_penalty=cfg.repetition_penalty, stop=[unescape(x) for x in cfg.stop], ignore_eot=cfg.ignore_eot,
-        seed=cfg.seed,
-    )
+    settings = GenerationSettings.of(cfg, stop=[unescape(x) for x in cfg.stop])
     for prompt, where in prompts:  # bad prompt characters fail, and long prompts are said, before any work
         try:
             with warnings.catch_warnings(record=True) as caught:

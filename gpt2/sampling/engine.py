@@ -13,25 +13,15 @@ References: gpt-fast `generate.py` (prefill/decode split, sampling without a hos
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gpt2.config import SamplingParams
 from gpt2.model import GPT, KVCache
 from gpt2.sampling.logits import apply_repetition_penalty, sample_next_token
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen. See `sample_next_token` and `apply_repetition_penalty`."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
 
 
 @torch.no_grad()

@@ -4,40 +4,18 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
 from gpt2 import loading
-from gpt2.config import SampleConfig, check_sampling
+from gpt2.config import GenerationSettings
 from gpt2.errors import UserError
 from gpt2.model import GPT
-from gpt2.sampling.engine import DecodeFn, SamplingParams, decode_step, generate, use_decode_layout, window_size
+from gpt2.sampling.engine import DecodeFn, decode_step, generate, use_decode_layout, window_size
 from gpt2.sampling.text import TextStream
-
-
-@dataclass
-class GenerationSettings:
-    """Everything that shapes a sample besides the prompt (also what `output=` records per line). Defaults and
-    meanings are SampleConfig's, except `seed`: None (a fresh random seed) for the Python API."""
-
-    max_new_tokens: int = SampleConfig.max_new_tokens
-    temperature: float = SampleConfig.temperature
-    top_k: int = SampleConfig.top_k
-    top_p: float = SampleConfig.top_p
-    repetition_penalty: float = SampleConfig.repetition_penalty
-    stop: list[str] = field(default_factory=list)
-    ignore_eot: bool = SampleConfig.ignore_eot
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
-
-    @property
-    def params(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
 
 
 class Sampler:

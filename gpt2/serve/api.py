@@ -17,8 +17,9 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from gpt2.config import sampling_range_error
 from gpt2.errors import UserError
 from gpt2.resources import PLAYGROUND_HTML
 from gpt2.sampling import SamplingParams, TextStream
@@ -41,9 +42,9 @@ class CompletionRequest(BaseModel):
     model: str | None = None
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    temperature: float | None = Field(1.0, le=2.0)  # (OpenAI's cap; our ranges: `_in_range`)
+    top_p: float | None = 1.0
+    top_k: int = 0
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = None
@@ -64,6 +65,14 @@ class CompletionRequest(BaseModel):
         if isinstance(prompt, list) and not prompt:
             raise ValueError("give at least one prompt")
         return prompt
+
+    @field_validator("temperature", "top_p", "top_k")
+    @classmethod
+    def _in_range(cls, value: float | int | None, info: ValidationInfo) -> float | int | None:
+        problem = None if value is None else sampling_range_error(info.field_name, value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -177,7 +186,7 @@ def _job(scheduler: Scheduler, body: CompletionRequest) -> tuple[Job, list[int]]
     sampler = scheduler.sampler
     max_tokens = body.max_tokens or 16
     params = SamplingParams(temperature=1.0 if body.temperature is None else body.temperature, top_k=body.top_k,
-                            top_p=1.0 if body.top_p is None else body.top_p)  # fmt: skip
+                            top_p=1.0 if body.top_p is None else body.top_p)  # OpenAI's defaults for null
     job = Job(asyncio.get_running_loop())
     prompt_tokens = []
     for p, prompt in enumerate(body.prompts):
