@@ -15,7 +15,6 @@ Prints a markdown table and appends it to BENCHMARKS.md unless --no-append.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import random
@@ -96,7 +95,7 @@ def main() -> None:
     machine = (f"2-core x86 CPU sandbox, torch {torch.__version__.split('+')[0]} CPU ({platform.machine()}), "
                f"load average {load:.1f} at the end")
     lines = [
-        f"## Evaluation throughput ({datetime.date.today()})",
+        f"{report.heading('Evaluation throughput')}",
         "",
         f"`python bench/eval.py` — machine: {machine}, {torch.get_num_threads()} threads; random weights "
         "(speed does not depend on them). Perplexity counts scored tokens (each once); the default stride "

@@ -221,7 +221,9 @@ def main() -> None:
     tables = set(args.tables.split(","))
     if tables - {"step", "activations", "parallel"}:
         p.error(f"--tables {args.tables}: choose among step, activations and parallel, comma-separated")
-    parts = [f"{report.heading('Training-step memory')}\n\n`{report.command_line()}` on {report.machine()}."]
+    title = ("Training-step memory: DDP and FSDP2" if tables == {"parallel"}
+             else "Training-step memory: chunked loss and activation checkpointing")  # (BENCHMARKS.md's measures)
+    parts = [f"{report.heading(title)}\n\n`{report.command_line()}` on {report.machine()}."]
     if "step" in tables:
         dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
         zero = args.zero_matmuls == "yes" or (args.zero_matmuls == "auto" and dtype == "bfloat16" and not native_bf16())

@@ -1,11 +1,13 @@
-"""What every bench script shares: the machine line, the command line, and appending a section to
-BENCHMARKS.md (each script prints its table and appends it unless --no-append)."""
+"""What every bench script shares: the machine line, the command line, and recording a section in
+BENCHMARKS.md (each script prints its table and records it unless --no-append): the new section becomes its
+measure's current one, and the section it replaces moves to the top of History."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -37,11 +39,33 @@ def command_line() -> str:
 
 
 def heading(title: str) -> str:
-    return f"## {title} ({datetime.date.today()})"
+    return f"### {title} ({datetime.date.today()})"
+
+
+CURRENT, HISTORY = "## Current figures\n", "## History\n"
 
 
 def append(section: str) -> None:
-    """Append a markdown section (a heading, the command and machine, a table) to BENCHMARKS.md."""
-    with open(BENCHMARKS, "a") as f:
-        f.write(f"\n{section.strip()}\n")
-    print(f"appended to {BENCHMARKS}")
+    """Record a markdown section (a `heading`, the command and machine, a table) in BENCHMARKS.md: in place of
+    the current section with the same title (which moves to the top of History), or at the end of the current
+    figures for a new measure."""
+    text = BENCHMARKS.read_text()
+    head, rest = text.split(CURRENT, 1)
+    current, history = rest.split(HISTORY, 1)
+    section = section.strip() + "\n"
+    title = _title(section.splitlines()[0])
+    parts = re.split(r"(?m)^(?=### |## )", current)
+    same = [i for i, part in enumerate(parts) if part.startswith("### ") and _title(part.splitlines()[0]) == title]
+    if same:
+        history = "\n" + parts[same[0]].strip() + "\n\n" + history.lstrip("\n")
+        parts[same[0]] = section + "\n"
+    else:
+        last = max(i for i, part in enumerate(parts) if part.startswith("### "))
+        parts.insert(last + 1, section + "\n")
+    BENCHMARKS.write_text(head + CURRENT + "".join(parts) + HISTORY + history)
+    print(f"recorded in {BENCHMARKS}")
+
+
+def _title(heading_line: str) -> str:
+    """`### Sampling speed (2026-12-02)` -> `Sampling speed`."""
+    return re.sub(r" \(\d{4}-\d{2}-\d{2}\)$", "", heading_line.removeprefix("### ").strip())

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
 import tempfile
 import time
@@ -154,7 +153,7 @@ def ragged(args, ours: GPT, hf_model) -> str:
         rows.append(f"| {B} | {best['gpt2']:.1f} | {best['transformers']:.1f} | "
                     f"{best['gpt2'] / best['transformers']:.2f}x | {'yes' if same else 'NO'} |")  # fmt: skip
     return (
-        f"## Batched prompts of different lengths ({datetime.date.today()})\n\n"
+        f"{report.heading('Batched prompts of different lengths')}\n\n"
         f"`python bench/sample.py --ragged --prompts {args.prompts} --new-tokens {n} --batch-sizes {args.batch_sizes} "
         f"--reps {args.reps}` on {report.machine()}, {torch.get_num_threads()} threads. GPT-2 124M shape, random "
         f"weights, fp32, {args.prompts} prompts of 4 to 64 tokens (mean {sum(lengths) / len(lengths):.0f}), greedy, "
@@ -294,7 +293,7 @@ def main() -> None:
                 f"nothing but these products would be {hf_s / ours_mm:.2f}x transformers.")  # fmt: skip
     print(profiled)
     header = (
-        f"## Sampling speed ({datetime.date.today()})\n\n"
+        f"{report.heading('Sampling speed')}\n\n"
         f"`python bench/sample.py --new-tokens {args.new_tokens} --nocache-tokens {args.nocache_tokens} "
         f"--reps {args.reps}{f' --threads {args.threads}' if args.threads else ''}` on {report.machine()}, "
         f"{torch.get_num_threads()} threads (load average {load:.1f} at start: the machine is shared, so compare "

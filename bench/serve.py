@@ -13,7 +13,6 @@ of the repetitions. Prints a markdown table and appends it to BENCHMARKS.md unle
 from __future__ import annotations
 
 import argparse
-import datetime
 import re
 import subprocess
 import sys
@@ -97,7 +96,7 @@ def main() -> None:
 
     ratio = best["concurrent"] / best["sequential"]
     table = (
-        f"## Server throughput ({datetime.date.today()})\n\n"
+        f"{report.heading('Server throughput')}\n\n"
         f"`{report.command_line()}` on {report.machine()}, {torch.get_num_threads()} threads. `python -m gpt2.serve` "
         f"with batch_size={args.clients}, GPT-2 124M shape, random weights, fp32; {args.clients} requests with "
         f"different prompts, greedy, {args.max_tokens} tokens each, every reply checked; best of {args.reps}.\n\n"

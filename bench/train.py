@@ -102,7 +102,7 @@ def main() -> None:
     device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
     lines = [
         "",
-        "## Training throughput (`bench/train.py`)",
+        report.heading("Training throughput"),
         "",
         f"`python bench/train.py --steps {args.steps} --warmup {args.warmup}` on a 2-core x86 CPU sandbox "
         f"({device}, {torch.get_num_threads()} threads), torch {torch.__version__}. The real `Trainer.train_step` "

@@ -99,7 +99,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise UserError(f"{p} is not a PyTorch checkpoint (not a zip archive: truncated, or another kind of file); "
                         "point at a ckpt.pt written by train.py")
     with zipfile.ZipFile(p) as archive:
-        bad = archive.testzip()  # every record's CRC-32, as torch.save stored it (~1.5 GB/s)
+        bad = archive.testzip()  # every record's CRC-32, as torch.save stored it
     if bad is not None:
         raise UserError(f"{p} is corrupt: record {bad} does not match its stored checksum (bits flipped on disk or "
                         "in a copy); use an earlier checkpoint (best.pt) or copy it again")

@@ -30,9 +30,9 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` -> bf16 on CUDA GPUs with native bf16 (compute capability >= 8.0, Ampere and newer), else fp16
     (with a GradScaler when training): `torch.cuda.is_bf16_supported()` also counts the emulated bf16 of a T4 or
-    V100, which has no bf16 tensor cores or flash attention. On CPU bf16 where oneDNN has fast bf16 kernels
-    (AVX-512 or Arm bf16; on the 2-core AVX512-BF16 sandbox bf16 measured 1.6x faster for training and 1.26x
-    for batch-1 decoding, BENCHMARKS.md), else fp32; fp32 on MPS."""
+    V100, which has no bf16 tensor cores or flash attention. On CPU bf16 where oneDNN has native bf16 kernels
+    (AVX-512 bf16, AMX or Arm bf16: faster than fp32 for training and decoding, BENCHMARKS.md), else fp32, since
+    emulated bf16 is slower than fp32; fp32 on MPS."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
@@ -51,8 +51,7 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
     Without autocast's cache of cast weights: GPT-2 uses each weight once per forward, so the cache saves no
     casts, but it holds a `dtype` copy of every weight until the forward ends, which activation checkpointing
-    would otherwise free block by block (GPT-2 124M, batch 4 x 1024, bf16: 2.94 instead of 3.01-3.12 GiB peak
-    with checkpointing, bench/memory.py)."""
+    would otherwise free block by block (the peak it saves: bench/memory.py, BENCHMARKS.md)."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)

@@ -75,8 +75,8 @@ def cleanup() -> None:
 
     Its last reference must be the one `destroy_process_group` drops. Otherwise the group and its threads live
     until the interpreter shuts down, where a thread still releasing a finished collective's tensor needs the
-    GIL and aborts the process ("terminate called without an active exception": 11 of 90 2-process CPU runs,
-    after the checkpoint was written). What held it: torch.distributed.nn.functional, which DDP imports, binds
+    GIL and, now and then, aborts the process ("terminate called without an active exception", after the
+    checkpoint was written). What held it: torch.distributed.nn.functional, which DDP imports, binds
     the live group as its functions' default argument when first imported after init (so this module imports
     it first); DTensor's caches (FSDP2); a DDP or FSDP model in a reference cycle; and, when an error
     propagates, the locals of its traceback's frames (dropped here; the printed traceback stays whole).

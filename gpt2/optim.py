@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules.
 
 - AdamW (Loshchilov & Hutter) with weight decay on >= 2-D weights only (matmul weights and embeddings), none
-  on biases and LayerNorm gains, as nanoGPT; torch's fused kernel on CUDA and on the CPU (there 4x faster than
+  on biases and LayerNorm gains, as nanoGPT; torch's fused kernel on CUDA and on the CPU (there much faster than
   its default loop).
 - Muon (Jordan et al. 2024, `torch.optim.Muon`) for the 2-D matrices inside the transformer blocks, with AdamW
   for everything else (embeddings / tied LM head, LayerNorms, biases), as modded-nanogpt; its Newton-Schulz
@@ -110,11 +110,11 @@ class Optimizers:
 
 class Muon(torch.optim.Muon):
     """`torch.optim.Muon` with its Newton-Schulz iteration in `ns_dtype`. torch's always runs it in bf16, which is
-    what GPUs since Ampere and CPUs with AVX-512 bf16 want, but elsewhere bf16 matmuls are emulated: on the AVX2
-    sandbox the CPU recipe's step took 1,109 ms instead of 85. With `ns_dtype=torch.float32` the step is the same
-    algorithm (Nesterov momentum, quintic Newton-Schulz with torch's coefficients, lr scaled by
+    what GPUs since Ampere and CPUs with AVX-512 bf16 want, but elsewhere bf16 matmuls are emulated, an order of
+    magnitude slower (BENCHMARKS.md, "Measurements behind design rules"). With `ns_dtype=torch.float32` the step
+    is the same algorithm (Nesterov momentum, quintic Newton-Schulz with torch's coefficients, lr scaled by
     sqrt(max(1, rows/cols)), decoupled weight decay) and the same state, with the iteration in fp32 and batched
-    over the matrices of one shape (one per layer: 1.5x faster than one at a time for the CPU recipe)."""
+    over the matrices of one shape (one batched product per shape instead of one per layer)."""
 
     def __init__(self, params: Any, *, ns_dtype: torch.dtype, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)

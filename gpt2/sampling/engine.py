@@ -103,10 +103,10 @@ def decode_step(model: GPT, token: torch.Tensor, kv_cache: KVCache) -> torch.Ten
 
 def cached_attention(shapes_vary: bool = True) -> contextlib.AbstractContextManager:
     """The attention kernels for passes over a KV cache whose shapes vary from pass to pass (the key length grows
-    every decode step; prompts differ): any but cuDNN's, which builds an execution plan for each new shape. On an
-    H200 (torch 2.11) that made eager batch-1 decoding of GPT-2 124M 10x slower: 19-27 tokens/s, against 232-353
-    with flash or memory-efficient attention (BENCHMARKS.md, GPU check). With fixed shapes (a static cache's
-    decode step, compiled once and replayed as a CUDA graph) a plan is built once and the default choice stands."""
+    every decode step; prompts differ): any but cuDNN's, which builds an execution plan for each new shape, and so
+    makes eager decoding several times slower than flash or memory-efficient attention (BENCHMARKS.md, GPU
+    check). With fixed shapes (a static cache's decode step, compiled once and replayed as a CUDA graph) a plan is
+    built once and the default choice stands."""
     if not shapes_vary:
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

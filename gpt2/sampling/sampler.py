@@ -50,7 +50,7 @@ class Sampler:
             )
         # The compiled decode step lives on this object (never rebinding module globals). It runs on static KV
         # caches, whose shapes and addresses never change from token to token: one compilation per cache size,
-        # replayed as a CUDA graph on GPUs. (On CPU the compiled step was slower than eager here: BENCHMARKS.md.)
+        # replayed as a CUDA graph on GPUs. (On CPU the compiled step is no faster than eager: BENCHMARKS.md.)
         self.static = compile
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         self.decode: DecodeFn = torch.compile(decode_step, mode=mode) if compile else decode_step
