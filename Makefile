@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-slow test-all gpu-check
+.PHONY: install demo test test-slow test-all lint gpu-check
 
 # PyTorch goes in first, so that installing the package finds it there. PyPI's default torch is a multi-GB CUDA
 # build: right for a machine with an NVIDIA GPU, wasted on one without, which gets the CPU build instead.
@@ -32,7 +32,7 @@ demo: install
 	$(PY) train.py experiment=shakespeare_char_cpu
 	$(PY) sample.py checkpoint=out/shakespeare_char_cpu prompt="ROMEO:" num_samples=2 max_new_tokens=300
 
-# The test command (README, CI): everything but the tests marked slow (about 9 minutes on 2 CPU cores).
+# The test command (README, CI): everything but the tests marked slow (about 5 minutes on 2 CPU cores).
 # CI also runs `make test-slow` (multi-process, compile, packaging, GGUF, half-precision LoRA and end-to-end demo runs: about 8 minutes).
 test: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
@@ -43,7 +43,12 @@ test-slow: install
 test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# ruff's linter and formatter, as pyproject.toml configures them (CI runs this; `ruff format .` fixes the format).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # On a CUDA machine: PASS/FAIL for training (bf16 + compile, fp16 + GradScaler), fused AdamW, flash attention,
-# KV-cache sampling, resume after SIGTERM and, with 2+ GPUs, NCCL DDP; appends its table to BENCHMARKS.md.
+# KV-cache sampling, resume after SIGTERM and, with 2+ GPUs, NCCL DDP; records its table in BENCHMARKS.md.
 gpu-check: install
 	$(PY) bench/gpu_check.py

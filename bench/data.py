@@ -28,9 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import report  # noqa: E402  (bench/report.py, next to this script)
+
 from gpt2.resources import TINY_SHAKESPEARE  # noqa: E402
 from gpt2.tokenizer import gpt2_encoding  # noqa: E402
-import report  # noqa: E402  (bench/report.py, next to this script)
 
 
 def rss_mb(peak: bool) -> float:
@@ -52,11 +53,23 @@ def child_prepare(source: str, data_root: str, name: str, threads: int, val_frac
 
     before = rss_mb(peak=False)
     t0, c0 = time.perf_counter(), time.process_time()
-    prepare(DataConfig(name=name, source=source, num_proc=threads, val_fraction=val_fraction), data_root, overwrite=True)
+    prepare(
+        DataConfig(name=name, source=source, num_proc=threads, val_fraction=val_fraction), data_root, overwrite=True
+    )
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     ds = open_dataset(name, data_root)
     tokens = ds.num_tokens("train") + ds.num_tokens("val")
-    print(json.dumps({"seconds": seconds, "cpu": cpu, "tokens": tokens, "rss_after_imports_mb": before, "peak_rss_mb": rss_mb(peak=True)}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "cpu": cpu,
+                "tokens": tokens,
+                "rss_after_imports_mb": before,
+                "peak_rss_mb": rss_mb(peak=True),
+            }
+        )
+    )
 
 
 def generate(out_dir: Path, total_bytes: int, sample_bytes: int, seed: int = 0) -> tuple[Path, Path, int]:
@@ -93,7 +106,10 @@ def generate(out_dir: Path, total_bytes: int, sample_bytes: int, seed: int = 0) 
 def run_child(source: Path, data_root: Path, name: str, threads: int, val_fraction: float) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", str(source), str(data_root), name, str(threads), str(val_fraction)],
-        check=True, stdout=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -131,11 +147,17 @@ def main() -> None:
     del texts
     small = run_child(sample, work / "data", "sample", threads, 0.0)  # no split: same tokens as raw
     assert small["tokens"] == raw_tokens, (small["tokens"], raw_tokens)
-    print(f"sample: raw {raw_tokens / raw_s:,.0f} tok/s, prepare {small['tokens'] / small['seconds']:,.0f} tok/s",
-          file=sys.stderr, flush=True)
+    print(
+        f"sample: raw {raw_tokens / raw_s:,.0f} tok/s, prepare {small['tokens'] / small['seconds']:,.0f} tok/s",
+        file=sys.stderr,
+        flush=True,
+    )
     big = run_child(corpus, work / "data", "big", threads, 0.005)
-    print(f"corpus: prepare {big['tokens'] / big['seconds']:,.0f} tok/s, peak RSS {big['peak_rss_mb']:.0f} MB",
-          file=sys.stderr, flush=True)
+    print(
+        f"corpus: prepare {big['tokens'] / big['seconds']:,.0f} tok/s, peak RSS {big['peak_rss_mb']:.0f} MB",
+        file=sys.stderr,
+        flush=True,
+    )
 
     ds = open_dataset("big", work / "data")
     loader_rows = []
@@ -156,25 +178,32 @@ def main() -> None:
 
     gb_sample = args.sample_mb / 1e3
     lines = [
-        "| stage | text | tokens | seconds | tokens/s | vs raw | CPU s per 1M tokens | CPU vs raw | peak RSS MB (after imports) |",
+        "| stage | text | tokens | seconds | tokens/s | vs raw | CPU s per 1M tokens | CPU vs raw "
+        "| peak RSS MB (after imports) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         f"| raw `encode_ordinary_batch` (in memory) | {gb_sample:g} GB | {raw_tokens:,} | {raw_s:.1f} | "
         f"{raw_tokens / raw_s:,.0f} | 1.00x | {raw_cpu / raw_tokens * 1e6:.2f} | 1.00x | |",
     ]
-    for label, size, r in (("prepare (read, tokenize, write shards)", gb_sample, small),
-                           ("prepare, whole corpus", args.gb, big)):
+    for label, size, r in (
+        ("prepare (read, tokenize, write shards)", gb_sample, small),
+        ("prepare, whole corpus", args.gb, big),
+    ):
         rate = r["tokens"] / r["seconds"]
         cpu_per = r["cpu"] / r["tokens"]
-        lines.append(f"| {label} | {size:g} GB | {r['tokens']:,} | {r['seconds']:.1f} | {rate:,.0f} | "
-                     f"{rate / (raw_tokens / raw_s):.2f}x | {cpu_per * 1e6:.2f} | {cpu_per / (raw_cpu / raw_tokens):.2f}x | "
-                     f"{r['peak_rss_mb']:.0f} ({r['rss_after_imports_mb']:.0f}) |")
+        lines.append(
+            f"| {label} | {size:g} GB | {r['tokens']:,} | {r['seconds']:.1f} | {rate:,.0f} | "
+            f"{rate / (raw_tokens / raw_s):.2f}x | {cpu_per * 1e6:.2f} | {cpu_per / (raw_cpu / raw_tokens):.2f}x | "
+            f"{r['peak_rss_mb']:.0f} ({r['rss_after_imports_mb']:.0f}) |"
+        )
     lines += ["", "| loader | batch x block | batches/s | tokens/s |", "|---|---|---:|---:|"]
     for b, t, train_s, eval_s in loader_rows:
-        lines.append(f"| `TokenLoader.next_batch` (random windows) | {b} x {t} | {1 / train_s:,.0f} | {b * t / train_s:,.0f} |")
+        lines.append(
+            f"| `TokenLoader.next_batch` (random windows) | {b} x {t} | {1 / train_s:,.0f} | {b * t / train_s:,.0f} |"
+        )
         lines.append(f"| `eval_batches` (fixed windows) | {b} x {t} | {1 / eval_s:,.0f} | {b * t / eval_s:,.0f} |")
     table = "\n".join(lines)
     torch_version = torch.__version__.split("+")[0]
-    where = f"{os.cpu_count()}-core {platform.machine()} CPU sandbox, torch {torch_version} CPU, {threads} tokenizer threads"
+    where = f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch_version} CPU, {threads} tokenizer threads"
     print(f"\n{where}\n{table}")
     if not args.no_append:
         report.append(

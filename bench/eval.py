@@ -28,11 +28,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt2.eval import hellaswag, perplexity  # noqa: E402
-from gpt2.resources import TINY_SHAKESPEARE  # noqa: E402
-from gpt2.model import GPT, preset  # noqa: E402
-from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
 import report  # noqa: E402  (bench/report.py, next to this script)
+
+from gpt2.eval import hellaswag, perplexity  # noqa: E402
+from gpt2.model import GPT, preset  # noqa: E402
+from gpt2.resources import TINY_SHAKESPEARE  # noqa: E402
+from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
 
 
 def bench_perplexity(chars: int) -> list[tuple[str, str, float]]:
@@ -92,8 +93,10 @@ def main() -> None:
     ppl = bench_perplexity(args.ppl_chars)
     hs = bench_hellaswag(args.hs_examples)
     load = os.getloadavg()[0]  # other jobs on a shared machine slow everything down: say so
-    machine = (f"2-core x86 CPU sandbox, torch {torch.__version__.split('+')[0]} CPU ({platform.machine()}), "
-               f"load average {load:.1f} at the end")
+    machine = (
+        f"2-core x86 CPU sandbox, torch {torch.__version__.split('+')[0]} CPU ({platform.machine()}), "
+        f"load average {load:.1f} at the end"
+    )
     lines = [
         f"{report.heading('Evaluation throughput')}",
         "",

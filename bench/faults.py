@@ -32,9 +32,22 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "train.py")]
-RUN = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64", "model.dropout=0.1",
-       "train.batch_size=8", "train.max_iters=400", "train.eval_interval=50", "train.eval_iters=4",
-       "train.log_interval=1", "optim.lr_decay_iters=400", "device=cpu", "dtype=float32", "compile=false"]  # fmt: skip
+RUN = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=64",
+    "model.block_size=64",
+    "model.dropout=0.1",
+    "train.batch_size=8",
+    "train.max_iters=400",
+    "train.eval_interval=50",
+    "train.eval_iters=4",
+    "train.log_interval=1",
+    "optim.lr_decay_iters=400",
+    "device=cpu",
+    "dtype=float32",
+    "compile=false",
+]
 
 
 KINDS = ["kill -9", "SIGTERM", "SIGINT", "SIGHUP", "full disk", "double start"]
@@ -42,13 +55,15 @@ KINDS = ["kill -9", "SIGTERM", "SIGINT", "SIGHUP", "full disk", "double start"]
 
 def start(args: list[str], cwd: Path, file_limit: int | None = None) -> subprocess.Popen:
     """`train.py args` in the background, one thread (the same for every run, so runs compare bit for bit)."""
+
     def limit() -> None:
         if file_limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(TRAIN + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, preexec_fn=limit)  # fmt: skip
+    return subprocess.Popen(
+        TRAIN + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=limit
+    )
 
 
 def run_to_end(args: list[str], cwd: Path) -> None:
@@ -101,8 +116,11 @@ def main() -> int:
     args = p.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="gpt2-faults-"))
-    subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare_char", f"data_root={work}"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare_char", f"data_root={work}"],
+        check=True,
+        capture_output=True,
+    )
     common = [f"data.name={work / 'shakespeare_char'}", *RUN]
     reference, faulted = work / "reference", work / "faulted"
     run_to_end(common + [f"out_dir={reference}"], work)

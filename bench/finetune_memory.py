@@ -35,7 +35,13 @@ sys.path.insert(0, str(ROOT))
 import report  # noqa: E402  (bench/report.py)
 from report import native_bf16  # noqa: E402
 
-HEAVY_OPS = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.baddbmm.", "aten._scaled_dot_product_flash_attention_for_cpu")
+HEAVY_OPS = (
+    "aten.mm.",
+    "aten.addmm.",
+    "aten.bmm.",
+    "aten.baddbmm.",
+    "aten._scaled_dot_product_flash_attention_for_cpu",
+)
 
 
 def zero_matmuls():
@@ -47,8 +53,11 @@ def zero_matmuls():
         return x.to("meta") if isinstance(x, torch.Tensor) else x
 
     def zeros_like_meta(t):
-        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu").zero_() if isinstance(
-            t, torch.Tensor) else t
+        return (
+            torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu").zero_()
+            if isinstance(t, torch.Tensor)
+            else t
+        )
 
     class ZeroMatmuls(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -80,10 +89,23 @@ def child(overrides: list[str], zero: bool) -> dict:
 
 
 def measure(init: Path, data: Path, out: Path, lora: bool, ac: bool, dtype: str, zero: bool) -> dict:
-    overrides = [f"init_from={init}", f"data.name={data}", f"out_dir={out}", "model.block_size=512",
-                 "train.batch_size=1", "train.grad_accum_steps=1", "train.max_iters=3", "train.eval_interval=3",
-                 "train.eval_iters=1", "train.log_interval=1", f"dtype={dtype}", "device=cpu", "compile=false",
-                 f"train.activation_checkpointing={str(ac).lower()}", f"lora.rank={16 if lora else 0}"]  # fmt: skip
+    overrides = [
+        f"init_from={init}",
+        f"data.name={data}",
+        f"out_dir={out}",
+        "model.block_size=512",
+        "train.batch_size=1",
+        "train.grad_accum_steps=1",
+        "train.max_iters=3",
+        "train.eval_interval=3",
+        "train.eval_iters=1",
+        "train.log_interval=1",
+        f"dtype={dtype}",
+        "device=cpu",
+        "compile=false",
+        f"train.activation_checkpointing={str(ac).lower()}",
+        f"lora.rank={16 if lora else 0}",
+    ]
     cmd = [sys.executable, __file__, "--child", json.dumps({"overrides": overrides, "zero": zero})]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
@@ -106,8 +128,10 @@ def make_init(size: str, init_dir: Path) -> Path:
     """A Hugging Face-layout dir of GPT-2 `size` with random weights (written once, in a child process)."""
     path = init_dir / f"{size}-random"
     if not (path / "model.safetensors").exists():
-        code = ("import torch, sys; from gpt2.model import GPT, preset; from gpt2.hf import save_pretrained; "
-                "torch.manual_seed(0); save_pretrained(GPT(preset(sys.argv[1])), sys.argv[2])")
+        code = (
+            "import torch, sys; from gpt2.model import GPT, preset; from gpt2.hf import save_pretrained; "
+            "torch.manual_seed(0); save_pretrained(GPT(preset(sys.argv[1])), sys.argv[2])"
+        )
         subprocess.run([sys.executable, "-c", code, size, str(path)], check=True, cwd=ROOT)
     return path
 
@@ -146,16 +170,22 @@ def main() -> None:
                     for dtype, z in cases:  # each in a new out_dir (a finished run there would just resume)
                         state = 0 if lora else optimizer_state_bytes(size)
                         if state > 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
-                            cells.append({"error": f"does not fit: {state / 2**30:.1f} GiB of fp32 weights, gradients "
-                                                   "and AdamW state"})  # fmt: skip
+                            cells.append(
+                                {
+                                    "error": f"does not fit: {state / 2**30:.1f} GiB of fp32 weights, gradients "
+                                    "and AdamW state"
+                                }
+                            )
                             continue
                         cells.append(measure(init, data, Path(tmp) / "run", lora, ac, dtype, z))
                         subprocess.run(["rm", "-rf", str(Path(tmp) / "run")])
                     rows.append((size, lora, ac, cells))
                     print(size, "LoRA r16" if lora else "full", "AC" if ac else "-", cells, flush=True)
-    section = (f"{report.heading('Fine-tuning memory: full vs LoRA, activation checkpointing')}\n\n"
-               f"`{report.command_line()}` on {report.machine()}; each cell a fresh `train.py` process (3 steps of "
-               f"batch 1 x 512, an eval and a checkpoint), peak RSS.\n\n{table(rows, args, zero)}\n")
+    section = (
+        f"{report.heading('Fine-tuning memory: full vs LoRA, activation checkpointing')}\n\n"
+        f"`{report.command_line()}` on {report.machine()}; each cell a fresh `train.py` process (3 steps of "
+        f"batch 1 x 512, an eval and a checkpoint), peak RSS.\n\n{table(rows, args, zero)}\n"
+    )
     print(section)
     if not args.no_append:
         report.append(section)
@@ -168,14 +198,18 @@ def table(rows, args, zero: bool) -> str:
     if args.validate:
         head = "| model | fine-tune | AC | fp32 peak RSS, zero matmuls (GiB) | fp32 peak RSS, real steps (GiB) |"
         lines = [head, "|---|---|---|---:|---:|"]
-        lines += [f"| {s} | {'LoRA r16' if lo else 'full'} | {'yes' if ac else 'no'} | {cell(c[0])} | {cell(c[1])} |"
-                  for s, lo, ac, c in rows]  # fmt: skip
+        lines += [
+            f"| {s} | {'LoRA r16' if lo else 'full'} | {'yes' if ac else 'no'} | {cell(c[0])} | {cell(c[1])} |"
+            for s, lo, ac, c in rows
+        ]
     else:
         how = "zero-filled matmul results (this CPU emulates bf16)" if zero else "real steps"
         head = f"| model | fine-tune | activation checkpointing | bf16 peak RSS (GiB), {how} |"
         lines = [head, "|---|---|---|---:|"]
-        lines += [f"| {s} | {'LoRA r16' if lo else 'full'} | {'yes' if ac else 'no'} | {cell(c[0])} |"
-                  for s, lo, ac, c in rows]  # fmt: skip
+        lines += [
+            f"| {s} | {'LoRA r16' if lo else 'full'} | {'yes' if ac else 'no'} | {cell(c[0])} |"
+            for s, lo, ac, c in rows
+        ]
     return "\n".join(lines)
 
 

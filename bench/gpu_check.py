@@ -39,8 +39,16 @@ sys.path.insert(0, str(ROOT))
 # The scripts it starts (train.py, data/prepare.py) import the package from this checkout too, installed or not.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 TRAIN = [sys.executable, str(ROOT / "train.py")]
-RUN_124M = ["model=gpt2", "data=shakespeare", "train.batch_size=8", "train.eval_interval=0", "train.log_interval=5",
-            "optim.warmup_iters=10", "optim.lr=6e-4", "device=cuda"]  # fmt: skip
+RUN_124M = [
+    "model=gpt2",
+    "data=shakespeare",
+    "train.batch_size=8",
+    "train.eval_interval=0",
+    "train.log_interval=5",
+    "optim.warmup_iters=10",
+    "optim.lr=6e-4",
+    "device=cuda",
+]
 
 
 def records(out: Path) -> list[dict]:
@@ -60,8 +68,11 @@ def train_run(tmp: Path, name: str, *overrides: str) -> tuple[Path, list[dict]]:
     out = tmp / name
     p = train([*RUN_124M, *overrides, f"out_dir={out}"], tmp)
     if p.returncode:
-        print(f"{name}: train.py exited with status {p.returncode}; the end of its stderr:\n{p.stderr[-3000:]}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{name}: train.py exited with status {p.returncode}; the end of its stderr:\n{p.stderr[-3000:]}",
+            file=sys.stderr,
+            flush=True,
+        )
         raise RunFailed((p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1])
     return out, records(out)
 
@@ -69,8 +80,10 @@ def train_run(tmp: Path, name: str, *overrides: str) -> tuple[Path, list[dict]]:
 def check_train(tmp: Path) -> tuple[bool, str]:
     _, lines = train_run(tmp, "bf16", "dtype=bfloat16", "compile=true", "train.max_iters=60")
     first, last = lines[0], lines[-1]
-    return last["loss"] < first["loss"] - 0.5, (f"loss {first['loss']:.2f} -> {last['loss']:.2f}, "
-                                                f"{last['tokens_per_sec']:,.0f} tok/s, MFU {100 * last.get('mfu', math.nan):.1f}%")
+    return last["loss"] < first["loss"] - 0.5, (
+        f"loss {first['loss']:.2f} -> {last['loss']:.2f}, "
+        f"{last['tokens_per_sec']:,.0f} tok/s, MFU {100 * last.get('mfu', math.nan):.1f}%"
+    )
 
 
 def check_fp16(tmp: Path) -> tuple[bool, str]:
@@ -144,14 +157,22 @@ def check_compiled_decode() -> tuple[bool, str]:
         sampler.generate("The history of", **kw)
         rates.append(256 / (time.perf_counter() - t0))
     graphs = counters["stats"]["unique_graphs"]
-    return same and graphs == 1, (f"greedy text {'equals' if same else 'DIFFERS from'} eager; {graphs} graph(s); "
-                                  f"{rates[1]:,.0f} vs {rates[0]:,.0f} tokens/s eager (bf16, batch 1)")  # fmt: skip
+    return same and graphs == 1, (
+        f"greedy text {'equals' if same else 'DIFFERS from'} eager; {graphs} graph(s); "
+        f"{rates[1]:,.0f} vs {rates[0]:,.0f} tokens/s eager (bf16, batch 1)"
+    )
 
 
 def check_resume(tmp: Path) -> tuple[bool, str]:
     out = tmp / "resume"
-    args = [*RUN_124M, "dtype=bfloat16", "compile=false", "train.max_iters=200", "train.log_interval=1",
-            f"out_dir={out}"]  # fmt: skip
+    args = [
+        *RUN_124M,
+        "dtype=bfloat16",
+        "compile=false",
+        "train.max_iters=200",
+        "train.log_interval=1",
+        f"out_dir={out}",
+    ]
     p = subprocess.Popen(TRAIN + args, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in p.stdout:
         if line.startswith("step 20 |"):
@@ -169,11 +190,25 @@ def check_resume(tmp: Path) -> tuple[bool, str]:
 def check_ddp(tmp: Path) -> tuple[bool | None, str]:
     if torch.cuda.device_count() < 2:
         return None, f"{torch.cuda.device_count()} GPU: skipped"
-    args = [*RUN_124M, "dtype=bfloat16", "compile=false", "train.max_iters=20", "train.log_interval=1",
-            "train.grad_accum_steps=2"]  # fmt: skip
+    args = [
+        *RUN_124M,
+        "dtype=bfloat16",
+        "compile=false",
+        "train.max_iters=20",
+        "train.log_interval=1",
+        "train.grad_accum_steps=2",
+    ]
     single = train([*args, f"out_dir={tmp / 'ddp1'}"], tmp)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-           *args, f"out_dir={tmp / 'ddp2'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "train.py"),
+        *args,
+        f"out_dir={tmp / 'ddp2'}",
+    ]
     double = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=300)
     if single.returncode or double.returncode:
         return False, (single.stderr or double.stderr).strip().splitlines()[-1]
@@ -187,22 +222,33 @@ def main() -> None:
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("gpu-check needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False): nothing "
-              "was run. Run it on a machine with an NVIDIA GPU and a CUDA build of PyTorch.")
+        print(
+            "gpu-check needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False): nothing "
+            "was run. Run it on a machine with an NVIDIA GPU and a CUDA build of PyTorch."
+        )
         return
     import report
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        prep = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare",
-                               f"data_root={tmp}"], cwd=tmp, capture_output=True, text=True)  # fmt: skip
+        prep = subprocess.run(
+            [sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare", f"data_root={tmp}"],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+        )
         assert prep.returncode == 0, prep.stderr
         RUN_124M.append(f"data.name={tmp / 'shakespeare'}")
-        checks = [("train 124M bf16 + compile", lambda: check_train(tmp)), ("fp16 + GradScaler", lambda: check_fp16(tmp)),
-                  ("fused AdamW", check_fused_adamw), ("flash attention", check_flash),
-                  ("KV-cache sampling", check_sampling), ("compiled decode (CUDA graphs)", check_compiled_decode),
-                  ("resume after SIGTERM", lambda: check_resume(tmp)),
-                  ("2-process NCCL DDP = 1 process", lambda: check_ddp(tmp))]  # fmt: skip
+        checks = [
+            ("train 124M bf16 + compile", lambda: check_train(tmp)),
+            ("fp16 + GradScaler", lambda: check_fp16(tmp)),
+            ("fused AdamW", check_fused_adamw),
+            ("flash attention", check_flash),
+            ("KV-cache sampling", check_sampling),
+            ("compiled decode (CUDA graphs)", check_compiled_decode),
+            ("resume after SIGTERM", lambda: check_resume(tmp)),
+            ("2-process NCCL DDP = 1 process", lambda: check_ddp(tmp)),
+        ]
         rows = ["| check | result | details |", "|---|---|---|"]
         for name, check in checks:
             t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """The chunked loss (`gpt2.loss`, what training uses) against whole-batch logits, in a full training step.
 
-    python bench/loss.py                                   # fp32 and bf16 x 4 x 256 and 4 x 1024; appends to BENCHMARKS.md
+    python bench/loss.py                                   # fp32 and bf16 x 4 x 256 and 4 x 1024, into BENCHMARKS.md
     python bench/loss.py --dtypes bfloat16 --seq-lens 256 --rounds 2 --no-append
     python bench/loss.py --profile --dtypes bfloat16 --seq-lens 256   # where a chunked step's time goes
 
@@ -87,16 +87,23 @@ def main() -> None:
             for seq_len in map(int, args.seq_lens.split(",")):
                 print(profile(getattr(torch, name), seq_len))
         return
-    lines = ["| dtype | batch | whole-batch logits s/step | chunked s/step | chunked / whole-batch |", "|---|---|---:|---:|---:|"]
+    lines = [
+        "| dtype | batch | whole-batch logits s/step | chunked s/step | chunked / whole-batch |",
+        "|---|---|---:|---:|---:|",
+    ]
     for name in args.dtypes.split(","):
         for seq_len in map(int, args.seq_lens.split(",")):
             r = measure(getattr(torch, name), seq_len, args.rounds)
-            lines.append(f"| {name} | 4 x {seq_len} | {r['whole-batch logits']:.2f} | {r['chunked']:.2f} | "
-                         f"{r['chunked'] / r['whole-batch logits']:.2f} |")  # fmt: skip
+            lines.append(
+                f"| {name} | 4 x {seq_len} | {r['whole-batch logits']:.2f} | {r['chunked']:.2f} | "
+                f"{r['chunked'] / r['whole-batch logits']:.2f} |"
+            )
             print(lines[-1], flush=True)
-    section = (f"{report.heading('Loss paths in a training step')}\n\n`{report.command_line()}` on {report.machine()}; "
-               f"GPT-2 124M, one process, the two paths "
-               f"alternating, median of {args.rounds} rounds after a warm-up round.\n\n" + "\n".join(lines) + "\n")
+    section = (
+        f"{report.heading('Loss paths in a training step')}\n\n`{report.command_line()}` on {report.machine()}; "
+        f"GPT-2 124M, one process, the two paths "
+        f"alternating, median of {args.rounds} rounds after a warm-up round.\n\n" + "\n".join(lines) + "\n"
+    )
     print(section)
     if not args.no_append:
         report.append(section)

@@ -90,11 +90,14 @@ def in_child(**case) -> dict:
 
 def step_table(dtype: str, zero: bool) -> str:
     rows = ["| loss | activation checkpointing | peak RSS (GiB) | s/step |", "|---|---|---|---|"]
-    for name, logits, checkpointing in [("whole-batch logits (plain path)", True, False),
-                                        ("chunked (gpt2.loss)", False, False),
-                                        ("chunked", False, True)]:  # fmt: skip
-        r = in_child(size="gpt2", batch=4, logits=logits, checkpointing=checkpointing, optimizer=True, dtype=dtype,
-                     zero=zero)
+    for name, logits, checkpointing in [
+        ("whole-batch logits (plain path)", True, False),
+        ("chunked (gpt2.loss)", False, False),
+        ("chunked", False, True),
+    ]:
+        r = in_child(
+            size="gpt2", batch=4, logits=logits, checkpointing=checkpointing, optimizer=True, dtype=dtype, zero=zero
+        )
         rows.append(f"| {name} | {'on' if checkpointing else 'off'} | {r['peak_gib']:.2f} | {r['s_per_step']:.1f} |")
         print(rows[-1], flush=True)
     return "\n".join(rows)
@@ -143,13 +146,27 @@ def measure_parallel(mode: str) -> dict:
 
 def parallel_table() -> str:
     rows = ["| 2 processes | peak RSS per rank (GiB) |", "|---|---|"]
-    for name, mode in [("DDP, torch's defaults (as nanoGPT's train.py)", "torch-ddp"),
-                       ("DDP, ours: gradients kept in the buckets", "ddp"),
-                       ("FSDP2, ours (`train.parallelism=fsdp`)", "fsdp")]:  # fmt: skip
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-               "--parallel-child", mode]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2)),
-               "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors leave the RSS at once (see the docstring)
+    for name, mode in [
+        ("DDP, torch's defaults (as nanoGPT's train.py)", "torch-ddp"),
+        ("DDP, ours: gradients kept in the buckets", "ddp"),
+        ("FSDP2, ours (`train.parallelism=fsdp`)", "fsdp"),
+    ]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            __file__,
+            "--parallel-child",
+            mode,
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2)),
+            "MALLOC_MMAP_THRESHOLD_": "131072",
+        }  # freed tensors leave the RSS at once (see the docstring)
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         rows.append(f"| {name} | {json.loads(out.stdout.strip().splitlines()[-1])['peak_gib']:.2f} |")
         print(rows[-1], flush=True)
@@ -181,8 +198,10 @@ def activation_bytes(size: str, batch: int, checkpointing: bool, dtype: str) -> 
 
 
 def activations_table(sizes: list[str]) -> str:
-    rows = ["| model | dtype | activations kept for backward, without (GiB) | with checkpointing (GiB) | saved (GiB) |",
-            "|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| model | dtype | activations kept for backward, without (GiB) | with checkpointing (GiB) | saved (GiB) |",
+        "|---|---|---|---|---|",
+    ]
     for size in sizes:
         for dtype in ("bfloat16", "float32"):
             off, on = (activation_bytes(size, 4, c, dtype) / 2**30 for c in (False, True))
@@ -193,10 +212,18 @@ def activations_table(sizes: list[str]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="gpt2,gpt2-medium,gpt2-large,gpt2-xl")
-    p.add_argument("--dtype", default="auto", help="of the 124M step table: auto (bfloat16 where this CPU has "
-                   "fast bf16 matmuls, else float32: emulated bf16 is ~50x slower), float32 or bfloat16")
-    p.add_argument("--zero-matmuls", choices=("auto", "yes", "no"), default="auto",
-                   help="zero-filled matmul results: auto = for bf16 on a CPU without native bf16")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="of the 124M step table: auto (bfloat16 where this CPU has "
+        "fast bf16 matmuls, else float32: emulated bf16 is ~50x slower), float32 or bfloat16",
+    )
+    p.add_argument(
+        "--zero-matmuls",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="zero-filled matmul results: auto = for bf16 on a CPU without native bf16",
+    )
     p.add_argument("--tables", default="step,activations,parallel", help="which of the three tables to measure")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -211,18 +238,19 @@ def main() -> None:
             print(json.dumps(result))
         return
     import report
-
     import torch
+    from report import native_bf16
 
     from gpt2.device import resolve_dtype
-
-    from report import native_bf16
 
     tables = set(args.tables.split(","))
     if tables - {"step", "activations", "parallel"}:
         p.error(f"--tables {args.tables}: choose among step, activations and parallel, comma-separated")
-    title = ("Training-step memory: DDP and FSDP2" if tables == {"parallel"}
-             else "Training-step memory: chunked loss and activation checkpointing")  # (BENCHMARKS.md's measures)
+    title = (
+        "Training-step memory: DDP and FSDP2"
+        if tables == {"parallel"}
+        else "Training-step memory: chunked loss and activation checkpointing"
+    )  # (BENCHMARKS.md's measures)
     parts = [f"{report.heading(title)}\n\n`{report.command_line()}` on {report.machine()}."]
     if "step" in tables:
         dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
@@ -231,7 +259,7 @@ def main() -> None:
             "Chunked loss and activation checkpointing. Each row is a fresh process (peak RSS: weights, gradients, "
             f"optimizer state, activations, loss). GPT-2 124M, batch 4 x 1024 tokens, {dtype}, one AdamW step with "
             "the optimizer state already allocated (the steady state)"
-            f"{'; matmul and attention results zero-filled (this CPU emulates bf16): s/step is no speed' if zero else ''}"
+            f"{'; matmul and attention results zero-filled (this CPU emulates bf16): s/step is no speed' * zero}"
             f":\n\n{step_table(dtype, zero)}"
         )
     if "activations" in tables:

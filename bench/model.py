@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+import report  # noqa: E402  (bench/report.py, next to this script)
 import torch
 
 from gpt2 import GPT
 from gpt2.device import autocast, resolve_device
 from gpt2.model import PRESETS, preset
-import report  # noqa: E402  (bench/report.py, next to this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,9 +112,9 @@ def main() -> None:
     if not args.no_append:
         report.append(
             f"{report.heading('Model forward+backward throughput')}\n\n"
-            f"`{report.command_line()}` on {report.machine(device)} (load average {load:.1f} at start: the machine is shared, "
-            f"so compare rows of one table, not tables): {title}; {args.warmup} warmup steps, then the median of "
-            f"{args.steps} round-robin timed steps.\n\n"
+            f"`{report.command_line()}` on {report.machine(device)} (load average {load:.1f} at start: the machine "
+            f"is shared, so compare rows of one table, not tables): {title}; {args.warmup} warmup steps, then the "
+            f"median of {args.steps} round-robin timed steps.\n\n"
             f"{table}\n"
         )
 

@@ -25,7 +25,8 @@ table), so GB/s = steps/s x weight bytes, against this machine's copy bandwidth 
 write bytes of a 256 MB `copy_`, best of 5): the limit of one-row decoding. Prints a markdown table and appends
 it to BENCHMARKS.md unless --no-append. The batch-1 fp32 engine and transformers are also profiled (64 tokens,
 torch.profiler, fastest of 3 alternating runs): the share of their time in matrix products (aten::addmm /
-aten::mm, or oneDNN's prepacked linear), the GB/s those stream, and the ratio to transformers an engine with no work outside them would reach.
+aten::mm, or oneDNN's prepacked linear), the GB/s those stream, and the ratio to transformers an engine with no
+work outside them would reach.
 
 --ragged instead: `--prompts` prompts of 4 to 64 tokens, greedy, `--new-tokens` each, generated in batches of
 each of `--batch-sizes`: our engine (each row its own positions, no padding) against transformers' batched
@@ -43,12 +44,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import report  # noqa: E402  (bench/report.py, next to this script)
 import torch
 
 from gpt2.hf import save_pretrained
 from gpt2.model import GPT, GPTConfig
 from gpt2.sampling import SamplingParams, decode_step, generate, sample_next_token, use_decode_layout
-import report  # noqa: E402  (bench/report.py, next to this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = SamplingParams(temperature=1.0, top_k=200)
@@ -75,8 +76,14 @@ def no_cache(model: GPT, idx: torch.Tensor, n: int) -> int:
 def hf_generate(hf_model, idx: torch.Tensor, n: int) -> int:
     torch.manual_seed(0)
     out = hf_model.generate(
-        idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n, do_sample=True,
-        temperature=PARAMS.temperature, top_k=PARAMS.top_k, pad_token_id=50256,
+        idx,
+        attention_mask=torch.ones_like(idx),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=True,
+        temperature=PARAMS.temperature,
+        top_k=PARAMS.top_k,
+        pad_token_id=50256,
     )
     return (out.size(1) - idx.size(1)) * idx.size(0)
 
@@ -95,7 +102,8 @@ def engine_ragged(model: GPT, prompts: list[list[int]], n: int, batch_size: int)
 
 @torch.inference_mode()
 def llama_cpp_models(model: GPT, out: Path) -> dict[str, object]:
-    """llama.cpp on `model`'s weights exported as GGUF, per dtype ("float32", "float16"); {} without llama-cpp-python."""
+    """llama.cpp on `model`'s weights exported as GGUF, per dtype ("float32", "float16"); {} without
+    llama-cpp-python."""
     try:
         import llama_cpp
     except ImportError:
@@ -107,7 +115,8 @@ def llama_cpp_models(model: GPT, out: Path) -> dict[str, object]:
     for dtype in (torch.float32, torch.float16):
         path = write_gguf(model, GPT2Tokenizer(), out / str(dtype).removeprefix("torch."), dtype, "gpt2-bench")
         models[str(dtype).removeprefix("torch.")] = llama_cpp.Llama(
-            model_path=str(path), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
+            model_path=str(path), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False
+        )
     return models
 
 
@@ -126,8 +135,9 @@ def hf_ragged(hf_model, prompts: list[list[int]], n: int, batch_size: int) -> li
         width = max(len(p) for p in batch)
         idx = torch.tensor([[50256] * (width - len(p)) + p for p in batch])  # left padding
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        ids = hf_model.generate(idx, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                pad_token_id=50256)  # fmt: skip
+        ids = hf_model.generate(
+            idx, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=50256
+        )
         out += ids[:, width:].tolist()
     return out
 
@@ -150,8 +160,10 @@ def ragged(args, ours: GPT, hf_model) -> str:
             hf_ragged(hf_model, prompts, n, B)
             best["transformers"] = max(best["transformers"], len(prompts) * n / (time.perf_counter() - t0))
             print(f"batch {B} rep {rep}: {best}", flush=True)
-        rows.append(f"| {B} | {best['gpt2']:.1f} | {best['transformers']:.1f} | "
-                    f"{best['gpt2'] / best['transformers']:.2f}x | {'yes' if same else 'NO'} |")  # fmt: skip
+        rows.append(
+            f"| {B} | {best['gpt2']:.1f} | {best['transformers']:.1f} | "
+            f"{best['gpt2'] / best['transformers']:.2f}x | {'yes' if same else 'NO'} |"
+        )
     return (
         f"{report.heading('Batched prompts of different lengths')}\n\n"
         f"`python bench/sample.py --ragged --prompts {args.prompts} --new-tokens {n} --batch-sizes {args.batch_sizes} "
@@ -254,14 +266,23 @@ def main() -> None:
             ("transformers generate", "float32", n, lambda: hf_generate(hf_model, idx, n)),
         ]
         if B == 1:
-            cases.insert(1, ("gpt2 engine, nn.Linear layout", "float32", n, lambda: engine(plain, idx, n, layout=False)))
+            cases.insert(
+                1, ("gpt2 engine, nn.Linear layout", "float32", n, lambda: engine(plain, idx, n, layout=False))
+            )
             cases.insert(2, ("gpt2 engine, bfloat16", "bfloat16", n, lambda: engine(ours_bf16, idx, n)))
             cases.append(("transformers generate, bfloat16", "bfloat16", nc, lambda: hf_generate(hf_bf16, idx, nc)))
             for dtype, llm in llamas.items():
                 cases.append((f"llama.cpp ({dtype} GGUF)", dtype, n, lambda llm=llm: llama_generate(llm, idx, n)))
             if compiled is not None:
-                cases.insert(1, ("gpt2 engine, compiled decode (static cache)", "float32", n,
-                                 lambda: engine(ours, idx, n, decode=compiled, static=True)))  # fmt: skip
+                cases.insert(
+                    1,
+                    (
+                        "gpt2 engine, compiled decode (static cache)",
+                        "float32",
+                        n,
+                        lambda: engine(ours, idx, n, decode=compiled, static=True),
+                    ),
+                )
                 engine(ours, idx, n, decode=compiled, static=True)  # compile outside the timed runs
         engine(ours, idx, 4), hf_generate(hf_model, idx, 4)  # warm up kernels
         if B == 1:
@@ -279,18 +300,23 @@ def main() -> None:
             if not name.startswith("no KV cache"):
                 stream = best[name] / B * weight_bytes(ours if dtype == "float32" else ours_bf16)
                 roof = f"{stream / 1e9:.1f} | {stream / bandwidth:.0%}"
-            rows.append(f"| {B} | {name} | {dtype} | {tokens} | {best[name]:.1f} | {best[name] / hf:.2f}x | "
-                        f"{roof or ' | '} |")  # fmt: skip
+            rows.append(
+                f"| {B} | {name} | {dtype} | {tokens} | {best[name]:.1f} | {best[name] / hf:.2f}x | {roof or ' | '} |"
+            )
 
     # Batch 1, fp32, 64 tokens: n forwards (prefill, then n - 1 decode steps) each read every weight once.
     idx, n = torch.randint(0, 50257, (1, 4), generator=torch.Generator().manual_seed(1)), 64
-    runs = [(matmul_profile(lambda: engine(ours, idx, n)), matmul_profile(lambda: hf_generate(hf_model, idx, n)))
-            for _ in range(3)]  # alternating; the fastest of each
+    runs = [
+        (matmul_profile(lambda: engine(ours, idx, n)), matmul_profile(lambda: hf_generate(hf_model, idx, n)))
+        for _ in range(3)
+    ]  # alternating; the fastest of each
     (ours_s, ours_mm), (hf_s, hf_mm) = min(r[0] for r in runs), min(r[1] for r in runs)
-    profiled = (f"Profiled at batch 1 in fp32 (64 tokens): the engine spends {ours_mm / ours_s:.0%} of its time in "
-                f"matrix products (aten::addmm/mm, mkldnn::_linear_pointwise), which stream the weights at "
-                f"{n * weight_bytes(ours) / ours_mm / 1e9:.1f} GB/s, transformers {hf_mm / hf_s:.0%}; an engine doing "
-                f"nothing but these products would be {hf_s / ours_mm:.2f}x transformers.")  # fmt: skip
+    profiled = (
+        f"Profiled at batch 1 in fp32 (64 tokens): the engine spends {ours_mm / ours_s:.0%} of its time in "
+        f"matrix products (aten::addmm/mm, mkldnn::_linear_pointwise), which stream the weights at "
+        f"{n * weight_bytes(ours) / ours_mm / 1e9:.1f} GB/s, transformers {hf_mm / hf_s:.0%}; an engine doing "
+        f"nothing but these products would be {hf_s / ours_mm:.2f}x transformers."
+    )
     print(profiled)
     header = (
         f"{report.heading('Sampling speed')}\n\n"
@@ -301,7 +327,8 @@ def main() -> None:
         f"and top_k 200; tokens/s = new tokens x batch / wall time, best of the round-robin repetitions. Weight "
         f"stream = decode steps/s x weight bytes ({weight_bytes(ours) / 1e6:.0f} MB in fp32); copy bandwidth "
         f"measured at the start: {bandwidth / 1e9:.1f} GB/s. {profiled}\n\n"
-        "| batch | engine | dtype | new tokens | tokens/s | vs transformers | weight stream GB/s | of copy bandwidth |\n"
+        "| batch | engine | dtype | new tokens | tokens/s | vs transformers | weight stream GB/s "
+        "| of copy bandwidth |\n"
         "|---:|---|---|---:|---:|---:|---:|---:|\n"
     )
     table = header + "\n".join(rows) + "\n"

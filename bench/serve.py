@@ -22,21 +22,42 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import report  # noqa: E402  (bench/report.py, next to this script)
 import torch
 
 from gpt2.hf import save_pretrained
 from gpt2.model import GPT, GPTConfig
-import report  # noqa: E402  (bench/report.py, next to this script)
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["The history of", "In a small village", "Scientists have found", "Once upon a time", "The market",
-           "My favourite", "According to the report", "She opened the door and"]  # fmt: skip
+PROMPTS = [
+    "The history of",
+    "In a small village",
+    "Scientists have found",
+    "Once upon a time",
+    "The market",
+    "My favourite",
+    "According to the report",
+    "She opened the door and",
+]
 
 
 def start_server(model_dir: str, rows: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2.serve", f"init_from={model_dir}", "port=0", "device=cpu",
-                             "dtype=float32", f"batch_size={rows}"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpt2.serve",
+            f"init_from={model_dir}",
+            "port=0",
+            "device=cpu",
+            "dtype=float32",
+            f"batch_size={rows}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     url = re.search(r"http://[\d.]+:\d+", proc.stdout.readline()).group(0)
     for _ in range(100):
         try:

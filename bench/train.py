@@ -23,13 +23,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import report  # noqa: E402  (bench/report.py, next to this script)
+
 from gpt2.config import DataConfig, TrainRunConfig, to_object  # noqa: E402
 from gpt2.device import resolve_device  # noqa: E402
 from gpt2.distributed import DistInfo  # noqa: E402
 from gpt2.flops import peak_flops  # noqa: E402
 from gpt2.resources import CONFIG_DIR  # noqa: E402
 from gpt2.training import Trainer  # noqa: E402
-import report  # noqa: E402  (bench/report.py, next to this script)
 
 MODELS = {
     "cpu_recipe": ["experiment=shakespeare_char_cpu"],
@@ -92,12 +93,21 @@ def main() -> None:
         for model in args.models:
             for dtype in ("float32", "bfloat16"):
                 for compiled in (False, True):
-                    overrides = [*MODELS[model], f"data.name={data}", f"out_dir={out}/{model}", f"dtype={dtype}",
-                                 f"compile={str(compiled).lower()}", "wandb.enabled=false"]  # fmt: skip
+                    overrides = [
+                        *MODELS[model],
+                        f"data.name={data}",
+                        f"out_dir={out}/{model}",
+                        f"dtype={dtype}",
+                        f"compile={str(compiled).lower()}",
+                        "wandb.enabled=false",
+                    ]
                     r = measure(overrides, args.warmup, args.steps)
                     rows.append((model, dtype, "compiled" if compiled else "eager", r))
-                    print(f"{model:17s} {dtype:9s} {rows[-1][2]:9s} {r['ms_per_step']:8.1f} ms/step "
-                          f"{r['tokens_per_sec']:10,.0f} tok/s  MFU {100 * r['mfu']:5.1f}%", flush=True)  # fmt: skip
+                    print(
+                        f"{model:17s} {dtype:9s} {rows[-1][2]:9s} {r['ms_per_step']:8.1f} ms/step "
+                        f"{r['tokens_per_sec']:10,.0f} tok/s  MFU {100 * r['mfu']:5.1f}%",
+                        flush=True,
+                    )
 
     device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
     lines = [
@@ -108,16 +118,20 @@ def main() -> None:
         f"({device}, {torch.get_num_threads()} threads), torch {torch.__version__}. The real `Trainer.train_step` "
         "(forward, backward, clip, AdamW), averaged over the timed steps after warmup. MFU = "
         "`flops_per_token()` x tokens/s over the measured matmul ceiling of this CPU in the same dtype ("
-        + ", ".join(f"{k}: {peak_flops(torch.device('cpu'), d) / 1e9:.0f} GFLOP/s"
-                     for k, d in (("fp32", torch.float32), ("bf16", torch.bfloat16)))  # fmt: skip
+        + ", ".join(
+            f"{k}: {peak_flops(torch.device('cpu'), d) / 1e9:.0f} GFLOP/s"
+            for k, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        )
         + "). The machine is shared with other jobs, so expect ±20% noise.",
         "",
         "| model | params (M) | dtype | mode | ms/step | tokens/s | MFU |",
         "|---|---:|---|---|---:|---:|---:|",
     ]
     for model, dtype, mode, r in rows:
-        lines.append(f"| {model} | {r['params']:.2f} | {dtype} | {mode} | {r['ms_per_step']:.1f} | "
-                     f"{r['tokens_per_sec']:,.0f} | {100 * r['mfu']:.1f}% |")  # fmt: skip
+        lines.append(
+            f"| {model} | {r['params']:.2f} | {dtype} | {mode} | {r['ms_per_step']:.1f} | "
+            f"{r['tokens_per_sec']:,.0f} | {100 * r['mfu']:.1f}% |"
+        )
     table = "\n".join(lines) + "\n"
     print(table)
     if not args.no_append:

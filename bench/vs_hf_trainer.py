@@ -51,11 +51,24 @@ def ours(job: dict) -> list[float]:
 
     if job["logits"]:
         patch_whole_batch_logits()
-    overrides = [f"init_from={job['init']}", f"data.name={job['data']}", f"out_dir={job['out']}",
-                 f"model.block_size={job['block_size']}", "train.batch_size=4", "train.grad_accum_steps=1",
-                 f"train.max_iters={job['steps']}", "train.eval_interval=0", "train.eval_iters=1",
-                 "train.log_interval=1", f"dtype={job['dtype']}", "device=cpu", "compile=false", "model.dropout=0.0",
-                 "optim=adamw", "optim.warmup_iters=0"]  # fmt: skip
+    overrides = [
+        f"init_from={job['init']}",
+        f"data.name={job['data']}",
+        f"out_dir={job['out']}",
+        f"model.block_size={job['block_size']}",
+        "train.batch_size=4",
+        "train.grad_accum_steps=1",
+        f"train.max_iters={job['steps']}",
+        "train.eval_interval=0",
+        "train.eval_iters=1",
+        "train.log_interval=1",
+        f"dtype={job['dtype']}",
+        "device=cpu",
+        "compile=false",
+        "model.dropout=0.0",
+        "optim=adamw",
+        "optim.warmup_iters=0",
+    ]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = to_object(compose("train", overrides=overrides), TrainRunConfig)
     Trainer(cfg, DistInfo(), typed_model_keys=frozenset({"block_size", "dropout"})).fit()  # as if typed
@@ -69,7 +82,8 @@ def patch_whole_batch_logits() -> None:
 
     forward = GPT.forward
     GPT.forward = lambda self, idx, targets=None, kv_cache=None, return_logits=True: forward(
-        self, idx, targets, kv_cache, True)
+        self, idx, targets, kv_cache, True
+    )
 
 
 def hf(job: dict) -> list[float]:
@@ -94,10 +108,20 @@ def hf(job: dict) -> list[float]:
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - self.t0)
 
-    args = TrainingArguments(output_dir=job["out"], per_device_train_batch_size=4, max_steps=job["steps"],
-                             bf16=job["dtype"] == "bfloat16", use_cpu=True, learning_rate=6e-4, weight_decay=0.1,
-                             save_strategy="no", report_to=[], logging_strategy="no", dataloader_num_workers=0,
-                             disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=job["out"],
+        per_device_train_batch_size=4,
+        max_steps=job["steps"],
+        bf16=job["dtype"] == "bfloat16",
+        use_cpu=True,
+        learning_rate=6e-4,
+        weight_decay=0.1,
+        save_strategy="no",
+        report_to=[],
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     model = GPT2LMHeadModel.from_pretrained(job["init"])
     Trainer(model=model, args=args, train_dataset=dataset, callbacks=[StepTimer()]).train()
     return times
@@ -135,16 +159,25 @@ def main() -> None:
     init = make_init("gpt2", Path(args.init_dir))
     results: dict[str, list[dict]] = {run: [] for run in RUNS}
     with tempfile.TemporaryDirectory() as tmp:
-        job = {"init": str(init), "data": str(make_data(Path(tmp))), "out": str(Path(tmp) / "run"),
-               "block_size": args.block_size, "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype}
+        job = {
+            "init": str(init),
+            "data": str(make_data(Path(tmp))),
+            "out": str(Path(tmp) / "run"),
+            "block_size": args.block_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "dtype": args.dtype,
+        }
         for _ in range(args.rounds):
             for run in RUNS:
                 results[run].append(measure(run, job))
                 print(run, results[run][-1], flush=True)
-    section = (f"{report.heading('Fine-tuning step: against transformers Trainer')}\n\n`{report.command_line()}` "
-               f"on {report.machine()}; GPT-2 124M, batch "
-               f"4 x {args.block_size}, {args.dtype}, {args.steps} steps per run, median after {args.warmup}, "
-               f"{args.rounds} alternating rounds.\n\n{table(results, args)}\n")
+    section = (
+        f"{report.heading('Fine-tuning step: against transformers Trainer')}\n\n`{report.command_line()}` "
+        f"on {report.machine()}; GPT-2 124M, batch "
+        f"4 x {args.block_size}, {args.dtype}, {args.steps} steps per run, median after {args.warmup}, "
+        f"{args.rounds} alternating rounds.\n\n{table(results, args)}\n"
+    )
     print(section)
     if not args.no_append:
         report.append(section)
@@ -152,15 +185,19 @@ def main() -> None:
 
 def table(results: dict[str, list[dict]], args) -> str:
     hf_rates = [r.get("tokens_per_sec") for r in results["transformers Trainer"]]
-    lines = ["| run | round | s/step | tokens/s | vs Trainer (same round) | peak RSS (GiB) |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | round | s/step | tokens/s | vs Trainer (same round) | peak RSS (GiB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for run, rounds in results.items():
         for i, r in enumerate(rounds):
             if "error" in r:
                 lines.append(f"| {run} | {i + 1} | {r['error']} | | | |")
                 continue
             ratio = f"{r['tokens_per_sec'] / hf_rates[i]:.2f}x" if hf_rates[i] else "-"
-            lines.append(f"| {run} | {i + 1} | {r['s']:.2f} | {r['tokens_per_sec']:,.0f} | {ratio} | "
-                         f"{r['peak_gib']:.2f} |")  # fmt: skip
+            lines.append(
+                f"| {run} | {i + 1} | {r['s']:.2f} | {r['tokens_per_sec']:,.0f} | {ratio} | {r['peak_gib']:.2f} |"
+            )
     return "\n".join(lines)
 
 

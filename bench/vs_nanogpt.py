@@ -42,12 +42,31 @@ sys.path.insert(0, str(ROOT))
 # The scripts it starts (train.py, data/prepare.py) import the package from this checkout too, installed or not.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-NANO_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
-            "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
-            "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]  # fmt: skip
+NANO_CPU = [
+    "config/train_shakespeare_char.py",
+    "--device=cpu",
+    "--compile=False",
+    "--eval_iters=20",
+    "--log_interval=1",
+    "--block_size=64",
+    "--batch_size=12",
+    "--n_layer=4",
+    "--n_head=4",
+    "--n_embd=128",
+    "--max_iters=2000",
+    "--lr_decay_iters=2000",
+    "--dropout=0.0",
+]
 """nanoGPT README's CPU command, as written."""
-NANO_GPU_SHAPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=1",
-                  "--eval_interval=100000", "--log_interval=1", "--max_iters=6"]  # fmt: skip
+NANO_GPU_SHAPE = [
+    "config/train_shakespeare_char.py",
+    "--device=cpu",
+    "--compile=False",
+    "--eval_iters=1",
+    "--eval_interval=100000",
+    "--log_interval=1",
+    "--max_iters=6",
+]
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
@@ -66,9 +85,15 @@ def ours(args: list[str], work: Path) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), f"data.name={work / 'data' / 'shakespeare_char'}", *args]
 
 
-OURS_CPU = {"our demo (Muon, 600 steps)": ["experiment=shakespeare_char_cpu"],
-            "ours, nanoGPT's AdamW recipe": ["experiment=shakespeare_char_cpu", "optim=adamw", "train.max_iters=2000",
-                                             "train.eval_interval=250"]}  # fmt: skip
+OURS_CPU = {
+    "our demo (Muon, 600 steps)": ["experiment=shakespeare_char_cpu"],
+    "ours, nanoGPT's AdamW recipe": [
+        "experiment=shakespeare_char_cpu",
+        "optim=adamw",
+        "train.max_iters=2000",
+        "train.eval_interval=250",
+    ],
+}
 
 
 def cpu_recipe(nano: Path, work: Path, pairs: int) -> list[dict[str, tuple[float, float]]]:
@@ -116,11 +141,32 @@ def gpu_shape(nano: Path, work: Path, run: int) -> tuple[float, float]:
     """ms per step (steps 3-6) of nanoGPT and of ours on the GPU recipe's shape (`run`: a fresh out_dir each)."""
     _, nano_out = timed([sys.executable, "train.py", *NANO_GPU_SHAPE], nano)
     nano_ms = [float(t) for i, t in re.findall(r"iter (\d+): loss [\d.]+, time (\d+\.\d+)ms", nano_out) if int(i) >= 3]
-    _, our_out = timed(ours(["experiment=shakespeare_char", "device=cpu", "dtype=float32", "compile=false",
-                             "train.max_iters=6", "train.eval_interval=0", "train.eval_iters=1", "train.log_interval=1",
-                             f"out_dir={work / f'gpu_shape{run}'}"], work), work)  # fmt: skip
-    our_ms = [float(ms) for step, ms in re.findall(r"step (\d+) \| loss [^|]+\| lr [^|]+\| grad norm [^|]+\| "
-                                                    r"(\d+\.\d+) ms", our_out) if int(step) >= 4]  # fmt: skip
+    _, our_out = timed(
+        ours(
+            [
+                "experiment=shakespeare_char",
+                "device=cpu",
+                "dtype=float32",
+                "compile=false",
+                "train.max_iters=6",
+                "train.eval_interval=0",
+                "train.eval_iters=1",
+                "train.log_interval=1",
+                f"out_dir={work / f'gpu_shape{run}'}",
+            ],
+            work,
+        ),
+        work,
+    )
+    our_ms = [
+        float(ms)
+        for step, ms in re.findall(
+            r"step (\d+) \| loss [^|]+\| lr [^|]+\| grad norm [^|]+\| "
+            r"(\d+\.\d+) ms",
+            our_out,
+        )
+        if int(step) >= 4
+    ]
     return sum(nano_ms) / len(nano_ms), sum(our_ms) / len(our_ms)
 
 
@@ -169,19 +215,36 @@ def shape_in_one_process(nano: Path, rounds: int) -> dict[str, float]:
 def gpu_recipe(nano: Path, work: Path, iters: int, logs: Path | None) -> dict[str, tuple[float, float, float]]:
     """{run: (wall s, final val loss, median ms/step after step 100)} of nanoGPT's GPU recipe and ours, on CUDA;
     each run's output goes to `logs` when given."""
-    nano_s, nano_out = timed([sys.executable, "train.py", "config/train_shakespeare_char.py", f"--max_iters={iters}",
-                              f"--lr_decay_iters={iters}"], nano)  # fmt: skip
+    nano_s, nano_out = timed(
+        [
+            sys.executable,
+            "train.py",
+            "config/train_shakespeare_char.py",
+            f"--max_iters={iters}",
+            f"--lr_decay_iters={iters}",
+        ],
+        nano,
+    )
     nano_ms = [float(t) for i, t in re.findall(r"iter (\d+): loss [\d.]+, time (\d+\.\d+)ms", nano_out) if int(i) > 100]
     args = ["experiment=shakespeare_char", f"train.max_iters={iters}", f"optim.lr_decay_iters={iters}"]
     our_s, our_out = timed(ours([*args, f"out_dir={work / 'gpu'}"], work), work)
-    our_ms = [float(ms) for step, ms in re.findall(r"step (\d+) \| loss [^|]+\| lr [^|]+\| grad norm [^|]+\| "
-                                                    r"(\d+\.\d+) ms", our_out) if int(step) > 100]  # fmt: skip
+    our_ms = [
+        float(ms)
+        for step, ms in re.findall(
+            r"step (\d+) \| loss [^|]+\| lr [^|]+\| grad norm [^|]+\| "
+            r"(\d+\.\d+) ms",
+            our_out,
+        )
+        if int(step) > 100
+    ]
     if logs:
         logs.mkdir(parents=True, exist_ok=True)
         (logs / "nanogpt.log").write_text(nano_out)
         (logs / "ours.log").write_text(our_out)
-    return {"nanoGPT": (nano_s, last_val_loss(nano_out), statistics.median(nano_ms)),
-            "ours": (our_s, last_val_loss(our_out), statistics.median(our_ms))}
+    return {
+        "nanoGPT": (nano_s, last_val_loss(nano_out), statistics.median(nano_ms)),
+        "ours": (our_s, last_val_loss(our_out), statistics.median(our_ms)),
+    }
 
 
 def gpu_main(nano: Path, iters: int, logs: Path | None, append: bool) -> None:
@@ -189,18 +252,27 @@ def gpu_main(nano: Path, iters: int, logs: Path | None, append: bool) -> None:
 
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        timed([sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare_char", f"data_root={work / 'data'}"],
-              work)  # fmt: skip
+        timed(
+            [sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare_char", f"data_root={work / 'data'}"],
+            work,
+        )
         runs = gpu_recipe(nano, work, iters, logs)
     (ns, nv, nms), (os_, ov, oms) = runs["nanoGPT"], runs["ours"]
-    table = "\n".join(["| (c) GPU recipe | nanoGPT | ours | ratio (nanoGPT / ours) |", "|---|---|---|---|",
-                       f"| wall s, {iters} steps, evals included | {ns:.1f} | {os_:.1f} | {ns / os_:.2f}x |",
-                       f"| final val loss | {nv:.4f} | {ov:.4f} | |",
-                       f"| median ms/step after step 100 | {nms:.2f} | {oms:.2f} | {nms / oms:.2f}x |"])  # fmt: skip
+    table = "\n".join(
+        [
+            "| (c) GPU recipe | nanoGPT | ours | ratio (nanoGPT / ours) |",
+            "|---|---|---|---|",
+            f"| wall s, {iters} steps, evals included | {ns:.1f} | {os_:.1f} | {ns / os_:.2f}x |",
+            f"| final val loss | {nv:.4f} | {ov:.4f} | |",
+            f"| median ms/step after step 100 | {nms:.2f} | {oms:.2f} | {nms / oms:.2f}x |",
+        ]
+    )
     print(table)
-    section = (f"{report.heading('Against nanoGPT on the GPU')}\n\n`{report.command_line()}` on "
-               f"{report.machine(torch.device('cuda'))}, nanoGPT at its checkout's HEAD; one run each, "
-               f"compilation included in the wall time.\n\n{table}\n")  # fmt: skip
+    section = (
+        f"{report.heading('Against nanoGPT on the GPU')}\n\n`{report.command_line()}` on "
+        f"{report.machine(torch.device('cuda'))}, nanoGPT at its checkout's HEAD; one run each, "
+        f"compilation included in the wall time.\n\n{table}\n"
+    )
     if append:
         report.append(section)
 
@@ -217,9 +289,11 @@ def main() -> None:
     p.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = p.parse_args()
     if args.gpu and not torch.cuda.is_available():
-        raise SystemExit("--gpu runs both trainers on CUDA and this machine has no CUDA GPU: drop --gpu for the CPU "
-                         "comparisons")  # fmt: skip
+        raise SystemExit(
+            "--gpu runs both trainers on CUDA and this machine has no CUDA GPU: drop --gpu for the CPU comparisons"
+        )
     import report
+
     from gpt2.resources import TINY_SHAKESPEARE
 
     nano = args.nanogpt.resolve()
@@ -229,16 +303,21 @@ def main() -> None:
         return gpu_main(nano, args.gpu_iters, args.logs, not args.no_append)
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        timed([sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare_char", f"data_root={work / 'data'}"],
-              work)  # fmt: skip
+        timed(
+            [sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare_char", f"data_root={work / 'data'}"],
+            work,
+        )
         runs = cpu_recipe(nano, work, args.pairs)
         shapes = []  # (nanoGPT ms, our ms, the ceiling around them: this shared machine's speed drifts)
         for i in range(args.shape_pairs):
             before = matmul_ceiling()
             nano_ms, our_ms = gpu_shape(nano, work, i)
             shapes.append((nano_ms, our_ms, max(before, matmul_ceiling())))
-            print(f"shape pair {i + 1}: nanoGPT {nano_ms:.0f} ms/step, ours {our_ms:.0f}, fp32 matmul ceiling "
-                  f"{shapes[-1][2] / 1e9:.0f} GFLOP/s", flush=True)  # fmt: skip
+            print(
+                f"shape pair {i + 1}: nanoGPT {nano_ms:.0f} ms/step, ours {our_ms:.0f}, fp32 matmul ceiling "
+                f"{shapes[-1][2] / 1e9:.0f} GFLOP/s",
+                flush=True,
+            )
     flops, tokens = shape_flops_per_step(), 64 * 256
     in_process = shape_in_one_process(nano, args.shape_rounds) if args.shape_rounds else {}
     rows = ["| run | nanoGPT | ours | ratio (nanoGPT / ours) |", "|---|---|---|---|"]
@@ -246,29 +325,39 @@ def main() -> None:
         ns, nv = round_["nanoGPT"]
         for name in OURS_CPU:
             os_, ov = round_[name]
-            rows.append(f"| (a) CPU recipe, round {i + 1}, {name}: wall s (final val loss) | {ns:.0f} ({nv:.4f}) "
-                        f"| {os_:.0f} ({ov:.4f}) | {ns / os_:.2f}x |")  # fmt: skip
+            rows.append(
+                f"| (a) CPU recipe, round {i + 1}, {name}: wall s (final val loss) | {ns:.0f} ({nv:.4f}) "
+                f"| {os_:.0f} ({ov:.4f}) | {ns / os_:.2f}x |"
+            )
     for i, (nano_ms, our_ms, ceiling) in enumerate(shapes):
-        rows.append(f"| (b) GPU recipe shape on CPU, pair {i + 1}: ms/step (tokens/s; share of the fp32 matmul "
-                    f"ceiling of {ceiling / 1e9:.0f} GFLOP/s) | {nano_ms:.0f} ({tokens / nano_ms * 1e3:,.0f}; "
-                    f"{flops / nano_ms * 1e3 / ceiling:.0%}) | {our_ms:.0f} ({tokens / our_ms * 1e3:,.0f}; "
-                    f"{flops / our_ms * 1e3 / ceiling:.0%}) | {nano_ms / our_ms:.2f}x |")  # fmt: skip
+        rows.append(
+            f"| (b) GPU recipe shape on CPU, pair {i + 1}: ms/step (tokens/s; share of the fp32 matmul "
+            f"ceiling of {ceiling / 1e9:.0f} GFLOP/s) | {nano_ms:.0f} ({tokens / nano_ms * 1e3:,.0f}; "
+            f"{flops / nano_ms * 1e3 / ceiling:.0%}) | {our_ms:.0f} ({tokens / our_ms * 1e3:,.0f}; "
+            f"{flops / our_ms * 1e3 / ceiling:.0%}) | {nano_ms / our_ms:.2f}x |"
+        )
     nano_s = in_process.pop("nanoGPT", None)
     for name, took in in_process.items():
-        rows.append(f"| (b) GPU recipe shape, one process, {name}: median s/step of {args.shape_rounds} (tokens/s) "
-                    f"| {nano_s:.1f} ({tokens / nano_s:,.0f}) | {took:.1f} ({tokens / took:,.0f}) "
-                    f"| {nano_s / took:.2f}x |")  # fmt: skip
+        rows.append(
+            f"| (b) GPU recipe shape, one process, {name}: median s/step of {args.shape_rounds} (tokens/s) "
+            f"| {nano_s:.1f} ({tokens / nano_s:,.0f}) | {took:.1f} ({tokens / took:,.0f}) "
+            f"| {nano_s / took:.2f}x |"
+        )
     table = "\n".join(rows)
     if shapes:
         ceiling = max(c for _, _, c in shapes)
-        table += (f"\n\nA step of the GPU recipe's shape is {flops / 1e12:.2f} TFLOP; at the best fp32 matmul rate "
-                  f"measured ({ceiling / 1e9:.0f} GFLOP/s) it would take {flops / ceiling:.1f} s, "
-                  f"{ceiling / flops * tokens:,.0f} tokens/s: the bound for any fp32 trainer on this CPU.")  # fmt: skip
+        table += (
+            f"\n\nA step of the GPU recipe's shape is {flops / 1e12:.2f} TFLOP; at the best fp32 matmul rate "
+            f"measured ({ceiling / 1e9:.0f} GFLOP/s) it would take {flops / ceiling:.1f} s, "
+            f"{ceiling / flops * tokens:,.0f} tokens/s: the bound for any fp32 trainer on this CPU."
+        )
     print(table)
-    section = (f"{report.heading('Against nanoGPT on the CPU')}\n\n`{report.command_line()}` on {report.machine()}, "
-               f"nanoGPT at its checkout's HEAD, runs alternating. (a) is each README's CPU command (ours also with "
-               f"nanoGPT's AdamW recipe), whole wall time; (b) is fp32, eager, the mean of steps 3-6."
-               f"\n\n{table}\n")  # fmt: skip
+    section = (
+        f"{report.heading('Against nanoGPT on the CPU')}\n\n`{report.command_line()}` on {report.machine()}, "
+        f"nanoGPT at its checkout's HEAD, runs alternating. (a) is each README's CPU command (ours also with "
+        f"nanoGPT's AdamW recipe), whole wall time; (b) is fp32, eager, the mean of steps 3-6."
+        f"\n\n{table}\n"
+    )
     if not args.no_append:
         report.append(section)
 

@@ -1,7 +1,7 @@
 """Prepare a dataset into token shards: `python data/prepare.py data=<name> [data.key=value ...]`.
 
-    python data/prepare.py data=shakespeare_char
-    python data/prepare.py data=text data.name=mycorpus data.source=path/to/texts/
+python data/prepare.py data=shakespeare_char
+python data/prepare.py data=text data.name=mycorpus data.source=path/to/texts/
 """
 
 import hydra

@@ -96,13 +96,17 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     """Load a checkpoint safely (`weights_only=True`, memory-mapped). Corrupt or unsafe files -> UserError."""
     p = resolve(path)
     if not zipfile.is_zipfile(p):
-        raise UserError(f"{p} is not a PyTorch checkpoint (not a zip archive: truncated, or another kind of file); "
-                        "point at a ckpt.pt written by train.py")
+        raise UserError(
+            f"{p} is not a PyTorch checkpoint (not a zip archive: truncated, or another kind of file); "
+            "point at a ckpt.pt written by train.py"
+        )
     with zipfile.ZipFile(p) as archive:
         bad = archive.testzip()  # every record's CRC-32, as torch.save stored it
     if bad is not None:
-        raise UserError(f"{p} is corrupt: record {bad} does not match its stored checksum (bits flipped on disk or "
-                        "in a copy); use an earlier checkpoint (best.pt) or copy it again")
+        raise UserError(
+            f"{p} is corrupt: record {bad} does not match its stored checksum (bits flipped on disk or "
+            "in a copy); use an earlier checkpoint (best.pt) or copy it again"
+        )
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
@@ -194,8 +198,15 @@ class Checkpointer:
     atomically, so a kill mid-write leaves the previous one.
     """
 
-    def __init__(self, out_dir: str | Path, components: dict[str, Stateful], counters: tuple[Stateful, ...],
-                 metadata: Callable[[], dict[str, Any]], is_main: bool, background: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        components: dict[str, Stateful],
+        counters: tuple[Stateful, ...],
+        metadata: Callable[[], dict[str, Any]],
+        is_main: bool,
+        background: bool = True,
+    ) -> None:
         self.path = Path(out_dir) / CKPT_NAME
         self.best_path = Path(out_dir) / BEST_NAME
         self.components, self.counters, self.metadata, self.is_main = components, counters, metadata, is_main

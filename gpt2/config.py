@@ -163,8 +163,10 @@ class DataConfig:
         check_choice("data.builder", self.builder, ("text", "hf_stream", "shards", "instructions"))
         check_choice("data.tokenizer", self.tokenizer, ("gpt2", "char"))
         if self.builder == "instructions" and self.tokenizer != "gpt2":
-            raise UserError("data.builder=instructions needs data.tokenizer=gpt2: each completion ends with its "
-                            "end-of-text token, which a char vocabulary does not have")
+            raise UserError(
+                "data.builder=instructions needs data.tokenizer=gpt2: each completion ends with its "
+                "end-of-text token, which a char vocabulary does not have"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_tokens < MIN_SHARD_TOKENS:
@@ -409,10 +411,14 @@ class TrainRunConfig:
         if not self.out_dir:
             raise UserError("out_dir is empty; give the run a directory, e.g. out_dir=out/myrun")
         if self.lora.rank and self.init_from == "scratch":
-            raise UserError("lora.rank adapts a trained model: give init_from=<gpt2, an HF dir or a run> (or lora.rank=0)")
+            raise UserError(
+                "lora.rank adapts a trained model: give init_from=<gpt2, an HF dir or a run> (or lora.rank=0)"
+            )
         if self.lora.rank and self.train.parallelism == "fsdp":
-            raise UserError("lora.rank does not run under train.parallelism=fsdp yet; use ddp (the frozen base is "
-                            "not sharded, but it has no gradients or optimizer state)")
+            raise UserError(
+                "lora.rank does not run under train.parallelism=fsdp yet; use ddp (the frozen base is "
+                "not sharded, but it has no gradients or optimizer state)"
+            )
         if self.optim.name == "muon" and self.train.parallelism == "fsdp":
             raise UserError(
                 "optim.name=muon needs whole matrices, but train.parallelism=fsdp shards them; "

@@ -59,8 +59,11 @@ def init(device_name: str = "auto", timeout_s: int = 1800) -> DistInfo:
     else:
         raise UserError(f"distributed training on {device.type} is not supported; use device=cuda or device=cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend=backend,
+            device_id=device if backend == "nccl" else None,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     return DistInfo(rank=rank, world_size=world_size, device=device)
 
 
@@ -91,9 +94,12 @@ def cleanup() -> None:
     dist.destroy_process_group()
 
 
-DTENSOR_CACHE_CLEARS = ("debug._clear_sharding_prop_cache", "_redistribute.clear_redistribute_planner_cache",
-                        "_redistribute._gen_transform_infos.cache_clear",
-                        "_collective_utils.MeshTopoInfo.build_from_mesh.cache_clear")  # fmt: skip
+DTENSOR_CACHE_CLEARS = (
+    "debug._clear_sharding_prop_cache",
+    "_redistribute.clear_redistribute_planner_cache",
+    "_redistribute._gen_transform_infos.cache_clear",
+    "_collective_utils.MeshTopoInfo.build_from_mesh.cache_clear",
+)
 """Under torch.distributed.tensor; private, so an older or newer torch may lack one (it is then skipped)."""
 
 
@@ -119,8 +125,9 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def wrap_model(model: nn.Module, info: DistInfo, parallelism: str = "ddp", dtype: torch.dtype = torch.float32
-               ) -> nn.Module:
+def wrap_model(
+    model: nn.Module, info: DistInfo, parallelism: str = "ddp", dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """DDP or FSDP2 around `model` under torchrun; `model` itself when single-process.
 
     DDP keeps the gradients in its all-reduce buckets (`gradient_as_bucket_view`). FSDP2 shards each transformer

@@ -46,10 +46,12 @@ def run(cfg: Any) -> Path:
     save_pretrained(model, out, dtype=getattr(torch, cfg.dtype))
     if tokenizer.name == "gpt2":
         write_gpt2_tokenizer(out, model.config.block_size)
-        print(f"exported {cfg.checkpoint} to {out}: transformers.pipeline(\"text-generation\", model=\"{out}\")")
+        print(f'exported {cfg.checkpoint} to {out}: transformers.pipeline("text-generation", model="{out}")')
     else:
-        print(f"exported {cfg.checkpoint} to {out} (weights only: its {tokenizer.name} vocabulary has no Hugging "
-              f"Face tokenizer; encode text with gpt2.tokenizer, as sample.py does)")  # fmt: skip
+        print(
+            f"exported {cfg.checkpoint} to {out} (weights only: its {tokenizer.name} vocabulary has no Hugging "
+            f"Face tokenizer; encode text with gpt2.tokenizer, as sample.py does)"
+        )
     return out
 
 
@@ -57,8 +59,10 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"out_dir={out} is a file; choose a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"out_dir={out} is not empty; choose another folder, or pass overwrite=true to write the "
-                        "export's files over the ones there (other files are left alone)")
+        raise UserError(
+            f"out_dir={out} is not empty; choose another folder, or pass overwrite=true to write the "
+            "export's files over the ones there (other files are left alone)"
+        )
 
 
 def write_gpt2_tokenizer(out: Path, model_max_length: int) -> None:
@@ -66,8 +70,12 @@ def write_gpt2_tokenizer(out: Path, model_max_length: int) -> None:
     shutil.copyfile(GPT2_BPE_DIR / "encoder.json", out / "vocab.json")
     shutil.copyfile(GPT2_BPE_DIR / "vocab.bpe", out / "merges.txt")
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
-    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
-              **special}  # fmt: skip
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": model_max_length,
+        "add_prefix_space": False,
+        **special,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
@@ -80,33 +88,51 @@ def write_peft_adapter(run: str, out: Path, dtype: torch.dtype) -> Path:
     config = ckpt.get("config", {})
     lora = config.get("lora", {})
     if not lora.get("rank"):
-        raise UserError(f"format=peft exports LoRA adapters, and {run} fine-tuned every weight (lora.rank=0); "
-                        "use format=hf")  # fmt: skip
+        raise UserError(
+            f"format=peft exports LoRA adapters, and {run} fine-tuned every weight (lora.rank=0); use format=hf"
+        )
     tensors = {f"base_model.model.{name}.weight": t.to(dtype).contiguous() for name, t in ckpt["model"].items()}
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": config["init_from"],
-        "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
-        "target_modules": lora["targets"], "fan_in_fan_out": True, "bias": "none", "inference_mode": True,
-    }  # fmt: skip
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": config["init_from"],
+        "r": lora["rank"],
+        "lora_alpha": lora["alpha"],
+        "lora_dropout": lora["dropout"],
+        "target_modules": lora["targets"],
+        "fan_in_fan_out": True,
+        "bias": "none",
+        "inference_mode": True,
+    }
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-    print(f"exported the LoRA adapters of {run} to {out}: peft.PeftModel.from_pretrained(<{config['init_from']} as a "
-          f"GPT2LMHeadModel>, \"{out}\")")  # fmt: skip
+    print(
+        f"exported the LoRA adapters of {run} to {out}: peft.PeftModel.from_pretrained(<{config['init_from']} as a "
+        f'GPT2LMHeadModel>, "{out}")'
+    )
     return out
 
 
 # HF GPT-2 key (as `gpt2.hf.state_dict_to_hf` writes it) -> llama.cpp's gpt2 tensor name.
 GGUF_NAMES = {
-    "transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
-    "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
-    "ln_1.weight": "attn_norm.weight", "ln_1.bias": "attn_norm.bias",
-    "attn.c_attn.weight": "attn_qkv.weight", "attn.c_attn.bias": "attn_qkv.bias",
-    "attn.c_proj.weight": "attn_output.weight", "attn.c_proj.bias": "attn_output.bias",
-    "ln_2.weight": "ffn_norm.weight", "ln_2.bias": "ffn_norm.bias",
-    "mlp.c_fc.weight": "ffn_up.weight", "mlp.c_fc.bias": "ffn_up.bias",
-    "mlp.c_proj.weight": "ffn_down.weight", "mlp.c_proj.bias": "ffn_down.bias",
-}  # fmt: skip
+    "transformer.wte.weight": "token_embd.weight",
+    "transformer.wpe.weight": "position_embd.weight",
+    "transformer.ln_f.weight": "output_norm.weight",
+    "transformer.ln_f.bias": "output_norm.bias",
+    "ln_1.weight": "attn_norm.weight",
+    "ln_1.bias": "attn_norm.bias",
+    "attn.c_attn.weight": "attn_qkv.weight",
+    "attn.c_attn.bias": "attn_qkv.bias",
+    "attn.c_proj.weight": "attn_output.weight",
+    "attn.c_proj.bias": "attn_output.bias",
+    "ln_2.weight": "ffn_norm.weight",
+    "ln_2.bias": "ffn_norm.bias",
+    "mlp.c_fc.weight": "ffn_up.weight",
+    "mlp.c_fc.bias": "ffn_up.bias",
+    "mlp.c_proj.weight": "ffn_down.weight",
+    "mlp.c_proj.bias": "ffn_down.bias",
+}
 
 
 def gguf_tensors(model: Any) -> dict[str, torch.Tensor]:
@@ -131,8 +157,10 @@ def write_gguf(model: Any, tokenizer: Any, out: Path, dtype: torch.dtype, name: 
     except ImportError:
         raise UserError("format=gguf needs the gguf package: pip install gguf") from None
     if tokenizer.name != "gpt2":
-        raise UserError(f"format=gguf needs a GPT-2 BPE model: this run's {tokenizer.name} vocabulary has no "
-                        "llama.cpp tokenizer; use format=hf")  # fmt: skip
+        raise UserError(
+            f"format=gguf needs a GPT-2 BPE model: this run's {tokenizer.name} vocabulary has no "
+            "llama.cpp tokenizer; use format=hf"
+        )
     if dtype == torch.bfloat16:
         raise UserError("format=gguf writes dtype=float32 or float16; llama.cpp's bf16 support varies by build")
     config = model.config
@@ -157,7 +185,7 @@ def write_gguf(model: Any, tokenizer: Any, out: Path, dtype: torch.dtype, name: 
     writer.write_tensors_to_file()
     writer.close()
     tmp.replace(path)
-    print(f"exported to {path}: llama-cli -m {path} -p \"...\", or llama_cpp.Llama(model_path=\"{path}\")")
+    print(f'exported to {path}: llama-cli -m {path} -p "...", or llama_cpp.Llama(model_path="{path}")')
     return path
 
 

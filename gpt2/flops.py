@@ -48,8 +48,9 @@ CUDA_PEAK_FLOPS: list[tuple[str, float, float]] = [
 _CPU_CEILING: dict[torch.dtype, float] = {}
 
 
-def cpu_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, min_iters: int = 10,
-                     min_seconds: float = 0.2) -> float:
+def cpu_matmul_flops(
+    dtype: torch.dtype = torch.float32, n: int = 1024, min_iters: int = 10, min_seconds: float = 0.2
+) -> float:
     """This CPU's achievable matmul throughput in FLOP/s for `dtype`: the best of n x n @ n x n matmuls, repeated
     at least `min_iters` times and for at least `min_seconds` (a best-of is robust to a busy neighbour).
 

@@ -46,11 +46,16 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
         p.requires_grad_(False)
     adapted = []
     for target in targets:
-        matches = [name for name, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and _matches(name, target)]  # fmt: skip
+        matches = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and _matches(name, target)
+        ]
         if not matches:
-            raise UserError(f"lora.targets: {target!r} matches no Linear layer of the model; use c_attn, "
-                            "c_proj, c_fc or attn.c_proj / mlp.c_proj")  # fmt: skip
+            raise UserError(
+                f"lora.targets: {target!r} matches no Linear layer of the model; use c_attn, "
+                "c_proj, c_fc or attn.c_proj / mlp.c_proj"
+            )
         for name in matches:
             parent, child = _parent(model, name)
             setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))

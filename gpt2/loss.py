@@ -32,8 +32,7 @@ HEAD_SLICE = 4096
 buffer, rather than one (V, C) product (a mixed-dtype add of a tensor that size would copy it first)."""
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int
-                         ) -> torch.Tensor:
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """mean over targets != -1 of cross_entropy(x @ weight[:vocab_size].T, targets), for x (N, C), weight
     (Vp, C), targets (N,). Under autocast the matmuls run in its dtype and the softmax in fp32, as they do in
     `F.cross_entropy(F.linear(x, weight))`; otherwise in x's dtype. Without autograd (evaluation) only the

@@ -46,8 +46,9 @@ class MetricsLogger:
     from the checkpoint on resume (before `start`), so wandb continues the same run.
     """
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, wandb_cfg: Any = None,
-                 run_config: dict | None = None) -> None:
+    def __init__(
+        self, out_dir: str | Path, enabled: bool = True, wandb_cfg: Any = None, run_config: dict | None = None
+    ) -> None:
         self.out_dir, self.enabled, self.wandb_cfg, self.run_config = Path(out_dir), enabled, wandb_cfg, run_config
         self.wandb_run_id: str | None = None
         self._wandb = None
@@ -85,8 +86,10 @@ class MetricsLogger:
         try:
             self._file.write(json.dumps(record) + "\n")
         except OSError as e:
-            raise UserError(f"cannot write {self._file.name} ({e.strerror}): a full disk? Free some space and rerun "
-                            "the same command: it resumes from the last checkpoint") from None
+            raise UserError(
+                f"cannot write {self._file.name} ({e.strerror}): a full disk? Free some space and rerun "
+                "the same command: it resumes from the last checkpoint"
+            ) from None
         if self._wandb is not None:
             self._wandb.log({WANDB_KEYS.get(k, k): v for k, v in record.items() if k != "step"}, step=step)
 
@@ -122,7 +125,9 @@ def start_wandb(wandb_cfg: Any, out_dir: str | Path, run_id: str, run_config: di
         )
     except Exception as e:  # UsageError (no API key), CommError (server), timeouts: not our bug, the setup's
         first = (str(e).strip().splitlines() or [""])[0]
-        raise UserError(f"wandb could not start ({type(e).__name__}: {first}); run `wandb login`, or {WANDB_FIX}") from None
+        raise UserError(
+            f"wandb could not start ({type(e).__name__}: {first}); run `wandb login`, or {WANDB_FIX}"
+        ) from None
 
 
 def _check_reachable(url: str, timeout: float = 5.0) -> None:

@@ -182,8 +182,11 @@ class KVCache:
                 self._start = used
         if self._start is not None:  # one new token sees every key; a prompt from 0 is causal; a chunk after
             self.is_causal = self._start == 0 and T > 1  # a prefix sees the prefix and the causal part of itself
-            self.mask = None if T == 1 or self._start == 0 else torch.ones(
-                T, self._span, dtype=torch.bool, device=device).tril(diagonal=self._start)  # fmt: skip
+            self.mask = (
+                None
+                if T == 1 or self._start == 0
+                else torch.ones(T, self._span, dtype=torch.bool, device=device).tril(diagonal=self._start)
+            )
             return torch.arange(self._start, self._span, device=device)
         positions = self.lengths[:, None] + torch.arange(T, device=device)  # (B, T)
         keys = torch.arange(self._span, device=device)
@@ -346,8 +349,9 @@ class GPT(nn.Module):
         """
         x = self.hidden_states(idx, kv_cache)
         if targets is not None and not return_logits:
-            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                              self.config.vocab_size)  # fmt: skip
+            return None, linear_cross_entropy(
+                x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size
+            )
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V), a view of (B, T, Vp)
         loss = None
         if targets is not None:

@@ -100,8 +100,9 @@ class Optimizers:
                 f"the checkpoint holds {len(state['param_groups'])} optimizer parameter groups but this optim.name "
                 f"builds {len(self.param_groups)}; resume with the optim.name the run started with"
             )
-        configured = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-                      for opt in self.optimizers]  # fmt: skip
+        configured = [
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers
+        ]
         distributed.load_optimizer_state(self.model, self.optimizers, state)
         for opt, groups in zip(self.optimizers, configured):
             for group, values in zip(opt.param_groups, groups):

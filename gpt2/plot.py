@@ -62,8 +62,9 @@ def read_run(run: str | Path) -> Run:
             raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
         if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
             records.append(record)
-    curves: dict[str, dict[int, float]] = {k: {} for k in ("loss", "val_loss", "lr", "tokens_seen",
-                                                          "hellaswag_acc_norm")}
+    curves: dict[str, dict[int, float]] = {
+        k: {} for k in ("loss", "val_loss", "lr", "tokens_seen", "hellaswag_acc_norm")
+    }
     for record in records:
         for key, curve in curves.items():
             if isinstance(record.get(key), (int, float)):
@@ -72,8 +73,9 @@ def read_run(run: str | Path) -> Run:
         raise UserError(f"{path} has no loss or val_loss values yet; train for at least log_interval steps")
     name = path.parent.name if path.name == METRICS_FILE else path.stem
     as_list = {k: sorted(v.items()) for k, v in curves.items()}
-    return Run(name, as_list["loss"], as_list["val_loss"], as_list["lr"], as_list["tokens_seen"],
-               as_list["hellaswag_acc_norm"])
+    return Run(
+        name, as_list["loss"], as_list["val_loss"], as_list["lr"], as_list["tokens_seen"], as_list["hellaswag_acc_norm"]
+    )
 
 
 def _x(run: Run, points: list[tuple[int, float]], axis: str) -> list[float]:
@@ -123,16 +125,37 @@ def plot(runs: Sequence[str | Path], x: str = "step", out: str | Path | None = N
     for i, run in enumerate(data):
         color = f"C{i}"
         if run.train_loss:
-            loss_ax.plot(_x(run, run.train_loss, x), [v for _, v in run.train_loss], color=color, lw=1.2,
-                         alpha=0.85, label=f"{run.name} train")
+            loss_ax.plot(
+                _x(run, run.train_loss, x),
+                [v for _, v in run.train_loss],
+                color=color,
+                lw=1.2,
+                alpha=0.85,
+                label=f"{run.name} train",
+            )
         if run.val_loss:
-            loss_ax.plot(_x(run, run.val_loss, x), [v for _, v in run.val_loss], color=color, lw=2, ls="--",
-                         marker="o", ms=4, label=f"{run.name} val")
+            loss_ax.plot(
+                _x(run, run.val_loss, x),
+                [v for _, v in run.val_loss],
+                color=color,
+                lw=2,
+                ls="--",
+                marker="o",
+                ms=4,
+                label=f"{run.name} val",
+            )
         if run.lr:
             lr_ax.plot(_x(run, run.lr, x), [v for _, v in run.lr], color=color, lw=1.5, label=run.name)
         if run.hellaswag:
-            axes[2].plot(_x(run, run.hellaswag, x), [v for _, v in run.hellaswag], color=color, lw=1.5,
-                         marker="o", ms=4, label=run.name)
+            axes[2].plot(
+                _x(run, run.hellaswag, x),
+                [v for _, v in run.hellaswag],
+                color=color,
+                lw=1.5,
+                marker="o",
+                ms=4,
+                label=run.name,
+            )
     loss_ax.set_ylabel("loss (nats/token)")
     loss_ax.set_title("loss" if len(data) > 1 else f"{data[0].name}: loss")
     loss_ax.legend(loc="upper right", fontsize="small")

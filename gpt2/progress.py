@@ -34,6 +34,11 @@ def progress_bar(**kwargs: Any):
 
     stream = kwargs.pop("file", sys.stderr)
     if not stream.isatty():
-        kwargs.update(file=_Lines(stream), mininterval=max(kwargs.get("mininterval", 0.1), LOG_INTERVAL_S),
-                      ascii=True, dynamic_ncols=False, ncols=100)
+        kwargs.update(
+            file=_Lines(stream),
+            mininterval=max(kwargs.get("mininterval", 0.1), LOG_INTERVAL_S),
+            ascii=True,
+            dynamic_ncols=False,
+            ncols=100,
+        )
     return tqdm(**kwargs)

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from gpt2 import loading
-from gpt2.config import LoraConfig, TrainRunConfig
 from gpt2.checkpoint import CKPT_NAME
+from gpt2.config import LoraConfig, TrainRunConfig
 from gpt2.data import TokenDataset, check_block_size
 from gpt2.device import check_memory
 from gpt2.distributed import DistInfo, print0
@@ -47,12 +47,14 @@ def build_model(
 ) -> tuple[GPT, State | None]:
     """(the model in training mode, rank 0's initial weights when the model was built on the meta device).
 
-    `dtype` is the training dtype; `ckpt` the checkpoint being resumed, if any; `typed` are the model.* keys typed on the command line (a
-    fine-tune's architecture comes from its init, so only those are compared with it)."""
+    `dtype` is the training dtype; `ckpt` the checkpoint being resumed, if any; `typed` are the model.* keys typed
+    on the command line (a fine-tune's architecture comes from its init, so only those are compared with it)."""
     sharded = info.is_distributed and cfg.train.parallelism == "fsdp"
     if ckpt is not None:
         check_resume(cfg, ckpt, ds, typed)
-    if ckpt is not None and not cfg.lora.rank:  # (a LoRA run's checkpoint holds its adapters only: the base is its init)
+    if (
+        ckpt is not None and not cfg.lora.rank
+    ):  # (a LoRA run's checkpoint holds its adapters only: the base is its init)
         model, initial = _new_model(GPTConfig(**ckpt["model_config"]), ds, info, sharded, initialize=False)
     elif cfg.init_from == "scratch":
         model, initial = _new_model(GPTConfig.of(cfg.model, ds.vocab_size), ds, info, sharded, initialize=True)

@@ -40,9 +40,11 @@ def check_shared(out_dir: str | Path, is_main: bool) -> None:
     seen = distributed.all_gather_object((mine == theirs, socket.gethostname()))
     blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
     if blind:
-        raise UserError(f"out_dir={out_dir} is not shared by every process: {', '.join(blind)} cannot see rank 0's "
-                        f"{path}; put out_dir on a filesystem that every node mounts (rank 0 writes the checkpoints "
-                        "and every rank resumes from them)")
+        raise UserError(
+            f"out_dir={out_dir} is not shared by every process: {', '.join(blind)} cannot see rank 0's "
+            f"{path}; put out_dir on a filesystem that every node mounts (rank 0 writes the checkpoints "
+            "and every rank resumes from them)"
+        )
 
 
 @contextlib.contextmanager
@@ -64,14 +66,19 @@ def run_lock(out_dir: str | Path, enabled: bool = True) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UserError(f"cannot lock {out / LOCK_NAME} ({e.strerror}): the filesystem does not support "
-                                "file locks; use an out_dir on one that does") from None
+                raise UserError(
+                    f"cannot lock {out / LOCK_NAME} ({e.strerror}): the filesystem does not support "
+                    "file locks; use an out_dir on one that does"
+                ) from None
             holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
-            raise UserError(f"out_dir={out_dir} is in use by another run ({holder}); wait for it to finish, stop "
-                            "it, or use another out_dir") from None
+            raise UserError(
+                f"out_dir={out_dir} is in use by another run ({holder}); wait for it to finish, stop "
+                "it, or use another out_dir"
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                  .encode(), 0)  # fmt: skip
+        os.pwrite(
+            fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0
+        )
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

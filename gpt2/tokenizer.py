@@ -118,7 +118,10 @@ def gpt2_encoding():
     encoder = json.loads((GPT2_BPE_DIR / "encoder.json").read_text(encoding="utf-8"))
     ranks = {bytes(char_to_byte[c] for c in token): rank for token, rank in encoder.items() if token != ENDOFTEXT}
     return tiktoken.Encoding(
-        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: GPT2_EOT},
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: GPT2_EOT},
         explicit_n_vocab=GPT2Tokenizer.vocab_size,
     )
 

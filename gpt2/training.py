@@ -36,9 +36,9 @@ from gpt2.config import TrainConfig, TrainRunConfig, check_no_preparation_keys, 
 from gpt2.data import TokenLoader, eval_batches, open_dataset
 from gpt2.device import autocast, configure_backends, resolve_dtype
 from gpt2.distributed import DistInfo, FullModelState, print0
+from gpt2.divergence import DivergenceWatch
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.flops import mfu, peak_flops
-from gpt2.divergence import DivergenceWatch
 from gpt2.lora import adapter_names
 from gpt2.metrics import MetricsLogger
 from gpt2.model import GPT
@@ -110,8 +110,15 @@ class Trainer:
         self.optimizers = build_optimizer(self.model, cfg.optim, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.loader = TokenLoader(
-            self.ds, "train", batch_size=train.batch_size, block_size=self.block_size, rank=info.rank,
-            world_size=info.world_size, seed=cfg.seed, order=cfg.data.order, device=self.device,
+            self.ds,
+            "train",
+            batch_size=train.batch_size,
+            block_size=self.block_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            seed=cfg.seed,
+            order=cfg.data.order,
+            device=self.device,
         )
         if train.epochs is not None:
             train.max_iters = _steps_for_epochs(train, len(self.loader.epoch), self.loader.sequences.unit)
@@ -119,13 +126,18 @@ class Trainer:
         self.logger = MetricsLogger(self.out_dir, enabled=info.is_main, wandb_cfg=cfg.wandb, run_config=to_dict(cfg))
         self.checkpointer = Checkpointer(
             self.out_dir,
-            components={"model": FullModelState(self.model, adapter_names(self.model) if cfg.lora.rank else None), "optimizer": self.optimizers, "scaler": self.scaler,
-                        "loader": self.loader, "rng": RankRNG(self.device, info.rank)},
+            components={
+                "model": FullModelState(self.model, adapter_names(self.model) if cfg.lora.rank else None),
+                "optimizer": self.optimizers,
+                "scaler": self.scaler,
+                "loader": self.loader,
+                "rng": RankRNG(self.device, info.rank),
+            },
             counters=(self.state, self.logger),
             metadata=self._run_metadata,
             is_main=info.is_main,
             background=self.device.type != "cpu",  # (on the CPU a snapshot would double the run's memory)
-        )  # fmt: skip
+        )
         self.flops_per_token = self.model.flops_per_token(self.block_size)
         self.peak_flops = peak_flops(self.device, self.dtype)
         self.hellaswag = self._load_hellaswag() if cfg.eval.hellaswag_interval else None
@@ -147,8 +159,11 @@ class Trainer:
         from this command's optim.* (said when they changed)."""
         self.checkpointer.restore(ckpt)
         self.resumed_at = self.state.step
-        changed = [f"optim.{k} {v} -> {getattr(self.cfg.optim, k)}" for k, v in ckpt["config"]["optim"].items()
-                   if v != getattr(self.cfg.optim, k)]  # fmt: skip
+        changed = [
+            f"optim.{k} {v} -> {getattr(self.cfg.optim, k)}"
+            for k, v in ckpt["config"]["optim"].items()
+            if v != getattr(self.cfg.optim, k)
+        ]
         if changed:
             print0(f"resuming with changed {', '.join(changed)}: applied from step {ckpt['step']}")
 
@@ -281,10 +296,18 @@ class Trainer:
         """This rank's eval batches of `split`. FSDP2's forward is a collective, so there every rank runs the
         same number of forwards: the ranks with fewer batches pad with batches without targets (all -1)."""
         train = self.cfg.train
-        batches = list(eval_batches(
-            self.ds, split, num_batches=train.eval_iters, batch_size=train.batch_size, block_size=self.block_size,
-            rank=self.info.rank, world_size=self.info.world_size, device=self.device,
-        ))  # fmt: skip
+        batches = list(
+            eval_batches(
+                self.ds,
+                split,
+                num_batches=train.eval_iters,
+                batch_size=train.batch_size,
+                block_size=self.block_size,
+                rank=self.info.rank,
+                world_size=self.info.world_size,
+                device=self.device,
+            )
+        )
         if distributed.is_sharded(self.parallel_model):
             padding = torch.full((1, self.block_size), -1, dtype=torch.long, device=self.device)
             n = math.ceil(train.eval_iters / self.info.world_size)
@@ -313,8 +336,11 @@ class Trainer:
         if not patience or self.state.evals_since_best < patience:
             return False
         if self.info.is_main and not self._said_early_stop:
-            print(f"early stopping at step {self.state.step}: no new best val loss in {patience} evaluations "
-                  f"(best {self.state.best_val_loss:.4f}, in {self.checkpointer.best_path})", flush=True)
+            print(
+                f"early stopping at step {self.state.step}: no new best val loss in {patience} evaluations "
+                f"(best {self.state.best_val_loss:.4f}, in {self.checkpointer.best_path})",
+                flush=True,
+            )
         self._said_early_stop = True
         return True
 
@@ -323,8 +349,13 @@ class Trainer:
         from gpt2.eval import hellaswag
 
         metrics = hellaswag.training_metrics(
-            self.model, self.ds.tokenizer, self.hellaswag, self.device, self.dtype,
-            self.info.rank, self.info.world_size,
+            self.model,
+            self.ds.tokenizer,
+            self.hellaswag,
+            self.device,
+            self.dtype,
+            self.info.rank,
+            self.info.world_size,
         )
         self.logger.log(metrics, self.state.step)
 
@@ -351,8 +382,10 @@ class Trainer:
             for fd in (1, 2):
                 os.dup2(devnull, fd)
         self._stop_signal = signum  # acted on after the current step, when the state is consistent
-        print0(f"got {signal.Signals(signum).name}: finishing this step, then saving {self.checkpointer.path} "
-               "(send it again to stop at once, without saving)")
+        print0(
+            f"got {signal.Signals(signum).name}: finishing this step, then saving {self.checkpointer.path} "
+            "(send it again to stop at once, without saving)"
+        )
 
     def _stop_if_asked(self, after_step: bool = False) -> None:
         """After a stop signal (on any rank): save a checkpoint of the current step and exit 128 + signal. Ranks
@@ -366,8 +399,10 @@ class Trainer:
         self.divergence.check(self.checkpointer.path)
         self.checkpointer.save()
         self.checkpointer.wait()
-        print0(f"stopped by signal {self._stop_signal} at step {self.state.step}: checkpoint saved "
-               f"to {self.checkpointer.path}; rerun the same command to resume")
+        print0(
+            f"stopped by signal {self._stop_signal} at step {self.state.step}: checkpoint saved "
+            f"to {self.checkpointer.path}; rerun the same command to resume"
+        )
         raise SystemExit(128 + self._stop_signal)
 
     def _print_summary(self) -> None:
@@ -377,16 +412,19 @@ class Trainer:
             f"{self.model.config.n_embd} wide, context {self.block_size}, vocab {self.model.config.vocab_size})\n"
             f"device: {self.device} x {info.world_size}, dtype {str(self.dtype).removeprefix('torch.')}, "
             f"compile {self.compile}, parallelism {train.parallelism if info.is_distributed else 'none'}\n"
-            f"batch: {self.tokens_per_step:,} tokens per step = {train.batch_size} sequences x {self.block_size} tokens "
-            f"x {self.accum} micro-steps x {info.world_size} ranks; {train.max_iters} steps; out_dir {self.out_dir}\n"
+            f"batch: {self.tokens_per_step:,} tokens per step = {train.batch_size} sequences x {self.block_size} "
+            f"tokens x {self.accum} micro-steps x {info.world_size} ranks; {train.max_iters} steps; "
+            f"out_dir {self.out_dir}\n"
             f"data: {self.cfg.data.order} order; an epoch ({len(self.loader.epoch):,} {self.loader.sequences.unit}) "
             f"is {len(self.loader.epoch) / (train.batch_size * train.grad_accum_steps):,.1f} steps"
         )
         examples = self.loader.sequences
         if self.ds.has_examples and (examples.truncated or examples.untrained):
-            print0(f"warning: {examples.truncated:,} of {examples.count:,} training examples are longer than "
-                   f"block_size + 1 = {self.block_size + 1} tokens and are cut to it; {examples.untrained:,} keep no "
-                   "completion token within it and train nothing (raise model.block_size or shorten the prompts)")
+            print0(
+                f"warning: {examples.truncated:,} of {examples.count:,} training examples are longer than "
+                f"block_size + 1 = {self.block_size + 1} tokens and are cut to it; {examples.untrained:,} keep no "
+                "completion token within it and train nothing (raise model.block_size or shorten the prompts)"
+            )
         warning = schedule_warning(self.cfg.optim, train.max_iters)
         if warning:
             print0(warning)

@@ -15,7 +15,8 @@ from gpt2.errors import UserError
 # reads two data.* keys; the others are data/prepare.py's (PREPARE_DATA_KEYS), refused when typed to train.py.
 PREPARE_DATA_KEYS = """
 data.name data.builder data.tokenizer data.source data.subset data.split data.val_source data.val_fraction
-data.extensions data.text_field data.prompt_field data.completion_field data.messages_field data.shard_tokens data.num_proc data.seed
+data.extensions data.text_field data.prompt_field data.completion_field data.messages_field data.shard_tokens
+data.num_proc data.seed
 """.split()
 TRAIN_KEYS = """
 model.n_layer model.n_head model.n_embd model.block_size model.dropout model.bias
@@ -62,17 +63,37 @@ def test_every_field_is_documented():
     """Each field carries a docstring (attribute docstrings are not introspectable, so read the source)."""
     import inspect
 
-    for cls in (config.ModelConfig, config.DataConfig, config.OptimConfig, config.TrainConfig,
-                config.TrainRunConfig, config.LoraConfig, config.SampleConfig, config.ServeConfig, config.ExportConfig,
-                config.EvalConfig):  # fmt: skip
+    for cls in (
+        config.ModelConfig,
+        config.DataConfig,
+        config.OptimConfig,
+        config.TrainConfig,
+        config.TrainRunConfig,
+        config.LoraConfig,
+        config.SampleConfig,
+        config.ServeConfig,
+        config.ExportConfig,
+        config.EvalConfig,
+    ):
         for f in dataclasses.fields(cls):
             owner = next(c for c in cls.__mro__ if f.name in c.__dict__.get("__annotations__", {}))  # inherited
             source = inspect.getsource(owner)
             line = next(i for i, s in enumerate(source.splitlines()) if s.strip().startswith(f"{f.name}:"))
             following = source.splitlines()[line + 1].strip()
             documented = following.startswith('"""') or dataclasses.is_dataclass(f.default_factory)
-            obvious = f.name in ("beta1", "beta2", "project", "enabled", "seed", "compile", "num_samples",
-                                 "max_new_tokens", "ignore_eot", "prompt_file", "muon_momentum")  # fmt: skip
+            obvious = f.name in (
+                "beta1",
+                "beta2",
+                "project",
+                "enabled",
+                "seed",
+                "compile",
+                "num_samples",
+                "max_new_tokens",
+                "ignore_eot",
+                "prompt_file",
+                "muon_momentum",
+            )
             assert documented or obvious, f"{cls.__name__}.{f.name} has no docstring"
 
 
@@ -86,11 +107,18 @@ def test_every_field_is_documented():
         (config.TrainRunConfig, {"model": {"dropout": 1.0}}, "model.dropout must be in [0, 1)"),
         (config.TrainRunConfig, {"train": {"batch_size": 0}}, "train.batch_size must be >= 1"),
         (config.TrainRunConfig, {"train": {"parallelism": "tp"}}, "train.parallelism='tp' is not valid"),
-        (config.TrainRunConfig, {"train": {"early_stopping_patience": -1}}, "train.early_stopping_patience must be >= 0"),
+        (
+            config.TrainRunConfig,
+            {"train": {"early_stopping_patience": -1}},
+            "train.early_stopping_patience must be >= 0",
+        ),
         (config.TrainRunConfig, {"train": {"epochs": 0}}, "train.epochs must be > 0"),
         (config.TrainRunConfig, {"data": {"order": "sorted"}}, "data.order='sorted' is not valid"),
-        (config.TrainRunConfig, {"train": {"early_stopping_patience": 3, "eval_interval": 0}},
-         "train.early_stopping_patience needs evaluations: set train.eval_interval > 0"),
+        (
+            config.TrainRunConfig,
+            {"train": {"early_stopping_patience": 3, "eval_interval": 0}},
+            "train.early_stopping_patience needs evaluations: set train.eval_interval > 0",
+        ),
         (config.TrainRunConfig, {"device": "tpu"}, "device='tpu' is not valid"),
         (config.TrainRunConfig, {"dtype": "fp8"}, "dtype='fp8' is not valid"),
         (config.TrainRunConfig, {"optim": {"name": "muon"}, "train": {"parallelism": "fsdp"}}, "needs whole matrices"),
@@ -148,8 +176,11 @@ def test_min_lr_defaults_to_a_tenth_of_lr_unless_set():
     from gpt2.resources import CONFIG_DIR
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        for overrides in (["optim.lr=3e-5"], ["experiment=shakespeare_char_cpu", "optim.lr=3e-5"],
-                          ["experiment=gpt2_124m_fineweb", "optim.lr=3e-5"]):  # fmt: skip
+        for overrides in (
+            ["optim.lr=3e-5"],
+            ["experiment=shakespeare_char_cpu", "optim.lr=3e-5"],
+            ["experiment=gpt2_124m_fineweb", "optim.lr=3e-5"],
+        ):
             run = config.to_object(compose("train", overrides=overrides), config.TrainRunConfig)
             assert run.optim.min_lr is None and run.optim.final_lr == pytest.approx(3e-6)
         run = config.to_object(compose("train", overrides=["optim.lr=3e-5", "optim.min_lr=0"]), config.TrainRunConfig)

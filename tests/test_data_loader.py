@@ -18,7 +18,8 @@ TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i
 
 
 def write_shard(path, tokens: np.ndarray) -> None:
-    """A shard in the llm.c format (README, "Preparing data"), written by hand: header of 256 int32, then uint16 tokens."""
+    """A shard in the llm.c format (README, "Preparing data"), written by hand: a header of 256 int32, then uint16
+    tokens."""
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = MAGIC, VERSION, len(tokens)
     path.write_bytes(header.tobytes() + np.asarray(tokens).astype("<u2").tobytes())
@@ -89,14 +90,17 @@ def test_two_ranks_cover_the_global_batches_of_one_rank(ds):
     # A 2-rank state resumes on 1 rank (and vice versa) at the next global micro-batch.
     single = TokenLoader(ds, batch_size=4, block_size=32, seed=1)
     single.load_state_dict(ranks[1].state_dict())
-    assert torch.equal(torch.stack(single.next_batch()), batches(TokenLoader(ds, batch_size=4, block_size=32,
-                                                                             seed=1), 9)[8])
+    assert torch.equal(
+        torch.stack(single.next_batch()), batches(TokenLoader(ds, batch_size=4, block_size=32, seed=1), 9)[8]
+    )
 
 
 def test_eval_batches_are_fixed_and_split_across_ranks(ds):
     def run(rank=0, world=1):
-        return [torch.stack(b) for b in eval_batches(ds, "val", num_batches=5, batch_size=3, block_size=20,
-                                                     rank=rank, world_size=world)]
+        return [
+            torch.stack(b)
+            for b in eval_batches(ds, "val", num_batches=5, batch_size=3, block_size=20, rank=rank, world_size=world)
+        ]
 
     all_ = run()
     assert len(all_) == 5 and all(torch.equal(a, b) for a, b in zip(all_, run()))
@@ -139,8 +143,11 @@ def test_corrupt_meta_is_rejected(root, tmp_path):
 
 def test_token_outside_the_vocab_is_rejected(root, tmp_path, ds):
     small = ds.vocab_size - 1  # the largest id appears in the first shard
-    with pytest.raises(UserError, match=rf"train_000000.bin holds token id {small} but the model's vocabulary has "
-                                        rf"{small} tokens"):
+    with pytest.raises(
+        UserError,
+        match=rf"train_000000.bin holds token id {small} but the model's vocabulary has "
+        rf"{small} tokens",
+    ):
         ds.check_vocab(small)
     ds.check_vocab(ds.vocab_size)
     # A shard whose bytes were changed after preparation: caught when a batch reads it.
@@ -155,8 +162,10 @@ def test_token_outside_the_vocab_is_rejected(root, tmp_path, ds):
 
 def test_tokenizer_mismatch(ds):
     ds.check_tokenizer(ds.meta["tokenizer"])
-    with pytest.raises(UserError, match="prepared with tokenizer char but the checkpoint uses gpt2; re-prepare it "
-                                        "with data.tokenizer=gpt2"):
+    with pytest.raises(
+        UserError,
+        match="prepared with tokenizer char but the checkpoint uses gpt2; re-prepare it with data.tokenizer=gpt2",
+    ):
         ds.check_tokenizer({"name": "gpt2"})
     with pytest.raises(UserError, match="different one"):
         ds.check_tokenizer({"name": "char", "chars": ["a", "b"]})
@@ -187,8 +196,11 @@ def test_epoch_order_sees_every_window_once_per_epoch_for_1_and_2_ranks_and_resu
     B, T = 4, 16
     one = TokenLoader(ds, "train", batch_size=B, block_size=T, seed=5, order="epoch")
     E = len(one.epoch)
-    starts = [w - one.sequences.ends[s - 1] if s else w
-              for w in one.epoch for s in [int(np.searchsorted(one.sequences.ends, w, side="right"))]]
+    starts = [
+        w - one.sequences.ends[s - 1] if s else w
+        for w in one.epoch
+        for s in [int(np.searchsorted(one.sequences.ends, w, side="right"))]
+    ]
     assert all(start % T == 0 for start in starts)  # non-overlapping: starts at multiples of block_size
     assert E == sum((s.tokens - T + T - 1) // T for s in ds.shards("train"))
     per_epoch = -(-2 * E // B)  # micro-batches covering two epochs
@@ -197,8 +209,10 @@ def test_epoch_order_sees_every_window_once_per_epoch_for_1_and_2_ranks_and_resu
     assert sorted(first.tolist()) == sorted(second.tolist()) == sorted(one.epoch.tolist())
     assert not np.array_equal(first, second)  # another permutation each epoch
 
-    ranks = [TokenLoader(ds, "train", batch_size=B, block_size=T, seed=5, order="epoch", rank=r, world_size=2)
-             for r in (0, 1)]  # fmt: skip
+    ranks = [
+        TokenLoader(ds, "train", batch_size=B, block_size=T, seed=5, order="epoch", rank=r, world_size=2)
+        for r in (0, 1)
+    ]
     singles = [one.next_batch()[0] for _ in range(6)]
     for i in range(3):
         for r in (0, 1):
@@ -210,5 +224,7 @@ def test_epoch_order_sees_every_window_once_per_epoch_for_1_and_2_ranks_and_resu
     for _ in range(per_epoch):  # across the epoch boundary
         assert torch.equal(resumed.next_batch()[0], one.next_batch()[0])
     other_seed = TokenLoader(ds, "train", batch_size=B, block_size=T, seed=6, order="epoch")
-    assert not np.array_equal(other_seed.global_batch(0), TokenLoader(
-        ds, "train", batch_size=B, block_size=T, seed=5, order="epoch").global_batch(0))
+    assert not np.array_equal(
+        other_seed.global_batch(0),
+        TokenLoader(ds, "train", batch_size=B, block_size=T, seed=5, order="epoch").global_batch(0),
+    )

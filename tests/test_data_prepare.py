@@ -10,16 +10,15 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, SHAKESPEARE
 from hydra import compose, initialize_config_dir
 
-from conftest import ROOT, SHAKESPEARE
-from gpt2.resources import CONFIG_DIR
-from gpt2.data import open_dataset
+from gpt2.data import open_dataset, sources
 from gpt2.data import prepare as prepare_mod
-from gpt2.data import sources
 from gpt2.data.dataset import BUILTIN
 from gpt2.data.prepare import run
 from gpt2.errors import UserError
+from gpt2.resources import CONFIG_DIR
 
 EOT = 50256
 
@@ -73,7 +72,9 @@ def make_corpus(root):
     docs["a.txt"] = ["First text file.\nTwo lines."]
     (root / "a.txt").write_text(docs["a.txt"][0])
     docs["b.jsonl"] = ["jsonl one", "jsonl <|endoftext|> two", "jsonl three"]
-    (root / "b.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n\n" for i, t in enumerate(docs["b.jsonl"])))
+    (root / "b.jsonl").write_text(
+        "".join(json.dumps({"text": t, "id": i}) + "\n\n" for i, t in enumerate(docs["b.jsonl"]))
+    )
     docs["c.json"] = ["json list item", "json string item"]
     (root / "c.json").write_text(json.dumps([{"text": docs["c.json"][0]}, docs["c.json"][1]]))
     docs["d.parquet"] = ["parquet row one", "parquet row two"]
@@ -122,8 +123,12 @@ def test_few_documents_are_each_split_by_characters(tmp_path):
     ds = open_dataset(str(prepare(tmp_path, "data=text", "data.name=books", f"data.source={corpus}")))
     enc = gpt2_enc()
     cuts = [int(len(b) * 0.9) for b in books]
-    assert all_tokens(ds, "train").tolist() == [t for b, c in zip(books, cuts) for t in enc.encode_ordinary(b[:c]) + [EOT]]
-    assert all_tokens(ds, "val").tolist() == [t for b, c in zip(books, cuts) for t in enc.encode_ordinary(b[c:]) + [EOT]]
+    assert all_tokens(ds, "train").tolist() == [
+        t for b, c in zip(books, cuts) for t in enc.encode_ordinary(b[:c]) + [EOT]
+    ]
+    assert all_tokens(ds, "val").tolist() == [
+        t for b, c in zip(books, cuts) for t in enc.encode_ordinary(b[c:]) + [EOT]
+    ]
 
 
 def test_glob_val_source_and_seeded_split(tmp_path, monkeypatch):
@@ -144,8 +149,9 @@ def test_glob_val_source_and_seeded_split(tmp_path, monkeypatch):
     c, _ = val_docs("c", f"data.source={corpus}/doc*.txt", "data.seed=2")
     assert len(a) == 20 and a == b and a != c  # 10% of 200 whole documents, the same for a seed
     assert ds.meta["splits"]["train"]["documents"] == 180
-    v, ds = val_docs("v", f"data.source={corpus}/doc*.txt", f"data.val_source={corpus}/held.jsonl",
-                     "data.text_field=body")
+    v, ds = val_docs(
+        "v", f"data.source={corpus}/doc*.txt", f"data.val_source={corpus}/held.jsonl", "data.text_field=body"
+    )
     assert v == ["held out"] and ds.meta["splits"]["train"]["documents"] == 200
 
 
@@ -153,8 +159,9 @@ def test_small_shards_and_small_pieces_give_the_same_tokens(tmp_path, monkeypatc
     ref = open_dataset(str(prepare(tmp_path, "data=shakespeare")))
     # Many shards, and the text file read in ~1k-character pieces cut at safe newlines.
     monkeypatch.setattr(sources, "PIECE_CHARS", 1000)
-    ds = open_dataset(str(prepare(tmp_path, "data=text", "data.name=small", "data.shard_tokens=10000",
-                                  f"data.source={SHAKESPEARE}")))
+    ds = open_dataset(
+        str(prepare(tmp_path, "data=text", "data.name=small", "data.shard_tokens=10000", f"data.source={SHAKESPEARE}"))
+    )
     assert len(ds.shards("train")) == 31 and len(ds.shards("val")) == 4
     assert all(s.tokens == 10000 for s in ds.shards("train")[:-1])
     assert [s.path.name for s in ds.shards("val")] == [f"val_{i:06d}.bin" for i in range(4)]
@@ -179,8 +186,18 @@ def test_local_hf_dataset_and_hf_stream_first_shard_is_val(tmp_path):
     ds = open_dataset(str(prepare(tmp_path, "data=text", "data.name=hf", f"data.source=hf:{hub}")))
     assert ds.meta["splits"]["val"]["documents"] == 60 and ds.meta["splits"]["train"]["documents"] == 540
 
-    ds = open_dataset(str(prepare(tmp_path, "data=fineweb_edu", "data.name=stream", f"data.source=hf:{hub}",
-                                  "data.subset=null", "data.shard_tokens=1025")))
+    ds = open_dataset(
+        str(
+            prepare(
+                tmp_path,
+                "data=fineweb_edu",
+                "data.name=stream",
+                f"data.source=hf:{hub}",
+                "data.subset=null",
+                "data.shard_tokens=1025",
+            )
+        )
+    )
     stream = np.array([t for text in texts for t in gpt2_enc().encode_ordinary(text) + [EOT]])
     assert ds.num_tokens("val") == 1025 and len(ds.shards("val")) == 1 and len(ds.shards("train")) == 4
     np.testing.assert_array_equal(all_tokens(ds, "val"), stream[:1025])
@@ -261,12 +278,17 @@ def test_cli_prepares_and_rejects_bad_input_with_one_line(tmp_path):
     cmd = [sys.executable, str(ROOT / "data" / "prepare.py")]
     help = subprocess.run(cmd + ["--help"], capture_output=True, text=True).stdout  # the data group only
     assert "data presets" in help and "llmc" in help and "experiment" not in help and "optim" not in help
-    ok = subprocess.run(cmd + ["data=shakespeare_char", f"data_root={tmp_path}"], capture_output=True, text=True,
-                        cwd=tmp_path)
+    ok = subprocess.run(
+        cmd + ["data=shakespeare_char", f"data_root={tmp_path}"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert ok.returncode == 0, ok.stderr
     assert "train: 1,003,854 tokens" in ok.stdout
-    bad = subprocess.run(cmd + ["data=text", f"data_root={tmp_path}", "data.val_fraction=1.5"], capture_output=True,
-                         text=True, cwd=tmp_path)
+    bad = subprocess.run(
+        cmd + ["data=text", f"data_root={tmp_path}", "data.val_fraction=1.5"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: data.val_fraction must be in [0, 1), got 1.5"]
 
@@ -298,8 +320,14 @@ def test_url_source_is_downloaded_once_then_reused(tmp_path, capsys):
 
 def test_extensions_limit_what_a_folder_contributes(tmp_path):
     make_corpus(tmp_path / "corpus")
-    prepare(tmp_path, "data=text", "data.name=code", f"data.source={tmp_path / 'corpus'}", "data.val_fraction=0",
-            "data.extensions=[py,.MD]")
+    prepare(
+        tmp_path,
+        "data=text",
+        "data.name=code",
+        f"data.source={tmp_path / 'corpus'}",
+        "data.val_fraction=0",
+        "data.extensions=[py,.MD]",
+    )
     ds = open_dataset("code", data_root=tmp_path)
     assert ds.meta["splits"]["train"]["documents"] == 2  # sub/e.md and sub/g.py
     with pytest.raises(UserError, match=r"has no readable text files with extensions \.rst; check the path"):
@@ -335,7 +363,10 @@ def test_llmc_shards_without_meta_are_explained_then_adopted(tmp_path, capsys):
     assert "the first train tokens read as GPT-2 text: '\\nBut soft" in capsys.readouterr().out
     ds = open_dataset("adopted", data_root=tmp_path)
     assert all_tokens(ds, "val").tolist() == ids[:100] and all_tokens(ds, "train").tolist() == ids[100:]
-    assert ds.tokenizer.name == "gpt2" and [s.path.name for s in ds.shards("train")] == ["train_000000.bin", "train_000001.bin"]
+    assert ds.tokenizer.name == "gpt2" and [s.path.name for s in ds.shards("train")] == [
+        "train_000000.bin",
+        "train_000001.bin",
+    ]
     x, _ = TokenLoader(ds, "train", batch_size=2, block_size=16).next_batch()
     assert x.shape == (2, 16)
     # In place (the folder is data/<name>): only meta.json and links are added; the user's files stay.
@@ -343,7 +374,9 @@ def test_llmc_shards_without_meta_are_explained_then_adopted(tmp_path, capsys):
     prepare(tmp_path, "data=llmc", "data.name=llmc", f"data.source={tmp_path / 'llmc'}")
     assert open_dataset("llmc", data_root=tmp_path).num_tokens("train") == len(ids) - 100
     prepare(tmp_path, "data=llmc", "data.name=llmc", f"data.source={tmp_path / 'llmc'}", "overwrite=true")
-    assert open_dataset("llmc", data_root=tmp_path).num_tokens("train") == len(ids) - 100  # its own links not re-adopted
+    assert (
+        open_dataset("llmc", data_root=tmp_path).num_tokens("train") == len(ids) - 100
+    )  # its own links not re-adopted
     assert set(before) <= {p.name for p in (tmp_path / "llmc").iterdir()}
 
 
@@ -359,13 +392,16 @@ def test_adopting_shards_that_are_not_gpt2_or_lack_a_split_fails(tmp_path):
     assert not (tmp_path / "big" / "meta.json").exists()
 
 
-@pytest.mark.parametrize("edit, field", [
-    (lambda m: m.pop("tokenizer"), "tokenizer.name"),
-    (lambda m: m.update(vocab_size="50257"), "vocab_size"),
-    (lambda m: m["splits"].pop("val"), "splits.val.shards"),
-    (lambda m: m["splits"]["train"]["shards"][0].pop("max_token"), "splits.train.shards[0].max_token"),
-    (lambda m: m.update(tokenizer={"name": "char"}), "tokenizer.chars"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda m: m.pop("tokenizer"), "tokenizer.name"),
+        (lambda m: m.update(vocab_size="50257"), "vocab_size"),
+        (lambda m: m["splits"].pop("val"), "splits.val.shards"),
+        (lambda m: m["splits"]["train"]["shards"][0].pop("max_token"), "splits.train.shards[0].max_token"),
+        (lambda m: m.update(tokenizer={"name": "char"}), "tokenizer.chars"),
+    ],
+)
 def test_incomplete_meta_json_names_the_field(tmp_path, edit, field):
     prepare(tmp_path, "data=text", "data.name=m", f"data.source={SHAKESPEARE}", "data.tokenizer=char")
     meta_path = tmp_path / "m" / "meta.json"
@@ -391,8 +427,12 @@ def test_progress_redirected_to_a_file_is_plain_lines(tmp_path):
     """tqdm's in-place redraw is one multi-kilobyte line in a log file; there it writes plain lines instead."""
     log = tmp_path / "prepare.log"
     with open(log, "w") as f:
-        r = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare_char",
-                            f"data_root={tmp_path}"], stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "data" / "prepare.py"), "data=shakespeare_char", f"data_root={tmp_path}"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
     assert r.returncode == 0
     text = log.read_text()
     assert "\r" not in text and max(map(len, text.splitlines())) < 300
@@ -406,8 +446,11 @@ def test_a_folder_holding_files_it_did_not_write_is_refused_and_left_alone(tmp_p
         (out / name).write_text(f"the user's {name}")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     for extra in ([], ["overwrite=true"]):
-        with pytest.raises(UserError, match=r"holds files this preparation did not write \(\.staging, notes.txt, "
-                                            r"train_000000.bin, val_000000.bin, x.tmp\); nothing was changed"):
+        with pytest.raises(
+            UserError,
+            match=r"holds files this preparation did not write \(\.staging, notes.txt, "
+            r"train_000000.bin, val_000000.bin, x.tmp\); nothing was changed",
+        ):
             prepare(tmp_path, "data=text", "data.name=mine", f"data.source={SHAKESPEARE}", *extra)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # A dataset folder with its source text in it (input.txt, the offline recipe) is fine.

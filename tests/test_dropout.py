@@ -72,10 +72,12 @@ def test_causal_attention_with_dropout_equals_brute_force_forward_and_backward()
 def test_attention_without_dropout_or_with_a_mask_is_sdpa_itself():
     q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
     mask = torch.ones(6, 6, dtype=torch.bool).tril()
-    assert torch.equal(scaled_dot_product_attention(q, k, v, is_causal=True),
-                       F.scaled_dot_product_attention(q, k, v, is_causal=True))  # fmt: skip
-    assert torch.equal(scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                       F.scaled_dot_product_attention(q, k, v, attn_mask=mask))  # fmt: skip
+    assert torch.equal(
+        scaled_dot_product_attention(q, k, v, is_causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    )
+    assert torch.equal(
+        scaled_dot_product_attention(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    )
 
 
 def test_a_cpu_training_step_never_draws_torch_float_dropout_masks(monkeypatch):
@@ -87,8 +89,9 @@ def test_a_cpu_training_step_never_draws_torch_float_dropout_masks(monkeypatch):
 
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "dropout", refuse)
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda *a, dropout_p=0.0, **kw: refuse() if dropout_p else sdpa(*a, **kw))  # fmt: skip
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda *a, dropout_p=0.0, **kw: refuse() if dropout_p else sdpa(*a, **kw)
+    )
     drawn = []
     monkeypatch.setattr(dropout_module, "keep_mask", lambda shape, p: drawn.append(shape) or keep_mask(shape, p))
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=50, dropout=0.1)).train()

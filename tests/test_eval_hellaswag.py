@@ -10,28 +10,68 @@ import threading
 
 import pytest
 import torch
-
 from conftest import model_entries
+
 from gpt2 import checkpoint
 from gpt2.errors import UserError
 from gpt2.eval import hellaswag
 from gpt2.model import GPT, GPTConfig
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 
-
 # (ctx, endings, label): hand-written, in the spirit of ActivityNet/WikiHow contexts.
 EXAMPLES = [
-    ("A man is standing in a kitchen holding a knife. He", ["slices the tomato on the board.",
-     "jumps into a swimming pool.", "plays the violin loudly.", "drives a red truck away."], 0),
-    ("A woman kneels by a bicycle with a flat tire. She", ["eats a sandwich quickly.",
-     "removes the wheel and patches the tube.", "sings to the audience.", "paints the fence blue."], 1),
-    ("Two kids are building a sandcastle on the beach. They", ["file their taxes online.",
-     "repair the car engine.", "dig a moat around the castle with a shovel.", "bake bread in an oven."], 2),
-    ("A dog runs across the park after a ball. The dog", ["writes a letter to the mayor.",
-     "knits a wool sweater.", "solves a crossword puzzle.", "catches the ball and brings it back."], 3),
+    (
+        "A man is standing in a kitchen holding a knife. He",
+        [
+            "slices the tomato on the board.",
+            "jumps into a swimming pool.",
+            "plays the violin loudly.",
+            "drives a red truck away.",
+        ],
+        0,
+    ),
+    (
+        "A woman kneels by a bicycle with a flat tire. She",
+        [
+            "eats a sandwich quickly.",
+            "removes the wheel and patches the tube.",
+            "sings to the audience.",
+            "paints the fence blue.",
+        ],
+        1,
+    ),
+    (
+        "Two kids are building a sandcastle on the beach. They",
+        [
+            "file their taxes online.",
+            "repair the car engine.",
+            "dig a moat around the castle with a shovel.",
+            "bake bread in an oven.",
+        ],
+        2,
+    ),
+    (
+        "A dog runs across the park after a ball. The dog",
+        [
+            "writes a letter to the mayor.",
+            "knits a wool sweater.",
+            "solves a crossword puzzle.",
+            "catches the ball and brings it back.",
+        ],
+        3,
+    ),
     # The right ending is long: its summed loss is the largest, its mean loss the smallest (acc != acc_norm).
-    ("A chef is plating food in a busy restaurant. The chef", ["arranges the fish carefully on the warm plate "
-     "and adds sauce, herbs and lemon before the waiter takes it out.", "sleeps.", "leaves.", "yawns."], 0),
+    (
+        "A chef is plating food in a busy restaurant. The chef",
+        [
+            "arranges the fish carefully on the warm plate "
+            "and adds sauce, herbs and lemon before the waiter takes it out.",
+            "sleeps.",
+            "leaves.",
+            "yawns.",
+        ],
+        0,
+    ),
 ]
 
 
@@ -40,10 +80,23 @@ def write_jsonl(path, examples=EXAMPLES) -> None:
     with open(path, "w") as f:
         for i, (ctx, endings, label) in enumerate(examples):
             a, _, b = ctx.rpartition(". ")
-            f.write(json.dumps({
-                "ind": i, "activity_label": "Test", "ctx_a": a + ".", "ctx_b": b, "ctx": ctx, "split": "val",
-                "split_type": "indomain", "label": label, "endings": endings, "source_id": f"test~{i}",
-            }) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "ind": i,
+                        "activity_label": "Test",
+                        "ctx_a": a + ".",
+                        "ctx_b": b,
+                        "ctx": ctx,
+                        "split": "val",
+                        "split_type": "indomain",
+                        "label": label,
+                        "endings": endings,
+                        "source_id": f"test~{i}",
+                    }
+                )
+                + "\n"
+            )
 
 
 def unigram_model(favoured: set[int], disfavoured: set[int], vocab_size: int = 50257) -> GPT:
@@ -164,10 +217,17 @@ def test_cli_on_a_local_file(model, tok, tmp_path, capsys):
     from gpt2.eval.__main__ import main
 
     write_jsonl(tmp_path / "hs.jsonl")
-    checkpoint.save(tmp_path / "run" / "ckpt.pt",
-                    {**model_entries(model), "tokenizer": tok.to_dict(), "config": {}})
-    result = main(["hellaswag", f"checkpoint={tmp_path / 'run'}", f"hellaswag.path={tmp_path / 'hs.jsonl'}",
-                   "limit=4", "device=cpu", "dtype=float32"])
+    checkpoint.save(tmp_path / "run" / "ckpt.pt", {**model_entries(model), "tokenizer": tok.to_dict(), "config": {}})
+    result = main(
+        [
+            "hellaswag",
+            f"checkpoint={tmp_path / 'run'}",
+            f"hellaswag.path={tmp_path / 'hs.jsonl'}",
+            "limit=4",
+            "device=cpu",
+            "dtype=float32",
+        ]
+    )
     expected = hellaswag.evaluate(model, tok, hellaswag.read_examples(tmp_path / "hs.jsonl", limit=4))
     assert result == expected and result["n"] == 4 and result["acc_norm"] == 1.0
     assert "acc_norm 1.0000" in capsys.readouterr().out
@@ -204,13 +264,16 @@ def test_download_failure_says_where_to_put_the_file(tmp_path):
     assert not any(cache.iterdir())  # nothing half-written
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"ctx": "a", "endings": ["b", "c"], "label": 0', "not valid JSON"),
-    ('{"ctx": "a", "label": 0}', "missing endings"),
-    ('{"ctx": "a", "endings": ["b", "c"], "label": 5}', "label must be an integer index"),
-    ('{"ctx": "a", "endings": "b", "label": 0}', "endings must be a list"),
-    ('[1, 2]', "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"ctx": "a", "endings": ["b", "c"], "label": 0', "not valid JSON"),
+        ('{"ctx": "a", "label": 0}', "missing endings"),
+        ('{"ctx": "a", "endings": ["b", "c"], "label": 5}', "label must be an integer index"),
+        ('{"ctx": "a", "endings": "b", "label": 0}', "endings must be a list"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
 def test_malformed_lines_name_the_file_and_line(tmp_path, line, message):
     path = tmp_path / "hs.jsonl"
     write_jsonl(path, EXAMPLES[:2])
@@ -226,8 +289,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     chars = CharTokenizer.from_text("abc .\n")
     torch.manual_seed(0)
     char_model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=chars.vocab_size))
-    checkpoint.save(tmp_path / "char" / "ckpt.pt",
-                    {**model_entries(char_model), "tokenizer": chars.to_dict(), "config": {}})
+    checkpoint.save(
+        tmp_path / "char" / "ckpt.pt", {**model_entries(char_model), "tokenizer": chars.to_dict(), "config": {}}
+    )
     write_jsonl(tmp_path / "hs.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n")
     cases = [
@@ -253,10 +317,12 @@ def _rank_worker(rank: int, world_size: int, init_file: str, jsonl: str, out: st
         examples = hellaswag.read_examples(jsonl)
         right = {t for ex in examples for t in tok.encode(" " + ex.endings[ex.label])}
         model = unigram_model(right, set())
-        result = hellaswag.all_reduce(hellaswag.evaluate(model, tok, examples, "cpu", torch.float32, rank,
-                                                         world_size, batch_size=2), "cpu")
-        result["metrics"] = hellaswag.training_metrics(model, tok, examples, "cpu", torch.float32, rank,
-                                                       world_size, batch_size=3)
+        result = hellaswag.all_reduce(
+            hellaswag.evaluate(model, tok, examples, "cpu", torch.float32, rank, world_size, batch_size=2), "cpu"
+        )
+        result["metrics"] = hellaswag.training_metrics(
+            model, tok, examples, "cpu", torch.float32, rank, world_size, batch_size=3
+        )
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(result, f)
@@ -269,8 +335,12 @@ def test_two_gloo_ranks_all_reduce_to_the_single_process_result(tmp_path, tok, e
     import torch.multiprocessing as mp
 
     write_jsonl(tmp_path / "hs.jsonl")
-    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "hs.jsonl"), str(tmp_path / "r.json")),
-             nprocs=2, join=True)
+    mp.spawn(
+        _rank_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path / "hs.jsonl"), str(tmp_path / "r.json")),
+        nprocs=2,
+        join=True,
+    )
     right = {t for ex in examples for t in tok.encode(" " + ex.endings[ex.label])}
     expected = hellaswag.evaluate(unigram_model(right, set()), tok, examples, "cpu", torch.float32)
     got = json.loads((tmp_path / "r.json").read_text())

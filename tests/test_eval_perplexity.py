@@ -10,18 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, model_entries, tiny_gpt
 
-from conftest import ROOT, model_entries
 from gpt2 import checkpoint
 from gpt2.errors import UserError
 from gpt2.eval import perplexity
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
-
-
-def tiny_model(vocab_size: int, block_size: int = 16, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size)).eval()
 
 
 def save_checkpoint(path, model: GPT, tokenizer) -> None:
@@ -71,7 +66,7 @@ def test_windows_score_every_token_once_with_promised_context(n, window, stride)
 
 
 def test_stride_equal_window_is_the_plain_mean_loss_of_consecutive_chunks():
-    model = tiny_model(vocab_size=40, block_size=16)
+    model = tiny_gpt(vocab_size=40, block_size=16).eval()
     tokens = torch.randint(0, 40, (5 * 16 + 1,), generator=torch.Generator().manual_seed(1))
     x = tokens[:-1].view(5, 16)  # (chunks, T), as the trainer's val batches
     y = tokens[1:].view(5, 16)
@@ -86,7 +81,7 @@ def test_stride_equal_window_is_the_plain_mean_loss_of_consecutive_chunks():
 @pytest.mark.parametrize("n, stride", [(45, 1), (45, 5), (45, 12), (12, 4)])
 def test_sliding_window_equals_brute_force_per_token(n, stride):
     window = 16
-    model = tiny_model(vocab_size=40, block_size=window, seed=2)
+    model = tiny_gpt(vocab_size=40, block_size=window, seed=2).eval()
     tokens = torch.randint(0, 40, (n,), generator=torch.Generator().manual_seed(n + stride))
     w = min(window, n - 1)
     starts = [0]  # window starts, rebuilt here from the documented rule
@@ -106,7 +101,7 @@ def test_sliding_window_equals_brute_force_per_token(n, stride):
 def test_bits_per_byte_counts_utf8_bytes_of_char_text(tmp_path):
     text = "héllo wörld ✓\nnaïve café\n" * 3
     tok = CharTokenizer.from_text(text)
-    model = tiny_model(vocab_size=tok.vocab_size)
+    model = tiny_gpt(vocab_size=tok.vocab_size).eval()
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
     tokens = perplexity.text_tokens(path, tok)
@@ -124,7 +119,7 @@ def test_gpt2_text_scores_every_token_and_every_byte(tmp_path):
     path.write_text(text, encoding="utf-8")
     tokens = perplexity.text_tokens(path, tok)
     assert tokens[0] == tok.eot_id and list(tokens[1:]) == tok.encode(text)
-    model = tiny_model(vocab_size=tok.vocab_size, block_size=8)
+    model = tiny_gpt(vocab_size=tok.vocab_size, block_size=8).eval()
     r = perplexity.evaluate(model, tokens, stride=4, byte_lengths=perplexity.token_byte_lengths(tok))
     assert r.tokens == len(tok.encode(text))
     assert r.bytes == len(text.encode("utf-8"))
@@ -133,12 +128,17 @@ def test_gpt2_text_scores_every_token_and_every_byte(tmp_path):
 def test_cli_on_text_matches_library(tmp_path):
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 4
     tok = CharTokenizer.from_text(text)
-    model = tiny_model(vocab_size=tok.vocab_size)
+    model = tiny_gpt(vocab_size=tok.vocab_size).eval()
     save_checkpoint(tmp_path / "run" / "ckpt.pt", model, tok)
     (tmp_path / "t.txt").write_text(text)
     proc = run_cli(
-        "perplexity", f"checkpoint={tmp_path / 'run'}", f"text={tmp_path / 't.txt'}", "stride=4",
-        "device=cpu", "dtype=float32", "batch_size=3",
+        "perplexity",
+        f"checkpoint={tmp_path / 'run'}",
+        f"text={tmp_path / 't.txt'}",
+        "stride=4",
+        "device=cpu",
+        "dtype=float32",
+        "batch_size=3",
     )
     assert proc.returncode == 0, proc.stderr
     expected = perplexity.evaluate(model, np.array(tok.encode(text)), stride=4)
@@ -149,7 +149,7 @@ def test_cli_on_text_matches_library(tmp_path):
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     tok = CharTokenizer.from_text("abc \n")
-    save_checkpoint(tmp_path / "run" / "ckpt.pt", tiny_model(vocab_size=tok.vocab_size), tok)
+    save_checkpoint(tmp_path / "run" / "ckpt.pt", tiny_gpt(vocab_size=tok.vocab_size).eval(), tok)
     (tmp_path / "empty.txt").write_text("  \n")
     ckpt = f"checkpoint={tmp_path / 'run'}"
     cases = {
@@ -168,7 +168,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_window_above_block_size_and_too_short_text_are_user_errors():
-    model = tiny_model(vocab_size=10, block_size=8)
+    model = tiny_gpt(vocab_size=10, block_size=8).eval()
     with pytest.raises(UserError, match="exceeds the model's block_size 8"):
         perplexity.evaluate(model, np.arange(20) % 10, window=9)
     with pytest.raises(UserError, match="at least 2 tokens"):
@@ -181,8 +181,10 @@ def prepare_char_dataset(tmp_path, text: str, name: str = "tiny"):
     from gpt2.data.prepare import prepare
 
     (tmp_path / f"{name}.txt").write_text(text)
-    prepare(DataConfig(name=name, tokenizer="char", source=str(tmp_path / f"{name}.txt"), val_fraction=0.2),
-            data_root=tmp_path / "data")
+    prepare(
+        DataConfig(name=name, tokenizer="char", source=str(tmp_path / f"{name}.txt"), val_fraction=0.2),
+        data_root=tmp_path / "data",
+    )
     return open_dataset(name, data_root=tmp_path / "data")
 
 
@@ -191,7 +193,7 @@ def test_prepared_val_split_equals_the_trainers_mean_loss_over_chunks(tmp_path, 
 
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(60))
     ds = prepare_char_dataset(tmp_path, text)
-    model = tiny_model(vocab_size=ds.vocab_size, block_size=16, seed=3)
+    model = tiny_gpt(vocab_size=ds.vocab_size, block_size=16, seed=3).eval()
     save_checkpoint(tmp_path / "run" / "ckpt.pt", model, ds.tokenizer)
     val = np.concatenate([ds.tokens(s) for s in ds.shards("val")]).astype(np.int64)
     n_chunks = (len(val) - 1) // 16
@@ -199,9 +201,20 @@ def test_prepared_val_split_equals_the_trainers_mean_loss_over_chunks(tmp_path, 
     y = torch.from_numpy(val[1 : n_chunks * 16 + 1]).view(n_chunks, 16)
     with torch.no_grad():
         _, reference = model(x, y)
-    result = main(["perplexity", f"checkpoint={tmp_path / 'run'}", "data=tiny", f"data_root={tmp_path / 'data'}",
-                   "split=val", "window=16", "stride=16", f"max_tokens={n_chunks * 16 + 1}", "device=cpu",
-                   "dtype=float32"])
+    result = main(
+        [
+            "perplexity",
+            f"checkpoint={tmp_path / 'run'}",
+            "data=tiny",
+            f"data_root={tmp_path / 'data'}",
+            "split=val",
+            "window=16",
+            "stride=16",
+            f"max_tokens={n_chunks * 16 + 1}",
+            "device=cpu",
+            "dtype=float32",
+        ]
+    )
     assert result["tokens"] == n_chunks * 16
     assert result["loss"] == pytest.approx(reference.item(), rel=1e-6)
     assert result["bytes"] == n_chunks * 16  # ASCII: one byte per character
@@ -213,11 +226,11 @@ def test_checkpoint_tokenizer_must_match_the_prepared_data(tmp_path, capsys):
     prepare_char_dataset(tmp_path, text)
     root = f"data_root={tmp_path / 'data'}"
     bpe = GPT2Tokenizer()
-    save_checkpoint(tmp_path / "bpe" / "ckpt.pt", tiny_model(vocab_size=bpe.vocab_size), bpe)
+    save_checkpoint(tmp_path / "bpe" / "ckpt.pt", tiny_gpt(vocab_size=bpe.vocab_size).eval(), bpe)
     err = cli_error(capsys, "perplexity", f"checkpoint={tmp_path / 'bpe'}", "data=tiny", root)
     assert "prepared with tokenizer char but the model uses gpt2" in err
     other = CharTokenizer.from_text("xyz\n")
-    save_checkpoint(tmp_path / "char" / "ckpt.pt", tiny_model(vocab_size=other.vocab_size), other)
+    save_checkpoint(tmp_path / "char" / "ckpt.pt", tiny_gpt(vocab_size=other.vocab_size).eval(), other)
     err = cli_error(capsys, "perplexity", f"checkpoint={tmp_path / 'char'}", "data=tiny", root)
     assert "different" in err
     err = cli_error(capsys, "perplexity", f"checkpoint={tmp_path / 'char'}", "data=nothere", root)
@@ -229,7 +242,7 @@ def test_init_from_a_hugging_face_dir_scores_like_the_same_checkpoint(tmp_path, 
     from gpt2.hf import save_pretrained
 
     tok = GPT2Tokenizer()
-    model = tiny_model(vocab_size=tok.vocab_size, block_size=16, seed=4)
+    model = tiny_gpt(vocab_size=tok.vocab_size, block_size=16, seed=4).eval()
     save_pretrained(model, tmp_path / "hf")
     save_checkpoint(tmp_path / "run" / "ckpt.pt", model, tok)
     (tmp_path / "t.txt").write_text("It was the best of times, it was the worst of times, it was the age of wisdom.")

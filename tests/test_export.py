@@ -8,12 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, TEXT, save_checkpoint
 from omegaconf import OmegaConf
-from test_sampling_cli import TEXT, save_checkpoint
 
-from gpt2.loading import load_checkpoint
 from gpt2.export import run
+from gpt2.loading import load_checkpoint
 from gpt2.sampling import run as sample_run
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 
@@ -32,8 +31,18 @@ def test_hf_export_works_in_a_transformers_pipeline_with_our_text_and_logits(bpe
     ids = generator.tokenizer(prompt)["input_ids"]
     assert ids == GPT2Tokenizer().encode(prompt)
     text = generator(prompt, max_new_tokens=20, do_sample=False)[0]["generated_text"]
-    ours = sample_run(OmegaConf.create({"checkpoint": str(bpe_run), "device": "cpu", "prompt": prompt,
-                                        "temperature": 0.0, "max_new_tokens": 20, "ignore_eot": True}))[0]  # fmt: skip
+    ours = sample_run(
+        OmegaConf.create(
+            {
+                "checkpoint": str(bpe_run),
+                "device": "cpu",
+                "prompt": prompt,
+                "temperature": 0.0,
+                "max_new_tokens": 20,
+                "ignore_eot": True,
+            }
+        )
+    )[0]
     assert text == prompt + ours
     model = load_checkpoint(bpe_run).model
     idx = torch.tensor([ids])
@@ -47,8 +56,11 @@ def test_best_checkpoint_and_dtype(bpe_run, tmp_path):
     from safetensors import safe_open
 
     shutil.copyfile(bpe_run / "ckpt.pt", tmp_path / "best.pt")
-    out = run(OmegaConf.create({"checkpoint": str(tmp_path / "best.pt"), "out_dir": str(tmp_path / "hf"),
-                                "dtype": "bfloat16"}))  # fmt: skip
+    out = run(
+        OmegaConf.create(
+            {"checkpoint": str(tmp_path / "best.pt"), "out_dir": str(tmp_path / "hf"), "dtype": "bfloat16"}
+        )
+    )
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.get_tensor("transformer.wte.weight").dtype == torch.bfloat16
 
@@ -61,8 +73,9 @@ def test_char_run_exports_weights_and_says_the_tokenizer_is_not_included(tmp_pat
 
 
 def export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gpt2.export", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "gpt2.export", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 def test_bad_input_is_one_line_and_nothing_is_overwritten(bpe_run, tmp_path):
@@ -89,7 +102,7 @@ def test_gguf_export_gives_llama_cpp_our_tokens_logits_and_greedy_text(tmp_path)
     our logits (up to ggml's fp16 GELU table) and generates our greedy text; float16 is close."""
     llama_cpp = pytest.importorskip("llama_cpp")
     import numpy as np
-    from test_train import TINY, train
+    from conftest import TINY, train
 
     from gpt2.config import DataConfig
     from gpt2.data.prepare import prepare
@@ -97,7 +110,17 @@ def test_gguf_export_gives_llama_cpp_our_tokens_logits_and_greedy_text(tmp_path)
     (tmp_path / "corpus.txt").write_text(TEXT * 40)
     data = prepare(DataConfig(name="bpe", source=str(tmp_path / "corpus.txt")), data_root=tmp_path)
     run_dir = tmp_path / "run"
-    train([f"data.name={data}", f"out_dir={run_dir}", *TINY, "train.max_iters=300", "train.eval_interval=300", "optim.lr=1e-2"], tmp_path)
+    train(
+        [
+            f"data.name={data}",
+            f"out_dir={run_dir}",
+            *TINY,
+            "train.max_iters=300",
+            "train.eval_interval=300",
+            "optim.lr=1e-2",
+        ],
+        tmp_path,
+    )
     for dtype in ("float32", "float16"):
         r = export(f"checkpoint={run_dir}", f"out_dir={tmp_path / dtype}", "format=gguf", f"dtype={dtype}")
         assert r.returncode == 0, r.stderr
@@ -110,12 +133,18 @@ def test_gguf_export_gives_llama_cpp_our_tokens_logits_and_greedy_text(tmp_path)
         greedy = list(ids)  # our greedy continuation, token by token
         for _ in range(12):
             greedy.append(int(model(torch.tensor([greedy]))[0][0, -1, :V].argmax()))
-    expected = greedy[len(ids):]
+    expected = greedy[len(ids) :]
     assert len(set(expected)) > 3  # a trained model's text, not one token repeated
     scale = float(ours.abs().max())
     for dtype, tolerance in (("float32", 5e-4), ("float16", 2e-3)):  # of the largest logit (ggml: fp16 GELU table)
-        llm = llama_cpp.Llama(model_path=str(tmp_path / dtype / "model.gguf"), n_ctx=32, logits_all=True,
-                              type_k=0, type_v=0, verbose=False)  # an fp32 KV cache (GGML_TYPE_F32) # fmt: skip
+        llm = llama_cpp.Llama(
+            model_path=str(tmp_path / dtype / "model.gguf"),
+            n_ctx=32,
+            logits_all=True,
+            type_k=0,
+            type_v=0,
+            verbose=False,
+        )  # an fp32 KV cache (GGML_TYPE_F32)
         try:
             assert llm.tokenize(prompt.encode(), add_bos=False) == ids
             llm.eval(ids)

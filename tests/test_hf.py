@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import re
-
 import json
+import re
 
 import pytest
 import torch
@@ -94,14 +93,19 @@ def test_export_writes_the_dtype_asked_for_not_the_one_the_model_runs_in(tmp_pat
     reference = {k: t.clone() for k, t in ours.state_dict().items()}
     ours.to(torch.bfloat16)  # as a Sampler leaves it on a bf16 machine
     for name, dtype, hf_name in [("default", None, "float32"), ("bf16", torch.bfloat16, "bfloat16")]:
-        (hf.save_pretrained(ours, str(tmp_path / name)) if dtype is None
-         else hf.save_pretrained(ours, str(tmp_path / name), dtype=dtype))  # fmt: skip
+        (
+            hf.save_pretrained(ours, str(tmp_path / name))
+            if dtype is None
+            else hf.save_pretrained(ours, str(tmp_path / name), dtype=dtype)
+        )
         with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
             assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype or torch.float32}
         assert json.loads((tmp_path / name / "config.json").read_text())["dtype"] == hf_name
     back = hf.load_pretrained(str(tmp_path / "default"))
-    assert torch.equal(back.state_dict()["transformer.h.0.mlp.c_fc.weight"],
-                       reference["transformer.h.0.mlp.c_fc.weight"].to(torch.bfloat16).float())
+    assert torch.equal(
+        back.state_dict()["transformer.h.0.mlp.c_fc.weight"],
+        reference["transformer.h.0.mlp.c_fc.weight"].to(torch.bfloat16).float(),
+    )
 
 
 def test_pytorch_model_bin_in_hub_layout(tmp_path):

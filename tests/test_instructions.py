@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from conftest import ROOT
-from test_train import TINY, compose, env, records, train
+from conftest import ROOT, TINY, compose, env, records, tiny_gpt, train
 
 EOT = 50256
 
@@ -29,13 +27,17 @@ def rows() -> list[dict]:
         completion = " " + " ".join(words[i % 5 : i % 5 + 1 + (i * 7) % 11]) * (1 + (i % 6 == 0) * 4)
         out.append({"prompt": prompt, "completion": completion})
     for i in range(6):
-        out.append({"messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": f"question {i}"},
-            {"role": "assistant", "content": f"answer {i}"},
-            {"role": "user", "content": "and then?"},
-            {"role": "assistant", "content": " ".join(words[: 3 + i])},
-        ]})  # fmt: skip
+        out.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": f"question {i}"},
+                    {"role": "assistant", "content": f"answer {i}"},
+                    {"role": "user", "content": "and then?"},
+                    {"role": "assistant", "content": " ".join(words[: 3 + i])},
+                ]
+            }
+        )
     return out
 
 
@@ -56,13 +58,6 @@ def prepare(root: Path, source: Path, **overrides):
 def sft_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sft")
     return prepare(root, write_jsonl(root / "train.jsonl", rows()))
-
-
-def tiny_model(block_size: int = 32):
-    from gpt2.model import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=50257))
 
 
 def examples_of(ds, split: str = "train") -> list[tuple[np.ndarray, np.ndarray]]:
@@ -103,14 +98,26 @@ def test_prepare_renders_pairs_and_chats_with_masks_on_the_completions(sft_data)
     for row in rows()[:34]:  # prompt + completion + end-of-text; the loss on the completion and end-of-text
         text = row["prompt"] + row["completion"] + "<|endoftext|>"
         assert found[text] == row["completion"] + "<|endoftext|>"
-    chat = ("Be brief.\n\nUser: question 0\nAssistant: answer 0<|endoftext|>User: and then?\nAssistant: the quick "
-            "brown<|endoftext|>")
+    chat = (
+        "Be brief.\n\nUser: question 0\nAssistant: answer 0<|endoftext|>User: and then?\nAssistant: the quick "
+        "brown<|endoftext|>"
+    )
     assert found[chat] == " answer 0<|endoftext|> the quick brown<|endoftext|>"
     # Each piece is tokenized alone: the tokens are exactly the pieces' tokens, concatenated.
     t, m = next((t, m) for t, m in examples_of(ds) + examples_of(ds, "val") if tok.decode(t.tolist()) == chat)
-    pieces = ["Be brief.\n\n", "User: question 0\nAssistant:", " answer 0", "User: and then?\nAssistant:", " the quick brown"]
-    expected = [tok.encode(pieces[0]) + tok.encode(pieces[1]), tok.encode(pieces[2]) + [EOT], tok.encode(pieces[3]),
-                tok.encode(pieces[4]) + [EOT]]  # fmt: skip
+    pieces = [
+        "Be brief.\n\n",
+        "User: question 0\nAssistant:",
+        " answer 0",
+        "User: and then?\nAssistant:",
+        " the quick brown",
+    ]
+    expected = [
+        tok.encode(pieces[0]) + tok.encode(pieces[1]),
+        tok.encode(pieces[2]) + [EOT],
+        tok.encode(pieces[3]),
+        tok.encode(pieces[4]) + [EOT],
+    ]
     assert t.tolist() == sum(expected, [])
     assert m.tolist() == sum(([i % 2 == 1] * len(e) for i, e in enumerate(expected)), [])
 
@@ -124,7 +131,7 @@ def test_masked_loss_equals_brute_force_per_example(sft_data):
     ds = open_dataset(str(sft_data))
     loader = TokenLoader(ds, "train", batch_size=8, block_size=T, order="epoch", seed=3)
     assert loader.sequences.truncated > 0  # some examples are longer than T + 1 tokens
-    model = tiny_model(T)
+    model = tiny_gpt(vocab_size=50257, block_size=T)
     every = examples_of(ds)
     for k in range(3):
         ids = loader.global_batch(k)
@@ -146,8 +153,17 @@ def test_a_step_averages_over_every_target_of_its_global_batch(sft_data, tmp_pat
     from gpt2.model import GPT
     from gpt2.training import Trainer
 
-    cfg = to_object(compose(f"data.name={sft_data}", f"out_dir={tmp_path / 'run'}", *TINY, "model.block_size=24",
-                            "train.grad_accum_steps=2", "model.dropout=0"), TrainRunConfig)  # fmt: skip
+    cfg = to_object(
+        compose(
+            f"data.name={sft_data}",
+            f"out_dir={tmp_path / 'run'}",
+            *TINY,
+            "model.block_size=24",
+            "train.grad_accum_steps=2",
+            "model.dropout=0",
+        ),
+        TrainRunConfig,
+    )
     trainer = Trainer(cfg, DistInfo())
     reference = GPT.from_state_dict(trainer.model.config, trainer.model.state_dict())
     every = examples_of(trainer.ds)
@@ -164,19 +180,29 @@ def test_a_step_averages_over_every_target_of_its_global_batch(sft_data, tmp_pat
         torch.testing.assert_close(ours[name].grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "Q?"}, r"rows.jsonl:2: an example needs 'prompt' and 'completion' fields or a 'messages' list "
-                       r"\(keys: prompt\)"),
-    ({"prompt": "Q?", "completion": ""}, r"rows.jsonl:2: the completion \('completion'\) is empty"),
-    ({"prompt": "Q?", "completion": 3}, r"rows.jsonl:2: field 'completion' is int, not text"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, r"rows.jsonl:2: 'messages' has no assistant message"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, r"rows.jsonl:2: messages\[0\] must be"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}]},
-     r"rows.jsonl:2: messages\[1\] is a system message; only the first"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
-     r"rows.jsonl:2: messages\[1\] is an empty assistant reply"),
-    ({"messages": "hello"}, r"rows.jsonl:2: 'messages' must be a non-empty list"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            {"prompt": "Q?"},
+            r"rows.jsonl:2: an example needs 'prompt' and 'completion' fields or a 'messages' list "
+            r"\(keys: prompt\)",
+        ),
+        ({"prompt": "Q?", "completion": ""}, r"rows.jsonl:2: the completion \('completion'\) is empty"),
+        ({"prompt": "Q?", "completion": 3}, r"rows.jsonl:2: field 'completion' is int, not text"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, r"rows.jsonl:2: 'messages' has no assistant message"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, r"rows.jsonl:2: messages\[0\] must be"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}]},
+            r"rows.jsonl:2: messages\[1\] is a system message; only the first",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+            r"rows.jsonl:2: messages\[1\] is an empty assistant reply",
+        ),
+        ({"messages": "hello"}, r"rows.jsonl:2: 'messages' must be a non-empty list"),
+    ],
+)
 def test_bad_rows_are_one_error_naming_the_row_and_nothing_is_written(tmp_path, row, message):
     from gpt2.errors import UserError
 
@@ -214,9 +240,12 @@ def test_a_split_without_a_target_within_block_size_is_one_error_at_start(tmp_pa
     assert p.stderr.strip().splitlines()[-1] == (
         f"error: none of the 18 train examples of {data} has a completion token within its first block_size + 1 = "
         "33 tokens (the prompts fill the context), so there is nothing to train or evaluate on: raise "
-        "model.block_size or shorten the prompts")  # fmt: skip
-    train([*TINY, f"data.name={data}", "model.block_size=128", "train.max_iters=2", f"out_dir={tmp_path / 'ok'}"],
-          tmp_path)  # fmt: skip
+        "model.block_size or shorten the prompts"
+    )
+    train(
+        [*TINY, f"data.name={data}", "model.block_size=128", "train.max_iters=2", f"out_dir={tmp_path / 'ok'}"],
+        tmp_path,
+    )
 
 
 def test_examples_never_span_two_shards(tmp_path):
@@ -247,24 +276,69 @@ def test_cli_prepares_trains_by_epochs_and_samples(tmp_path):
     """The README's instruction fine-tuning commands, end to end on a tiny model: prepare, train one epoch in
     the epoch order, sample from the run."""
     source = write_jsonl(tmp_path / "chat.jsonl", rows())
-    p = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "data=instructions", "data.name=chat",
-                        f"data.source={source}"], cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "data" / "prepare.py"),
+            "data=instructions",
+            "data.name=chat",
+            f"data.source={source}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "36 train and 4 val examples" in p.stdout
     out = tmp_path / "out"
-    run = train(["data.name=chat", f"out_dir={out}", *TINY, "model.block_size=24", "data.order=epoch",
-                 "train.epochs=1", "train.eval_interval=5"], tmp_path)  # fmt: skip
+    run = train(
+        [
+            "data.name=chat",
+            f"out_dir={out}",
+            *TINY,
+            "model.block_size=24",
+            "data.order=epoch",
+            "train.epochs=1",
+            "train.eval_interval=5",
+        ],
+        tmp_path,
+    )
     assert "an epoch (36 examples) is 9.0 steps" in run.stdout
     assert "are longer than block_size + 1 = 25 tokens and are cut to it" in run.stdout
     assert records(out)[-1]["step"] == 9
-    sample = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"checkpoint={out}", "prompt=User: hi\nAssistant:",
-                             "max_new_tokens=5", "device=cpu"], cwd=tmp_path, capture_output=True, text=True,
-                            env=env(), timeout=120)  # fmt: skip
+    sample = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "sample.py"),
+            f"checkpoint={out}",
+            "prompt=User: hi\nAssistant:",
+            "max_new_tokens=5",
+            "device=cpu",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=120,
+    )
     assert sample.returncode == 0, sample.stderr[-2000:]
 
-    bad = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "data=instructions", "data.name=bad",
-                          f"data.source={write_jsonl(tmp_path / 'bad.jsonl', [rows()[0], {'text': 'x'}])}"], cwd=tmp_path,
-                         capture_output=True, text=True, env=env(), timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "data" / "prepare.py"),
+            "data=instructions",
+            "data.name=bad",
+            f"data.source={write_jsonl(tmp_path / 'bad.jsonl', [rows()[0], {'text': 'x'}])}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=120,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "bad.jsonl:2: an example needs 'prompt'" in bad.stderr
 
@@ -273,10 +347,17 @@ def test_cli_prepares_trains_by_epochs_and_samples(tmp_path):
 def test_two_processes_match_one_on_instruction_data(sft_data, tmp_path):
     """DDP with gradient accumulation on examples with different numbers of targets: every rank weighs its
     micro-batches by the global target count, so the loss curve is the single process's."""
-    from test_train_distributed import curve, torchrun
+    from conftest import curve, torchrun
 
-    args = [f"data.name={sft_data}", *TINY, "model.block_size=24", "train.grad_accum_steps=2", "train.max_iters=6",
-            "train.eval_interval=3", "train.eval_iters=3"]  # fmt: skip
+    args = [
+        f"data.name={sft_data}",
+        *TINY,
+        "model.block_size=24",
+        "train.grad_accum_steps=2",
+        "train.max_iters=6",
+        "train.eval_interval=3",
+        "train.eval_iters=3",
+    ]
     train([*args, f"out_dir={tmp_path / 'one'}"], tmp_path)
     torchrun([*args, f"out_dir={tmp_path / 'two'}"], tmp_path)
     assert curve(tmp_path / "two") == pytest.approx(curve(tmp_path / "one"), abs=1e-5, rel=0)

@@ -77,13 +77,27 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
 
 
 GPU_NAMES = {  # what torch.cuda.get_device_name returns on each, -> the table row it must hit
-    "NVIDIA GB200": "GB200", "NVIDIA B200": "B200", "NVIDIA GH200 480GB": "GH200", "NVIDIA H200": "H200",
-    "NVIDIA H100 NVL": "H100 NVL", "NVIDIA H100 PCIe": "H100 PCIe", "NVIDIA H100 80GB HBM3": "H100",
-    "NVIDIA H800": "H800", "NVIDIA A100-SXM4-80GB": "A100", "NVIDIA A800 80GB PCIe": "A800", "NVIDIA L40S": "L40S",
-    "NVIDIA L40": "L40", "NVIDIA L4": "L4", "NVIDIA A10G": "A10G", "NVIDIA A10": "A10", "NVIDIA RTX A6000": "A6000",
-    "NVIDIA GeForce RTX 4090": "RTX 4090", "NVIDIA GeForce RTX 3090": "RTX 3090", "Tesla V100-SXM2-16GB": "V100",
+    "NVIDIA GB200": "GB200",
+    "NVIDIA B200": "B200",
+    "NVIDIA GH200 480GB": "GH200",
+    "NVIDIA H200": "H200",
+    "NVIDIA H100 NVL": "H100 NVL",
+    "NVIDIA H100 PCIe": "H100 PCIe",
+    "NVIDIA H100 80GB HBM3": "H100",
+    "NVIDIA H800": "H800",
+    "NVIDIA A100-SXM4-80GB": "A100",
+    "NVIDIA A800 80GB PCIe": "A800",
+    "NVIDIA L40S": "L40S",
+    "NVIDIA L40": "L40",
+    "NVIDIA L4": "L4",
+    "NVIDIA A10G": "A10G",
+    "NVIDIA A10": "A10",
+    "NVIDIA RTX A6000": "A6000",
+    "NVIDIA GeForce RTX 4090": "RTX 4090",
+    "NVIDIA GeForce RTX 3090": "RTX 3090",
+    "Tesla V100-SXM2-16GB": "V100",
     "Tesla T4": "T4",
-}  # fmt: skip
+}
 
 
 def test_every_gpu_row_is_reachable_and_fp32_means_what_the_gpu_has():

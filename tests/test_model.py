@@ -7,22 +7,16 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import tiny_gpt
 
-from conftest import ROOT
 from gpt2 import GPT, GPTConfig, KVCache
-from gpt2.resources import CONFIG_DIR
 from gpt2.errors import UserError
 from gpt2.model import PRESETS, preset
-
-
-def tiny(vocab_size: int = 100, **overrides) -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=vocab_size), **overrides}))
+from gpt2.resources import CONFIG_DIR
 
 
 def test_forward_shapes_and_loss():
-    model = tiny(vocab_size=100)
+    model = tiny_gpt(100, 32)
     idx = torch.randint(0, 100, (3, 17))
     logits, loss = model(idx)
     assert logits.shape == (3, 17, 100) and loss is None
@@ -33,7 +27,7 @@ def test_forward_shapes_and_loss():
 
 
 def test_loss_is_cross_entropy_over_real_vocab_only():
-    model = tiny(vocab_size=100)  # padded to 128
+    model = tiny_gpt(100, 32)  # padded to 128
     assert model.config.padded_vocab_size == 128
     with torch.no_grad():  # make the padded logits huge: they would dominate a softmax that included them
         model.transformer.wte.weight[100:] = 1.0
@@ -61,14 +55,14 @@ def _hidden(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 
 
 def test_sequence_longer_than_block_size():
-    model = tiny(block_size=8)
+    model = tiny_gpt(100, 8)
     with pytest.raises(ValueError, match="exceeds the model's block_size 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
 @torch.no_grad()
 def test_kv_cache_prefill_then_decode_equals_full_forward():
-    model = tiny().eval()
+    model = tiny_gpt(100, 32).eval()
     idx = torch.randint(0, 100, (2, 20))
     full, _ = model(idx)  # (B, T, V)
     cache = KVCache(model.config, batch_size=2)
@@ -91,7 +85,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
 def test_kv_cache_rows_at_different_lengths_equal_their_full_forward(static):
     """Per-row positions: rows prefilled alone to different lengths, then chunks and single tokens for all rows
     at once (the per-row mask path), give each row the logits of its own full forward."""
-    model = tiny().eval()
+    model = tiny_gpt(100, 32).eval()
     idx = torch.randint(0, 100, (3, 20))
     full, _ = model(idx)
     cache = KVCache(model.config, batch_size=3, max_len=24, static=static)
@@ -112,7 +106,7 @@ def test_kv_cache_rows_at_different_lengths_equal_their_full_forward(static):
 
 @torch.no_grad()
 def test_greedy_decoding_with_and_without_cache_is_identical():
-    model = tiny().eval()
+    model = tiny_gpt(100, 32).eval()
     prompt = torch.randint(0, 100, (2, 5))
     plain = prompt
     for _ in range(20):
@@ -128,7 +122,7 @@ def test_greedy_decoding_with_and_without_cache_is_identical():
 
 
 def test_kv_cache_overflow():
-    model = tiny(block_size=8).eval()
+    model = tiny_gpt(100, 8).eval()
     cache = KVCache(model.config, batch_size=1)
     model(torch.zeros(1, 8, dtype=torch.long), kv_cache=cache)
     with pytest.raises(ValueError, match="exceeds the KV cache's 8 positions"):
@@ -215,7 +209,7 @@ def test_every_preset_is_a_model_choice_on_the_command_line():
 
 
 def test_weight_tying_shares_storage_and_gradients():
-    model = tiny()
+    model = tiny_gpt(100, 32)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert model.num_params(non_embedding=False) == sum(p.numel() for p in set(model.parameters()))
     idx = torch.randint(0, 100, (2, 8))
@@ -228,13 +222,13 @@ def test_weight_tying_shares_storage_and_gradients():
 
 
 def test_eval_is_deterministic_and_dropout_only_acts_in_training():
-    model = tiny(dropout=0.2)
+    model = tiny_gpt(100, 32, dropout=0.2)
     idx = torch.randint(0, 100, (2, 16))
     model.eval()
     assert torch.equal(model(idx)[0], model(idx)[0])
     model.train()
     assert not torch.equal(model(idx)[0], model(idx)[0])
-    no_dropout = tiny(dropout=0.0).train()
+    no_dropout = tiny_gpt(100, 32, dropout=0.0).train()
     assert torch.equal(no_dropout(idx)[0], no_dropout(idx)[0])
 
 
@@ -250,7 +244,7 @@ def test_flops_per_token():
 
 @pytest.mark.slow  # ~30 s of inductor compilation on 2 CPU cores
 def test_compiled_matches_eager():
-    model = tiny()
+    model = tiny_gpt(100, 32)
     idx = torch.randint(0, 100, (2, 16))
     eager_logits, eager_loss = model(idx, targets=idx)
     eager_loss.backward()
@@ -267,14 +261,14 @@ def test_compiled_matches_eager():
 
 
 def test_bias_false_has_no_biases():
-    model = tiny(bias=False)
+    model = tiny_gpt(100, 32, bias=False)
     assert not [n for n, _ in model.named_parameters() if n.endswith("bias")]
     idx = torch.randint(0, 100, (1, 8))
     assert model(idx, targets=idx)[1].isfinite()
 
 
 def test_loss_under_bf16_autocast_is_close_to_fp32():
-    model = tiny()
+    model = tiny_gpt(100, 32)
     idx = torch.randint(0, 100, (2, 16))
     _, fp32 = model(idx, targets=idx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -283,8 +277,10 @@ def test_loss_under_bf16_autocast_is_close_to_fp32():
     assert abs(bf16.item() - fp32.item()) < 0.05
 
 
-@pytest.mark.parametrize("capability, want", [((7, 0), torch.float16), ((7, 5), torch.float16),
-                                              ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])  # fmt: skip
+@pytest.mark.parametrize(
+    "capability, want",
+    [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+)
 def test_auto_dtype_uses_bf16_only_on_gpus_that_have_it(monkeypatch, capability, want):
     """T4/V100 report is_bf16_supported() (emulated): auto must still pick fp16 + GradScaler there."""
     from gpt2.device import resolve_dtype
@@ -318,7 +314,7 @@ def test_chunked_loss_and_gradients_equal_the_logits_path(monkeypatch, vocab_siz
 
     monkeypatch.setattr(gpt2.loss, "CHUNK_BYTES", 7 * 4 * vocab_size)  # 7 positions a chunk: 5 chunks
     torch.manual_seed(0)
-    model = tiny(vocab_size=vocab_size)
+    model = tiny_gpt(vocab_size, 32)
     idx = torch.randint(0, vocab_size, (2, 16))
     targets = torch.randint(0, vocab_size, (2, 16))
     targets[0, :5] = -1
@@ -343,7 +339,7 @@ def test_chunked_loss_and_gradients_equal_the_logits_path(monkeypatch, vocab_siz
 
 def test_chunked_loss_under_bf16_autocast_matches_the_autocast_logits_path():
     torch.manual_seed(0)
-    model = tiny(vocab_size=100)
+    model = tiny_gpt(100, 32)
     idx = torch.randint(0, 100, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_loss, ref_grads = _loss_and_grads(model, idx, idx)
@@ -360,7 +356,7 @@ def test_chunked_loss_under_bf16_autocast_is_the_same_in_one_chunk_or_many(monke
     import gpt2.loss
 
     torch.manual_seed(0)
-    model = tiny(vocab_size=100)
+    model = tiny_gpt(100, 32)
     idx = torch.randint(0, 100, (2, 16))
     results = []
     for chunk_bytes, head_slice in ((1 << 30, 4096), (7 * 6 * 100, 40)):
@@ -392,10 +388,17 @@ def test_chunked_loss_makes_no_vocabulary_sized_temporaries_per_chunk(monkeypatc
 
     class LargeOutputs(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                      if isinstance(t, torch.Tensor)}  # fmt: skip
+            inputs = {
+                t.untyped_storage().data_ptr()
+                for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            }
             out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.numel() >= V * C and out.untyped_storage().data_ptr() not in inputs:
+            if (
+                isinstance(out, torch.Tensor)
+                and out.numel() >= V * C
+                and out.untyped_storage().data_ptr() not in inputs
+            ):
                 large.append(str(func))  # a new tensor of the vocabulary's size (not a view, not written in place)
             return out
 
@@ -408,7 +411,7 @@ def test_chunked_loss_makes_no_vocabulary_sized_temporaries_per_chunk(monkeypatc
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_dropout():
     torch.manual_seed(0)
-    model = tiny(dropout=0.1).train()
+    model = tiny_gpt(100, 32, dropout=0.1).train()
     idx = torch.randint(0, 100, (2, 16))
     results = []
     for checkpointing in (False, True):
@@ -424,7 +427,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_dropout
 @pytest.mark.slow  # compiles a forward and backward (~30 s on 2 cores)
 def test_compiled_chunked_loss_with_activation_checkpointing_matches_eager():
     torch.manual_seed(0)
-    model = tiny(vocab_size=100)
+    model = tiny_gpt(100, 32)
     idx = torch.randint(0, 100, (2, 16))
     eager_loss, eager_grads = _loss_and_grads(model, idx, idx)
     model.activation_checkpointing = True

@@ -6,17 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_gpt
 
+from gpt2 import optim
 from gpt2.config import OptimConfig
 from gpt2.errors import UserError
-from gpt2.model import GPT, GPTConfig
-from gpt2 import optim
 from gpt2.optim import Muon, build_optimizer, lr_at, set_lr
-
-
-def tiny_model(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
 
 
 def test_cosine_schedule_warmup_peak_and_floor():
@@ -42,7 +37,7 @@ def test_wsd_schedule_holds_then_decays_linearly():
 
 
 def test_adamw_decays_only_matrices_and_embeddings():
-    model = tiny_model()
+    model = tiny_gpt()
     opt = build_optimizer(model, OptimConfig(weight_decay=0.1), "cpu")
     (adamw,) = opt.optimizers
     decay, no_decay = adamw.param_groups
@@ -54,13 +49,14 @@ def test_adamw_decays_only_matrices_and_embeddings():
 
 def test_adamw_matches_torch_adamw():
     """Our grouping + schedule plumbing steps exactly like a hand-built torch AdamW (fused, as on the CPU)."""
-    a, b = tiny_model(), tiny_model()
+    a, b = tiny_gpt(), tiny_gpt()
     cfg = OptimConfig(lr=1e-2, min_lr=1e-3, weight_decay=0.1, warmup_iters=2)
     ours = build_optimizer(a, cfg, "cpu")
     decay = [p for p in b.parameters() if p.dim() >= 2]
     no_decay = [p for p in b.parameters() if p.dim() < 2]
     ref = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], betas=(0.9, 0.95),
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        betas=(0.9, 0.95),
         fused=True,
     )
     x = torch.randint(0, 64, (4, 16))
@@ -77,7 +73,7 @@ def test_adamw_matches_torch_adamw():
 
 
 def test_muon_splits_hidden_matrices_and_trains():
-    model = tiny_model()
+    model = tiny_gpt()
     cfg = OptimConfig(name="muon", lr=3e-3, muon_lr=0.02, warmup_iters=0, weight_decay=0.0)
     opt = build_optimizer(model, cfg, "cpu")
     muon, adamw = opt.optimizers
@@ -127,17 +123,19 @@ def test_muon_in_fp32_steps_like_torchs_muon_run_in_fp32(monkeypatch, nesterov):
         assert (a - c).norm() < 0.02 * (c - w).norm()
 
 
-@pytest.mark.parametrize("auto_dtype, ns_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
-                                                  (torch.float16, torch.float32)])  # fmt: skip
+@pytest.mark.parametrize(
+    "auto_dtype, ns_dtype",
+    [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.float16, torch.float32)],
+)
 def test_muon_orthogonalizes_in_bf16_only_where_the_device_has_native_bf16(monkeypatch, auto_dtype, ns_dtype):
     """torch's Muon casts to bf16 always; on an AVX2 CPU or a T4 that is emulated (13x slower step)."""
     monkeypatch.setattr(optim, "resolve_dtype", lambda name, device: auto_dtype)
-    muon = build_optimizer(tiny_model(), OptimConfig(name="muon"), "cpu").optimizers[0]
+    muon = build_optimizer(tiny_gpt(), OptimConfig(name="muon"), "cpu").optimizers[0]
     assert muon.ns_dtype == ns_dtype
 
 
 def test_set_lr_scales_muon_groups_by_the_same_factor():
-    model = tiny_model()
+    model = tiny_gpt()
     cfg = OptimConfig(name="muon", lr=1e-3, min_lr=1e-4, muon_lr=0.02, warmup_iters=0)
     opt = build_optimizer(model, cfg, "cpu")
     lr = set_lr(opt, 100, cfg, max_iters=100)
@@ -147,7 +145,7 @@ def test_set_lr_scales_muon_groups_by_the_same_factor():
 
 
 def test_state_round_trip_and_mismatch():
-    model = tiny_model()
+    model = tiny_gpt()
     opt = build_optimizer(model, OptimConfig(), "cpu")
     model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))[1].backward()
     opt.step()

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from gpt2 import plot
 
 pytest.importorskip("matplotlib")
@@ -25,8 +25,20 @@ def write_metrics(run_dir, steps=200, eval_every=50, scale=1.0, hellaswag=False,
         for step in range(0, steps + 1, 10):
             loss = scale * (4.0 * math.exp(-step / 60) + 1.5)
             lr = 1e-3 * min(1.0, (step + 1) / 50) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
-            f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": 1.0, "ms_per_step": 50.0,
-                                "tokens_per_sec": 1000.0, "tokens_seen": step * 4096}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": 1.0,
+                        "ms_per_step": 50.0,
+                        "tokens_per_sec": 1000.0,
+                        "tokens_seen": step * 4096,
+                    }
+                )
+                + "\n"
+            )
             if step % eval_every == 0:
                 record = {"step": step, "train_loss": loss, "val_loss": loss + 0.1}
                 if hellaswag:
@@ -41,7 +53,7 @@ def colour_pixels(png, rgb, tol=40) -> np.ndarray:
     import matplotlib.image
 
     img = matplotlib.image.imread(png)[..., :3] * 255
-    return (np.abs(img - np.array(rgb)).max(axis=-1) < tol)
+    return np.abs(img - np.array(rgb)).max(axis=-1) < tol
 
 
 def test_one_run_draws_loss_and_lr(tmp_path, capsys):
@@ -101,8 +113,13 @@ def test_errors_are_one_line(tmp_path, capsys, monkeypatch):
 
 def test_cli_prints_the_path(tmp_path):
     write_metrics(tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-m", "gpt2.plot", str(tmp_path / "run")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpt2.plot", str(tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(tmp_path / "run" / "loss.png")
     assert (tmp_path / "run" / "loss.png").stat().st_size > 10_000

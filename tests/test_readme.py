@@ -13,16 +13,18 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-ENTRY = {"train.py": ("train", "TrainRunConfig"), "sample.py": ("sample", "SampleConfig"),
-         "data/prepare.py": ("prepare", "PrepareConfig"), "gpt2.serve": ("serve", "ServeConfig"),
-         "gpt2.export": ("export", "ExportConfig")}  # fmt: skip
+ENTRY = {
+    "train.py": ("train", "TrainRunConfig"),
+    "sample.py": ("sample", "SampleConfig"),
+    "data/prepare.py": ("prepare", "PrepareConfig"),
+    "gpt2.serve": ("serve", "ServeConfig"),
+    "gpt2.export": ("export", "ExportConfig"),
+}
 
 
 def bash_blocks(text: str) -> list[str]:
@@ -101,8 +103,10 @@ def test_readme_command_composes_and_validates(command, parsed):
 def test_readme_demo_runs_as_written(tmp_path):
     """The demo block, verbatim, with tiny overrides appended so that it takes seconds."""
     demo = commands(bash_blocks(README.split("## The demo, step by step")[1])[0])
-    tiny = {"train.py": ["train.max_iters=30", "train.eval_interval=15", "train.eval_iters=2"],
-            "sample.py": ["max_new_tokens=20"]}  # fmt: skip
+    tiny = {
+        "train.py": ["train.max_iters=30", "train.eval_interval=15", "train.eval_iters=2"],
+        "sample.py": ["max_new_tokens=20"],
+    }
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for argv in demo:
         assert argv[0] == "python"

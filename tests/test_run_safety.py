@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import model_entries
-from test_train import TINY, TRAIN, char_data, env, records, train, weights  # noqa: F401 (char_data is a fixture)
+from conftest import TINY, TRAIN, env, model_entries, records, train, weights
 
 
 def base(char_data: Path, out: Path, *extra: str) -> list[str]:
@@ -40,16 +38,25 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
 
 def test_a_second_trainer_on_the_same_out_dir_fails_naming_the_first(char_data, tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen(TRAIN + base(char_data, out, "train.max_iters=100000", "train.eval_interval=0"),
-                             cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        TRAIN + base(char_data, out, "train.max_iters=100000", "train.eval_interval=0"),
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
-        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size) and time.time() < deadline:
+        while (
+            not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size) and time.time() < deadline
+        ):
             time.sleep(0.05)
         second = train(base(char_data, out, "train.max_iters=4"), tmp_path, check=False)
         assert second.returncode == 2 and second.stderr.strip().splitlines() == [
-            f"error: out_dir={out} is in use by another run (pid {first.pid} on " + second.stderr.split(" on ", 1)[1]
-            .split("\n")[0]]  # fmt: skip
+            f"error: out_dir={out} is in use by another run (pid {first.pid} on "
+            + second.stderr.split(" on ", 1)[1].split("\n")[0]
+        ]
         assert "wait for it to finish, stop it, or use another out_dir" in second.stderr
     finally:
         first.kill()  # kill -9: the kernel drops the lock with the process
@@ -65,7 +72,9 @@ def test_resume_applies_changed_optimizer_settings_from_the_resume_step(char_dat
     out = copy_of(four_steps, tmp_path)
     args = base(char_data, out, *FOUR)
     p = train([*args, "train.max_iters=8", "optim.lr=1e-5", "optim.weight_decay=0.9"], tmp_path)
-    assert "resuming with changed optim.lr 0.003 -> 1e-05, optim.weight_decay 0.1 -> 0.9: applied from step 4" in p.stdout
+    assert (
+        "resuming with changed optim.lr 0.003 -> 1e-05, optim.weight_decay 0.1 -> 0.9: applied from step 4" in p.stdout
+    )
     new = OptimConfig(lr=1e-5, warmup_iters=0, lr_decay_iters=8)
     logged = {r["step"]: r["lr"] for r in records(out)}
     assert [logged[s] for s in range(5, 9)] == pytest.approx([lr_at(s - 1, new, 8) for s in range(5, 9)])
@@ -79,8 +88,10 @@ def test_a_rerun_that_contradicts_the_run_in_out_dir_is_refused(char_data, four_
     out = copy_of(four_steps, tmp_path)
     config = (out / "config.yaml").read_text()
     p = train(base(char_data, out, *FOUR, f"init_from={out}"), tmp_path, check=False)
-    assert p.returncode == 2 and f"init_from={out} disagrees with the run in {out}, which started from " \
-                                 "init_from=scratch" in p.stderr, p.stderr  # fmt: skip
+    assert (
+        p.returncode == 2
+        and f"init_from={out} disagrees with the run in {out}, which started from init_from=scratch" in p.stderr
+    ), p.stderr
     p = train(base(char_data, out, *FOUR, "train.max_iters=2"), tmp_path, check=False)
     assert p.returncode == 2 and "train.max_iters=2 is below step 4, which the run in" in p.stderr, p.stderr
     assert (out / "config.yaml").read_text() == config  # nothing rewritten
@@ -134,11 +145,12 @@ def test_a_second_signal_stops_at_once(capsys):
 def test_a_block_size_or_model_that_cannot_fit_fails_before_allocating(char_data, tmp_path):
     import resource
 
+    from conftest import compose
+
     from gpt2.config import TrainRunConfig, to_object
     from gpt2.distributed import DistInfo
     from gpt2.errors import UserError
     from gpt2.training import Trainer
-    from test_train import compose
 
     def error(*overrides: str) -> str:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -171,8 +183,9 @@ def test_flipped_or_truncated_checkpoints_are_named_not_loaded_as_nan(tmp_path):
 
     path = tmp_path / "ckpt.pt"
     weights = small_checkpoint(path)
-    assert torch.equal(checkpoint.load(path)["model"]["transformer.h.0.mlp.c_fc.weight"],
-                       weights["transformer.h.0.mlp.c_fc.weight"])  # fmt: skip
+    assert torch.equal(
+        checkpoint.load(path)["model"]["transformer.h.0.mlp.c_fc.weight"], weights["transformer.h.0.mlp.c_fc.weight"]
+    )
     data = bytearray(path.read_bytes())
     flipped = tmp_path / "flipped.pt"
     data[len(data) // 2] ^= 0x40  # one bit, inside a tensor's bytes
@@ -224,8 +237,9 @@ def test_a_signal_during_a_long_eval_stops_promptly_and_the_resume_redoes_it(cha
     out = tmp_path / "run"
     train(base(char_data, out, "train.max_iters=3", "train.eval_interval=6"), tmp_path)  # evals at 0 and 3, quick
     args = base(char_data, out, "train.max_iters=12", "train.eval_interval=6", "train.eval_iters=1000")
-    proc = subprocess.Popen(TRAIN + args, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        TRAIN + args, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics, deadline = out / "metrics.jsonl", time.time() + 240
     while time.time() < deadline and not (metrics.exists() and '"step": 6, "loss"' in metrics.read_text()):
         time.sleep(0.05)
@@ -255,10 +269,23 @@ def test_an_out_dir_that_is_a_file_or_cannot_be_made_fails_before_any_work(tmp_p
             pass
 
 
-FORMAT_1_RUN = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16", "model.dropout=0.1",
-                "train.batch_size=2", "train.eval_iters=1", "train.log_interval=1", "train.eval_interval=3",
-                "optim.warmup_iters=2", "optim.lr=3e-3", "optim.lr_decay_iters=10", "device=cpu", "dtype=float32",
-                "compile=false"]  # fmt: skip
+FORMAT_1_RUN = [
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=16",
+    "model.block_size=16",
+    "model.dropout=0.1",
+    "train.batch_size=2",
+    "train.eval_iters=1",
+    "train.log_interval=1",
+    "train.eval_interval=3",
+    "optim.warmup_iters=2",
+    "optim.lr=3e-3",
+    "optim.lr_decay_iters=10",
+    "device=cpu",
+    "dtype=float32",
+    "compile=false",
+]
 """The run of tests/fixtures/format1_ckpt.pt (6 steps; tests/fixtures/make_format1_ckpt.py writes it)."""
 
 

@@ -7,8 +7,9 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_gpt
 
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT
 from gpt2.sampling import (
     Batch,
     Sampler,
@@ -30,9 +31,9 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpe
 
 
 def tiny_model(block_size: int = 32, vocab_size: int = 65, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size))
-    # A larger init than GPT-2's 0.02 so a random model's greedy path is not one repeated token.
+    """`tiny_gpt` with a larger init than GPT-2's 0.02, so that a random model's greedy path is not one repeated
+    token."""
+    model = tiny_gpt(vocab_size, block_size, seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -54,8 +55,10 @@ def uncached_greedy(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
         token = model(context)[0][:, -1].argmax(-1, keepdim=True)  # (B, 1)
         out.append(token)
         # generate() slides when the cache is full: the next pass sees the last `keep` tokens, new one included
-        context = torch.cat([context, token], 1) if context.size(1) < block_size else torch.cat(
-            [context[:, block_size - keep + 1 :], token], 1
+        context = (
+            torch.cat([context, token], 1)
+            if context.size(1) < block_size
+            else torch.cat([context[:, block_size - keep + 1 :], token], 1)
         )
     return torch.cat(out, 1)
 

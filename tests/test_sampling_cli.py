@@ -10,24 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, model_entries
+from conftest import ROOT, TEXT, save_checkpoint
 from omegaconf import OmegaConf
 
-from gpt2 import checkpoint
 from gpt2.errors import exit_on_user_error
-from gpt2.model import GPT, GPTConfig
 from gpt2.sampling import run, unescape
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
-
-TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET:\nAy me.\n"
-
-
-def save_checkpoint(path: Path, tokenizer, block_size: int = 32) -> Path:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=tokenizer.vocab_size))
-    config = {"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": block_size}}
-    checkpoint.save(path / "ckpt.pt", {**model_entries(model), "tokenizer": tokenizer.to_dict(), "config": config})
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +27,11 @@ def sample(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
     """`python sample.py ...` in a fresh interpreter."""
     return subprocess.run(
         [sys.executable, str(ROOT / "sample.py"), "device=cpu", *args],
-        input=input, capture_output=True, text=True, timeout=120, cwd=ROOT,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
 
 
@@ -51,8 +43,14 @@ def run_ok(capsys, **cfg) -> str:
 
 def test_cli_char_checkpoint_writes_jsonl(char_run, tmp_path, capsys):
     out = tmp_path / "samples.jsonl"
-    r = sample(f"checkpoint={char_run}", "prompt=ROMEO:", "num_samples=3", "max_new_tokens=25", "temperature=0",
-               f"output={out}")
+    r = sample(
+        f"checkpoint={char_run}",
+        "prompt=ROMEO:",
+        "num_samples=3",
+        "max_new_tokens=25",
+        "temperature=0",
+        f"output={out}",
+    )
     assert r.returncode == 0, r.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 3
@@ -95,8 +93,14 @@ def test_cli_hf_layout_dir(tmp_path):
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64))
     hf.save_pretrained(tmp_path / "hf")
     # No dtype given: greedy decoding runs in fp32 by default, so it reproduces other tools' text.
-    r = sample(f"init_from={tmp_path / 'hf'}", "prompt=The", "max_new_tokens=8", "temperature=0", "ignore_eot=true",
-               f"output={tmp_path / 's.jsonl'}")
+    r = sample(
+        f"init_from={tmp_path / 'hf'}",
+        "prompt=The",
+        "max_new_tokens=8",
+        "temperature=0",
+        "ignore_eot=true",
+        f"output={tmp_path / 's.jsonl'}",
+    )
     assert r.returncode == 0, r.stderr
     record = json.loads((tmp_path / "s.jsonl").read_text())
     ours = record["sample"]
@@ -164,8 +168,28 @@ def test_command_line_escapes_in_prompt_and_stop(char_run, capsys):
     assert out.startswith("JULIET:\nAy")
 
 
-HARD_PROMPTS = ["O, my lord, I have", "a=b", "it's", 'say "hi"', "x\\", "a\\'b", "${oc.env:HOME}", "[1,2]",
-                "{a: 1}", "  lead", "null", "123", "~x", "a:b", "é ☃", "'", "\\", "${", "a\\${b}", "a\\\\${b}"]
+HARD_PROMPTS = [
+    "O, my lord, I have",
+    "a=b",
+    "it's",
+    'say "hi"',
+    "x\\",
+    "a\\'b",
+    "${oc.env:HOME}",
+    "[1,2]",
+    "{a: 1}",
+    "  lead",
+    "null",
+    "123",
+    "~x",
+    "a:b",
+    "é ☃",
+    "'",
+    "\\",
+    "${",
+    "a\\${b}",
+    "a\\\\${b}",
+]
 
 
 @pytest.mark.parametrize("prompt", HARD_PROMPTS)
@@ -184,7 +208,7 @@ def test_free_text_quoting_round_trips_through_hydra(prompt):
 
 
 def test_cli_prompt_with_commas_quotes_and_equals_is_taken_as_typed(char_run):
-    prompt = "ROMEO: O, my lord, 'tis \"so\"=yes"
+    prompt = 'ROMEO: O, my lord, \'tis "so"=yes'
     gpt2_run = save_checkpoint(Path(str(char_run) + "_gpt2"), GPT2Tokenizer())
     r = sample(f"checkpoint={gpt2_run}", f"prompt={prompt}", "max_new_tokens=5", "temperature=0", "stream=false")
     assert r.returncode == 0, r.stderr
@@ -226,8 +250,19 @@ def test_long_runs_show_progress_and_save_each_batch_as_it_finishes(char_run, tm
 
     monkeypatch.setattr(Sampler, "stream_rows", interrupted_on_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        run(OmegaConf.create({"checkpoint": str(char_run), "device": "cpu", "num_samples": 6, "batch_size": 2,
-                              "max_new_tokens": 10, "stream": False, "output": str(out)}))  # fmt: skip
+        run(
+            OmegaConf.create(
+                {
+                    "checkpoint": str(char_run),
+                    "device": "cpu",
+                    "num_samples": 6,
+                    "batch_size": 2,
+                    "max_new_tokens": 10,
+                    "stream": False,
+                    "output": str(out),
+                }
+            )
+        )
     assert len(out.read_text().splitlines()) == 4  # the two finished batches were saved
     captured = capsys.readouterr()
     assert captured.out.count("-" * 40) == 4 and "sampling" in captured.err  # samples as they finish; progress
@@ -281,8 +316,17 @@ def test_prompts_file_with_a_prompt_is_an_error(char_run, tmp_path, capsys):
 
 def test_a_long_prompt_in_a_prompts_file_is_said_once_with_its_line(char_run, tmp_path, capsys, recwarn):
     (tmp_path / "p.txt").write_text("ROMEO:\n" + "But soft, what light through yonder window breaks?\n")
-    run(OmegaConf.create({"checkpoint": str(char_run), "device": "cpu", "prompts_file": str(tmp_path / "p.txt"),
-                          "max_new_tokens": 5, "stream": False}))  # fmt: skip
+    run(
+        OmegaConf.create(
+            {
+                "checkpoint": str(char_run),
+                "device": "cpu",
+                "prompts_file": str(tmp_path / "p.txt"),
+                "max_new_tokens": 5,
+                "stream": False,
+            }
+        )
+    )
     err = capsys.readouterr().err
     assert err.count("the prompt has") == 1 and not recwarn.list
     assert f"warning: {tmp_path / 'p.txt'}:2: the prompt has 50 tokens, more than the model's context of 32" in err

@@ -21,9 +21,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import ROOT
+from conftest import ROOT, save_checkpoint
 from omegaconf import OmegaConf
-from test_sampling_cli import save_checkpoint
 
 from gpt2.sampling import run as sample_run
 from gpt2.tokenizer import GPT2Tokenizer
@@ -37,10 +36,21 @@ class Server:
 
     def __init__(self, checkpoint: Path, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpt2.serve", f"checkpoint={checkpoint}", "port=0", "device=cpu",
-             "dtype=float32", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "gpt2.serve",
+                f"checkpoint={checkpoint}",
+                "port=0",
+                "device=cpu",
+                "dtype=float32",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
         first = self.proc.stdout.readline()
         match = re.search(r"http://[\d.]+:\d+", first)
         assert match, first + self.proc.stdout.read()
@@ -80,9 +90,21 @@ def server(checkpoint):
 @pytest.fixture(scope="module")
 def greedy(checkpoint) -> dict[str, str]:
     """What `sample.py temperature=0 max_new_tokens=20` prints for each prompt (in process)."""
-    return {p: sample_run(OmegaConf.create({"checkpoint": str(checkpoint), "device": "cpu", "prompt": p,
-                                            "temperature": 0.0, "max_new_tokens": 20, "stream": False}))[0]
-            for p in PROMPTS}  # fmt: skip
+    return {
+        p: sample_run(
+            OmegaConf.create(
+                {
+                    "checkpoint": str(checkpoint),
+                    "device": "cpu",
+                    "prompt": p,
+                    "temperature": 0.0,
+                    "max_new_tokens": 20,
+                    "stream": False,
+                }
+            )
+        )[0]
+        for p in PROMPTS
+    }
 
 
 def test_models_and_health(server):
@@ -103,8 +125,9 @@ def test_openai_client_greedy_equals_sample_py(server, greedy):
 
 def test_openai_client_streaming_and_n(server, greedy):
     pieces: dict[int, str] = {}
-    chunks = server.client.completions.create(model="serve_run0", prompt=PROMPTS[1], max_tokens=20, temperature=0,
-                                              stream=True, n=2)  # fmt: skip
+    chunks = server.client.completions.create(
+        model="serve_run0", prompt=PROMPTS[1], max_tokens=20, temperature=0, stream=True, n=2
+    )
     reasons = {}
     for chunk in chunks:
         for choice in chunk.choices:
@@ -116,8 +139,9 @@ def test_openai_client_streaming_and_n(server, greedy):
 
 def test_seeded_sampling_is_reproducible_and_choices_differ(server):
     def ask(seed: int) -> list[str]:
-        reply = server.client.completions.create(model="serve_run0", prompt="Hello", max_tokens=12, temperature=1.0,
-                                                 n=3, seed=seed, extra_body={"top_k": 50})  # fmt: skip
+        reply = server.client.completions.create(
+            model="serve_run0", prompt="Hello", max_tokens=12, temperature=1.0, n=3, seed=seed, extra_body={"top_k": 50}
+        )
         return [c.text for c in reply.choices]
 
     first = ask(7)
@@ -128,16 +152,39 @@ def test_seeded_sampling_is_reproducible_and_choices_differ(server):
 def test_stop_strings_and_echo(server, greedy):
     full = greedy[PROMPTS[0]]
     stop = full[5:8]
-    cut = server.client.completions.create(model="serve_run0", prompt=PROMPTS[0], max_tokens=20, temperature=0,
-                                           stop=[stop], echo=True).choices[0]  # fmt: skip
+    cut = server.client.completions.create(
+        model="serve_run0", prompt=PROMPTS[0], max_tokens=20, temperature=0, stop=[stop], echo=True
+    ).choices[0]
     assert cut.text == PROMPTS[0] + full[: full.index(stop)] and cut.finish_reason == "stop"
 
 
 def test_curl_streams_server_sent_events(server, greedy):
-    body = json.dumps({"model": "serve_run0", "prompt": PROMPTS[2], "max_tokens": 20, "temperature": 0,
-                       "stream": True, "stream_options": {"include_usage": True}})  # fmt: skip
-    out = subprocess.run(["curl", "-sN", "--noproxy", "*", server.url + "/v1/completions", "-H",
-                          "Content-Type: application/json", "-d", body], capture_output=True, text=True, timeout=60)
+    body = json.dumps(
+        {
+            "model": "serve_run0",
+            "prompt": PROMPTS[2],
+            "max_tokens": 20,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    out = subprocess.run(
+        [
+            "curl",
+            "-sN",
+            "--noproxy",
+            "*",
+            server.url + "/v1/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     events = [line.removeprefix("data: ") for line in out.stdout.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -177,7 +224,9 @@ def test_a_prompt_longer_than_the_context_keeps_its_tail_with_a_warning(server):
     reply = server.post(prompt=" word" * 100, max_tokens=5, temperature=0)  # 100 tokens, block_size 64
     assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == 59
     time.sleep(0.2)
-    assert "the prompt has 100 tokens, more than the model's context of 64; keeping its last 59" in "".join(server.output)
+    assert "the prompt has 100 tokens, more than the model's context of 64; keeping its last 59" in "".join(
+        server.output
+    )
 
 
 def test_a_body_that_is_not_json_is_400(server):
@@ -198,8 +247,9 @@ def test_load_test_every_response_checked(server, greedy):
         if i % 2:
             reply = server.client.completions.create(model="serve_run0", prompt=prompt, max_tokens=20, temperature=0)
             return reply.choices[0].text == greedy[prompt]
-        stream = server.client.completions.create(model="serve_run0", prompt=prompt, max_tokens=20, temperature=0,
-                                                  stream=True)  # fmt: skip
+        stream = server.client.completions.create(
+            model="serve_run0", prompt=prompt, max_tokens=20, temperature=0, stream=True
+        )
         return "".join(c.choices[0].text for c in stream) == greedy[prompt]
 
     with ThreadPoolExecutor(8) as pool:
@@ -252,10 +302,17 @@ def test_sigterm_lets_a_streaming_request_finish_then_exits(checkpoint):
 
 def test_port_in_use_and_bad_keys_are_one_line_exit_2(server, checkpoint):
     port = server.url.rsplit(":", 1)[1]
-    for args, message in (([f"port={port}"], f"cannot listen on 127.0.0.1:{port} (Address already in use)"),
-                          (["max_waiting=0"], "max_waiting must be >= 1")):  # fmt: skip
-        r = subprocess.run([sys.executable, "-m", "gpt2.serve", f"checkpoint={checkpoint}", "device=cpu", *args],
-                           capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    for args, message in (
+        ([f"port={port}"], f"cannot listen on 127.0.0.1:{port} (Address already in use)"),
+        (["max_waiting=0"], "max_waiting must be >= 1"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "gpt2.serve", f"checkpoint={checkpoint}", "device=cpu", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
@@ -296,8 +353,12 @@ def test_readme_serving_examples_run_as_written(server, capsys):
         return code.replace("http://127.0.0.1:8000", server.url).replace("shakespeare_char_cpu", "serve_run0")
 
     curl = re.findall(r"```bash\n(curl .*?)```", section, flags=re.S)[0]
-    out = subprocess.run(["bash", "-c", here(curl).replace("curl ", "curl -sN --noproxy '*' ", 1)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        ["bash", "-c", here(curl).replace("curl ", "curl -sN --noproxy '*' ", 1)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and out.stdout.rstrip().endswith("data: [DONE]"), out.stdout + out.stderr
     code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     scope: dict = {}

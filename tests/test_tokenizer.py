@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import GPT2_BPE, SHAKESPEARE, TIKTOKEN_CACHE
+
 from gpt2.errors import UserError
 from gpt2.tokenizer import GPT2_EOT, CharTokenizer, GPT2Tokenizer, from_dict, get_tokenizer
 
@@ -112,5 +112,7 @@ def test_gpt2_equals_tiktokens_downloaded_encoding(monkeypatch):
     ours = GPT2Tokenizer()._enc
     text = SHAKESPEARE.read_text(encoding="utf-8")[:200_000] + UNICODE + bytes(range(256)).decode("latin-1")
     assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
-    assert ours.encode("a<|endoftext|>b", allowed_special="all") == theirs.encode("a<|endoftext|>b", allowed_special="all")
+    assert ours.encode("a<|endoftext|>b", allowed_special="all") == theirs.encode(
+        "a<|endoftext|>b", allowed_special="all"
+    )
     assert ours.n_vocab == theirs.n_vocab == 50257

@@ -7,75 +7,27 @@ Tiny models (2 layers, 32-64 wide) in fp32, so equalities are exact. Distributed
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import ROOT, SHAKESPEARE
-
-TRAIN = [sys.executable, str(ROOT / "train.py")]
+from conftest import (
+    ROOT,
+    TINY,
+    assert_same_weights,
+    compose,
+    env,
+    hf_model_dir,
+    interrupt,
+    records,
+    train,
+    weights,
+)
 
 # A 2-layer character model, fp32, no compile: a step takes a few ms, and resume must be exact.
-TINY = [
-    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
-    "train.batch_size=4", "train.eval_iters=2", "train.log_interval=1",
-    "optim.warmup_iters=5", "optim.lr=3e-3", "device=cpu", "dtype=float32", "compile=false",
-]  # fmt: skip
-
-
-def corpus_text() -> str:
-    if SHAKESPEARE.exists():
-        return SHAKESPEARE.read_text()[:60_000]
-    return "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(1500))
-
-
-@pytest.fixture(scope="session")
-def char_data(tmp_path_factory) -> Path:
-    """A character-level dataset prepared with the data helper's API into a temp data root."""
-    from gpt2.config import DataConfig
-    from gpt2.data.prepare import prepare
-
-    root = tmp_path_factory.mktemp("data")
-    src = root / "corpus.txt"
-    src.write_text(corpus_text())
-    prepare(DataConfig(name="chars", source=str(src), tokenizer="char", val_fraction=0.1), data_root=root)
-    return root / "chars"
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = dict(os.environ)
-    e.pop("WORLD_SIZE", None)
-    e["OMP_NUM_THREADS"] = "1"  # tiny models: threads only add contention on a shared 2-core machine
-    e.update(extra)
-    return e
-
-
-def train(args: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
-    p = subprocess.run(TRAIN + args, cwd=cwd, capture_output=True, text=True, env=env(**extra_env), timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
-def records(out: Path, kind: str = "train") -> list[dict]:
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if ("loss" in r) == (kind == "train")]
-
-
-def weights(out: Path, name: str = "ckpt.pt") -> dict[str, torch.Tensor]:
-    return torch.load(out / name, weights_only=True)["model"]
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -83,14 +35,19 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 def test_cli_trains_checkpoints_and_logs(char_data, tmp_path):
     out = tmp_path / "run"
-    p = train([f"data.name={char_data}", f"out_dir={out}", "train.max_iters=40", "train.eval_interval=20", *TINY],
-              tmp_path)  # fmt: skip
+    p = train(
+        [f"data.name={char_data}", f"out_dir={out}", "train.max_iters=40", "train.eval_interval=20", *TINY], tmp_path
+    )
     assert "step 40 | loss" in p.stdout and "val loss" in p.stdout
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # safe to load: plain types and tensors only
     assert ckpt["step"] == 40 and ckpt["tokens_seen"] == 40 * 4 * 32
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     assert ckpt["model_config"]["n_layer"] == 2 and ckpt["tokenizer"]["name"] == "char"
-    assert ckpt["config"]["train"]["max_iters"] == 40 and len(ckpt["rng"]) == 1 and ckpt["loader"].keys() == {"position", "seed"}
+    assert (
+        ckpt["config"]["train"]["max_iters"] == 40
+        and len(ckpt["rng"]) == 1
+        and ckpt["loader"].keys() == {"position", "seed"}
+    )
     assert (out / "best.pt").exists() and (out / "config.yaml").exists()
     train_lines, eval_lines = records(out, "train"), records(out, "eval")
     assert [r["step"] for r in train_lines] == list(range(1, 41))
@@ -122,24 +79,6 @@ def uninterrupted(char_data, tmp_path_factory) -> Path:
     return out
 
 
-def interrupt(args: list[str], cwd: Path, out: Path, at_step: int, sig: int) -> int:
-    """Start a run, send `sig` once it has logged `at_step`, and return its exit status."""
-    proc = subprocess.Popen(TRAIN + args, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(
-            json.loads(line)["step"] >= at_step for line in metrics.read_text().splitlines() if line.endswith("}")
-        ):
-            proc.send_signal(sig)
-            break
-        time.sleep(0.01)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0, f"the run ended before the signal:\n{output[-2000:]}"
-    return proc.returncode
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
 def test_resume_after_interrupt_is_exact(char_data, tmp_path, uninterrupted, sig):
     out = tmp_path / "run"
@@ -161,9 +100,19 @@ def test_resume_after_interrupt_is_exact(char_data, tmp_path, uninterrupted, sig
 
 def test_finetune_from_our_checkpoint_starts_at_step_zero(char_data, tmp_path, uninterrupted):
     out = tmp_path / "ft"
-    p = train([f"data.name={char_data}", f"out_dir={out}", f"init_from={uninterrupted}", *TINY,
-               "train.max_iters=5", "train.eval_interval=5", "model.dropout=0.0", "model.block_size=16"],
-              tmp_path)  # fmt: skip
+    p = train(
+        [
+            f"data.name={char_data}",
+            f"out_dir={out}",
+            f"init_from={uninterrupted}",
+            *TINY,
+            "train.max_iters=5",
+            "train.eval_interval=5",
+            "model.dropout=0.0",
+            "model.block_size=16",
+        ],
+        tmp_path,
+    )
     assert f"fine-tuning from {uninterrupted}" in p.stdout
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 5 and ckpt["model_config"]["n_embd"] == 32  # architecture from the init
@@ -174,33 +123,25 @@ def test_finetune_from_our_checkpoint_starts_at_step_zero(char_data, tmp_path, u
 # ------------------------------------------------------------------------------------------------ fine-tune from HF
 
 
-@pytest.fixture(scope="module")
-def bpe_data(tmp_path_factory) -> Path:
-    from gpt2.config import DataConfig
-    from gpt2.data.prepare import prepare
-
-    root = tmp_path_factory.mktemp("bpe")
-    src = root / "corpus.txt"
-    src.write_text(corpus_text()[:20_000])
-    prepare(DataConfig(name="bpe", source=str(src), tokenizer="gpt2", val_fraction=0.1), data_root=root)
-    return root / "bpe"
-
-
-def hf_model_dir(path: Path, vocab_size: int = 50257) -> Path:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab_size)
-    transformers.GPT2LMHeadModel(config).save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
 def test_finetune_from_hf_directory(bpe_data, tmp_path):
     hf_dir = hf_model_dir(tmp_path / "hf")
     out = tmp_path / "ft"
-    args = [f"data.name={bpe_data}", f"out_dir={out}", f"init_from={hf_dir}", "train.batch_size=2",
-            "train.max_iters=12", "train.eval_interval=12", "train.eval_iters=2", "train.log_interval=1",
-            "optim.lr=1e-3", "optim.warmup_iters=2", "device=cpu", "dtype=float32", "compile=false"]  # fmt: skip
+    args = [
+        f"data.name={bpe_data}",
+        f"out_dir={out}",
+        f"init_from={hf_dir}",
+        "train.batch_size=2",
+        "train.max_iters=12",
+        "train.eval_interval=12",
+        "train.eval_iters=2",
+        "train.log_interval=1",
+        "optim.lr=1e-3",
+        "optim.warmup_iters=2",
+        "device=cpu",
+        "dtype=float32",
+        "compile=false",
+    ]
     train([*args, "model.block_size=32"], tmp_path)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["model_config"] | {"dropout": 0.0} == dict(
@@ -210,8 +151,10 @@ def test_finetune_from_hf_directory(bpe_data, tmp_path):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
 
     # The architecture comes from the init: a disagreeing override, or more positions than it has, is an error.
-    for bad, message in [("model.n_layer=3", "model.n_layer=3 disagrees with init_from"),
-                         ("model.block_size=128", "model.block_size=128 is larger than")]:  # fmt: skip
+    for bad, message in [
+        ("model.n_layer=3", "model.n_layer=3 disagrees with init_from"),
+        ("model.block_size=128", "model.block_size=128 is larger than"),
+    ]:
         p = train([*args, f"out_dir={tmp_path / 'bad'}", bad], tmp_path, check=False)
         assert p.returncode == 2 and message in p.stderr, p.stderr
     # A model whose vocabulary is smaller than the dataset's token ids.
@@ -225,12 +168,35 @@ def test_hellaswag_during_training_is_logged_like_val_loss(bpe_data, char_data, 
     dataset is refused before training."""
     hs = tmp_path / "hellaswag_val.jsonl"
     rows = [("A man slices bread. He", ["eats it.", "flies away.", "sings.", "swims."], i % 4) for i in range(6)]
-    hs.write_text("".join(json.dumps({"ind": i, "ctx": c, "endings": e, "label": y, "activity_label": "t",
-                                      "ctx_a": c, "ctx_b": "", "split": "val", "split_type": "indomain",
-                                      "source_id": str(i)}) + "\n" for i, (c, e, y) in enumerate(rows)))
+    hs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "ind": i,
+                    "ctx": c,
+                    "endings": e,
+                    "label": y,
+                    "activity_label": "t",
+                    "ctx_a": c,
+                    "ctx_b": "",
+                    "split": "val",
+                    "split_type": "indomain",
+                    "source_id": str(i),
+                }
+            )
+            + "\n"
+            for i, (c, e, y) in enumerate(rows)
+        )
+    )
     out = tmp_path / "run"
-    args = [*TINY, "train.max_iters=6", "train.eval_interval=0", "eval.hellaswag_interval=3",
-            f"eval.hellaswag_path={hs}", "eval.hellaswag_limit=4"]  # fmt: skip
+    args = [
+        *TINY,
+        "train.max_iters=6",
+        "train.eval_interval=0",
+        "eval.hellaswag_interval=3",
+        f"eval.hellaswag_path={hs}",
+        "eval.hellaswag_limit=4",
+    ]
     train([f"data.name={bpe_data}", f"out_dir={out}", *args], tmp_path)
     scored = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "hellaswag_acc" in r]
     assert [r["step"] for r in scored] == [0, 3]
@@ -243,12 +209,15 @@ def test_hellaswag_during_training_is_logged_like_val_loss(bpe_data, char_data, 
 # ------------------------------------------------------------------------------------------------ optimizers
 
 
-@pytest.mark.parametrize("optim", [["optim=muon"], ["optim.schedule=wsd", "optim.decay_fraction=0.5"]],
-                         ids=["muon", "adamw-wsd"])  # fmt: skip
+@pytest.mark.parametrize(
+    "optim", [["optim=muon"], ["optim.schedule=wsd", "optim.decay_fraction=0.5"]], ids=["muon", "adamw-wsd"]
+)
 def test_optimizer_and_schedule_runs_learn(char_data, tmp_path, optim):
     out = tmp_path / "run"
-    train([f"data.name={char_data}", f"out_dir={out}", *TINY, "train.max_iters=40", "train.eval_interval=40",
-           *optim], tmp_path)  # fmt: skip
+    train(
+        [f"data.name={char_data}", f"out_dir={out}", *TINY, "train.max_iters=40", "train.eval_interval=40", *optim],
+        tmp_path,
+    )
     evals = records(out, "eval")
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
     lrs = [r["lr"] for r in records(out)]
@@ -265,8 +234,16 @@ def test_wandb_offline_run_writes_files_and_resumes_same_run(char_data, tmp_path
     pytest.importorskip("wandb")
     out, wandb_dir = tmp_path / "run", tmp_path / "wandb"
     wandb_dir.mkdir()
-    args = [f"data.name={char_data}", f"out_dir={out}", *TINY, "train.max_iters=4", "train.eval_interval=2",
-            "wandb.enabled=true", "wandb.mode=offline", "wandb.project=test"]  # fmt: skip
+    args = [
+        f"data.name={char_data}",
+        f"out_dir={out}",
+        *TINY,
+        "train.max_iters=4",
+        "train.eval_interval=2",
+        "wandb.enabled=true",
+        "wandb.mode=offline",
+        "wandb.project=test",
+    ]
     train(args, tmp_path, WANDB_DIR=str(wandb_dir))
     run_id = torch.load(out / "ckpt.pt", weights_only=True)["wandb_run_id"]
     assert run_id
@@ -308,16 +285,6 @@ def test_wandb_online_problems_are_one_line_quickly(tmp_path, monkeypatch, case)
 # ------------------------------------------------------------------------------------------------ failures
 
 
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from gpt2.resources import CONFIG_DIR
-
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("train", overrides=list(overrides))
-
-
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(char_data, tmp_path):
     from gpt2.config import TrainRunConfig, to_object
     from gpt2.distributed import DistInfo
@@ -325,8 +292,10 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(char_data, t
     from gpt2.training import Trainer
 
     out = tmp_path / "run"
-    cfg = to_object(compose(f"data.name={char_data}", f"out_dir={out}", *TINY, "train.max_iters=20",
-                            "train.eval_interval=5"), TrainRunConfig)  # fmt: skip
+    cfg = to_object(
+        compose(f"data.name={char_data}", f"out_dir={out}", *TINY, "train.max_iters=20", "train.eval_interval=5"),
+        TrainRunConfig,
+    )
     trainer = Trainer(cfg, DistInfo())
     calls = {"n": 0}
 
@@ -413,8 +382,9 @@ def test_a_checkpoint_is_written_in_the_background_from_a_snapshot(tmp_path, mon
     # Training on the CPU: no snapshot (it would double the run's memory); written before save returns.
     monkeypatch.setattr(checkpoint, "save", real_save)
     monkeypatch.setattr(checkpoint, "_cpu_copy", lambda obj: pytest.fail("a snapshot of CPU state"))
-    writer = checkpoint.Checkpointer(tmp_path, {"model": Owner()}, (), lambda: {"model_config": {}}, is_main=True,
-                                     background=False)  # fmt: skip
+    writer = checkpoint.Checkpointer(
+        tmp_path, {"model": Owner()}, (), lambda: {"model_config": {}}, is_main=True, background=False
+    )
     writer.save()
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]["w"].sum() == 3
     monkeypatch.setattr(checkpoint, "save", full_disk)
@@ -479,8 +449,18 @@ def test_resume_with_other_architecture_or_data_fails(char_data, tmp_path):
 
 def test_multirun_jobs_get_their_own_out_dirs(char_data, tmp_path):
     out = tmp_path / "sweep"
-    train(["-m", f"data.name={char_data}", f"out_dir={out}", *TINY, "train.max_iters=2", "train.eval_interval=0",
-           "optim.lr=1e-3,2e-3"], tmp_path)  # fmt: skip
+    train(
+        [
+            "-m",
+            f"data.name={char_data}",
+            f"out_dir={out}",
+            *TINY,
+            "train.max_iters=2",
+            "train.eval_interval=0",
+            "optim.lr=1e-3,2e-3",
+        ],
+        tmp_path,
+    )
     ckpts = sorted(out.rglob("ckpt.pt"))
     assert len(ckpts) == 2 and ckpts[0].parent != ckpts[1].parent
     assert {torch.load(c, weights_only=True)["config"]["optim"]["lr"] for c in ckpts} == {1e-3, 2e-3}
@@ -498,8 +478,17 @@ def test_early_stopping_stops_at_the_right_eval_and_a_resume_keeps_count(char_da
     monkeypatch.setattr(Trainer, "evaluate", lambda self: {"train_loss": 1.0, "val_loss": losses[self.state.step]})
 
     def fit(out: Path, max_iters: int) -> Trainer:
-        cfg = to_object(compose(f"data.name={char_data}", f"out_dir={out}", *TINY, f"train.max_iters={max_iters}",
-                                "train.eval_interval=5", "train.early_stopping_patience=2"), TrainRunConfig)  # fmt: skip
+        cfg = to_object(
+            compose(
+                f"data.name={char_data}",
+                f"out_dir={out}",
+                *TINY,
+                f"train.max_iters={max_iters}",
+                "train.eval_interval=5",
+                "train.early_stopping_patience=2",
+            ),
+            TrainRunConfig,
+        )
         trainer = Trainer(cfg, DistInfo())
         trainer.fit()
         return trainer
@@ -512,7 +501,9 @@ def test_early_stopping_stops_at_the_right_eval_and_a_resume_keeps_count(char_da
         assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 25
         evals = [r["step"] for r in records(out, "eval")]
         assert evals == [0, 5, 10, 15, 20, 25]
-        assert "early stopping at step 25: no new best val loss in 2 evaluations (best 2.4000" in capsys.readouterr().out
+        assert (
+            "early stopping at step 25: no new best val loss in 2 evaluations (best 2.4000" in capsys.readouterr().out
+        )
 
 
 def test_epochs_derive_the_steps_and_a_split_smaller_than_a_batch_is_an_error(char_data, tmp_path, capsys):
@@ -522,8 +513,10 @@ def test_epochs_derive_the_steps_and_a_split_smaller_than_a_batch_is_an_error(ch
     from gpt2.training import Trainer
 
     def trainer(*overrides: str) -> Trainer:
-        cfg = to_object(compose(f"data.name={char_data}", f"out_dir={tmp_path / 'run'}", *TINY, "data.order=epoch",
-                                *overrides), TrainRunConfig)  # fmt: skip
+        cfg = to_object(
+            compose(f"data.name={char_data}", f"out_dir={tmp_path / 'run'}", *TINY, "data.order=epoch", *overrides),
+            TrainRunConfig,
+        )
         return Trainer(cfg, DistInfo())
 
     t = trainer("train.epochs=2", "train.grad_accum_steps=2")

@@ -11,28 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-
-from test_train import TINY, char_data, env, records, train  # noqa: F401  (char_data is a fixture)
-
-from conftest import ROOT
+from conftest import ROOT, TINY, curve, env, records, torchrun, train
 
 ARGS = [*TINY, "train.grad_accum_steps=2", "train.max_iters=8", "train.eval_interval=4", "train.eval_iters=3"]
 """eval_iters=3 on 2 ranks: uneven eval batches (FSDP pads them) must still average like one process."""
-
-
-def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> str:
-    """train.py under torchrun; returns its stdout."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *args]  # fmt: skip
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env(), timeout=300)
-    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p.stdout
-
-
-def curve(out: Path) -> list[float]:
-    return [r.get("loss", r.get("val_loss")) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +25,25 @@ def single(char_data, tmp_path_factory) -> Path:  # noqa: F811
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallelism, checkpointing", [("ddp", False), ("fsdp", False), ("fsdp", True)],
-                         ids=["ddp", "fsdp", "fsdp-activation-checkpointing"])
+@pytest.mark.parametrize(
+    "parallelism, checkpointing",
+    [("ddp", False), ("fsdp", False), ("fsdp", True)],
+    ids=["ddp", "fsdp", "fsdp-activation-checkpointing"],
+)
 def test_two_processes_match_one(char_data, tmp_path, single, parallelism, checkpointing):  # noqa: F811
     """(FSDP with activation checkpointing is how the largest models train: each block's recomputation
     all-gathers its shards again.)"""
     out = tmp_path / parallelism
-    torchrun([f"data.name={char_data}", f"out_dir={out}", f"train.parallelism={parallelism}",
-              f"train.activation_checkpointing={str(checkpointing).lower()}", *ARGS], tmp_path)  # fmt: skip
+    torchrun(
+        [
+            f"data.name={char_data}",
+            f"out_dir={out}",
+            f"train.parallelism={parallelism}",
+            f"train.activation_checkpointing={str(checkpointing).lower()}",
+            *ARGS,
+        ],
+        tmp_path,
+    )
     assert len(curve(out)) == len(curve(single)) == 8 + 3  # every step and the evals at 0, 4, 8: rank 0 only
     assert curve(out) == pytest.approx(curve(single), abs=1e-5, rel=0)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -71,8 +64,17 @@ def test_an_out_dir_that_is_not_shared_by_every_rank_is_one_error(char_data, tmp
     and the other start over, then hang in mismatched collectives."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-           f"data.name={char_data}", f"out_dir={tmp_path}/node${{oc.env:LOCAL_RANK}}", *ARGS]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "train.py"),
+        f"data.name={char_data}",
+        f"out_dir={tmp_path}/node${{oc.env:LOCAL_RANK}}",
+        *ARGS,
+    ]
     p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=300)
     assert p.returncode != 0
     assert f"error: out_dir={tmp_path}/node0 is not shared by every process: rank 1 on " in p.stderr, p.stderr[-3000:]
@@ -87,14 +89,18 @@ def test_a_run_resumes_under_another_parallelism_and_world_size(char_data, tmp_p
     under FSDP on 2 ranks and the other way, on the uninterrupted run's loss curve."""
     out = tmp_path / "run"
     for parallelism, max_iters in ((first, 4), (then, 8)):
-        args = [f"data.name={char_data}", f"out_dir={out}", *ARGS, f"train.max_iters={max_iters}",
-                "optim.lr_decay_iters=8"]  # fmt: skip
+        args = [
+            f"data.name={char_data}",
+            f"out_dir={out}",
+            *ARGS,
+            f"train.max_iters={max_iters}",
+            "optim.lr_decay_iters=8",
+        ]
         if parallelism == "none":
             train(args, tmp_path)
         else:
             torchrun([*args, f"train.parallelism={parallelism}"], tmp_path)
     assert curve(out) == pytest.approx(curve(single), abs=1e-4, rel=0)
-
 
 
 @pytest.mark.slow  # ~30-50 s each: torch.compile (inductor, CPU C++) on two ranks
@@ -103,8 +109,13 @@ def test_compiled_runs_match_one_eager_process(char_data, tmp_path, single, para
     """What CUDA runs by default: torch.compile under DDP (the whole model, graphs split at DDP's buckets) and
     under FSDP2 (each block compiled on its own), on the uninterrupted 1-process eager run's training losses."""
     out = tmp_path / "run"
-    args = [f"train.parallelism={parallelism}", "compile=true", "train.max_iters=4", "optim.lr_decay_iters=8",
-            "train.eval_interval=0"]  # fmt: skip
+    args = [
+        f"train.parallelism={parallelism}",
+        "compile=true",
+        "train.max_iters=4",
+        "optim.lr_decay_iters=8",
+        "train.eval_interval=0",
+    ]
     stdout = torchrun([f"data.name={char_data}", f"out_dir={out}", *ARGS, *args], tmp_path)
     assert f"compile True, parallelism {parallelism}" in stdout
     losses = [r["loss"] for r in records(out)]
@@ -117,8 +128,9 @@ def _waiting_rank(rank: int, port: int, out: str) -> None:
 
     from gpt2 import distributed
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     distributed.init("cpu", timeout_s=2)
     if rank == 0:
         time.sleep(8)  # rank-0-only work longer than the timeout (a checkpoint write, a download)
@@ -153,8 +165,9 @@ def _fsdp_rank(rank: int, port: int, out: str) -> None:
 
     from gpt2 import distributed
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     info = distributed.init("cpu")
     result = _fsdp_micro_step(info)  # (its model is gone before `cleanup`, which then stops gloo's threads)
     with open(f"{out}.{rank}", "w") as f:
@@ -176,9 +189,12 @@ def _fsdp_micro_step(info) -> dict:
             _, loss = model(idx, idx, return_logits=False)
         loss.backward()
     weight = model.transformer.h[0].mlp.c_fc.weight
-    return {"param_dtype": str(policy.param_dtype), "reduce_dtype": str(policy.reduce_dtype),
-            "grad_is_sharded": weight.grad is not None and weight.grad.to_local().shape == weight.to_local().shape,
-            "grad_dtype": str(weight.grad.dtype) if weight.grad is not None else None}  # fmt: skip
+    return {
+        "param_dtype": str(policy.param_dtype),
+        "reduce_dtype": str(policy.reduce_dtype),
+        "grad_is_sharded": weight.grad is not None and weight.grad.to_local().shape == weight.to_local().shape,
+        "grad_dtype": str(weight.grad.dtype) if weight.grad is not None else None,
+    }
 
 
 @pytest.mark.slow  # ~15 s: two spawned processes
@@ -195,8 +211,12 @@ def test_fsdp_gathers_half_precision_weights_and_keeps_gradients_sharded_between
     mp.spawn(_fsdp_rank, args=(port, str(tmp_path / "r")), nprocs=2, join=True)
     for rank in (0, 1):
         result = json.loads((tmp_path / f"r.{rank}").read_text())
-        assert result == {"param_dtype": "torch.bfloat16", "reduce_dtype": "torch.float32", "grad_is_sharded": True,
-                          "grad_dtype": "torch.float32"}  # fmt: skip
+        assert result == {
+            "param_dtype": "torch.bfloat16",
+            "reduce_dtype": "torch.float32",
+            "grad_is_sharded": True,
+            "grad_dtype": "torch.float32",
+        }
 
 
 @pytest.mark.slow
@@ -210,11 +230,24 @@ def test_two_nodes_through_the_c10d_rendezvous_match_one_process(char_data, tmp_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "two_nodes"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-           f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test", str(ROOT / "train.py"), f"data.name={char_data}",
-           f"out_dir={out}", *ARGS]  # fmt: skip
-    agents = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=env()) for _ in range(2)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{port}",
+        "--rdzv_id=test",
+        str(ROOT / "train.py"),
+        f"data.name={char_data}",
+        f"out_dir={out}",
+        *ARGS,
+    ]
+    agents = [
+        subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+        for _ in range(2)
+    ]
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]
     assert all(agent.returncode == 0 for agent in agents), "\n".join(o[-2000:] for o in outputs)
     assert curve(out) == pytest.approx(curve(single), abs=1e-5, rel=0)
@@ -321,11 +354,27 @@ def test_a_finished_run_destroys_its_process_group_before_shutdown(char_data, tm
 
     wrapper = tmp_path / "record_threads_at_exit.py"
     wrapper.write_text(RECORD_THREADS_AT_EXIT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
-           str(ROOT / "train.py"), f"data.name={char_data}", f"out_dir={tmp_path / 'run'}",
-           f"train.parallelism={parallelism}", *ARGS]  # fmt: skip
-    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env=env(THREADS_AT_EXIT=str(tmp_path / "threads")))  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(wrapper),
+        str(ROOT / "train.py"),
+        f"data.name={char_data}",
+        f"out_dir={tmp_path / 'run'}",
+        f"train.parallelism={parallelism}",
+        *ARGS,
+    ]
+    p = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(THREADS_AT_EXIT=str(tmp_path / "threads")),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     for rank in (0, 1):
         names = (tmp_path / f"threads.{rank}").read_text().split("\n")
@@ -338,8 +387,9 @@ def _voting_rank(rank: int, port: int, data: str, out: str) -> None:
 
     from gpt2 import distributed
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     result = _watched_run(distributed.init("cpu"), data, out)  # (its trainer is gone before `cleanup`)
     with open(f"{out}/r.{rank}", "w") as f:
         json.dump(result, f)
@@ -349,13 +399,22 @@ def _voting_rank(rank: int, port: int, data: str, out: str) -> None:
 def _watched_run(info, data: str, out: str) -> dict:
     import signal
 
-    from test_train import compose
+    from conftest import compose
 
     from gpt2.config import TrainRunConfig, to_object
     from gpt2.training import Trainer
 
-    cfg = to_object(compose(f"data.name={data}", f"out_dir={out}/run", *ARGS, "train.max_iters=8",
-                            "train.eval_interval=0", "train.log_interval=100"), TrainRunConfig)  # fmt: skip
+    cfg = to_object(
+        compose(
+            f"data.name={data}",
+            f"out_dir={out}/run",
+            *ARGS,
+            "train.max_iters=8",
+            "train.eval_interval=0",
+            "train.log_interval=100",
+        ),
+        TrainRunConfig,
+    )
     trainer = Trainer(cfg, info)
     trainer.train_step()
     trainer._stop_if_asked(after_step=True)

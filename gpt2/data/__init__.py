@@ -1,9 +1,9 @@
 """Data: prepare corpora into llm.c-format token shards (`gpt2.data.prepare`) and load batches from them.
 
-    from gpt2.data import open_dataset, TokenLoader, eval_batches
-    ds = open_dataset("shakespeare_char")                 # data/shakespeare_char/, validated
-    loader = TokenLoader(ds, "train", batch_size=12, block_size=64, rank=0, world_size=1, seed=1337)
-    x, y = loader.next_batch()                           # int64 (12, 64) each; y is x shifted by one
+from gpt2.data import open_dataset, TokenLoader, eval_batches
+ds = open_dataset("shakespeare_char")                 # data/shakespeare_char/, validated
+loader = TokenLoader(ds, "train", batch_size=12, block_size=64, rank=0, world_size=1, seed=1337)
+x, y = loader.next_batch()                           # int64 (12, 64) each; y is x shifted by one
 """
 
 from gpt2.data.dataset import TokenDataset, dataset_dir, open_dataset

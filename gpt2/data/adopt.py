@@ -28,8 +28,10 @@ SCAN_TOKENS = 1 << 24  # tokens read at a time when looking for a shard's larges
 def adopt(data: DataConfig, out_dir: Path) -> tuple[dict[str, list[dict]], GPT2Tokenizer]:
     """Link `data.source`'s shards into `out_dir`; returns their meta.json records per split and the tokenizer."""
     if data.tokenizer != "gpt2":
-        raise UserError("data.builder=shards adopts GPT-2-token shards; set data.tokenizer=gpt2 (a char vocabulary "
-                        "cannot be recovered from shards)")
+        raise UserError(
+            "data.builder=shards adopts GPT-2-token shards; set data.tokenizer=gpt2 (a char vocabulary "
+            "cannot be recovered from shards)"
+        )
     source = Path(data.source or "").expanduser()
     if not data.source or not source.is_dir():
         raise UserError(f"data.source={data.source} is not a folder; point it at the folder of llm.c .bin shards")
@@ -41,8 +43,10 @@ def adopt(data: DataConfig, out_dir: Path) -> tuple[dict[str, list[dict]], GPT2T
             count = read_header(path)
             largest = _max_token(path, count)
             if largest >= tokenizer.vocab_size:
-                raise UserError(f"shard {path} holds token id {largest}, outside GPT-2's {tokenizer.vocab_size}: "
-                                "these are not GPT-2 tokens; re-tokenize the corpus with data=text")
+                raise UserError(
+                    f"shard {path} holds token id {largest}, outside GPT-2's {tokenizer.vocab_size}: "
+                    "these are not GPT-2 tokens; re-tokenize the corpus with data=text"
+                )
             link = out_dir / shard_name(split, i)
             _link(path.resolve(), link)
             records[split].append({"file": link.name, "tokens": count, "max_token": largest})
@@ -62,8 +66,10 @@ def _shards_by_split(folder: Path) -> dict[str, list[Path]]:
         split = "val" if "val" in path.name else "train" if "train" in path.name else None
         (by_split[split] if split else unknown).append(path)
     if unknown:
-        raise UserError(f"{folder}: cannot tell the split of {', '.join(p.name for p in unknown[:3])} (neither "
-                        "'train' nor 'val' in the name); rename them or move them out")
+        raise UserError(
+            f"{folder}: cannot tell the split of {', '.join(p.name for p in unknown[:3])} (neither "
+            "'train' nor 'val' in the name); rename them or move them out"
+        )
     for split, paths in by_split.items():
         if not paths:
             raise UserError(f"{folder} has no {split} shards (*{split}*.bin); both splits are needed")

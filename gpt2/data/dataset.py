@@ -49,8 +49,16 @@ def prepare_command(name_or_path: str, data_root: str | Path = "data") -> str:
     return f"{script} data=text data.name={name_or_path} data.source=<your files>{root}"
 
 
-def new_meta(data: Any, tokenizer: Any, shards: dict[str, list[dict]], documents: dict[str, int] | None, *,
-             source: str, val_source: str | None, split_rule: str) -> dict:
+def new_meta(
+    data: Any,
+    tokenizer: Any,
+    shards: dict[str, list[dict]],
+    documents: dict[str, int] | None,
+    *,
+    source: str,
+    val_source: str | None,
+    split_rule: str,
+) -> dict:
     """A dataset's meta.json: tokenizer, vocabulary, shards per split ({file, tokens, max_token}) and provenance."""
     from gpt2.config import to_dict
 
@@ -61,8 +69,12 @@ def new_meta(data: Any, tokenizer: Any, shards: dict[str, list[dict]], documents
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
         "splits": {
-            split: {"tokens": sum(r["tokens"] for r in recs), "documents": (documents or {}).get(split),
-                    "num_shards": len(recs), "shards": recs}
+            split: {
+                "tokens": sum(r["tokens"] for r in recs),
+                "documents": (documents or {}).get(split),
+                "num_shards": len(recs),
+                "shards": recs,
+            }
             for split, recs in shards.items()
         },
         "source": source,
@@ -118,7 +130,10 @@ class TokenDataset:
     def fingerprint(self) -> str:
         """Identifies this preparation (its shards and when it was made): a checkpoint records it, so a resume
         on a re-prepared dataset can say that the data changed under the run."""
-        what = {"prepared_at": self.meta.get("prepared_at"), "splits": {s: self.meta["splits"][s]["shards"] for s in SPLITS}}
+        what = {
+            "prepared_at": self.meta.get("prepared_at"),
+            "splits": {s: self.meta["splits"][s]["shards"] for s in SPLITS},
+        }
         return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
     @cached_property
@@ -202,8 +217,11 @@ def _read_meta(path: Path, fix: str) -> dict:
         need(isinstance(records, list), f"splits.{split}.shards", "a list")
         for i, rec in enumerate(records):
             for key, kind in (("file", str), ("tokens", int), ("max_token", int)):
-                need(isinstance(rec, dict) and isinstance(rec.get(key), kind), f"splits.{split}.shards[{i}].{key}",
-                     "a string" if kind is str else "an integer")
+                need(
+                    isinstance(rec, dict) and isinstance(rec.get(key), kind),
+                    f"splits.{split}.shards[{i}].{key}",
+                    "a string" if kind is str else "an integer",
+                )
     return meta
 
 
@@ -223,9 +241,13 @@ def open_dataset(name_or_path: str, data_root: str | Path = "data") -> TokenData
                 f"data.source={dir}, or prepare the corpus again: {prepare_command(name_or_path, data_root)}"
             )
         state = "is not prepared" if not dir.exists() else "is not prepared, or its preparation was interrupted"
-        raise UserError(f"dataset {name_or_path!r} {state} ({meta_path} is missing); run: "
-                        f"{prepare_command(name_or_path, data_root)}")
-    meta = _read_meta(meta_path, f"prepare the dataset again: {prepare_command(name_or_path, data_root)} overwrite=true")
+        raise UserError(
+            f"dataset {name_or_path!r} {state} ({meta_path} is missing); run: "
+            f"{prepare_command(name_or_path, data_root)}"
+        )
+    meta = _read_meta(
+        meta_path, f"prepare the dataset again: {prepare_command(name_or_path, data_root)} overwrite=true"
+    )
     shards: dict[str, list[Shard]] = {}
     for split in SPLITS:
         shards[split] = []
@@ -233,8 +255,10 @@ def open_dataset(name_or_path: str, data_root: str | Path = "data") -> TokenData
             path = dir / rec["file"]
             count = read_header(path)
             if count != rec["tokens"]:
-                raise UserError(f"shard {path} holds {count} tokens but {meta_path} says {rec['tokens']}; prepare the "
-                                f"dataset again with overwrite=true")
+                raise UserError(
+                    f"shard {path} holds {count} tokens but {meta_path} says {rec['tokens']}; prepare the "
+                    f"dataset again with overwrite=true"
+                )
             mask = _check_mask(dir, rec, count, meta_path) if meta.get("examples") else None
             shards[split].append(Shard(path, count, int(rec["max_token"]), mask))
     return TokenDataset(dir, meta, shards)
@@ -244,14 +268,16 @@ def _check_mask(dir: Path, rec: dict, tokens: int, meta_path: Path) -> Path:
     """The path of a shard's loss mask, checked to hold one uint8 per token (a UserError names it otherwise)."""
     fix = "prepare the dataset again with overwrite=true"
     if not isinstance(rec.get("mask"), str):
-        raise UserError(f"{meta_path}: shard {rec['file']} has no \"mask\" file although the dataset holds "
-                        f"examples; {fix}")
+        raise UserError(
+            f'{meta_path}: shard {rec["file"]} has no "mask" file although the dataset holds examples; {fix}'
+        )
     path = dir / rec["mask"]
     try:
         mask = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise UserError(f"loss mask {path} is missing or unreadable ({type(e).__name__}: {e}); {fix}") from None
     if mask.dtype != np.uint8 or mask.shape != (tokens,):
-        raise UserError(f"loss mask {path} holds {mask.shape} {mask.dtype} values for a shard of {tokens} tokens; "
-                        f"{fix}")
+        raise UserError(
+            f"loss mask {path} holds {mask.shape} {mask.dtype} values for a shard of {tokens} tokens; {fix}"
+        )
     return path

@@ -62,8 +62,10 @@ def segments(row: Any, data: DataConfig, where: str) -> list[Segment]:
             if not isinstance(value, str):
                 raise UserError(f"{where}: field {field!r} is {type(value).__name__}, not text")
         if not completion:
-            raise UserError(f"{where}: the completion ({data.completion_field!r}) is empty: there is nothing to "
-                            "train on; fill it in or remove the row")
+            raise UserError(
+                f"{where}: the completion ({data.completion_field!r}) is empty: there is nothing to "
+                "train on; fill it in or remove the row"
+            )
         return [(prompt, False), (completion, True)]
     keys = f" (keys: {', '.join(map(str, row))})" if isinstance(row, dict) else f" (a {type(row).__name__})"
     raise UserError(
@@ -81,8 +83,9 @@ def _chat_segments(messages: Any, field: str, where: str) -> list[Segment]:
         role = message.get("role") if isinstance(message, dict) else None
         content = message.get("content") if isinstance(message, dict) else None
         if role not in ROLES or not isinstance(content, str):
-            raise UserError(f"{where}: {field}[{i}] must be {{\"role\": {'|'.join(ROLES)}, \"content\": <text>}}, "
-                            f"got {message!r:.80}")
+            raise UserError(
+                f'{where}: {field}[{i}] must be {{"role": {"|".join(ROLES)}, "content": <text>}}, got {message!r:.80}'
+            )
         if role == "system":
             if i:
                 raise UserError(f"{where}: {field}[{i}] is a system message; only the first message may be one")
@@ -101,8 +104,9 @@ def _chat_segments(messages: Any, field: str, where: str) -> list[Segment]:
     return out
 
 
-def encode_examples(rows: list[tuple[Any, str]], data: DataConfig, tokenizer: GPT2Tokenizer, num_threads: int
-                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+def encode_examples(
+    rows: list[tuple[Any, str]], data: DataConfig, tokenizer: GPT2Tokenizer, num_threads: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Rows -> (tokens, mask) per example: the segments' tokens, an end-of-text after each trained segment."""
     per_row = [segments(row, data, where) for row, where in rows]
     ids = iter(tokenizer.encode_batch([text for segs in per_row for text, _ in segs], num_threads))
@@ -133,8 +137,10 @@ class ExampleWriter:
 
     def write(self, tokens: np.ndarray, mask: np.ndarray, where: str) -> None:
         if tokens.size > self.shard_tokens:
-            raise UserError(f"{where}: the example has {tokens.size} tokens, more than a shard holds "
-                            f"(data.shard_tokens={self.shard_tokens}); raise data.shard_tokens")
+            raise UserError(
+                f"{where}: the example has {tokens.size} tokens, more than a shard holds "
+                f"(data.shard_tokens={self.shard_tokens}); raise data.shard_tokens"
+            )
         if self.open_tokens + tokens.size > self.shard_tokens:
             self.tokens.end_shard()
             self._save_mask()
@@ -164,8 +170,9 @@ class ExampleWriter:
         self.tokens.abort()
 
 
-def write_examples(source: Any, val_source: Optional[Any], data: DataConfig, stage: Path, num_threads: int
-                   ) -> tuple[dict[str, list[dict]], dict[str, int], str]:
+def write_examples(
+    source: Any, val_source: Optional[Any], data: DataConfig, stage: Path, num_threads: int
+) -> tuple[dict[str, list[dict]], dict[str, int], str]:
     """Tokenize the rows of `source` (and `val_source`) into `stage`. Returns (shard records per split,
     examples per split, the split rule). The split: `val_source` is val; else `data.val_fraction` of the rows,
     chosen with `data.seed` (at least one, at most all but one)."""
@@ -181,8 +188,10 @@ def write_examples(source: Any, val_source: Optional[Any], data: DataConfig, sta
     else:
         n = source.count_documents()
         if n < 2:
-            raise UserError(f"data.source={data.source} holds {n} example(s): a validation split needs at least 2; "
-                            "add examples, give a data.val_source, or set data.val_fraction=0")
+            raise UserError(
+                f"data.source={data.source} holds {n} example(s): a validation split needs at least 2; "
+                "add examples, give a data.val_source, or set data.val_fraction=0"
+            )
         val_mask = _val_mask(n, data.val_fraction, data.seed)
         rule = f"{int(val_mask.sum())} of {n} examples val, chosen with seed {data.seed}"
     writers = {split: ExampleWriter(stage, split, data.shard_tokens) for split in ("train", "val")}
@@ -204,8 +213,9 @@ def write_examples(source: Any, val_source: Optional[Any], data: DataConfig, sta
     return shards, counts, rule
 
 
-def _split_rows(source: Any, val_source: Optional[Any], val_mask: Optional[np.ndarray]
-                ) -> Iterator[tuple[str, Any, str]]:
+def _split_rows(
+    source: Any, val_source: Optional[Any], val_mask: Optional[np.ndarray]
+) -> Iterator[tuple[str, Any, str]]:
     for i, (row, where) in enumerate(source.rows()):
         yield ("val" if val_mask is not None and val_mask[i] else "train"), row, where
     if val_source is not None:

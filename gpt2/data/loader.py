@@ -59,8 +59,10 @@ class _Windows:
     def epoch(self) -> np.ndarray:
         """The ids of the windows that start at multiples of block_size in their shard: one epoch's windows."""
         offsets = np.concatenate(([0], self.ends[:-1]))
-        per_shard = [offset + np.arange(0, max(0, s.tokens - self.block_size), self.block_size, dtype=np.int64)
-                     for offset, s in zip(offsets.tolist(), self.shards)]  # fmt: skip
+        per_shard = [
+            offset + np.arange(0, max(0, s.tokens - self.block_size), self.block_size, dtype=np.int64)
+            for offset, s in zip(offsets.tolist(), self.shards)
+        ]
         return np.concatenate(per_shard)
 
     def targets(self, ids: np.ndarray) -> int:
@@ -150,8 +152,10 @@ def _check_tokens(ds: TokenDataset, rows: np.ndarray, shards: list) -> None:
     bad = rows.max(axis=1) >= ds.vocab_size
     if bad.any():
         shard = shards[int(np.argmax(bad))]
-        raise UserError(f"{shard.path} holds token id {int(rows[bad].max())}, outside the dataset's vocabulary "
-                        f"of {ds.vocab_size} (corrupt shard); prepare the dataset again with overwrite=true")
+        raise UserError(
+            f"{shard.path} holds token id {int(rows[bad].max())}, outside the dataset's vocabulary "
+            f"of {ds.vocab_size} (corrupt shard); prepare the dataset again with overwrite=true"
+        )
 
 
 def sequences(ds: TokenDataset, split: str, block_size: int) -> _Windows | _Examples:
@@ -182,9 +186,19 @@ class TokenLoader:
     batches an uninterrupted one would have.
     """
 
-    def __init__(self, ds: TokenDataset, split: str = "train", *, batch_size: int, block_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 1337, order: str = "random",
-                 device: torch.device | str = "cpu") -> None:  # fmt: skip
+    def __init__(
+        self,
+        ds: TokenDataset,
+        split: str = "train",
+        *,
+        batch_size: int,
+        block_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 1337,
+        order: str = "random",
+        device: torch.device | str = "cpu",
+    ) -> None:
         _check_rank(rank, world_size)
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
@@ -235,8 +249,9 @@ class TokenLoader:
         if isinstance(self.sequences, _Windows):
             return [1 / micro_steps] * micro_steps
         first = self.position + self.calls * self.world_size  # the step's first global micro-batch
-        counts = [self.sequences.targets(self.global_batch(k))
-                  for k in range(first, first + micro_steps * self.world_size)]  # fmt: skip
+        counts = [
+            self.sequences.targets(self.global_batch(k)) for k in range(first, first + micro_steps * self.world_size)
+        ]
         total = sum(counts)
         mine = counts[self.rank :: self.world_size]
         return [n * self.world_size / total if total else 0.0 for n in mine]
@@ -265,9 +280,17 @@ def check_block_size(ds: TokenDataset, block_size: int) -> None:
             )
 
 
-def eval_batches(ds: TokenDataset, split: str, *, num_batches: int, batch_size: int, block_size: int,
-                 rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    ds: TokenDataset,
+    split: str,
+    *,
+    num_batches: int,
+    batch_size: int,
+    block_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The deterministic evaluation batches of `split` for this rank, as (x, y) like `TokenLoader.next_batch`.
 
     The global set is `num_batches` batches of windows evenly spaced over the split (the same on every call);

@@ -78,16 +78,27 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
     rule, cuts, val_mask, chars = _plan_split(data, source, val_source, char_vocab=tokenizer is None)
     tokenizer, encode = _encoder(data, tokenizer, chars)
     items = _split_by_chars(source, cuts) if cuts is not None else _split_by_docs(source, val_source, val_mask)
-    print(f"preparing {out_dir} from {source!r}" + (f" (val: {val_source!r})" if val_source else "")
-          + f"; tokenizer {tokenizer.name}; split: {rule}", flush=True)
+    print(
+        f"preparing {out_dir} from {source!r}"
+        + (f" (val: {val_source!r})" if val_source else "")
+        + f"; tokenizer {tokenizer.name}; split: {rule}",
+        flush=True,
+    )
     # The first shard of a stream is its val split, unless a val source is given.
     head = data.shard_tokens if data.builder == "hf_stream" and val_source is None else 0
     stage, shards, docs = _write_staged(items, encode, tokenizer.eot_id, out_dir, data, head)
     if sum(s["tokens"] for s in shards["train"]) == 0:
         shutil.rmtree(stage, ignore_errors=True)
         raise UserError(f"data.source={data.source or source!r} holds no text; check the path and data.text_field")
-    meta = new_meta(data, tokenizer, shards, docs, source=repr(source),
-                    val_source=repr(val_source) if val_source else None, split_rule=rule)
+    meta = new_meta(
+        data,
+        tokenizer,
+        shards,
+        docs,
+        source=repr(source),
+        val_source=repr(val_source) if val_source else None,
+        split_rule=rule,
+    )
     _swap_in(stage, out_dir, meta)
     print(f"wrote {out_dir}: {_summary(meta_path)}", flush=True)
     return out_dir
@@ -97,8 +108,12 @@ def _prepare_examples(data: DataConfig, out_dir: Path, source: Source, val_sourc
     """data.builder=instructions: rows -> example shards with loss masks (see gpt2.data.instructions)."""
     from gpt2.data.instructions import write_examples
 
-    print(f"preparing {out_dir} from {source!r}" + (f" (val: {val_source!r})" if val_source else "")
-          + "; instruction examples, loss on the completions", flush=True)
+    print(
+        f"preparing {out_dir} from {source!r}"
+        + (f" (val: {val_source!r})" if val_source else "")
+        + "; instruction examples, loss on the completions",
+        flush=True,
+    )
     stage = out_dir / STAGE_DIR
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
@@ -110,20 +125,36 @@ def _prepare_examples(data: DataConfig, out_dir: Path, source: Source, val_sourc
     if examples["train"] == 0:
         shutil.rmtree(stage, ignore_errors=True)
         raise UserError(f"data.source={data.source} holds no training examples; check the path")
-    meta = new_meta(data, GPT2Tokenizer(), shards, examples, source=repr(source),
-                    val_source=repr(val_source) if val_source else None, split_rule=rule)
+    meta = new_meta(
+        data,
+        GPT2Tokenizer(),
+        shards,
+        examples,
+        source=repr(source),
+        val_source=repr(val_source) if val_source else None,
+        split_rule=rule,
+    )
     meta["examples"] = True
     _swap_in(stage, out_dir, meta)
-    print(f"wrote {out_dir}: {_summary(out_dir / META_FILE)}; {examples['train']:,} train and "
-          f"{examples['val']:,} val examples", flush=True)
+    print(
+        f"wrote {out_dir}: {_summary(out_dir / META_FILE)}; {examples['train']:,} train and "
+        f"{examples['val']:,} val examples",
+        flush=True,
+    )
     return out_dir
 
 
 def _open_sources(data: DataConfig, out_dir: Path) -> tuple[Any, Any]:
     """The training source and, when `data.val_source` is set, the validation source."""
     text_field = None if data.builder == "instructions" else data.text_field  # (rows are read whole)
-    common = dict(data_dir=out_dir, text_field=text_field, subset=data.subset, split=data.split,
-                  streaming=data.builder == "hf_stream", extensions=data.extensions)  # fmt: skip
+    common = dict(
+        data_dir=out_dir,
+        text_field=text_field,
+        subset=data.subset,
+        split=data.split,
+        streaming=data.builder == "hf_stream",
+        extensions=data.extensions,
+    )
     source = open_source(_source_spec(data, out_dir), key="data.source", **common)
     val_source = open_source(data.val_source, key="data.val_source", **common) if data.val_source else None
     return source, val_source
@@ -134,17 +165,20 @@ def _encoder(data: DataConfig, tokenizer: GPT2Tokenizer | None, chars: set[str] 
     vocabulary built from the corpus's `chars`."""
     if tokenizer is not None:
         num_threads = data.num_proc or _cpu_count()
-        return tokenizer, lambda texts: [np.array(ids, dtype=TOKEN_DTYPE)
-                                         for ids in tokenizer.encode_batch(texts, num_threads)]  # fmt: skip
+        return tokenizer, lambda texts: [
+            np.array(ids, dtype=TOKEN_DTYPE) for ids in tokenizer.encode_batch(texts, num_threads)
+        ]
     if len(chars) > MAX_VOCAB:
-        raise UserError(f"the corpus has {len(chars)} distinct characters, more than uint16 shards hold; "
-                        "use data.tokenizer=gpt2")
+        raise UserError(
+            f"the corpus has {len(chars)} distinct characters, more than uint16 shards hold; use data.tokenizer=gpt2"
+        )
     chars_tokenizer = CharTokenizer(sorted(chars))
     return chars_tokenizer, _char_encoder(chars_tokenizer)
 
 
-def _write_staged(items: Any, encode: Any, eot_id: int | None, out_dir: Path, data: DataConfig, head: int
-                  ) -> tuple[Path, dict[str, list[dict]], Any]:
+def _write_staged(
+    items: Any, encode: Any, eot_id: int | None, out_dir: Path, data: DataConfig, head: int
+) -> tuple[Path, dict[str, list[dict]], Any]:
     """Write the shards into a staging folder of `out_dir`: they are moved in only once the whole corpus is
     done, so a failing rebuild (overwrite=true with a bad file, Ctrl-C) leaves the previous dataset as it was.
     Returns (the staging folder, the shard records per split, the document counts)."""
@@ -182,8 +216,18 @@ def _adopt(data: DataConfig, out_dir: Path) -> Path:
     if Path(data.source or "").expanduser().resolve() != out_dir.resolve():
         _clear(out_dir)  # our links from an earlier adoption; shards adopted in place are the user's
     shards, tokenizer = adopt(data, out_dir)
-    write_meta(out_dir, new_meta(data, tokenizer, shards, None, source=f"adopted llm.c shards from {data.source}",
-                                 val_source=None, split_rule="file names (train / val)"))
+    write_meta(
+        out_dir,
+        new_meta(
+            data,
+            tokenizer,
+            shards,
+            None,
+            source=f"adopted llm.c shards from {data.source}",
+            val_source=None,
+            split_rule="file names (train / val)",
+        ),
+    )
     print(f"wrote {out_dir}: {_summary(out_dir / META_FILE)}", flush=True)
     return out_dir
 
@@ -212,8 +256,10 @@ def _source_spec(data: DataConfig, out_dir: Path) -> str:
         return data.source
     if (out_dir / "input.txt").exists():
         return str(out_dir / "input.txt")
-    raise UserError(f"data.source is not set and {out_dir / 'input.txt'} does not exist; set data.source=<file, "
-                    "folder, glob, http(s) URL or hf:dataset>, e.g. data=text data.name=mycorpus data.source=texts/")
+    raise UserError(
+        f"data.source is not set and {out_dir / 'input.txt'} does not exist; set data.source=<file, "
+        "folder, glob, http(s) URL or hf:dataset>, e.g. data=text data.name=mycorpus data.source=texts/"
+    )
 
 
 def _written_here(out_dir: Path) -> set[str]:
@@ -241,8 +287,11 @@ def _check_ours(out_dir: Path, sources: list[str]) -> None:
     if not out_dir.is_dir():
         return
     ours = _written_here(out_dir)
-    roots = [Path(re.split(r"[*?\[]", s, maxsplit=1)[0]).expanduser().resolve()  # a glob's fixed part
-             for s in sources if not s.startswith(("hf:", "builtin:", "http://", "https://"))]
+    roots = [
+        Path(re.split(r"[*?\[]", s, maxsplit=1)[0]).expanduser().resolve()  # a glob's fixed part
+        for s in sources
+        if not s.startswith(("hf:", "builtin:", "http://", "https://"))
+    ]
 
     def is_source(p: Path) -> bool:
         p = p.resolve()
@@ -251,8 +300,10 @@ def _check_ours(out_dir: Path, sources: list[str]) -> None:
     foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours and not is_source(p))
     if foreign:
         names = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise UserError(f"{out_dir} holds files this preparation did not write ({names}); nothing was changed. "
-                        "Prepare into another data.name (or data_root), or move those files out")
+        raise UserError(
+            f"{out_dir} holds files this preparation did not write ({names}); nothing was changed. "
+            "Prepare into another data.name (or data_root), or move those files out"
+        )
 
 
 def _clear(out_dir: Path) -> None:
@@ -272,8 +323,9 @@ def _summary(meta_path: Path) -> str:
         return "meta.json unreadable"
 
 
-def _plan_split(data: DataConfig, source: Source, val_source: Optional[Source], char_vocab: bool
-                ) -> tuple[str, Optional[list[int]], Optional[np.ndarray], set[str]]:
+def _plan_split(
+    data: DataConfig, source: Source, val_source: Optional[Source], char_vocab: bool
+) -> tuple[str, Optional[list[int]], Optional[np.ndarray], set[str]]:
     """Decide the train/val split (module docstring) with a cheap pass over the corpus (counts, not tokens).
 
     Returns (rule for meta.json, per-document character cut points or None, val mask over documents or None,
@@ -364,8 +416,9 @@ def _char_encoder(tokenizer: CharTokenizer):
     return encode
 
 
-def _write(items: Iterator[Item], encode, eot_id: Optional[int], writers: dict[str, ShardWriter], head: int,
-           desc: str) -> dict[str, int]:
+def _write(
+    items: Iterator[Item], encode, eot_id: Optional[int], writers: dict[str, ShardWriter], head: int, desc: str
+) -> dict[str, int]:
     """Tokenize items batch by batch into the writers; returns documents written per split.
 
     Double-buffered: batch i is tokenized in a background thread (whose tiktoken threads release the GIL) while

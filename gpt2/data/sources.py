@@ -84,8 +84,10 @@ class FileSource:
         Plain text files have no rows: a UserError says so, before any row is read."""
         for path in self.files:
             if path.suffix.lower() not in ROW_SUFFIXES:
-                raise UserError(f"{path} is a text file, not rows: instruction data comes from .jsonl, .json or "
-                                ".parquet files (one example per row) or hf:<dataset>")
+                raise UserError(
+                    f"{path} is a text file, not rows: instruction data comes from .jsonl, .json or "
+                    ".parquet files (one example per row) or hf:<dataset>"
+                )
         for path in self.files:
             suffix = path.suffix.lower()
             if suffix == ".jsonl":
@@ -104,7 +106,9 @@ class FileSource:
 class HFSource:
     """Documents from a Hugging Face dataset (`datasets.load_dataset`), one per row of `text_field`."""
 
-    def __init__(self, name: str, subset: Optional[str], split: str, text_field: Optional[str], streaming: bool) -> None:
+    def __init__(
+        self, name: str, subset: Optional[str], split: str, text_field: Optional[str], streaming: bool
+    ) -> None:
         self.name, self.subset, self.split, self.text_field, self.streaming = name, subset, split, text_field, streaming
         self._ds = None
 
@@ -119,9 +123,11 @@ class HFSource:
             try:
                 self._ds = datasets.load_dataset(self.name, self.subset, split=self.split, streaming=self.streaming)
             except Exception as e:  # hub, network, cache and config errors all surface here
-                offline = " (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set: it must be in the cache)" if (
-                    os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-                ) else ""
+                offline = (
+                    " (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set: it must be in the cache)"
+                    if (os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1")
+                    else ""
+                )
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise UserError(
                     f"cannot load Hugging Face dataset {self!r}{offline}: {type(e).__name__}: {first}; check "
@@ -158,7 +164,14 @@ Source = FileSource | HFSource
 
 
 def open_source(
-    spec: str, *, data_dir: Path, text_field: str, subset: Optional[str], split: str, streaming: bool, key: str,
+    spec: str,
+    *,
+    data_dir: Path,
+    text_field: str,
+    subset: Optional[str],
+    split: str,
+    streaming: bool,
+    key: str,
     extensions: Optional[Sequence[str]] = None,
 ) -> Source:
     """Resolve a source spec (see the module docstring). `key` names the config key in error messages;
@@ -279,7 +292,9 @@ def _text_file_pieces(path: Path) -> Iterator[Piece]:
             try:
                 chunk = f.read(PIECE_CHARS)
             except UnicodeDecodeError as e:
-                raise UserError(f"{path} is not valid UTF-8 ({e.reason} near byte {e.start}); convert it to UTF-8") from None
+                raise UserError(
+                    f"{path} is not valid UTF-8 ({e.reason} near byte {e.start}); convert it to UTF-8"
+                ) from None
             if not chunk:
                 yield buf, True
                 return
@@ -318,8 +333,10 @@ def _decode(raw: bytes, path: Path, offset: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not valid UTF-8 at byte {offset + e.start} ({e.reason}); convert it to UTF-8 "
-                        "(e.g. iconv -f latin1 -t utf-8)") from None
+        raise UserError(
+            f"{path} is not valid UTF-8 at byte {offset + e.start} ({e.reason}); convert it to UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
 def _load_json_rows(path: Path) -> list:
@@ -327,7 +344,9 @@ def _load_json_rows(path: Path) -> list:
     try:
         data = json.loads(_decode(path.read_bytes(), path, 0))
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); for one object per line use .jsonl") from None
+        raise UserError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}); for one object per line use .jsonl"
+        ) from None
     return data if isinstance(data, list) else [data]
 
 

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from gpt2 import files, loading
 from gpt2.device import autocast, resolve_device, resolve_dtype
 from gpt2.errors import UserError, exit_on_user_error
-from gpt2.progress import progress_bar
 from gpt2.eval.config import HellaSwagConfig, default_cache_dir, parse
 from gpt2.model import GPT
+from gpt2.progress import progress_bar
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 FILENAME = "hellaswag_val.jsonl"
@@ -249,8 +249,9 @@ def training_metrics(
 ) -> dict[str, float]:
     """For the trainer: `evaluate` on every rank, `all_reduce`, and the metrics.jsonl keys that `gpt2.plot`
     reads: {"hellaswag_acc", "hellaswag_acc_norm"} (the same on every rank)."""
-    result = all_reduce(evaluate(model, tokenizer, examples, device, dtype, rank, world_size,
-                                 batch_size=batch_size), device)
+    result = all_reduce(
+        evaluate(model, tokenizer, examples, device, dtype, rank, world_size, batch_size=batch_size), device
+    )
     return {"hellaswag_acc": float(result["acc"]), "hellaswag_acc_norm": float(result["acc_norm"])}
 
 

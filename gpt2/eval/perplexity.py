@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from gpt2 import loading
 from gpt2.device import autocast, resolve_device, resolve_dtype
 from gpt2.errors import UserError, exit_on_user_error
-from gpt2.progress import progress_bar
 from gpt2.eval.config import PerplexityConfig, parse
 from gpt2.model import GPT
+from gpt2.progress import progress_bar
 
 
 @dataclass
@@ -97,8 +97,9 @@ def _batches(plan: Sequence[tuple[int, int]], batch_size: int) -> Iterator[Seque
 
 
 @torch.no_grad()
-def _check_windows(tokens: np.ndarray, block_size: int, window: Optional[int], stride: Optional[int]
-                   ) -> tuple[int, int]:
+def _check_windows(
+    tokens: np.ndarray, block_size: int, window: Optional[int], stride: Optional[int]
+) -> tuple[int, int]:
     """The window (default block_size) and stride (default window // 2), checked against the text and model."""
     if tokens.ndim != 1 or tokens.size < 2:
         raise UserError(f"need at least 2 tokens to score a text, got {tokens.size}")
@@ -111,8 +112,9 @@ def _check_windows(tokens: np.ndarray, block_size: int, window: Optional[int], s
     return window, stride
 
 
-def _scored_nll(model: GPT, tokens: np.ndarray, batch: list[tuple[int, int]], w: int, device: torch.device,
-                dtype: torch.dtype) -> float:
+def _scored_nll(
+    model: GPT, tokens: np.ndarray, batch: list[tuple[int, int]], w: int, device: torch.device, dtype: torch.dtype
+) -> float:
     """The summed negative log-likelihood of the scored targets of one batch of (start, n_scored) windows of
     `w` tokens: the last n_scored positions of each (the others are context)."""
     idx = np.array([s for s, _ in batch])[:, None] + np.arange(w)  # (B, w) positions of the inputs

@@ -22,7 +22,20 @@ from gpt2.sampling.sampler import Sampler
 from gpt2.sampling.text import TextStream
 
 __all__ = [
-    "Batch", "GenerationSettings", "Sampler", "SamplingParams", "TextStream", "apply_repetition_penalty", "apply_temperature",
-    "decode_step", "generate", "run", "sample_next_token", "top_k_filter", "top_p_filter", "unescape",
-    "use_decode_layout", "window_size",
+    "Batch",
+    "GenerationSettings",
+    "Sampler",
+    "SamplingParams",
+    "TextStream",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "decode_step",
+    "generate",
+    "run",
+    "sample_next_token",
+    "top_k_filter",
+    "top_p_filter",
+    "unescape",
+    "use_decode_layout",
+    "window_size",
 ]

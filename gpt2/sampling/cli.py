@@ -13,7 +13,11 @@ from typing import Any, Iterator
 
 import hydra
 
-from gpt2.config import GenerationSettings, SampleConfig, to_object  # importing gpt2.config registers `sample_schema` with Hydra
+from gpt2.config import (  # importing gpt2.config registers `sample_schema` with Hydra
+    GenerationSettings,
+    SampleConfig,
+    to_object,
+)
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.resources import CONFIG_DIR
 from gpt2.sampling.sampler import Sampler
@@ -68,7 +72,9 @@ def _jsonl_prompt(line: str, where: str) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg}); write one object per line, like {{\"prompt\": \"...\"}}") from None
+        raise UserError(
+            f'{where}: not valid JSON ({e.msg}); write one object per line, like {{"prompt": "..."}}'
+        ) from None
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
         raise UserError(f'{where}: no "prompt" string; write one object per line, like {{"prompt": "..."}}')
     return record["prompt"]
@@ -96,8 +102,12 @@ def run(cfg: Any) -> list[str]:
     stream = cfg.stream if cfg.stream is not None else (len(rows) == 1 and sys.stdout.isatty())
 
     source = {"checkpoint": cfg.checkpoint} if cfg.checkpoint else {"init_from": cfg.init_from}
-    settings_record = {**source, **asdict(settings), "device": str(sampler.device),
-                       "dtype": str(sampler.dtype).removeprefix("torch.")}  # fmt: skip
+    settings_record = {
+        **source,
+        **asdict(settings),
+        "device": str(sampler.device),
+        "dtype": str(sampler.dtype).removeprefix("torch."),
+    }
     samples: list[str] = []
     # Each sample is printed, and appended to `output`, as soon as it is done: an interrupt loses none.
     with warnings.catch_warnings():
@@ -127,8 +137,9 @@ def _sampler(cfg: SampleConfig) -> Sampler:
     return Sampler.load(cfg.checkpoint, cfg.init_from, device=cfg.device, dtype=dtype, compile=cfg.compile)
 
 
-def _stream_one_by_one(sampler: Sampler, rows: list[str], cfg: SampleConfig, settings: GenerationSettings
-                       ) -> Iterator[list[str]]:  # fmt: skip
+def _stream_one_by_one(
+    sampler: Sampler, rows: list[str], cfg: SampleConfig, settings: GenerationSettings
+) -> Iterator[list[str]]:
     """Samples one at a time, each printed token by token as it comes."""
     generator = sampler.new_generator(settings.seed)
     for prompt in rows:
@@ -141,8 +152,9 @@ def _stream_one_by_one(sampler: Sampler, rows: list[str], cfg: SampleConfig, set
         yield [text]
 
 
-def _in_batches(sampler: Sampler, rows: list[str], cfg: SampleConfig, settings: GenerationSettings
-                ) -> Iterator[list[str]]:  # fmt: skip
+def _in_batches(
+    sampler: Sampler, rows: list[str], cfg: SampleConfig, settings: GenerationSettings
+) -> Iterator[list[str]]:
     """Samples a batch at a time, printed when the batch is done, with a progress bar on stderr meanwhile."""
     from gpt2.progress import progress_bar
 

@@ -23,6 +23,8 @@ from gpt2.config import SamplingParams
 from gpt2.model import GPT, KVCache
 from gpt2.sampling.logits import apply_repetition_penalty, sample_next_token
 
+DEFAULT_PARAMS = SamplingParams()
+
 
 @torch.no_grad()
 def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
@@ -87,8 +89,12 @@ class PackedLinear(nn.Linear):
         return self.packed_from == (self.weight.data_ptr(), self.weight.stride(), self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or not self.is_current() or x.dtype != self.weight.dtype or (
-            torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        if (
+            torch.compiler.is_compiling()
+            or not self.is_current()
+            or x.dtype != self.weight.dtype
+            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        ):
             return super().forward(x)
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
@@ -131,8 +137,9 @@ class Batch:
     recompiles, token after token. Lengths live on the host here, so no step needs a device sync.
     """
 
-    def __init__(self, model: GPT, rows: int, max_len: int, *, decode: DecodeFn = decode_step,
-                 static: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, model: GPT, rows: int, max_len: int, *, decode: DecodeFn = decode_step, static: bool = False
+    ) -> None:
         device, config = model.lm_head.weight.device, model.config
         self.model, self.decode, self.block_size = model, decode, config.block_size
         self.cache = KVCache(config, rows, max_len, device=device, dtype=model.lm_head.weight.dtype, static=static)
@@ -202,7 +209,7 @@ def generate(
     model: GPT,
     prompts: torch.Tensor | Sequence[Sequence[int]],
     max_new_tokens: int,
-    params: SamplingParams = SamplingParams(),
+    params: SamplingParams = DEFAULT_PARAMS,
     *,
     eot_id: int | None = None,
     generator: torch.Generator | None = None,

@@ -106,8 +106,9 @@ class Sampler:
             g.manual_seed(seed)
         return g
 
-    def stream_rows(self, prompts: list[str], *, generator: torch.Generator | None = None, **settings: Any
-                    ) -> Iterator[tuple[int, str]]:  # fmt: skip
+    def stream_rows(
+        self, prompts: list[str], *, generator: torch.Generator | None = None, **settings: Any
+    ) -> Iterator[tuple[int, str]]:
         """Continue each of `prompts` (any lengths, repeats allowed) as one batch, a row each; yield (row, text
         piece) as text becomes safe to show (see TextStream). Every row ends with a (possibly empty) final piece."""
         generation = GenerationSettings(**settings)
@@ -117,8 +118,16 @@ class Sampler:
         eot = None if generation.ignore_eot else self.tokenizer.eot_id
         streams = [TextStream(self.tokenizer, generation.stop) for _ in rows]
         done = [False] * len(rows)
-        steps = generate(self.model, rows, generation.max_new_tokens, generation.params, eot_id=eot,
-                         generator=generator, decode=self.decode, static=self.static)  # fmt: skip
+        steps = generate(
+            self.model,
+            rows,
+            generation.max_new_tokens,
+            generation.params,
+            eot_id=eot,
+            generator=generator,
+            decode=self.decode,
+            static=self.static,
+        )
         for tokens in steps:
             yield from _text_pieces(tokens.tolist(), streams, done, eot)
             if all(done):
@@ -127,17 +136,26 @@ class Sampler:
             if not done[row]:
                 yield row, streams[row].finish()
 
-    def generate(self, prompts: str | list[str], num_samples: int = 1, *, batch_size: int = 8, **settings: Any
-                 ) -> list[str]:  # fmt: skip
+    def generate(
+        self, prompts: str | list[str], num_samples: int = 1, *, batch_size: int = 8, **settings: Any
+    ) -> list[str]:
         """`num_samples` continuations of each prompt (a string or a list of them), in input order, generated
         in batches of up to `batch_size` rows whatever the prompts' lengths."""
-        return [text for batch in self.generate_batches(prompts, num_samples, batch_size=batch_size, **settings)
-                for text in batch]  # fmt: skip
+        return [
+            text
+            for batch in self.generate_batches(prompts, num_samples, batch_size=batch_size, **settings)
+            for text in batch
+        ]
 
     def generate_batches(
-        self, prompts: str | list[str], num_samples: int = 1, *, batch_size: int = 8,
-        on_piece: Callable[[], Any] | None = None, **settings: Any,
-    ) -> Iterator[list[str]]:  # fmt: skip
+        self,
+        prompts: str | list[str],
+        num_samples: int = 1,
+        *,
+        batch_size: int = 8,
+        on_piece: Callable[[], Any] | None = None,
+        **settings: Any,
+    ) -> Iterator[list[str]]:
         """`generate`, yielding each batch's continuations as soon as the batch is done (so a long run can
         save what it has); `on_piece` is called for every text piece (roughly every token), for progress."""
         generation = GenerationSettings(**settings)
@@ -159,8 +177,9 @@ class Sampler:
                 yield piece
 
 
-def _text_pieces(tokens: list[int], streams: list[TextStream], done: list[bool], eot: int | None
-                 ) -> Iterator[tuple[int, str]]:
+def _text_pieces(
+    tokens: list[int], streams: list[TextStream], done: list[bool], eot: int | None
+) -> Iterator[tuple[int, str]]:
     """The (row, text piece) pairs that one step's tokens release. A row ends (`done`) at end-of-text or a stop
     string, with a final (possibly empty) piece."""
     for row, token in enumerate(tokens):

@@ -122,8 +122,10 @@ def create_app(scheduler: Scheduler, model_name: str, max_tokens: int) -> FastAP
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "gpt2"}]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "gpt2"}],
+        }
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
@@ -132,15 +134,26 @@ def create_app(scheduler: Scheduler, model_name: str, max_tokens: int) -> FastAP
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         if body.model not in (None, model_name):
-            return error(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
-                         param="model", kind="model_not_found")  # fmt: skip
+            return error(
+                404,
+                f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+                param="model",
+                kind="model_not_found",
+            )
         if body.max_tokens is not None and body.max_tokens > max_tokens:
-            return error(400, f"max_tokens must be <= {max_tokens} (this server's max_tokens), got {body.max_tokens}",
-                         param="max_tokens")  # fmt: skip
+            return error(
+                400,
+                f"max_tokens must be <= {max_tokens} (this server's max_tokens), got {body.max_tokens}",
+                param="max_tokens",
+            )
         sequences = len(body.prompts) * body.n
         if sequences > scheduler.max_waiting:
-            return error(400, f"{len(body.prompts)} prompts x n={body.n} is {sequences} sequences, more than this "
-                         f"server queues (max_waiting={scheduler.max_waiting}); split the request", param="n")
+            return error(
+                400,
+                f"{len(body.prompts)} prompts x n={body.n} is {sequences} sequences, more than this "
+                f"server queues (max_waiting={scheduler.max_waiting}); split the request",
+                param="n",
+            )
         try:
             job, prompt_tokens = _job(scheduler, body)
         except UserError as e:
@@ -157,8 +170,14 @@ def create_app(scheduler: Scheduler, model_name: str, max_tokens: int) -> FastAP
     return app
 
 
-def error(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
-          headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+def error(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    kind: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -185,8 +204,11 @@ def _job(scheduler: Scheduler, body: CompletionRequest) -> tuple[Job, list[int]]
     """The rows of a request, n per prompt (choice index = prompt * n + sample), and its prompts' token counts."""
     sampler = scheduler.sampler
     max_tokens = body.max_tokens or 16
-    params = SamplingParams(temperature=1.0 if body.temperature is None else body.temperature, top_k=body.top_k,
-                            top_p=1.0 if body.top_p is None else body.top_p)  # OpenAI's defaults for null
+    params = SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_k=body.top_k,
+        top_p=1.0 if body.top_p is None else body.top_p,
+    )  # OpenAI's defaults for null
     job = Job(asyncio.get_running_loop())
     prompt_tokens = []
     for p, prompt in enumerate(body.prompts):
@@ -199,8 +221,9 @@ def _job(scheduler: Scheduler, body: CompletionRequest) -> tuple[Job, list[int]]
         for i in range(body.n):
             index = p * body.n + i
             generator = sampler.new_generator(None if body.seed is None else body.seed + index)
-            job.rows.append(Row(job, index, ids, params, generator, TextStream(sampler.tokenizer, body.stop),
-                                max_tokens))  # fmt: skip
+            job.rows.append(
+                Row(job, index, ids, params, generator, TextStream(sampler.tokenizer, body.stop), max_tokens)
+            )
     return job, prompt_tokens
 
 
@@ -217,15 +240,23 @@ class _Reply:
         return self.body.prompts[index // self.body.n]
 
     def envelope(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
-        reply = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                 "choices": choices}  # fmt: skip
+        reply = {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if usage is not None:
             reply["usage"] = usage
         return reply
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}  # fmt: skip
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
 
 
 def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:

@@ -31,8 +31,11 @@ def run(cfg: Any) -> None:
     scheduler.start()
     app = create_app(scheduler, name, cfg.max_tokens)
     host, port = sock.getsockname()[:2]
-    print(f"serving {name} ({sampler.device}, {str(sampler.dtype).removeprefix('torch.')}) on http://{host}:{port}"
-          f" : OpenAI API at /v1, playground at /", flush=True)  # fmt: skip
+    print(
+        f"serving {name} ({sampler.device}, {str(sampler.dtype).removeprefix('torch.')}) on http://{host}:{port}"
+        f" : OpenAI API at /v1, playground at /",
+        flush=True,
+    )
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=cfg.shutdown_timeout_s)
     uvicorn.Server(config).run(sockets=[sock])
 
@@ -46,7 +49,9 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); stop what uses it or choose another port=...")
+        raise UserError(
+            f"cannot listen on {host}:{port} ({e.strerror}); stop what uses it or choose another port=..."
+        ) from None
     return sock
 
 

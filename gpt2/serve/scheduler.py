@@ -70,8 +70,9 @@ class Scheduler:
     def __init__(self, sampler: Sampler, rows: int, max_waiting: int) -> None:
         self.sampler, self.max_waiting = sampler, max_waiting
         sampler.prepare_for(rows)
-        self.batch = Batch(sampler.model, rows, sampler.model.config.block_size, decode=sampler.decode,
-                           static=sampler.static)  # fmt: skip
+        self.batch = Batch(
+            sampler.model, rows, sampler.model.config.block_size, decode=sampler.decode, static=sampler.static
+        )
         self.slots: list[Row | None] = [None] * rows
         self.waiting: deque[Row] = deque()
         self._wake = threading.Condition()
@@ -142,8 +143,9 @@ class Scheduler:
     def _sample(row: Row, logits: torch.Tensor) -> torch.Tensor:
         """The row's next token (1,), on the device: each row has its own settings and generator."""
         params = row.params
-        return sample_next_token(logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                                 generator=row.generator)  # fmt: skip
+        return sample_next_token(
+            logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, generator=row.generator
+        )
 
     def _admit(self) -> dict[int, torch.Tensor]:
         started = {}
