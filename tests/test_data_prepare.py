@@ -274,6 +274,7 @@ def test_builtin_names_match_the_config_group():
     assert names == set(BUILTIN) | {"text", "llmc", "instructions"}
 
 
+@pytest.mark.e2e
 def test_cli_prepares_and_rejects_bad_input_with_one_line(tmp_path):
     cmd = [sys.executable, str(ROOT / "data" / "prepare.py")]
     help = subprocess.run(cmd + ["--help"], capture_output=True, text=True).stdout  # the data group only
@@ -423,6 +424,7 @@ def test_errors_name_the_command_the_user_runs(tmp_path, monkeypatch):
     assert prepare_command("mine").startswith("python data/prepare.py data=text data.name=mine")
 
 
+@pytest.mark.e2e
 def test_progress_redirected_to_a_file_is_plain_lines(tmp_path):
     """tqdm's in-place redraw is one multi-kilobyte line in a log file; there it writes plain lines instead."""
     log = tmp_path / "prepare.log"

@@ -125,6 +125,7 @@ def test_gpt2_text_scores_every_token_and_every_byte(tmp_path):
     assert r.bytes == len(text.encode("utf-8"))
 
 
+@pytest.mark.e2e
 def test_cli_on_text_matches_library(tmp_path):
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 4
     tok = CharTokenizer.from_text(text)
@@ -147,6 +148,7 @@ def test_cli_on_text_matches_library(tmp_path):
     assert "bits/byte" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_bad_input_is_one_line(tmp_path, capsys):
     tok = CharTokenizer.from_text("abc \n")
     save_checkpoint(tmp_path / "run" / "ckpt.pt", tiny_gpt(vocab_size=tok.vocab_size).eval(), tok)

@@ -78,6 +78,7 @@ def export(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e
 def test_bad_input_is_one_line_and_nothing_is_overwritten(bpe_run, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -96,6 +97,7 @@ def test_bad_input_is_one_line_and_nothing_is_overwritten(bpe_run, tmp_path):
     assert r.returncode == 0 and (taken / "notes.txt").read_text() == "mine" and (taken / "config.json").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # needs llama-cpp-python, which builds llama.cpp from source (.ci/run installs it)
 def test_gguf_export_gives_llama_cpp_our_tokens_logits_and_greedy_text(tmp_path):
     """A trained GPT-2 BPE run exported to GGUF: llama.cpp (through llama-cpp-python) tokenizes like us, computes

@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: `make gpu-check` runs the real thing")
 def test_gpu_check_without_a_gpu_runs_nothing_and_says_so(tmp_path):
     before = (ROOT / "BENCHMARKS.md").read_text()

@@ -142,6 +142,7 @@ def edit_config(d, **changes) -> None:
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+@pytest.mark.e2e
 def test_hub_name_offline_says_how_to_fix(monkeypatch):
     import huggingface_hub.constants
 

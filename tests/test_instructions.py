@@ -230,6 +230,7 @@ def test_other_bad_input_is_one_error(tmp_path):
     assert json.loads((out / "meta.json").read_text())["splits"]["train"]["documents"] == 9
 
 
+@pytest.mark.e2e
 def test_a_split_without_a_target_within_block_size_is_one_error_at_start(tmp_path):
     """Prompts longer than the context leave no completion token to train or evaluate on: the run used to
     train nothing and log val loss nan, exit 0. Now it stops before building a model."""
@@ -272,6 +273,7 @@ def test_examples_never_span_two_shards(tmp_path):
         open_dataset(str(out))
 
 
+@pytest.mark.e2e
 def test_cli_prepares_trains_by_epochs_and_samples(tmp_path):
     """The README's instruction fine-tuning commands, end to end on a tiny model: prepare, train one epoch in
     the epoch order, sample from the run."""
@@ -343,6 +345,7 @@ def test_cli_prepares_trains_by_epochs_and_samples(tmp_path):
     assert bad.stderr.strip().count("\n") == 0 and "bad.jsonl:2: an example needs 'prompt'" in bad.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_two_processes_match_one_on_instruction_data(sft_data, tmp_path):
     """DDP with gradient accumulation on examples with different numbers of targets: every rank weighs its

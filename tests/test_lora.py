@@ -56,6 +56,7 @@ def base_run(char_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_lora_run_trains_adapters_only_resumes_exactly_and_samples_merged(char_data, base_run, tmp_path):
     from gpt2.export import run as export
@@ -104,6 +105,7 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_samples_merged(char_d
     assert len(texts) == 1 and len(texts[0]) == 8
 
 
+@pytest.mark.e2e
 def test_lora_bad_inputs_are_one_line(char_data, base_run, tmp_path):
     from conftest import compose
 
@@ -141,6 +143,7 @@ def test_lora_bad_inputs_are_one_line(char_data, base_run, tmp_path):
     assert p.returncode == 2 and "lora.rank=8 disagrees with the run" in p.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_lora_run_from_an_hf_base_exports_to_peft_and_merged_hf_with_our_logits(bpe_data, tmp_path):
     """A LoRA fine-tune of a Hugging Face base: format=peft loads with peft.PeftModel onto that base, format=hf is
@@ -206,6 +209,7 @@ def test_lora_run_from_an_hf_base_exports_to_peft_and_merged_hf_with_our_logits(
         export(OmegaConf.create({"checkpoint": str(full), "out_dir": str(tmp_path / "x"), "format": "peft"}))
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # ~30 s each: half precision is emulated on CPUs without native bf16 / fp16 matmuls
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_a_half_precision_run_keeps_the_frozen_base_in_that_dtype_and_the_adapters_in_fp32(

@@ -23,6 +23,7 @@ echo "$*" >> "$PIP_LOG"
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("machine", ["no gpu", "nvidia gpu", "torch already there"])
 def test_make_install_picks_the_pytorch_build_for_the_machine(tmp_path, machine):
     fake = tmp_path / "python3"
@@ -75,6 +76,7 @@ def offline_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_wheel_install_runs_the_console_scripts_from_anywhere_offline(tmp_path):
     src = tmp_path / "src"  # the tree as a fresh clone has it (build outputs stay out of the checkout)

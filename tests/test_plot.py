@@ -111,6 +111,7 @@ def test_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert "pip install 'gpt2[plot]'" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_cli_prints_the_path(tmp_path):
     write_metrics(tmp_path / "run")
     proc = subprocess.run(

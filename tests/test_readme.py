@@ -99,6 +99,7 @@ def test_readme_command_composes_and_validates(command, parsed):
     config.to_object(cfg, getattr(config, schema))
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_readme_demo_runs_as_written(tmp_path):
     """The demo block, verbatim, with tiny overrides appended so that it takes seconds."""

@@ -36,6 +36,7 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / "run"))
 
 
+@pytest.mark.e2e
 def test_a_second_trainer_on_the_same_out_dir_fails_naming_the_first(char_data, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(
@@ -65,6 +66,7 @@ def test_a_second_trainer_on_the_same_out_dir_fails_naming_the_first(char_data, 
     assert "step 4 | loss" in third.stdout
 
 
+@pytest.mark.e2e
 def test_resume_applies_changed_optimizer_settings_from_the_resume_step(char_data, four_steps, tmp_path):
     from gpt2.config import OptimConfig
     from gpt2.optim import lr_at
@@ -84,6 +86,7 @@ def test_resume_applies_changed_optimizer_settings_from_the_resume_step(char_dat
     assert ckpt["config"]["optim"]["lr"] == 1e-5 and "lr: 1.0e-05" in (out / "config.yaml").read_text()
 
 
+@pytest.mark.e2e
 def test_a_rerun_that_contradicts_the_run_in_out_dir_is_refused(char_data, four_steps, tmp_path):
     out = copy_of(four_steps, tmp_path)
     config = (out / "config.yaml").read_text()
@@ -97,6 +100,7 @@ def test_a_rerun_that_contradicts_the_run_in_out_dir_is_refused(char_data, four_
     assert (out / "config.yaml").read_text() == config  # nothing rewritten
 
 
+@pytest.mark.e2e
 def test_a_resume_drops_a_partial_metrics_line_and_stale_temporaries(char_data, four_steps, tmp_path):
     """A resume drops a cut-short metrics line and stale save temporaries; an unchanged dataset draws no warning."""
     out = copy_of(four_steps, tmp_path)
@@ -220,6 +224,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]  # no temporary left behind
 
 
+@pytest.mark.e2e
 def test_resuming_on_a_re_prepared_dataset_says_so(char_data, four_steps, tmp_path):
     import shutil
 
@@ -232,6 +237,7 @@ def test_resuming_on_a_re_prepared_dataset_says_so(char_data, four_steps, tmp_pa
     assert f"warning: {data} was prepared again since this run's last checkpoint" in p.stdout
 
 
+@pytest.mark.e2e
 def test_a_signal_during_a_long_eval_stops_promptly_and_the_resume_redoes_it(char_data, tmp_path):
     """eval_iters=1000 makes the eval at step 6 take seconds: the stop must not wait for it to end."""
     out = tmp_path / "run"
@@ -289,6 +295,7 @@ FORMAT_1_RUN = [
 """The run of tests/fixtures/format1_ckpt.pt (6 steps; tests/fixtures/make_format1_ckpt.py writes it)."""
 
 
+@pytest.mark.e2e
 def test_a_checkpoint_of_format_1_resumes_exactly(char_data, tmp_path):
     """Checkpoints written before the optimizer state was keyed by parameter name (format 1, tests/fixtures:
     6 steps of the run below, with dropout) upgrade on load and continue on the uninterrupted run's weights."""

@@ -41,6 +41,7 @@ def run_ok(capsys, **cfg) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_cli_char_checkpoint_writes_jsonl(char_run, tmp_path, capsys):
     out = tmp_path / "samples.jsonl"
     r = sample(
@@ -66,6 +67,7 @@ def test_cli_char_checkpoint_writes_jsonl(char_run, tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 4
 
 
+@pytest.mark.e2e
 def test_cli_prompt_from_stdin_and_files(char_run, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("JULIET:")
     r = sample(f"checkpoint={char_run}", "max_new_tokens=10", "temperature=0", "prompt=-", input="JULIET:")
@@ -87,6 +89,7 @@ def test_cli_gpt2_tokenizer_checkpoint_with_stop(tmp_path, capsys):
     assert json.loads((tmp_path / "t.jsonl").read_text())["sample"] == full[: full.index(stop)]
 
 
+@pytest.mark.e2e
 def test_cli_hf_layout_dir(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -116,6 +119,7 @@ class Gadget:
     """A pickled object of a custom class: weights_only loading refuses it."""
 
 
+@pytest.mark.e2e
 def test_cli_bad_inputs_subprocess(char_run, tmp_path):
     torch.save({"model": Gadget()}, tmp_path / "evil.pt")
     r = sample(f"checkpoint={tmp_path / 'evil.pt'}")
@@ -207,6 +211,7 @@ def test_free_text_quoting_round_trips_through_hydra(prompt):
         assert compose("sample", overrides=[*quoted, "init_from=gpt2"]).prompt == "already, quoted"
 
 
+@pytest.mark.e2e
 def test_cli_prompt_with_commas_quotes_and_equals_is_taken_as_typed(char_run):
     prompt = 'ROMEO: O, my lord, \'tis "so"=yes'
     gpt2_run = save_checkpoint(Path(str(char_run) + "_gpt2"), GPT2Tokenizer())
@@ -215,6 +220,7 @@ def test_cli_prompt_with_commas_quotes_and_equals_is_taken_as_typed(char_run):
     assert r.stdout.startswith(prompt)
 
 
+@pytest.mark.e2e
 def test_help_lists_only_what_sample_py_takes():
     r = sample("--help")
     assert r.returncode == 0
@@ -222,6 +228,7 @@ def test_help_lists_only_what_sample_py_takes():
     assert "experiment" not in r.stdout and "optim" not in r.stdout and "Configuration groups" not in r.stdout
 
 
+@pytest.mark.e2e
 def test_misspelled_keys_added_with_plus_fail(char_run):
     r = sample(f"checkpoint={char_run}", "+promt=hi")
     assert r.returncode == 2 and r.stderr.strip() == (
@@ -229,6 +236,7 @@ def test_misspelled_keys_added_with_plus_fail(char_run):
     )
 
 
+@pytest.mark.e2e
 def test_an_output_that_cannot_be_written_fails_before_sampling(char_run, tmp_path):
     r = sample(f"checkpoint={char_run}", f"output={tmp_path / 'no' / 'such' / 'dir' / 's.jsonl'}", "max_new_tokens=5")
     assert r.returncode == 2 and r.stdout == ""  # nothing generated first

@@ -107,12 +107,14 @@ def greedy(checkpoint) -> dict[str, str]:
     }
 
 
+@pytest.mark.e2e
 def test_models_and_health(server):
     assert [m.id for m in server.client.models.list().data] == ["serve_run0"]
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["model"] == "serve_run0"
 
 
+@pytest.mark.e2e
 def test_openai_client_greedy_equals_sample_py(server, greedy):
     reply = server.client.completions.create(model="serve_run0", prompt=PROMPTS, max_tokens=20, temperature=0)
     assert [c.index for c in reply.choices] == [0, 1, 2, 3]
@@ -123,6 +125,7 @@ def test_openai_client_greedy_equals_sample_py(server, greedy):
     )
 
 
+@pytest.mark.e2e
 def test_openai_client_streaming_and_n(server, greedy):
     pieces: dict[int, str] = {}
     chunks = server.client.completions.create(
@@ -137,6 +140,7 @@ def test_openai_client_streaming_and_n(server, greedy):
     assert pieces == {0: greedy[PROMPTS[1]], 1: greedy[PROMPTS[1]]} and reasons == {0: "length", 1: "length"}
 
 
+@pytest.mark.e2e
 def test_seeded_sampling_is_reproducible_and_choices_differ(server):
     def ask(seed: int) -> list[str]:
         reply = server.client.completions.create(
@@ -149,6 +153,7 @@ def test_seeded_sampling_is_reproducible_and_choices_differ(server):
     assert len(set(first)) == 3
 
 
+@pytest.mark.e2e
 def test_stop_strings_and_echo(server, greedy):
     full = greedy[PROMPTS[0]]
     stop = full[5:8]
@@ -158,6 +163,7 @@ def test_stop_strings_and_echo(server, greedy):
     assert cut.text == PROMPTS[0] + full[: full.index(stop)] and cut.finish_reason == "stop"
 
 
+@pytest.mark.e2e
 def test_curl_streams_server_sent_events(server, greedy):
     body = json.dumps(
         {
@@ -192,6 +198,7 @@ def test_curl_streams_server_sent_events(server, greedy):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 20
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "body, status, param, message",
     [
@@ -220,6 +227,7 @@ def test_bad_requests_get_an_error_naming_the_field_and_the_server_keeps_serving
     assert server.post(prompt="x", max_tokens=2).status_code == 200
 
 
+@pytest.mark.e2e
 def test_a_prompt_longer_than_the_context_keeps_its_tail_with_a_warning(server):
     reply = server.post(prompt=" word" * 100, max_tokens=5, temperature=0)  # 100 tokens, block_size 64
     assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == 59
@@ -229,16 +237,19 @@ def test_a_prompt_longer_than_the_context_keeps_its_tail_with_a_warning(server):
     )
 
 
+@pytest.mark.e2e
 def test_a_body_that_is_not_json_is_400(server):
     reply = httpx.post(server.url + "/v1/completions", content=b"{nope", headers={"Content-Type": "application/json"})
     assert reply.status_code == 400 and reply.json()["error"]["message"] == "the request body is not valid JSON"
 
 
+@pytest.mark.e2e
 def test_the_openai_client_raises_on_a_bad_request(server):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         server.client.completions.create(model="serve_run0", prompt="x", temperature=-1)
 
 
+@pytest.mark.e2e
 def test_load_test_every_response_checked(server, greedy):
     """64 requests over 8 concurrent clients (a 4-row batch: requests join and leave it), each checked."""
 
@@ -257,6 +268,7 @@ def test_load_test_every_response_checked(server, greedy):
     assert httpx.get(server.url + "/health").json()["running"] == 0
 
 
+@pytest.mark.e2e
 def test_a_client_that_leaves_mid_stream_frees_its_row(server):
     body = {"prompt": "Hello", "max_tokens": 1000, "temperature": 1.0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as reply:
@@ -286,6 +298,7 @@ def test_a_full_queue_answers_503_with_retry_after(checkpoint):
     assert "server busy" in reply.json()["error"]["message"]
 
 
+@pytest.mark.e2e
 def test_sigterm_lets_a_streaming_request_finish_then_exits(checkpoint):
     server = Server(checkpoint)
     body = {"prompt": "Hello", "max_tokens": 60, "temperature": 0, "stream": True}
@@ -300,6 +313,7 @@ def test_sigterm_lets_a_streaming_request_finish_then_exits(checkpoint):
     assert "Finished server process" in "".join(server.output)
 
 
+@pytest.mark.e2e
 def test_port_in_use_and_bad_keys_are_one_line_exit_2(server, checkpoint):
     port = server.url.rsplit(":", 1)[1]
     for args, message in (
@@ -320,6 +334,7 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_playground_page_streams_a_completion_in_headless_chromium(server, greedy, tmp_path):
     if chromium() is None:
@@ -345,6 +360,7 @@ def test_playground_page_streams_a_completion_in_headless_chromium(server, greed
     assert (tmp_path / "playground.png").stat().st_size > 10_000
 
 
+@pytest.mark.e2e
 def test_readme_serving_examples_run_as_written(server, capsys):
     """The README's curl and openai-client examples, pointed at this server and its model name."""
     section = (ROOT / "README.md").read_text().split("## Serving")[1].split("\n## ")[0]

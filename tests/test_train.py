@@ -33,6 +33,7 @@ from conftest import (
 # ------------------------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.e2e
 def test_cli_trains_checkpoints_and_logs(char_data, tmp_path):
     out = tmp_path / "run"
     p = train(
@@ -79,6 +80,7 @@ def uninterrupted(char_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
 def test_resume_after_interrupt_is_exact(char_data, tmp_path, uninterrupted, sig):
     out = tmp_path / "run"
@@ -98,6 +100,7 @@ def test_resume_after_interrupt_is_exact(char_data, tmp_path, uninterrupted, sig
     assert [r["step"] for r in records(out, "eval")] == [r["step"] for r in records(uninterrupted, "eval")]
 
 
+@pytest.mark.e2e
 def test_finetune_from_our_checkpoint_starts_at_step_zero(char_data, tmp_path, uninterrupted):
     out = tmp_path / "ft"
     p = train(
@@ -123,6 +126,7 @@ def test_finetune_from_our_checkpoint_starts_at_step_zero(char_data, tmp_path, u
 # ------------------------------------------------------------------------------------------------ fine-tune from HF
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_finetune_from_hf_directory(bpe_data, tmp_path):
     hf_dir = hf_model_dir(tmp_path / "hf")
@@ -163,6 +167,7 @@ def test_finetune_from_hf_directory(bpe_data, tmp_path):
     assert p.returncode == 2 and "the model's vocabulary has 100 tokens" in p.stderr, p.stderr
 
 
+@pytest.mark.e2e
 def test_hellaswag_during_training_is_logged_like_val_loss(bpe_data, char_data, tmp_path):
     """eval.hellaswag_interval scores a local HellaSwag file every N steps into metrics.jsonl; a char-vocabulary
     dataset is refused before training."""
@@ -209,6 +214,7 @@ def test_hellaswag_during_training_is_logged_like_val_loss(bpe_data, char_data, 
 # ------------------------------------------------------------------------------------------------ optimizers
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "optim", [["optim=muon"], ["optim.schedule=wsd", "optim.decay_fraction=0.5"]], ids=["muon", "adamw-wsd"]
 )
@@ -229,6 +235,7 @@ def test_optimizer_and_schedule_runs_learn(char_data, tmp_path, optim):
 # ------------------------------------------------------------------------------------------------ wandb
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_wandb_offline_run_writes_files_and_resumes_same_run(char_data, tmp_path):
     pytest.importorskip("wandb")
@@ -392,6 +399,7 @@ def test_a_checkpoint_is_written_in_the_background_from_a_snapshot(tmp_path, mon
         writer.save()
 
 
+@pytest.mark.e2e
 def test_bad_inputs_fail_with_one_line(char_data, tmp_path):
     from gpt2.config import TrainRunConfig, to_object
     from gpt2.distributed import DistInfo
@@ -431,6 +439,7 @@ def test_bad_inputs_fail_with_one_line(char_data, tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_resume_with_other_architecture_or_data_fails(char_data, tmp_path):
     from gpt2.config import DataConfig
     from gpt2.data.prepare import prepare
@@ -447,6 +456,7 @@ def test_resume_with_other_architecture_or_data_fails(char_data, tmp_path):
     assert p.returncode == 2 and "tokenizer" in p.stderr, p.stderr
 
 
+@pytest.mark.e2e
 def test_multirun_jobs_get_their_own_out_dirs(char_data, tmp_path):
     out = tmp_path / "sweep"
     train(

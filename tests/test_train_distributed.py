@@ -24,6 +24,7 @@ def single(char_data, tmp_path_factory) -> Path:  # noqa: F811
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "parallelism, checkpointing",
@@ -58,6 +59,7 @@ def test_two_processes_match_one(char_data, tmp_path, single, parallelism, check
     assert records(out)[-1]["step"] == 10
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_an_out_dir_that_is_not_shared_by_every_rank_is_one_error(char_data, tmp_path):  # noqa: F811
     """Node-local disks, simulated: each rank's out_dir is its own folder. Without the check one node would resume
@@ -82,6 +84,7 @@ def test_an_out_dir_that_is_not_shared_by_every_rank_is_one_error(char_data, tmp
     assert not (tmp_path / "node0" / "ckpt.pt").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("first, then", [("none", "fsdp"), ("fsdp", "none")])
 def test_a_run_resumes_under_another_parallelism_and_world_size(char_data, tmp_path, single, first, then):  # noqa: F811
@@ -103,6 +106,7 @@ def test_a_run_resumes_under_another_parallelism_and_world_size(char_data, tmp_p
     assert curve(out) == pytest.approx(curve(single), abs=1e-4, rel=0)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # ~30-50 s each: torch.compile (inductor, CPU C++) on two ranks
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_compiled_runs_match_one_eager_process(char_data, tmp_path, single, parallelism):  # noqa: F811
@@ -219,6 +223,7 @@ def test_fsdp_gathers_half_precision_weights_and_keeps_gradients_sharded_between
         }
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_two_nodes_through_the_c10d_rendezvous_match_one_process(char_data, tmp_path, single):  # noqa: F811
     """Multi-node as README says to launch it: two torchrun agents (one process each) meeting at a c10d
@@ -343,6 +348,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_a_finished_run_destroys_its_process_group_before_shutdown(char_data, tmp_path, parallelism):  # noqa: F811
