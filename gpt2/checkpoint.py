@@ -32,9 +32,11 @@ from typing import Any, Callable, Protocol
 import torch
 
 from gpt2 import distributed
+from gpt2.config import OptimConfig
 from gpt2.errors import UserError
 from gpt2.files import atomic_write, temporary_path
 from gpt2.model import GPT, GPTConfig
+from gpt2.optim import build_optimizer
 
 CHECKPOINT_FORMAT = 2
 """2: optimizer state keyed by parameter name, one loader entry. Format 1 files are upgraded on load."""
@@ -131,9 +133,6 @@ def _upgrade_from_format_1(ckpt: dict[str, Any]) -> dict[str, Any]:
     one loader entry per rank. The index -> name map is rebuilt from the optimizers the run's config builds,
     on the meta device (no memory)."""
     if "optimizer" in ckpt:
-        from gpt2.config import OptimConfig
-        from gpt2.optim import build_optimizer
-
         with torch.device("meta"):
             model = GPT(GPTConfig(**ckpt["model_config"]))
         optimizers = build_optimizer(model, OptimConfig(**ckpt["config"]["optim"]), "cpu").optimizers

@@ -3,7 +3,11 @@
 The dataclass defaults are the only defaults; YAML files in `configs/` select presets and experiments.
 Unknown or mistyped keys fail when Hydra composes the config. Values are checked in `__post_init__`
 (which runs when `to_object` turns Hydra's DictConfig into these dataclasses): each problem raises
-`UserError` naming the key and the fix. Derived values are properties here, never re-derived elsewhere.
+`UserError` naming the key and the fix. Values derived from other keys alone are properties here
+(`OptimConfig.final_lr`, ...). Three values need the run itself, and the trainer resolves them once, at start, into
+the run's config (which config.yaml and the checkpoint record): `model.*` from a fine-tuning init or the checkpoint
+being resumed, `train.grad_accum_steps` from `train.tokens_per_step` and the world size, and `train.max_iters` from
+`train.epochs` and the dataset. Nothing else changes a config.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from gpt2.errors import UserError
+from gpt2.model import GPT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,8 +86,6 @@ def available_memory(device: torch.device) -> int | None:
 def check_memory(config, device: torch.device, shards: int = 1) -> None:
     """UserError, before anything is allocated, when the model's weights, gradients and AdamW state alone
     (split over `shards` FSDP ranks) exceed the memory `device` has available; activations come on top."""
-    from gpt2.model import GPT
-
     with torch.device("meta"):
         params = sum(p.numel() for p in GPT(config).parameters())
     need, have = TRAINING_BYTES_PER_PARAM * params // shards, available_memory(device)

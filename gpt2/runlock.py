@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from gpt2 import distributed
 from gpt2.errors import UserError
 
 LOCK_NAME = ".lock"
@@ -28,8 +29,6 @@ def check_shared(out_dir: str | Path, is_main: bool) -> None:
     """Under torchrun: UserError on every rank unless every rank sees rank 0's out_dir (its lock file, with rank
     0's own words in it). Rank 0 alone writes checkpoints and all ranks resume from them, so an out_dir on
     node-local disks would make one node resume and another start over, then hang in mismatched collectives."""
-    from gpt2 import distributed
-
     path = Path(out_dir) / LOCK_NAME
     # Rank 0 reaches the broadcast holding the lock, its words written; the others read only after it.
     theirs = distributed.broadcast_object(path.read_text() if is_main else None)

@@ -12,6 +12,7 @@ import json
 from typing import Iterable, Protocol
 
 from gpt2.errors import UserError
+from gpt2.resources import GPT2_BPE_DIR
 
 GPT2_EOT = 50256
 
@@ -109,8 +110,6 @@ def gpt2_encoding():
     encoder.py): printable Latin-1 characters stand for themselves, the other 68 bytes for chr(256 + i)."""
     import tiktoken
     from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
-
-    from gpt2.resources import GPT2_BPE_DIR
 
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
     others = [b for b in range(256) if b not in printable]

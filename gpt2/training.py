@@ -38,6 +38,7 @@ from gpt2.device import autocast, configure_backends, resolve_dtype
 from gpt2.distributed import DistInfo, FullModelState, print0
 from gpt2.divergence import DivergenceWatch
 from gpt2.errors import UserError, exit_on_user_error
+from gpt2.eval import hellaswag
 from gpt2.flops import mfu, peak_flops
 from gpt2.lora import adapter_names
 from gpt2.metrics import MetricsLogger
@@ -346,8 +347,6 @@ class Trainer:
 
     def evaluate_hellaswag(self) -> None:
         """HellaSwag acc / acc_norm (ranks score disjoint examples, then all-reduce), logged like val loss."""
-        from gpt2.eval import hellaswag
-
         metrics = hellaswag.training_metrics(
             self.model,
             self.ds.tokenizer,
@@ -361,8 +360,6 @@ class Trainer:
 
     def _load_hellaswag(self) -> list:
         """The examples for in-training HellaSwag: checked before training, downloaded once by rank 0."""
-        from gpt2.eval import hellaswag
-
         path, limit = self.cfg.eval.hellaswag_path, self.cfg.eval.hellaswag_limit
         hellaswag.check_tokenizer(self.ds.tokenizer)
         if self.info.is_main:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from gpt2.config import to_dict
 from gpt2.data.shards import open_tokens, read_header
 from gpt2.errors import UserError
 from gpt2.files import atomic_write_text
@@ -60,8 +61,6 @@ def new_meta(
     split_rule: str,
 ) -> dict:
     """A dataset's meta.json: tokenizer, vocabulary, shards per split ({file, tokens, max_token}) and provenance."""
-    from gpt2.config import to_dict
-
     return {
         "name": data.name,
         "format": {"magic": 20240520, "version": 1, "header_bytes": 1024, "dtype": "uint16"},

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from gpt2.config import DataConfig
-from gpt2.data.shards import TOKEN_DTYPE, ShardWriter
+from gpt2.data.shards import TOKEN_DTYPE, ShardWriter, val_choice
 from gpt2.errors import UserError
 from gpt2.progress import progress_bar
 from gpt2.tokenizer import GPT2Tokenizer
@@ -176,8 +176,6 @@ def write_examples(
     """Tokenize the rows of `source` (and `val_source`) into `stage`. Returns (shard records per split,
     examples per split, the split rule). The split: `val_source` is val; else `data.val_fraction` of the rows,
     chosen with `data.seed` (at least one, at most all but one)."""
-    from gpt2.data.prepare import _val_mask
-
     tokenizer = GPT2Tokenizer()
     for src in (s for s in (source, val_source) if s is not None):
         next(iter(src.rows()), None)  # a text file among the sources is an error before any work
@@ -192,7 +190,7 @@ def write_examples(
                 f"data.source={data.source} holds {n} example(s): a validation split needs at least 2; "
                 "add examples, give a data.val_source, or set data.val_fraction=0"
             )
-        val_mask = _val_mask(n, data.val_fraction, data.seed)
+        val_mask = val_choice(n, data.val_fraction, data.seed)
         rule = f"{int(val_mask.sum())} of {n} examples val, chosen with seed {data.seed}"
     writers = {split: ExampleWriter(stage, split, data.shard_tokens) for split in ("train", "val")}
     bar = progress_bar(desc=f"tokenizing {data.name}", unit="ex", smoothing=0.1, mininterval=1.0, delay=2.0)

@@ -35,11 +35,14 @@ import numpy as np
 from omegaconf import DictConfig
 
 from gpt2.config import DataConfig, PrepareConfig, to_object
+from gpt2.data.adopt import adopt
 from gpt2.data.dataset import META_FILE, dataset_dir, new_meta, write_meta
-from gpt2.data.shards import MAX_VOCAB, TOKEN_DTYPE, ShardWriter
+from gpt2.data.instructions import write_examples
+from gpt2.data.shards import MAX_VOCAB, TOKEN_DTYPE, ShardWriter, val_choice
 from gpt2.data.sources import Source, open_source
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.progress import progress_bar
+from gpt2.resources import CONFIG_DIR
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 
 BATCH_PIECES = 1024  # documents tokenized together (spread over the threads)
@@ -106,8 +109,6 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
 
 def _prepare_examples(data: DataConfig, out_dir: Path, source: Source, val_source: Optional[Source]) -> Path:
     """data.builder=instructions: rows -> example shards with loss masks (see gpt2.data.instructions)."""
-    from gpt2.data.instructions import write_examples
-
     print(
         f"preparing {out_dir} from {source!r}"
         + (f" (val: {val_source!r})" if val_source else "")
@@ -210,8 +211,6 @@ def _swap_in(stage: Path, out_dir: Path, meta: dict) -> None:
 
 def _adopt(data: DataConfig, out_dir: Path) -> Path:
     """data.builder=shards: link a folder of llm.c shards in and write its meta.json (see gpt2.data.adopt)."""
-    from gpt2.data.adopt import adopt
-
     out_dir.mkdir(parents=True, exist_ok=True)
     if Path(data.source or "").expanduser().resolve() != out_dir.resolve():
         _clear(out_dir)  # our links from an earlier adoption; shards adopted in place are the user's
@@ -240,8 +239,6 @@ def _cli(cfg: DictConfig) -> None:
 def main() -> None:
     """Console script `gpt2-prepare`: the same Hydra command line as `python data/prepare.py`."""
     import hydra
-
-    from gpt2.resources import CONFIG_DIR
 
     hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="prepare")(_cli)()
 
@@ -345,7 +342,7 @@ def _plan_split(
             cuts = [int(n * (1 - data.val_fraction)) for n in lengths]
             rule = f"{n_docs} document(s), each split by characters: the first {1 - data.val_fraction:g} train"
         else:
-            val_mask = _val_mask(n_docs, data.val_fraction, data.seed)
+            val_mask = val_choice(n_docs, data.val_fraction, data.seed)
             rule = f"{int(val_mask.sum())} of {n_docs} documents val, chosen with seed {data.seed}"
     if char_vocab and cuts is None:
         for src in (source, val_source):
@@ -363,13 +360,6 @@ def _scan_chars(source: Source) -> tuple[list[int], set[str]]:
             lengths.append(n)
             n = 0
     return lengths, chars
-
-
-def _val_mask(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
-    n_val = min(max(1, round(n_docs * val_fraction)), n_docs - 1)
-    mask = np.zeros(n_docs, dtype=bool)
-    mask[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
-    return mask
 
 
 def _split_by_docs(source: Source, val_source: Optional[Source], val_mask: Optional[np.ndarray]) -> Iterator[Item]:

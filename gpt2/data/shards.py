@@ -139,3 +139,12 @@ class ShardWriter:
         path = self._path()
         os.replace(self._tmp_path(), path)
         self.shards.append({"file": path.name, "tokens": self._count, "max_token": self._max})
+
+
+def val_choice(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Which of `n_docs` documents (or rows) are held out for validation: `val_fraction` of them, chosen with
+    `seed`, at least one and at most all but one."""
+    n_val = min(max(1, round(n_docs * val_fraction)), n_docs - 1)
+    mask = np.zeros(n_docs, dtype=bool)
+    mask[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
+    return mask

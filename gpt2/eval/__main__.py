@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from gpt2.errors import UserError, exit_on_user_error
+from gpt2.eval import hellaswag, perplexity
 
 USAGE = (
     "usage: python -m gpt2.eval perplexity checkpoint=<run>|init_from=gpt2 data=<name>|text=<file> [key=value ...]\n"
@@ -20,12 +21,8 @@ def main(argv: list[str]) -> dict | None:
         return None
     command, args = argv[0], argv[1:]
     if command == "perplexity":
-        from gpt2.eval import perplexity
-
         return perplexity.main(args)
     if command == "hellaswag":
-        from gpt2.eval import hellaswag
-
         return hellaswag.main(args)
     raise UserError(f"unknown command {command!r}; use `python -m gpt2.eval perplexity|hellaswag key=value ...`")
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2 import loading
+from gpt2.data import open_dataset
 from gpt2.device import autocast, resolve_device, resolve_dtype
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.eval.config import PerplexityConfig, parse
@@ -200,8 +201,6 @@ def split_tokens(data: str, data_root: str, split: str, tokenizer: Any) -> np.nd
 
     The dataset's tokenizer must be the model's: ids of one vocabulary mean nothing to another.
     """
-    from gpt2.data import open_dataset
-
     ds = open_dataset(data, data_root=data_root)
     ds.check_tokenizer(tokenizer.to_dict(), what="the model")
     parts = [ds.tokens(shard) for shard in ds.shards(split)]

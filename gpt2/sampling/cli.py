@@ -13,12 +13,14 @@ from typing import Any, Iterator
 
 import hydra
 
+from gpt2.cli import quote_free_text
 from gpt2.config import (  # importing gpt2.config registers `sample_schema` with Hydra
     GenerationSettings,
     SampleConfig,
     to_object,
 )
 from gpt2.errors import UserError, exit_on_user_error
+from gpt2.progress import progress_bar
 from gpt2.resources import CONFIG_DIR
 from gpt2.sampling.sampler import Sampler
 
@@ -156,8 +158,6 @@ def _in_batches(
     sampler: Sampler, rows: list[str], cfg: SampleConfig, settings: GenerationSettings
 ) -> Iterator[list[str]]:
     """Samples a batch at a time, printed when the batch is done, with a progress bar on stderr meanwhile."""
-    from gpt2.progress import progress_bar
-
     done = 0
     with progress_bar(total=len(rows) * cfg.max_new_tokens, unit="tok", desc="sampling") as bar:
         for texts in sampler.generate_batches(rows, batch_size=cfg.batch_size, on_piece=bar.update, **asdict(settings)):
@@ -181,7 +181,5 @@ def _append_samples(path: str, texts: list[str], prompts: list[tuple[int, str]],
 
 def main() -> None:
     """Console script `gpt2-sample`: the same command as `python sample.py`."""
-    from gpt2.cli import quote_free_text
-
     sys.argv = quote_free_text(sys.argv)
     hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")(exit_on_user_error(run))()

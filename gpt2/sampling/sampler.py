@@ -12,6 +12,7 @@ import torch
 
 from gpt2 import loading
 from gpt2.config import GenerationSettings
+from gpt2.device import resolve_device, resolve_dtype
 from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.sampling.engine import DecodeFn, decode_step, generate, use_decode_layout, window_size
@@ -38,8 +39,6 @@ class Sampler:
         dtype: str = "auto",
         compile: bool = False,
     ) -> None:
-        from gpt2.device import resolve_device, resolve_dtype
-
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dtype = resolve_dtype(dtype, self.device)  # weights and KV cache: no fp32 master copy
         self.model = model.eval().to(device=self.device, dtype=self.dtype)

@@ -9,20 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import uvicorn
 
 from gpt2.config import ServeConfig, to_object  # importing gpt2.config registers `serve_schema` with Hydra
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.resources import CONFIG_DIR
+from gpt2.sampling import Sampler
+from gpt2.serve.api import create_app
+from gpt2.serve.scheduler import Scheduler
 
 
 def run(cfg: Any) -> None:
     """Serve as `cfg` (a ServeConfig or Hydra DictConfig) says, until SIGTERM or Ctrl-C."""
-    import uvicorn
-
-    from gpt2.sampling import Sampler
-    from gpt2.serve.api import create_app
-    from gpt2.serve.scheduler import Scheduler
-
     cfg = cfg if isinstance(cfg, ServeConfig) else to_object(cfg, ServeConfig)
     sock = listen(cfg.host, cfg.port)  # before loading the model: a port in use fails at once
     sampler = Sampler.load(cfg.checkpoint, cfg.init_from, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile)
