@@ -4,9 +4,9 @@
 loop reads like nanoGPT's: maybe evaluate and checkpoint, `train_step()`, log. Everything else lives in its own
 module: the model a run starts from (resume, fine-tuning init, scratch, LoRA) in `gpt2.run_model`, LR schedule,
 optimizers and clipping in `gpt2.optim`, process groups in `gpt2.distributed`, batches in `gpt2.data`, logging in
-`gpt2.metrics`, MFU in `gpt2.flops`, NaN/inf detection in `gpt2.divergence`, the checkpoint file and
-`Checkpointer` (which saves and restores every resumable component, listed in `Trainer.__init__`) in
-`gpt2.checkpoint`.
+`gpt2.metrics`, MFU in `gpt2.flops`, NaN/inf detection in `gpt2.divergence`, stop signals in `gpt2.stopping`,
+the checkpoint file and `Checkpointer` (which saves and restores every resumable component, listed in
+`Trainer.__init__`) in `gpt2.checkpoint`.
 
 A run lives in `out_dir`: `ckpt.pt` (latest, atomic), `best.pt` (lowest val loss), the resolved
 `config.yaml` and `metrics.jsonl`. If `out_dir/ckpt.pt` exists, the same command resumes it exactly: model,
@@ -17,10 +17,8 @@ SIGTERM/SIGINT/SIGHUP finish the current step, write a checkpoint and exit; `run
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,9 +46,7 @@ from gpt2.resources import CONFIG_DIR
 from gpt2.rng import RankRNG
 from gpt2.run_model import MODEL_KEYS, build_model
 from gpt2.runlock import check_shared, run_lock
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-"""Signals that stop a run with a checkpoint: a scheduler's notice, Ctrl-C, a closed terminal or dropped ssh."""
+from gpt2.stopping import StopSignals
 
 
 @dataclass
@@ -141,9 +137,10 @@ class Trainer:
         )
         self.flops_per_token = self.model.flops_per_token(self.block_size)
         self.peak_flops = peak_flops(self.device, self.dtype)
-        self.hellaswag = self._load_hellaswag() if cfg.eval.hellaswag_interval else None
-        self._stop_signal: int | None = None
-        self.stop_vote = distributed.StopVote(info)
+        self.hellaswag = None
+        if cfg.eval.hellaswag_interval:
+            self.hellaswag = hellaswag.examples_for_training(cfg.eval, self.ds.tokenizer, info.is_main)
+        self.stop = StopSignals(info, saving_to=self.checkpointer.path)
         self._said_early_stop = False
         self.divergence = DivergenceWatch(self.device, check_grad_norm=not self.scaler.is_enabled())
         self._clock = (time.perf_counter(), 0)  # (time, step) the speed is measured from (`_read_metrics`)
@@ -190,8 +187,7 @@ class Trainer:
         self._print_summary()
         self.logger.start(resume_step=self.state.step if self.resumed_at is not None else -1)
         self._restart_clock()
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        try:
+        with contextlib.closing(self.logger), self.stop:
             while self.state.step < train.max_iters and not self._stopped_early():  # (a resumed run may be done)
                 step = self.state.step
                 if train.eval_interval and step % train.eval_interval == 0 and step != self.state.last_eval_step:
@@ -211,11 +207,6 @@ class Trainer:
                 self.evaluate_and_checkpoint()
                 self._stop_if_asked()
             self.checkpointer.wait()
-        finally:
-            self.stop_vote.finish()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            self.logger.close()
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over `accum` micro-batches per rank. Nothing here waits for the device: the loss
@@ -281,7 +272,7 @@ class Trainer:
         for split in ("train", "val"):
             total = torch.zeros(2, device=self.device)  # (sum of losses, targets)
             for x, y in self._eval_batches(split):
-                if self._stop_signal is not None and not self.info.is_distributed:
+                if self.stop.requested and not self.info.is_distributed:
                     self.model.train()
                     return None
                 with autocast(self.device, self.dtype):
@@ -358,49 +349,23 @@ class Trainer:
         )
         self.logger.log(metrics, self.state.step)
 
-    def _load_hellaswag(self) -> list:
-        """The examples for in-training HellaSwag: checked before training, downloaded once by rank 0."""
-        path, limit = self.cfg.eval.hellaswag_path, self.cfg.eval.hellaswag_limit
-        hellaswag.check_tokenizer(self.ds.tokenizer)
-        if self.info.is_main:
-            hellaswag.load_examples(path, limit)
-        distributed.barrier()
-        return hellaswag.load_examples(path, limit)
-
     # ---------------------------------------------------------------------------------------------- plumbing
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        """The first signal stops the run after the current step, with a checkpoint; a second one at once."""
-        if self._stop_signal is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-        if signum == signal.SIGHUP and sys.stdout.isatty():  # the terminal is gone: writing to it would fail
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            for fd in (1, 2):
-                os.dup2(devnull, fd)
-        self._stop_signal = signum  # acted on after the current step, when the state is consistent
-        print0(
-            f"got {signal.Signals(signum).name}: finishing this step, then saving {self.checkpointer.path} "
-            "(send it again to stop at once, without saving)"
-        )
 
     def _stop_if_asked(self, after_step: bool = False) -> None:
         """After a stop signal (on any rank): save a checkpoint of the current step and exit 128 + signal. Ranks
         must agree (the save is collective): after a training step on the vote issued after the step before
         (no wait), elsewhere on a vote taken now."""
-        local = self._stop_signal or 0
-        agreed = self.stop_vote.after_step(local) if after_step else self.stop_vote.now(local)
-        if not agreed:
+        signum = self.stop.agreed(after_step)
+        if not signum:
             return
-        self._stop_signal = self._stop_signal or agreed
         self.divergence.check(self.checkpointer.path)
         self.checkpointer.save()
         self.checkpointer.wait()
         print0(
-            f"stopped by signal {self._stop_signal} at step {self.state.step}: checkpoint saved "
+            f"stopped by signal {signum} at step {self.state.step}: checkpoint saved "
             f"to {self.checkpointer.path}; rerun the same command to resume"
         )
-        raise SystemExit(128 + self._stop_signal)
+        raise SystemExit(128 + signum)
 
     def _print_summary(self) -> None:
         train, info = self.cfg.train, self.info

@@ -119,28 +119,28 @@ def test_a_resume_drops_a_partial_metrics_line_and_stale_temporaries(char_data, 
 
 
 def test_a_second_signal_stops_at_once(capsys):
-    from types import SimpleNamespace
-
-    from gpt2.training import STOP_SIGNALS, Trainer
+    from gpt2.distributed import DistInfo
+    from gpt2.stopping import STOP_SIGNALS, StopSignals
 
     assert set(STOP_SIGNALS) == {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # a dropped ssh session saves too
 
-    trainer = Trainer.__new__(Trainer)  # the handler's own state only
-    trainer._stop_signal = None
-    trainer.checkpointer = SimpleNamespace(path=Path("out/run/ckpt.pt"))
+    stop = StopSignals(DistInfo(), Path("out/run/ckpt.pt"))
     previous = signal.getsignal(signal.SIGINT)
     try:
-        trainer._on_signal(signal.SIGINT, None)
-        assert trainer._stop_signal == signal.SIGINT
-        assert "got SIGINT: finishing this step, then saving out/run/ckpt.pt" in capsys.readouterr().out
-        with pytest.raises(KeyboardInterrupt):
-            trainer._on_signal(signal.SIGINT, None)
-        with pytest.raises(SystemExit) as e:
-            trainer._on_signal(signal.SIGTERM, None)
-        assert e.value.code == 128 + signal.SIGTERM
-        trainer._stop_signal = None
-        trainer._on_signal(signal.SIGHUP, None)  # stdout is no terminal here: nothing to detach
-        assert trainer._stop_signal == signal.SIGHUP and "got SIGHUP: finishing this step" in capsys.readouterr().out
+        with stop:
+            assert signal.getsignal(signal.SIGTERM) == stop._on_signal
+            signal.raise_signal(signal.SIGINT)
+            assert stop.requested and stop.agreed() == signal.SIGINT
+            assert "got SIGINT: finishing this step, then saving out/run/ckpt.pt" in capsys.readouterr().out
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+            with pytest.raises(SystemExit) as e:
+                stop._on_signal(signal.SIGTERM, None)
+            assert e.value.code == 128 + signal.SIGTERM
+            stop.signal = None
+            stop._on_signal(signal.SIGHUP, None)  # stdout is no terminal here: nothing to detach
+            assert stop.signal == signal.SIGHUP and "got SIGHUP: finishing this step" in capsys.readouterr().out
+        assert signal.getsignal(signal.SIGINT) == previous  # the run's handlers are gone with it
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

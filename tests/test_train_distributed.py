@@ -424,7 +424,7 @@ def _watched_run(info, data: str, out: str) -> dict:
     trainer = Trainer(cfg, info)
     trainer.train_step()
     trainer._stop_if_asked(after_step=True)
-    with _watching_syncs(allowed=trainer.stop_vote.flag) as (waits, blocking):
+    with _watching_syncs(allowed=trainer.stop.vote.flag) as (waits, blocking):
         for _ in range(2):  # the loop's body: a step, then the stop vote
             trainer.train_step()
             trainer._stop_if_asked(after_step=True)
@@ -433,7 +433,7 @@ def _watched_run(info, data: str, out: str) -> dict:
     def signalled_step():  # rank 1 alone is signalled during its 5th step
         result = step()
         if info.rank == 1 and trainer.state.step == 5:
-            trainer._on_signal(signal.SIGTERM, None)
+            trainer.stop._on_signal(signal.SIGTERM, None)
         return result
 
     trainer.train_step = signalled_step

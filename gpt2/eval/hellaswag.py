@@ -10,7 +10,7 @@ lm-evaluation-harness (which normalises by characters and formats the context sl
 The validation set (10,042 examples) is downloaded once from its public location into a cache directory
 (atomically: a temp file renamed into place), or read from a local file in the same jsonl schema.
 
-In training: `load_examples(...)` once, then `training_metrics(model, tokenizer, examples, device, dtype, rank,
+In training: `examples_for_training(...)` once, then `training_metrics(model, tokenizer, examples, device, dtype, rank,
 world_size)` on every rank: each rank scores `examples[rank::world_size]` (`evaluate`), the counts are summed
 over ranks (`all_reduce`), and the result comes back under the metrics.jsonl keys `hellaswag_acc` and
 `hellaswag_acc_norm`.
@@ -26,7 +26,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from gpt2 import files, loading
+from gpt2 import distributed, files, loading
+from gpt2.config import EvalConfig
 from gpt2.device import autocast, resolve_device, resolve_dtype
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.eval.config import HellaSwagConfig, default_cache_dir, parse
@@ -235,6 +236,16 @@ def all_reduce(result: dict[str, float | int], device: torch.device | str) -> di
     counts = torch.tensor([result["correct"], result["correct_norm"], result["n"]], dtype=torch.long, device=device)
     dist.all_reduce(counts)
     return _result(*(int(c) for c in counts.tolist()))
+
+
+def examples_for_training(cfg: EvalConfig, tokenizer: Any, is_main: bool) -> list[Example]:
+    """The examples in-training HellaSwag scores (`eval.hellaswag_*`): checked before training starts, and
+    downloaded once, by rank 0, while the other ranks wait."""
+    check_tokenizer(tokenizer)
+    if is_main:
+        load_examples(cfg.hellaswag_path, cfg.hellaswag_limit)
+    distributed.barrier()
+    return load_examples(cfg.hellaswag_path, cfg.hellaswag_limit)
 
 
 def training_metrics(

@@ -1,0 +1,67 @@
+"""Stop requests from outside a run: a scheduler's SIGTERM, Ctrl-C, a closed terminal.
+
+The first signal asks the run to stop after the current step, with a checkpoint; the trainer acts on it when its
+state is consistent. A second signal stops at once, without saving. In a distributed run the ranks agree on the
+stop through `gpt2.distributed.StopVote`, so that every rank saves the same step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from gpt2.distributed import DistInfo, StopVote, print0
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals that stop a run with a checkpoint: a scheduler's notice, Ctrl-C, a closed terminal or dropped ssh."""
+
+
+class StopSignals:
+    """Catches the stop signals while entered (`with`), remembers the first, and tells the ranks' agreed answer.
+
+    `requested` is this process's own signal (for work a single process may cut short, like an eval);
+    `agreed(after_step)` is the signal number every rank agrees on (0: none), see `StopVote`."""
+
+    def __init__(self, info: DistInfo, saving_to: Path) -> None:
+        self.saving_to = saving_to
+        self.signal: int | None = None
+        self.vote = StopVote(info)
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.vote.finish()
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def agreed(self, after_step: bool = False) -> int:
+        """After a training step, the vote issued after the step before (no wait); elsewhere a vote taken now."""
+        local = self.signal or 0
+        agreed = self.vote.after_step(local) if after_step else self.vote.now(local)
+        if agreed and self.signal is None:
+            self.signal = agreed  # another rank's signal: this rank stops with it
+        return agreed and self.signal
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        if signum == signal.SIGHUP and sys.stdout.isatty():  # the terminal is gone: writing to it would fail
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                os.dup2(devnull, fd)
+        self.signal = signum  # acted on by the trainer after the current step, when its state is consistent
+        print0(
+            f"got {signal.Signals(signum).name}: finishing this step, then saving {self.saving_to} "
+            "(send it again to stop at once, without saving)"
+        )
