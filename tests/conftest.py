@@ -194,6 +194,16 @@ def compose(*overrides: str):
         return hydra_compose("train", overrides=list(overrides))
 
 
+def trainer(*overrides: str, typed_model_keys: frozenset[str] = frozenset()):
+    """A single-process `Trainer` built in this process from train.py's overrides (no start-up cost): for tests
+    where a train.py subprocess would prove nothing more."""
+    from gpt2.config import TrainRunConfig, to_object
+    from gpt2.distributed import DistInfo
+    from gpt2.training import Trainer
+
+    return Trainer(to_object(compose(*overrides), TrainRunConfig), DistInfo(), typed_model_keys)
+
+
 def records(out: Path, kind: str = "train") -> list[dict]:
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in lines if ("loss" in r) == (kind == "train")]

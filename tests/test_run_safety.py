@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, TRAIN, env, model_entries, records, train, weights
+from conftest import TINY, TRAIN, env, model_entries, records, train, trainer, weights
 
 
 def base(char_data: Path, out: Path, *extra: str) -> list[str]:
@@ -241,7 +241,7 @@ def test_resuming_on_a_re_prepared_dataset_says_so(char_data, four_steps, tmp_pa
 def test_a_signal_during_a_long_eval_stops_promptly_and_the_resume_redoes_it(char_data, tmp_path):
     """eval_iters=1000 makes the eval at step 6 take seconds: the stop must not wait for it to end."""
     out = tmp_path / "run"
-    train(base(char_data, out, "train.max_iters=3", "train.eval_interval=6"), tmp_path)  # evals at 0 and 3, quick
+    trainer(*base(char_data, out, "train.max_iters=3", "train.eval_interval=6")).fit()  # evals at 0 and 3, quick
     args = base(char_data, out, "train.max_iters=12", "train.eval_interval=6", "train.eval_iters=1000")
     proc = subprocess.Popen(
         TRAIN + args, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -257,7 +257,7 @@ def test_a_signal_during_a_long_eval_stops_promptly_and_the_resume_redoes_it(cha
     assert proc.returncode == 128 + signal.SIGTERM and "stopped by signal 15 at step 6" in output
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
     assert [r["step"] for r in records(out, "eval")] == [0, 3]  # the abandoned eval was not logged
-    train([*args, "train.max_iters=7", "train.eval_iters=2"], tmp_path)
+    trainer(*args, "train.max_iters=7", "train.eval_iters=2").fit()
     assert [r["step"] for r in records(out, "eval")] == [0, 3, 6, 7]  # the resume redid the eval at step 6
 
 
