@@ -4,10 +4,11 @@ The dataclass defaults are the only defaults; YAML files in `configs/` select pr
 Unknown or mistyped keys fail when Hydra composes the config. Values are checked in `__post_init__`
 (which runs when `to_object` turns Hydra's DictConfig into these dataclasses): each problem raises
 `UserError` naming the key and the fix. Values derived from other keys alone are properties here
-(`OptimConfig.final_lr`, ...). Three values need the run itself, and the trainer resolves them once, at start, into
+(`OptimConfig.final_lr`, ...). Four values need the run itself, and the trainer resolves them once, at start, into
 the run's config (which config.yaml and the checkpoint record): `model.*` from a fine-tuning init or the checkpoint
-being resumed, `train.grad_accum_steps` from `train.tokens_per_step` and the world size, and `train.max_iters` from
-`train.epochs` and the dataset. Nothing else changes a config.
+being resumed, `data.packing` from the dataset or the checkpoint, `train.grad_accum_steps` from
+`train.tokens_per_step` and the world size, and `train.max_iters` from `train.epochs` and the dataset. Nothing else
+changes a config.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def _check_sampling(key: str, value: Any) -> None:
 @dataclass
 class DataConfig:
     """How `data/prepare.py` builds a dataset: the `data.*` keys of prepare.py, and of the `data=<name>` presets.
-    `train.py` reads two of them (`TrainDataConfig`)."""
+    `train.py` reads its name, and keys of its own (`TrainDataConfig`)."""
 
     name: str = "shakespeare_char"
     """Folder under data/ (or a path) holding {train,val}_NNNNNN.bin and meta.json."""
@@ -193,6 +194,10 @@ class TrainDataConfig:
     order: str = "random"
     """Training windows: random (drawn with replacement, as nanoGPT: for pretraining) or epoch (each
     non-overlapping block_size window once per epoch, in a seeded permutation: for fine-tuning)."""
+    packing: Optional[bool] = None
+    """Instruction data only: pack whole examples into each block_size row, attention kept within each example
+    (true), or one example per row, padded (false). Default: true for instruction data; a resumed run keeps
+    the choice it started with."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -432,9 +437,11 @@ class TrainRunConfig:
 
 @dataclass
 class _DataPreset(DataConfig):
-    """What `data=<name>` composes for train.py: a preset's keys (preparation keys included) and data.order."""
+    """What `data=<name>` composes for train.py: a preset's keys (preparation keys included), data.order and
+    data.packing."""
 
     order: str = "random"
+    packing: Optional[bool] = None
 
 
 @dataclass

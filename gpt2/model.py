@@ -212,6 +212,15 @@ class KVCache:
             self.host_lengths += T
 
 
+def document_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions that restart at 0 where each packed example begins -> (B, 1, T, T) bool attention mask:
+    query t sees key s when s <= t and both lie in the same example (block-diagonal causal)."""
+    T = positions.size(1)
+    doc = torch.cumsum(positions == 0, dim=1)  # (B, T): which example of the row each token is in
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     """Masked multi-head self-attention through `scaled_dot_product_attention` (flash kernels on CUDA)."""
 
@@ -224,13 +233,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, doc_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        mask, is_causal = None, True
+        mask, is_causal = doc_mask, doc_mask is None  # (packed rows: causal within each example)
         if kv_cache is not None:  # keys and values of the positions before these too, and which ones to see
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, span, hs)
             mask, is_causal = kv_cache.mask, kv_cache.is_causal
@@ -264,8 +275,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, doc_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, doc_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -315,19 +328,28 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
         self.transformer.wte.weight[self.config.vocab_size :].zero_()
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, idx: torch.Tensor, kv_cache: KVCache | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """idx (B, T) token ids -> the final LayerNorm's output (B, T, C): everything but the LM head.
-        With `kv_cache`, idx holds each row's positions after `kv_cache.lengths`, and the cache advances by T."""
+        With `kv_cache`, idx holds each row's positions after `kv_cache.lengths`, and the cache advances by T.
+        With `positions` (B, T), each row is several examples packed end to end (training on packed instruction
+        data): positions restart at 0 where an example begins, and a token attends only to its own example's
+        tokens up to itself, so that each example's outputs are those it has alone."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds the model's block_size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device) if kv_cache is None else kv_cache.begin(T)
+        doc_mask = None
+        if positions is not None:
+            pos, doc_mask = positions, document_mask(positions)
+        else:
+            pos = torch.arange(T, dtype=torch.long, device=idx.device) if kv_cache is None else kv_cache.begin(T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training:  # keep only x; recompute inside in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, kv_cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, kv_cache, doc_mask, use_reentrant=False)
             else:
-                x = block(x, kv_cache)
+                x = block(x, kv_cache, doc_mask)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.transformer.ln_f(x)
@@ -338,6 +360,7 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_logits: bool = True,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V), loss).
 
@@ -345,9 +368,9 @@ class GPT(nn.Module):
         sampled). `loss` is the mean next-token cross-entropy over positions whose target is not -1, or None
         without targets. Training passes `return_logits=False`: the loss is then computed chunk by chunk from
         the hidden states (`gpt2.loss`) and the whole batch's logits never exist (logits is None).
-        `kv_cache`: see `hidden_states`.
+        `kv_cache` and `positions` (packed rows): see `hidden_states`.
         """
-        x = self.hidden_states(idx, kv_cache)
+        x = self.hidden_states(idx, kv_cache, positions)
         if targets is not None and not return_logits:
             return None, linear_cross_entropy(
                 x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size

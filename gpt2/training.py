@@ -31,7 +31,8 @@ from gpt2 import checkpoint, distributed
 from gpt2.checkpoint import Checkpointer
 from gpt2.cli import job_out_dir, typed_keys
 from gpt2.config import TrainConfig, TrainRunConfig, check_no_preparation_keys, to_dict, to_object
-from gpt2.data import TokenLoader, eval_batches, open_dataset
+from gpt2.data import Batch, TokenLoader, eval_batches, open_dataset
+from gpt2.data.loader import resolve_packing
 from gpt2.device import autocast, configure_backends, resolve_dtype
 from gpt2.distributed import DistInfo, FullModelState, print0
 from gpt2.divergence import DivergenceWatch
@@ -98,6 +99,8 @@ class Trainer:
         train.grad_accum_steps = _grad_accum_steps(train, self.block_size, info.world_size)
         self.accum = train.grad_accum_steps // info.world_size  # micro-steps per rank per optimizer step
         self.tokens_per_step = train.batch_size * self.block_size * train.grad_accum_steps
+        resumed_packing = ckpt["config"]["data"].get("packing", False) if ckpt else None  # (older runs: padded)
+        cfg.data.packing = resolve_packing(self.ds, cfg.data.packing, resumed_packing)
         self.compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         if self.compile:
             _compile(self.model, train.parallelism if info.is_distributed else "none")
@@ -115,6 +118,7 @@ class Trainer:
             world_size=info.world_size,
             seed=cfg.seed,
             order=cfg.data.order,
+            packing=cfg.data.packing,
             device=self.device,
         )
         if train.epochs is not None:
@@ -252,11 +256,11 @@ class Trainer:
         of ranks (so that their mean is the loss), on the device."""
         loss_sum = torch.zeros((), device=self.device)
         for micro, weight in enumerate(self.loader.micro_batch_weights(self.accum)):
-            x, y = self.loader.next_batch()
+            x, y, positions = self.loader.next_batch()
             # The gradient all-reduce runs once, on the last micro-step.
             with distributed.no_sync(self.parallel_model, enabled=micro < self.accum - 1):
-                with autocast(self.device, self.dtype):
-                    _, loss = self.parallel_model(x, y, return_logits=False)  # the loss in chunks (gpt2.loss)
+                with autocast(self.device, self.dtype):  # (the loss in chunks: gpt2.loss)
+                    _, loss = self.parallel_model(x, y, return_logits=False, positions=positions)
                 loss = loss * weight  # gradients of the mean over all targets of the step (1 / accum for tokens)
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
@@ -271,12 +275,12 @@ class Trainer:
         out = {}
         for split in ("train", "val"):
             total = torch.zeros(2, device=self.device)  # (sum of losses, targets)
-            for x, y in self._eval_batches(split):
+            for x, y, positions in self._eval_batches(split):
                 if self.stop.requested and not self.info.is_distributed:
                     self.model.train()
                     return None
                 with autocast(self.device, self.dtype):
-                    _, loss = self.model(x, y, return_logits=False)
+                    _, loss = self.model(x, y, return_logits=False, positions=positions)
                 targets = (y != -1).sum()
                 total += torch.stack([loss.float() * targets, targets.float()])
             distributed.all_reduce_mean(total)
@@ -284,7 +288,7 @@ class Trainer:
         self.model.train()
         return out
 
-    def _eval_batches(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _eval_batches(self, split: str) -> list[Batch]:
         """This rank's eval batches of `split`. FSDP2's forward is a collective, so there every rank runs the
         same number of forwards: the ranks with fewer batches pad with batches without targets (all -1)."""
         train = self.cfg.train
@@ -297,13 +301,15 @@ class Trainer:
                 block_size=self.block_size,
                 rank=self.info.rank,
                 world_size=self.info.world_size,
+                packing=self.cfg.data.packing,
                 device=self.device,
             )
         )
         if distributed.is_sharded(self.parallel_model):
             padding = torch.full((1, self.block_size), -1, dtype=torch.long, device=self.device)
             n = math.ceil(train.eval_iters / self.info.world_size)
-            batches += [(padding.clamp(min=0), padding)] * (n - len(batches))
+            positions = torch.zeros_like(padding) if self.cfg.data.packing else None
+            batches += [Batch(padding.clamp(min=0), padding, positions)] * (n - len(batches))
         return batches
 
     def evaluate_and_checkpoint(self) -> None:
@@ -379,8 +385,9 @@ class Trainer:
             f"out_dir {self.out_dir}\n"
             f"data: {self.cfg.data.order} order; an epoch ({len(self.loader.epoch):,} {self.loader.sequences.unit}) "
             f"is {len(self.loader.epoch) / (train.batch_size * train.grad_accum_steps):,.1f} steps"
+            + (f"; rows filled to {self.loader.sequences.fill:.1%}" if self.cfg.data.packing else "")
         )
-        examples = self.loader.sequences
+        examples = getattr(self.loader.sequences, "examples", self.loader.sequences)  # (packed: their rows')
         if self.ds.has_examples and (examples.truncated or examples.untrained):
             print0(
                 f"warning: {examples.truncated:,} of {examples.count:,} training examples are longer than "

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from gpt2 import config
 from gpt2.errors import UserError
 
-# The original keys, plus the ones added deliberately since (the data builder's, schedules, Muon, eval). train.py
-# reads two data.* keys; the others are data/prepare.py's (PREPARE_DATA_KEYS), refused when typed to train.py.
+# The original keys, plus the ones added deliberately since (the data builder's, schedules, Muon, eval, packing).
+# train.py reads three data.* keys; the others are data/prepare.py's (PREPARE_DATA_KEYS), refused when typed to train.py.
 PREPARE_DATA_KEYS = """
 data.name data.builder data.tokenizer data.source data.subset data.split data.val_source data.val_fraction
 data.extensions data.text_field data.prompt_field data.completion_field data.messages_field data.shard_tokens
@@ -20,7 +20,7 @@ data.num_proc data.seed
 """.split()
 TRAIN_KEYS = """
 model.n_layer model.n_head model.n_embd model.block_size model.dropout model.bias
-data.name data.order
+data.name data.order data.packing
 optim.name optim.lr optim.min_lr optim.weight_decay optim.beta1 optim.beta2 optim.warmup_iters optim.lr_decay_iters
 optim.schedule optim.decay_fraction optim.muon_lr optim.muon_momentum
 train.batch_size train.grad_accum_steps train.tokens_per_step train.max_iters train.epochs train.eval_interval

@@ -54,7 +54,7 @@ def test_round_trip_text_to_shards_to_batches(ds):
     ends = np.cumsum([s.tokens - 16 for s in ds.shards("train")])
     for k in range(5):
         windows = loader.global_batch(k)
-        x, y = loader.next_batch()
+        x, y, _ = loader.next_batch()
         assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
         for row, w in enumerate(windows):
             shard = int(np.searchsorted(ends, w, side="right"))
@@ -64,7 +64,7 @@ def test_round_trip_text_to_shards_to_batches(ds):
 
 
 def batches(loader, n):
-    return [torch.stack(loader.next_batch()) for _ in range(n)]
+    return [torch.stack(loader.next_batch()[:2]) for _ in range(n)]
 
 
 def test_resumed_loader_equals_uninterrupted(ds):
@@ -85,20 +85,20 @@ def test_two_ranks_cover_the_global_batches_of_one_rank(ds):
     ranks = [TokenLoader(ds, batch_size=4, block_size=32, seed=1, rank=r, world_size=2) for r in range(2)]
     for step in range(4):
         for r, loader in enumerate(ranks):
-            assert torch.equal(torch.stack(loader.next_batch()), one[2 * step + r])
+            assert torch.equal(torch.stack(loader.next_batch()[:2]), one[2 * step + r])
     assert ranks[0].state_dict() == ranks[1].state_dict() == {"position": 8, "seed": 1}
     # A 2-rank state resumes on 1 rank (and vice versa) at the next global micro-batch.
     single = TokenLoader(ds, batch_size=4, block_size=32, seed=1)
     single.load_state_dict(ranks[1].state_dict())
     assert torch.equal(
-        torch.stack(single.next_batch()), batches(TokenLoader(ds, batch_size=4, block_size=32, seed=1), 9)[8]
+        torch.stack(single.next_batch()[:2]), batches(TokenLoader(ds, batch_size=4, block_size=32, seed=1), 9)[8]
     )
 
 
 def test_eval_batches_are_fixed_and_split_across_ranks(ds):
     def run(rank=0, world=1):
         return [
-            torch.stack(b)
+            torch.stack(b[:2])
             for b in eval_batches(ds, "val", num_batches=5, batch_size=3, block_size=20, rank=rank, world_size=world)
         ]
 
@@ -186,7 +186,7 @@ def test_block_size_too_large_and_other_bad_arguments(ds):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_are_on_device(ds):
-    x, y = TokenLoader(ds, batch_size=2, block_size=8, device=torch.device("cuda")).next_batch()
+    x, y, _ = TokenLoader(ds, batch_size=2, block_size=8, device=torch.device("cuda")).next_batch()
     assert x.is_cuda and y.is_cuda and torch.equal(x[:, 1:].cpu(), y[:, :-1].cpu())
 
 

@@ -108,7 +108,7 @@ def test_custom_folder_of_every_type_prepares_and_loads(tmp_path, capsys):
     # document is text, never a separator.
     assert all_tokens(ds, "train").tolist() == [t for d in docs for t in enc.encode_ordinary(d) + [EOT]]
     assert ds.meta["splits"]["train"]["documents"] == len(docs) == 12 and ds.num_tokens("val") == 0
-    x, y = TokenLoader(ds, "train", batch_size=2, block_size=4).next_batch()
+    x, y, _ = TokenLoader(ds, "train", batch_size=2, block_size=4).next_batch()
     assert x.shape == y.shape == (2, 4) and x.dtype == y.dtype == __import__("torch").int64
     with pytest.raises(UserError, match="val split of .* is empty.*data.val_fraction > 0"):
         TokenLoader(ds, "val", batch_size=2, block_size=4)
@@ -368,7 +368,7 @@ def test_llmc_shards_without_meta_are_explained_then_adopted(tmp_path, capsys):
         "train_000000.bin",
         "train_000001.bin",
     ]
-    x, _ = TokenLoader(ds, "train", batch_size=2, block_size=16).next_batch()
+    x, _, _ = TokenLoader(ds, "train", batch_size=2, block_size=16).next_batch()
     assert x.shape == (2, 16)
     # In place (the folder is data/<name>): only meta.json and links are added; the user's files stay.
     before = sorted(p.name for p in (tmp_path / "llmc").iterdir())

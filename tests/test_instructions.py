@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TINY, compose, env, records, tiny_gpt, train
+from conftest import ROOT, TINY, assert_same_weights, compose, env, records, tiny_gpt, train, trainer, weights
 
 EOT = 50256
 
@@ -135,7 +135,7 @@ def test_masked_loss_equals_brute_force_per_example(sft_data):
     every = examples_of(ds)
     for k in range(3):
         ids = loader.global_batch(k)
-        x, y = loader.next_batch()
+        x, y, _ = loader.next_batch()
         assert x.shape == y.shape == (8, T)
         expected = brute_force_loss(model, [every[i] for i in ids.tolist()], T)
         _, chunked = model(x, y, return_logits=False)
@@ -145,9 +145,23 @@ def test_masked_loss_equals_brute_force_per_example(sft_data):
         assert loader.sequences.targets(ids) == int((y != -1).sum())
 
 
-def test_a_step_averages_over_every_target_of_its_global_batch(sft_data, tmp_path):
+def example_ids(loader, ids: np.ndarray) -> list[int]:
+    """The examples in these sequences of the loader: the sequences themselves, or the members of packed rows."""
+    packs = loader.sequences
+    if not hasattr(packs, "members"):
+        return ids.tolist()
+    return [int(i) for k in ids.tolist() for i in packs.members[packs.row_starts[k] : packs.row_starts[k + 1]]]
+
+
+@pytest.mark.parametrize(
+    "packing, checkpointing",
+    [("true", "false"), ("false", "false"), ("true", "true")],
+    ids=["packed", "padded", "packed-ac"],
+)
+def test_a_step_averages_over_every_target_of_its_global_batch(sft_data, tmp_path, packing, checkpointing):
     """With gradient accumulation the micro-batches hold different numbers of targets: the step's gradient is
-    that of the mean over all the step's targets (not the mean of the micro-batch means)."""
+    that of the mean over all the step's targets (not the mean of the micro-batch means). Packed or padded,
+    it is the brute-force gradient over each example alone."""
     from gpt2.config import TrainRunConfig, to_object
     from gpt2.distributed import DistInfo
     from gpt2.model import GPT
@@ -161,6 +175,8 @@ def test_a_step_averages_over_every_target_of_its_global_batch(sft_data, tmp_pat
             "model.block_size=24",
             "train.grad_accum_steps=2",
             "model.dropout=0",
+            f"data.packing={packing}",
+            f"train.activation_checkpointing={checkpointing}",
         ),
         TrainRunConfig,
     )
@@ -172,7 +188,7 @@ def test_a_step_averages_over_every_target_of_its_global_batch(sft_data, tmp_pat
     assert weights[0] != weights[1]  # the case where averaging micro-batch means would be wrong
     loss = trainer._accumulate_gradients()
 
-    expected = brute_force_loss(reference, [every[i] for i in ids.tolist()], 24)
+    expected = brute_force_loss(reference, [every[i] for i in example_ids(trainer.loader, ids)], 24)
     expected.backward()
     torch.testing.assert_close(loss, expected.detach(), atol=1e-5, rtol=1e-5)
     ours = dict(trainer.model.named_parameters())
@@ -243,10 +259,7 @@ def test_a_split_without_a_target_within_block_size_is_one_error_at_start(tmp_pa
         "33 tokens (the prompts fill the context), so there is nothing to train or evaluate on: raise "
         "model.block_size or shorten the prompts"
     )
-    train(
-        [*TINY, f"data.name={data}", "model.block_size=128", "train.max_iters=2", f"out_dir={tmp_path / 'ok'}"],
-        tmp_path,
-    )
+    trainer(*TINY, f"data.name={data}", "model.block_size=128", "train.max_iters=2", f"out_dir={tmp_path / 'ok'}").fit()
 
 
 def test_examples_never_span_two_shards(tmp_path):
@@ -307,7 +320,7 @@ def test_cli_prepares_trains_by_epochs_and_samples(tmp_path):
         ],
         tmp_path,
     )
-    assert "an epoch (36 examples) is 9.0 steps" in run.stdout
+    assert "an epoch (34 packed rows of 36 examples) is 8.5 steps; rows filled to 82.7%" in run.stdout
     assert "are longer than block_size + 1 = 25 tokens and are cut to it" in run.stdout
     assert records(out)[-1]["step"] == 9
     sample = subprocess.run(
@@ -364,3 +377,107 @@ def test_two_processes_match_one_on_instruction_data(sft_data, tmp_path):
     train([*args, f"out_dir={tmp_path / 'one'}"], tmp_path)
     torchrun([*args, f"out_dir={tmp_path / 'two'}"], tmp_path)
     assert curve(tmp_path / "two") == pytest.approx(curve(tmp_path / "one"), abs=1e-5, rel=0)
+
+
+# ------------------------------------------------------------------------------------------------ packing
+
+
+def test_packed_rows_hold_every_example_once_and_each_computes_as_alone(sft_data):
+    """Best-fit rows of at most block_size positions hold every trained example exactly once; positions restart
+    at 0 in each example; each example's logits in a packed row equal its logits alone, unpadded."""
+    from gpt2.data import TokenLoader, open_dataset
+    from gpt2.data.loader import _Packs
+
+    T = 64
+    ds = open_dataset(str(sft_data))
+    packs = _Packs(ds, "train", T)
+    examples = packs.examples
+    sizes = examples.sizes()
+    assert sorted(packs.members.tolist()) == list(range(examples.count))  # every example once (all trained)
+    per_row = np.add.reduceat(sizes[packs.members], packs.row_starts[:-1])
+    assert per_row.max() <= T and packs.count < examples.count / 2  # packed, not one per row
+    assert packs.fill == pytest.approx(sizes.sum() / (packs.count * T))
+
+    model = tiny_gpt(vocab_size=50257, block_size=T)
+    every = examples_of(ds)
+    loader = TokenLoader(ds, "train", batch_size=4, block_size=T, packing=True, order="epoch", seed=5)
+    x, y, positions = loader.next_batch()
+    with torch.no_grad():
+        packed, _ = model(x, positions=positions)
+        for row, k in enumerate(loader.global_batch(0).tolist()):
+            offset = 0
+            for i in packs.members[packs.row_starts[k] : packs.row_starts[k + 1]].tolist():
+                n = int(sizes[i])
+                tokens = torch.from_numpy(every[i][0][:n])
+                assert torch.equal(x[row, offset : offset + n], tokens)
+                assert positions[row, offset : offset + n].tolist() == list(range(n))
+                alone, _ = model(tokens[None])
+                torch.testing.assert_close(packed[row, offset : offset + n], alone[0], atol=1e-5, rtol=1e-5)
+                offset += n
+            assert (y[row, offset:] == -1).all() and (positions[row, offset:] == 0).all()  # the row's padding
+
+
+def test_best_fit_fills_rows_and_is_deterministic():
+    from gpt2.data.loader import best_fit
+
+    rng = np.random.default_rng(0)
+    sizes = np.minimum(rng.lognormal(np.log(150), 0.9, size=5000).astype(np.int64) + 5, 1024)  # chat-like lengths
+    rows = best_fit(sizes, 1024)
+    assert sorted(np.concatenate(rows).tolist()) == list(range(len(sizes)))
+    assert max(sizes[r].sum() for r in rows) <= 1024
+    assert sizes.sum() / (len(rows) * 1024) > 0.98  # padded, one per row: ~0.2
+    again = best_fit(sizes, 1024)
+    assert all(np.array_equal(a, b) for a, b in zip(rows, again))
+    assert best_fit(np.array([], dtype=np.int64), 8) == []
+
+
+def test_packed_loader_resumes_and_splits_across_ranks_like_one(sft_data):
+    from gpt2.data import TokenLoader, open_dataset
+
+    ds = open_dataset(str(sft_data))
+
+    def loader(**kw):
+        return TokenLoader(ds, "train", batch_size=2, block_size=48, packing=True, order="epoch", seed=3, **kw)
+
+    one = loader()
+    singles = [torch.stack(list(one.next_batch())) for _ in range(6)]
+    ranks = [loader(rank=r, world_size=2) for r in range(2)]
+    for i in range(3):
+        for r in range(2):
+            assert torch.equal(torch.stack(list(ranks[r].next_batch())), singles[2 * i + r])
+    resumed = loader()
+    resumed.load_state_dict({"position": 4, "seed": 3})
+    assert torch.equal(torch.stack(list(resumed.next_batch())), singles[4])
+
+
+def test_a_micro_batch_without_targets_adds_zero_not_nan(sft_data, tmp_path):
+    """A micro-batch whose sequences hold no target (all prompt) contributes zero loss and zero gradient."""
+    run = trainer(f"data.name={sft_data}", f"out_dir={tmp_path / 'run'}", *TINY, "model.block_size=24")
+    x, y, positions = run.loader.next_batch()
+    run.loader.next_batch = lambda: (x, torch.full_like(y, -1), positions)
+    loss = run._accumulate_gradients()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in run.model.parameters())
+
+
+def test_packing_choices_are_checked_and_a_resume_keeps_its_own(sft_data, char_data, tmp_path):
+    from gpt2.errors import UserError
+
+    with pytest.raises(UserError, match="data.packing=true needs instruction data .* drop data.packing"):
+        trainer(f"data.name={char_data}", f"out_dir={tmp_path / 'char'}", *TINY, "data.packing=true")
+    base = [f"data.name={sft_data}", f"out_dir={tmp_path / 'run'}", *TINY, "model.block_size=48"]
+    trainer(*base, "data.packing=false", "train.max_iters=2", "train.eval_interval=2").fit()
+    resumed = trainer(*base, "train.max_iters=3")  # not typed: the run's own choice
+    assert resumed.cfg.data.packing is False and not hasattr(resumed.loader.sequences, "members")
+    with pytest.raises(UserError, match="data.packing=true disagrees with the run being resumed"):
+        trainer(*base, "data.packing=true", "train.max_iters=3")
+    fresh = trainer(f"data.name={sft_data}", f"out_dir={tmp_path / 'new'}", *TINY, "model.block_size=48")
+    assert fresh.cfg.data.packing is True  # the default for instruction data
+
+
+def test_a_packed_run_resumes_exactly(sft_data, tmp_path):
+    base = [f"data.name={sft_data}", *TINY, "model.block_size=48", "data.order=epoch", "train.eval_interval=3"]
+    trainer(*base, f"out_dir={tmp_path / 'full'}", "train.max_iters=6").fit()
+    trainer(*base, f"out_dir={tmp_path / 'cut'}", "train.max_iters=3").fit()
+    trainer(*base, f"out_dir={tmp_path / 'cut'}", "train.max_iters=6").fit()
+    assert_same_weights(weights(tmp_path / "cut"), weights(tmp_path / "full"))

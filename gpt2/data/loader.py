@@ -20,13 +20,23 @@ loss is not (prompts, padding), and the same orders, resuming and world sizes ap
 Since sequences then hold different numbers of targets, `micro_batch_weights` gives each micro-batch its share
 of the step's targets, so that a step's loss is the mean over all its target tokens, whatever the accumulation.
 
+Packed (`packing=True`, data.packing): a sequence is a *row* of whole examples placed end to end, at most
+block_size positions, instead of one padded example. The rows are made once per split by best-fit decreasing
+(the longest example first, each into the fullest row it fits), which fills them to ~99% on typical chat data
+where a padded example leaves most of its row empty. Batches then carry `positions` (B, T), restarting at 0 at
+each example, from which the model masks attention to each example's own tokens (`gpt2.model.document_mask`):
+every example is computed exactly as alone. Examples with no target within block_size + 1 tokens train nothing
+and are left out of the rows. Orders, epochs (of rows: every example once), resuming and world sizes are as
+above with rows for sequences.
+
 Evaluation uses `num_batches * batch_size` sequences evenly spaced over the split (no randomness), so the same
 weights always get the same loss; global eval batch j goes to rank j % W.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import bisect
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +44,15 @@ import torch
 from gpt2.data.dataset import TokenDataset
 from gpt2.data.instructions import START, TARGET
 from gpt2.errors import UserError
+
+
+class Batch(NamedTuple):
+    """A micro-batch: inputs x and targets y, (B, T) int64 (y is -1 where there is no loss), and for packed rows
+    each token's position within its example (None otherwise: positions 0 .. T - 1)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    positions: torch.Tensor | None = None
 
 
 class _Windows:
@@ -69,7 +88,7 @@ class _Windows:
         """Loss targets in these windows: all their tokens."""
         return len(ids) * self.block_size
 
-    def gather(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def gather(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
         """Global window ids (N,) -> x, y (N, block_size) int64, y shifted by one, checked against the vocab."""
         shard_ids = np.searchsorted(self.ends, windows, side="right")
         starts = windows - np.concatenate(([0], self.ends))[shard_ids]
@@ -77,7 +96,7 @@ class _Windows:
         for row, (s, start) in enumerate(zip(shard_ids.tolist(), starts.tolist())):
             out[row] = self.ds.tokens(self.shards[s])[start : start + self.block_size + 1]
         _check_tokens(self.ds, out, [self.shards[s] for s in shard_ids.tolist()])
-        return out[:, :-1], out[:, 1:]
+        return out[:, :-1], out[:, 1:], None
 
 
 class _Examples:
@@ -110,20 +129,97 @@ class _Examples:
     def targets(self, ids: np.ndarray) -> int:
         return int(self.target_counts[ids].sum())
 
-    def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def sizes(self) -> np.ndarray:
+        """Positions each example takes in a sequence: its tokens but the last, cut to block_size."""
+        return np.minimum(self.ends - self.starts, self.block_size + 1) - 1
+
+    def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
         """Example ids (N,) -> x, y (N, block_size) int64: each example from position 0, padded; y is -1 except
         at the targets the loss is on."""
+        x, y = self.empty(len(ids))
+        for row, i in enumerate(ids.tolist()):
+            self.place(i, x[row], y[row])
+        _check_tokens(self.ds, x, [self.shards[s] for s in self.shard_ids[ids].tolist()])
+        return x, y, None
+
+    def empty(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """x (padding) and y (-1) of `rows` sequences, to `place` examples in."""
         T = self.block_size
-        x = np.full((len(ids), T), self.pad_id, dtype=np.int64)
-        y = np.full((len(ids), T), -1, dtype=np.int64)
-        shards = [self.shards[s] for s in self.shard_ids[ids].tolist()]
-        for row, (shard, start, end) in enumerate(zip(shards, self.starts[ids].tolist(), self.ends[ids].tolist())):
-            n = min(end - start, T + 1) - 1  # positions with a next token
-            tokens = self.ds.tokens(shard)[start : start + n + 1].astype(np.int64)
-            x[row, :n] = tokens[:-1]
-            y[row, :n] = np.where(self.ds.mask(shard)[start + 1 : start + n + 1] & TARGET, tokens[1:], -1)
-        _check_tokens(self.ds, x, shards)
-        return x, y
+        return np.full((rows, T), self.pad_id, dtype=np.int64), np.full((rows, T), -1, dtype=np.int64)
+
+    def place(self, i: int, x: np.ndarray, y: np.ndarray) -> int:
+        """Write example i's inputs and targets at the start of x and y (1-D views); returns its size."""
+        shard, start = self.shards[self.shard_ids[i]], int(self.starts[i])
+        n = int(min(self.ends[i] - start, self.block_size + 1)) - 1  # positions with a next token
+        tokens = self.ds.tokens(shard)[start : start + n + 1].astype(np.int64)
+        x[:n] = tokens[:-1]
+        y[:n] = np.where(self.ds.mask(shard)[start + 1 : start + n + 1] & TARGET, tokens[1:], -1)
+        return n
+
+
+class _Packs:
+    """The examples of one split of instruction data packed into rows of at most block_size positions, numbered
+    0 .. count - 1 (see the module docstring). `examples` is the split's `_Examples`."""
+
+    def __init__(self, ds: TokenDataset, split: str, block_size: int) -> None:
+        self.ds = ds
+        self.examples = examples = _Examples(ds, split, block_size)
+        trained = np.flatnonzero(examples.target_counts > 0)
+        rows = best_fit(examples.sizes()[trained], block_size)
+        self.members = np.concatenate([trained[r] for r in rows]) if rows else np.zeros(0, dtype=np.int64)
+        self.row_starts = np.cumsum([0] + [len(r) for r in rows])  # row k holds members[row_starts[k]:...[k+1]]
+        self.count = len(rows)
+        self.target_counts = np.add.reduceat(examples.target_counts[self.members], self.row_starts[:-1])
+        self.fill = float(examples.sizes()[trained].sum() / max(1, self.count * block_size))
+        self.unit = f"packed rows of {examples.count - examples.untrained:,} examples"
+
+    def epoch(self) -> np.ndarray:
+        return np.arange(self.count, dtype=np.int64)
+
+    def targets(self, ids: np.ndarray) -> int:
+        return int(self.target_counts[ids].sum())
+
+    def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row ids (N,) -> x, y, positions (N, block_size) int64: each row's examples end to end, positions from
+        0 in each; the padding after the last example is padding tokens at position 0 with no target."""
+        x, y = self.examples.empty(len(ids))
+        positions = np.zeros_like(x)
+        for row, k in enumerate(ids.tolist()):
+            offset = 0
+            for i in self.members[self.row_starts[k] : self.row_starts[k + 1]].tolist():
+                n = self.examples.place(i, x[row, offset:], y[row, offset:])
+                positions[row, offset : offset + n] = np.arange(n)
+                offset += n
+        first_shards = self.examples.shard_ids[self.members[self.row_starts[ids]]]
+        _check_tokens(self.ds, x, [self.examples.shards[s] for s in first_shards.tolist()])
+        return x, y, positions
+
+
+def best_fit(sizes: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Best-fit decreasing bin packing: item indices grouped into bins whose sizes sum to <= capacity. Items go
+    longest first (ties by index), each into the open bin with the least room that holds it, else a new bin.
+    Deterministic; O(n log capacity)."""
+    bins: list[list[int]] = []
+    rooms: list[int] = []  # sorted distinct free room of the open bins
+    with_room: dict[int, list[int]] = {}  # free room -> bins with that room
+    for i in np.lexsort((np.arange(len(sizes)), -sizes)).tolist():
+        size = int(sizes[i])
+        j = bisect.bisect_left(rooms, size)
+        if j < len(rooms):
+            room = rooms[j]
+            b = with_room[room].pop()
+            if not with_room[room]:
+                del with_room[room], rooms[j]
+        else:
+            b, room = len(bins), capacity
+            bins.append([])
+        bins[b].append(i)
+        if room - size:
+            if room - size not in with_room:
+                bisect.insort(rooms, room - size)
+                with_room[room - size] = []
+            with_room[room - size].append(b)
+    return [np.array(b, dtype=np.int64) for b in bins]
 
 
 def _shards(ds: TokenDataset, split: str, block_size: int) -> list:
@@ -158,19 +254,22 @@ def _check_tokens(ds: TokenDataset, rows: np.ndarray, shards: list) -> None:
         )
 
 
-def sequences(ds: TokenDataset, split: str, block_size: int) -> _Windows | _Examples:
-    """A split's training sequences: windows of a token stream, or the examples of instruction data."""
-    return (_Examples if ds.has_examples else _Windows)(ds, split, block_size)
+def sequences(ds: TokenDataset, split: str, block_size: int, packing: bool = False) -> _Windows | _Examples | _Packs:
+    """A split's training sequences: windows of a token stream, or the examples of instruction data, one per
+    sequence or packed into rows."""
+    if not ds.has_examples:
+        return _Windows(ds, split, block_size)
+    return (_Packs if packing else _Examples)(ds, split, block_size)
 
 
-def _to_device(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) int64 inputs and targets -> tensors on `device`; one pinned, non-blocking copy on CUDA."""
-    t = torch.from_numpy(np.stack((x, y)))  # (2, B, T), contiguous
+def _to_device(x: np.ndarray, y: np.ndarray, positions: np.ndarray | None, device: torch.device) -> Batch:
+    """(B, T) int64 arrays -> a Batch of tensors on `device`; one pinned, non-blocking copy on CUDA."""
+    t = torch.from_numpy(np.stack((x, y) if positions is None else (x, y, positions)))  # (2 or 3, B, T)
     if device.type == "cuda":
         t = t.pin_memory().to(device, non_blocking=True)
     else:
         t = t.to(device)
-    return t[0], t[1]
+    return Batch(*t.unbind(0))
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -181,7 +280,8 @@ def _check_rank(rank: int, world_size: int) -> None:
 class TokenLoader:
     """Training batches for one rank (see the module docstring for the sampling scheme).
 
-    `next_batch()` returns x, y: int64 (batch_size, block_size) on `device`, y being x shifted by one token.
+    `next_batch()` returns a `Batch`: x, y int64 (batch_size, block_size) on `device`, y being x shifted by one
+    token, and for packed rows the positions.
     `state_dict()`/`load_state_dict()` save and restore the position: a restored loader yields exactly the
     batches an uninterrupted one would have.
     """
@@ -197,6 +297,7 @@ class TokenLoader:
         world_size: int = 1,
         seed: int = 1337,
         order: str = "random",
+        packing: bool = False,
         device: torch.device | str = "cpu",
     ) -> None:
         _check_rank(rank, world_size)
@@ -204,7 +305,7 @@ class TokenLoader:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if seed < 0:
             raise UserError(f"seed must be >= 0 for the data loader, got {seed}")
-        self.sequences = sequences(ds, split, block_size)
+        self.sequences = sequences(ds, split, block_size, packing)
         self.epoch = self.sequences.epoch()  # (E,) sequence ids: what an epoch visits
         self.order = order
         self._permutations: dict[int, np.ndarray] = {}  # epoch -> its order, for the epochs in use
@@ -236,7 +337,7 @@ class TokenLoader:
         """The global micro-batch the next `next_batch()` returns."""
         return self.position + self.calls * self.world_size + self.rank
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> Batch:
         k = self.next_index()
         self.calls += 1
         return _to_device(*self.sequences.gather(self.global_batch(k)), self.device)
@@ -266,6 +367,24 @@ class TokenLoader:
         self.calls = 0
 
 
+def resolve_packing(ds: TokenDataset, requested: bool | None, resumed: bool | None) -> bool:
+    """data.packing for a run: as requested, else on for instruction data; `resumed` is the choice of the run
+    being resumed (None when starting), which a resume keeps (the loader's position counts its sequences)."""
+    if requested and not ds.has_examples:
+        raise UserError(
+            f"data.packing=true needs instruction data (prepared with data=instructions); {ds.dir} is a token "
+            "stream, whose windows are full already: drop data.packing"
+        )
+    if resumed is not None and requested is not None and requested != resumed:
+        raise UserError(
+            f"data.packing={str(requested).lower()} disagrees with the run being resumed, which trains with "
+            f"data.packing={str(resumed).lower()}; drop the override or use a new out_dir"
+        )
+    if requested is not None:
+        return requested
+    return resumed if resumed is not None else ds.has_examples
+
+
 def check_block_size(ds: TokenDataset, block_size: int) -> None:
     """UserError unless both splits hold a whole `block_size + 1`-token window, or for instruction data a loss
     target within the first `block_size + 1` tokens of some example (before any model is built): without one,
@@ -289,9 +408,10 @@ def eval_batches(
     block_size: int,
     rank: int = 0,
     world_size: int = 1,
+    packing: bool = False,
     device: torch.device | str = "cpu",
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The deterministic evaluation batches of `split` for this rank, as (x, y) like `TokenLoader.next_batch`.
+) -> Iterator[Batch]:
+    """The deterministic evaluation batches of `split` for this rank, as `Batch`es like `TokenLoader.next_batch`.
 
     The global set is `num_batches` batches of windows evenly spaced over the split (the same on every call);
     rank r gets global batches r, r + W, r + 2W, ... < num_batches, so ranks get disjoint parts and, when
@@ -301,11 +421,11 @@ def eval_batches(
     _check_rank(rank, world_size)
     if num_batches < 1 or batch_size < 1:
         raise UserError(f"num_batches and batch_size must be >= 1, got {num_batches} and {batch_size}")
-    items = sequences(ds, split, block_size)
+    items = sequences(ds, split, block_size, packing)
     total = num_batches * batch_size
     dev = torch.device(device)
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches() -> Iterator[Batch]:
         for j in range(rank, num_batches, world_size):
             m = np.arange(j * batch_size, (j + 1) * batch_size, dtype=np.int64)
             yield _to_device(*items.gather(m * items.count // total), dev)
