@@ -129,8 +129,9 @@ class DataConfig:
     builder: str = "text"
     """How prepare.py builds it: text (files, folders, globs, URLs or a Hugging Face dataset), or
     hf_stream (a large Hugging Face dataset streamed into fixed-size shards), shards (adopt a folder of llm.c
-    shards as they are: `data=llmc`), or instructions (prompt/completion or chat rows, with the loss on the
-    completions only: `data=instructions`, see gpt2.data.instructions)."""
+    shards as they are: `data=llmc`), instructions (prompt/completion or chat rows, with the loss on the
+    completions only: `data=instructions`, see gpt2.data.instructions), or preferences (a prompt or chat with a
+    chosen and a rejected reply, for `objective=dpo`: `data=preferences`)."""
     tokenizer: str = "gpt2"
     """gpt2 (tiktoken BPE) or char (a character vocabulary built from the corpus)."""
     source: Optional[str] = None
@@ -155,6 +156,10 @@ class DataConfig:
     """builder=instructions: the field holding a row's completion (the loss is on it and its end-of-text)."""
     messages_field: str = "messages"
     """builder=instructions: the field holding a chat, a list of {role: system|user|assistant, content}."""
+    chosen_field: str = "chosen"
+    """builder=preferences: the field holding the preferred reply to the row's prompt or chat."""
+    rejected_field: str = "rejected"
+    """builder=preferences: the field holding the other reply."""
     shard_tokens: int = 100_000_000
     """Tokens per shard file (at least 1025: one window of a 1024-token context)."""
     num_proc: int = 0
@@ -165,11 +170,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise UserError("data.name is empty; give the dataset a folder name, e.g. data.name=mycorpus")
-        check_choice("data.builder", self.builder, ("text", "hf_stream", "shards", "instructions"))
+        check_choice("data.builder", self.builder, ("text", "hf_stream", "shards", "instructions", "preferences"))
         check_choice("data.tokenizer", self.tokenizer, ("gpt2", "char"))
-        if self.builder == "instructions" and self.tokenizer != "gpt2":
+        if self.builder in ("instructions", "preferences") and self.tokenizer != "gpt2":
             raise UserError(
-                "data.builder=instructions needs data.tokenizer=gpt2: each completion ends with its "
+                f"data.builder={self.builder} needs data.tokenizer=gpt2: each completion ends with its "
                 "end-of-text token, which a char vocabulary does not have"
             )
         if not 0.0 <= self.val_fraction < 1.0:
@@ -388,6 +393,19 @@ class LoraConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Direct Preference Optimization (`objective=dpo`, gpt2/dpo.py)."""
+
+    beta: float = 0.1
+    """How far the tuned model may move from the reference (the starting weights): the temperature of the
+    implicit reward beta x log(pi / pi_ref). 0.1 is the usual value; lower lets it move further."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise UserError(f"dpo.beta must be > 0, got {self.beta}")
+
+
+@dataclass
 class TrainRunConfig:
     """Everything `train.py` reads."""
 
@@ -401,6 +419,10 @@ class TrainRunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    objective: str = "lm"
+    """lm (next-token cross-entropy: pretraining and supervised fine-tuning) or dpo (preference pairs prepared
+    with data=preferences, from init_from's weights)."""
     device: str = "auto"
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     dtype: str = "auto"
@@ -417,6 +439,12 @@ class TrainRunConfig:
     def __post_init__(self) -> None:
         check_device("device", self.device)
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("objective", self.objective, ("lm", "dpo"))
+        if self.objective == "dpo" and self.init_from == "scratch":
+            raise UserError(
+                "objective=dpo tunes a trained model against its own starting weights: set init_from to it "
+                "(e.g. init_from=out/mysft, or init_from=gpt2)"
+            )
         if not self.out_dir:
             raise UserError("out_dir is empty; give the run a directory, e.g. out_dir=out/myrun")
         if self.lora.rank and self.init_from == "scratch":

@@ -9,7 +9,9 @@ parameters, so the state dict keeps the base's plain keys (`...c_attn.weight`) n
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -32,8 +34,12 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = alpha / rank
         self.lora_dropout = Dropout(dropout)
+        self.enabled = True
+        """False: the layer is its base alone (`adapters_off`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return F.linear(x, self.weight, self.bias) + update * self.scaling
 
@@ -75,6 +81,20 @@ def merge_lora(model: nn.Module) -> nn.Module:
             parent, child = _parent(model, name)
             setattr(parent, child, plain)
     return model
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model, for as long as the block runs: every LoRA layer computes its frozen layer alone (DPO's
+    reference model, with no second copy of the weights)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def adapter_names(model: nn.Module) -> set[str]:

@@ -133,8 +133,8 @@ def add_lora(model: GPT, lora: LoraConfig, dtype: torch.dtype) -> None:
 
 
 def check_resume(cfg: TrainRunConfig, ckpt: dict[str, Any], ds: TokenDataset, typed: frozenset[str]) -> None:
-    """A rerun continues the run in out_dir: an init_from, lora.*, optim.name or model.* value that disagrees with
-    it, or a max_iters below the step it reached, is an error (never silently ignored)."""
+    """A rerun continues the run in out_dir: an init_from, objective, lora.*, optim.name or model.* value that
+    disagrees with it, or a max_iters below the step it reached, is an error (never silently ignored)."""
     saved, out_dir = ckpt["config"], cfg.out_dir
     saved_init = saved.get("init_from", "scratch")
     if cfg.init_from != saved_init:
@@ -149,6 +149,11 @@ def check_resume(cfg: TrainRunConfig, ckpt: dict[str, Any], ds: TokenDataset, ty
                 f"lora.{key}={value} disagrees with the run in {out_dir} (lora.{key}={saved_lora[key]}); "
                 "resume with the run's LoRA settings, or use a new out_dir"
             )
+    if cfg.objective != saved.get("objective", "lm"):
+        raise UserError(
+            f"objective={cfg.objective} disagrees with the run in {out_dir}, which trains with "
+            f"objective={saved.get('objective', 'lm')}; resume with it, or use a new out_dir"
+        )
     if cfg.optim.name != saved["optim"]["name"]:
         raise UserError(
             f"optim.name={cfg.optim.name} disagrees with the run in {out_dir}, which trains with "

@@ -36,6 +36,7 @@ from gpt2.data.loader import resolve_packing
 from gpt2.device import autocast, configure_backends, resolve_dtype
 from gpt2.distributed import DistInfo, FullModelState, print0
 from gpt2.divergence import DivergenceWatch
+from gpt2.dpo import DPO, check_objective, reward_metrics
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.eval import hellaswag
 from gpt2.flops import mfu, peak_flops
@@ -90,6 +91,7 @@ class Trainer:
         self.ds = open_dataset(cfg.data.name)
         resuming = distributed.broadcast_object((self.out_dir / checkpoint.CKPT_NAME).exists())  # rank 0 decides
         ckpt = checkpoint.load(self.out_dir / checkpoint.CKPT_NAME) if resuming else None
+        check_objective(cfg, self.ds)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank, so FSDP shards agree
         self.model, initial_state = build_model(cfg, self.ds, info, self.dtype, ckpt, typed_model_keys)
@@ -98,10 +100,12 @@ class Trainer:
         train = cfg.train
         train.grad_accum_steps = _grad_accum_steps(train, self.block_size, info.world_size)
         self.accum = train.grad_accum_steps // info.world_size  # micro-steps per rank per optimizer step
-        self.tokens_per_step = train.batch_size * self.block_size * train.grad_accum_steps
+        rows = 2 if cfg.objective == "dpo" else 1  # (a DPO batch element is a pair of sequences)
+        self.tokens_per_step = train.batch_size * rows * self.block_size * train.grad_accum_steps
         resumed_packing = ckpt["config"]["data"].get("packing", False) if ckpt else None  # (older runs: padded)
         cfg.data.packing = resolve_packing(self.ds, cfg.data.packing, resumed_packing)
         self.compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        self.dpo = DPO.for_run(cfg, self.device) if cfg.objective == "dpo" else None
         if self.compile:
             _compile(self.model, train.parallelism if info.is_distributed else "none")
         self.parallel_model = distributed.wrap_model(self.model, info, train.parallelism, self.dtype)
@@ -217,7 +221,7 @@ class Trainer:
         and gradient norm stay on it (returned as tensors) until a log step reads them, and a NaN/inf is
         remembered on the device by `divergence` until then."""
         lr = set_lr(self.optimizers, self.state.step, self.cfg.optim, self.cfg.train.max_iters)
-        loss = self._accumulate_gradients()
+        loss, rewards = self._accumulate_gradients()
         self.optimizers.unscale_(self.scaler)
         clip = self.cfg.train.grad_clip or math.inf  # inf: measure the norm, clip nothing
         grad_norm = clip_grad_norm_(list(self.model.parameters()), clip)
@@ -226,7 +230,7 @@ class Trainer:
         distributed.zero_grad(self.parallel_model, self.optimizers)
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "rewards": rewards}
 
     def _read_metrics(self, last: dict[str, Any]) -> dict[str, float]:
         """The metrics of a log step (metrics.jsonl keys), read from the device once: the last step's loss (mean over
@@ -237,7 +241,11 @@ class Trainer:
         dt = (now - self._clock[0]) / max(1, steps)
         self._clock = (now, self.state.step)
         tokens_per_sec = self.tokens_per_step / dt
+        rewards = (
+            {} if last["rewards"] is None else reward_metrics(distributed.all_reduce_mean(last["rewards"].clone()))
+        )
         return {
+            **rewards,
             "loss": loss,
             "lr": last["lr"],
             "grad_norm": float(last["grad_norm"]),
@@ -250,21 +258,31 @@ class Trainer:
     def _restart_clock(self) -> None:
         self._clock = (time.perf_counter(), self.state.step)
 
-    def _accumulate_gradients(self) -> torch.Tensor:
+    def _accumulate_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward over this rank's micro-batches; the gradients are of the mean loss over every
-        target of the step's micro-batches on all ranks. Returns this rank's part of that loss times the number
-        of ranks (so that their mean is the loss), on the device."""
+        target (DPO: pair) of the step's micro-batches on all ranks. Returns this rank's part of that loss times
+        the number of ranks (so that their mean is the loss), and with DPO the step's reward sums, on the device."""
         loss_sum = torch.zeros((), device=self.device)
+        reward_sums = torch.zeros(4, device=self.device) if self.dpo else None
         for micro, weight in enumerate(self.loader.micro_batch_weights(self.accum)):
-            x, y, positions = self.loader.next_batch()
+            batch = self.loader.next_batch()
             # The gradient all-reduce runs once, on the last micro-step.
             with distributed.no_sync(self.parallel_model, enabled=micro < self.accum - 1):
-                with autocast(self.device, self.dtype):  # (the loss in chunks: gpt2.loss)
-                    _, loss = self.parallel_model(x, y, return_logits=False, positions=positions)
+                loss, rewards = self._loss(self.parallel_model, batch)
                 loss = loss * weight  # gradients of the mean over all targets of the step (1 / accum for tokens)
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        return loss_sum
+            if rewards is not None:
+                reward_sums += rewards
+        return loss_sum, reward_sums
+
+    def _loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mean loss of a batch through `model` (the chunked loss, gpt2.loss) and, with DPO, its reward sums."""
+        with autocast(self.device, self.dtype):
+            if self.dpo is not None:
+                return self.dpo.loss(model, self.model, batch.x, batch.y)
+            _, loss = model(batch.x, batch.y, return_logits=False, positions=batch.positions)
+        return loss, None
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
@@ -274,17 +292,21 @@ class Trainer:
         self.model.eval()
         out = {}
         for split in ("train", "val"):
-            total = torch.zeros(2, device=self.device)  # (sum of losses, targets)
-            for x, y, positions in self._eval_batches(split):
+            total = torch.zeros(6, device=self.device)  # (sum of losses, targets or pairs, DPO's reward sums)
+            for batch in self._eval_batches(split):
                 if self.stop.requested and not self.info.is_distributed:
                     self.model.train()
                     return None
-                with autocast(self.device, self.dtype):
-                    _, loss = self.model(x, y, return_logits=False, positions=positions)
-                targets = (y != -1).sum()
-                total += torch.stack([loss.float() * targets, targets.float()])
+                loss, rewards = self._loss(self.model, batch)
+                if rewards is None:
+                    targets = (batch.y != -1).sum().float()
+                    total[:2] += torch.stack([loss.float() * targets, targets])
+                else:
+                    total += torch.cat([torch.stack([loss.float() * rewards[3], rewards[3]]), rewards])
             distributed.all_reduce_mean(total)
             out[f"{split}_loss"] = (total[0] / total[1]).item()
+            if self.dpo is not None:
+                out[f"{split}_reward_accuracy"] = reward_metrics(total[2:])["reward_accuracy"]
         self.model.train()
         return out
 

@@ -11,11 +11,13 @@ from omegaconf import OmegaConf
 from gpt2 import config
 from gpt2.errors import UserError
 
-# The original keys, plus the ones added deliberately since (the data builder's, schedules, Muon, eval, packing).
-# train.py reads three data.* keys; the others are data/prepare.py's (PREPARE_DATA_KEYS), refused when typed to train.py.
+# The original keys, plus the ones added deliberately since (the data builder's, schedules, Muon, eval, packing,
+# DPO). train.py reads three data.* keys; the others are data/prepare.py's (PREPARE_DATA_KEYS), refused when typed
+# to train.py.
 PREPARE_DATA_KEYS = """
 data.name data.builder data.tokenizer data.source data.subset data.split data.val_source data.val_fraction
-data.extensions data.text_field data.prompt_field data.completion_field data.messages_field data.shard_tokens
+data.extensions data.text_field data.prompt_field data.completion_field data.messages_field data.chosen_field
+data.rejected_field data.shard_tokens
 data.num_proc data.seed
 """.split()
 TRAIN_KEYS = """
@@ -30,6 +32,7 @@ train.activation_checkpointing train.early_stopping_patience
 wandb.enabled wandb.project wandb.run_name wandb.mode
 eval.hellaswag_interval eval.hellaswag_limit eval.hellaswag_path
 lora.rank lora.alpha lora.dropout lora.targets
+dpo.beta objective
 device dtype compile seed out_dir init_from
 """.split()
 SAMPLE_KEYS = """

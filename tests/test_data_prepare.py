@@ -271,7 +271,7 @@ def test_bad_sources_are_user_errors(tmp_path):
 
 def test_builtin_names_match_the_config_group():
     names = {p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")}
-    assert names == set(BUILTIN) | {"text", "llmc", "instructions"}
+    assert names == set(BUILTIN) | {"text", "llmc", "instructions", "preferences"}
 
 
 @pytest.mark.e2e

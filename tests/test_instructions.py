@@ -186,7 +186,7 @@ def test_a_step_averages_over_every_target_of_its_global_batch(sft_data, tmp_pat
     ids = np.concatenate([trainer.loader.global_batch(0), trainer.loader.global_batch(1)])
     weights = trainer.loader.micro_batch_weights(2)
     assert weights[0] != weights[1]  # the case where averaging micro-batch means would be wrong
-    loss = trainer._accumulate_gradients()
+    loss, _ = trainer._accumulate_gradients()
 
     expected = brute_force_loss(reference, [every[i] for i in example_ids(trainer.loader, ids)], 24)
     expected.backward()
@@ -452,10 +452,12 @@ def test_packed_loader_resumes_and_splits_across_ranks_like_one(sft_data):
 
 def test_a_micro_batch_without_targets_adds_zero_not_nan(sft_data, tmp_path):
     """A micro-batch whose sequences hold no target (all prompt) contributes zero loss and zero gradient."""
+    from gpt2.data import Batch
+
     run = trainer(f"data.name={sft_data}", f"out_dir={tmp_path / 'run'}", *TINY, "model.block_size=24")
     x, y, positions = run.loader.next_batch()
-    run.loader.next_batch = lambda: (x, torch.full_like(y, -1), positions)
-    loss = run._accumulate_gradients()
+    run.loader.next_batch = lambda: Batch(x, torch.full_like(y, -1), positions)
+    loss, _ = run._accumulate_gradients()
     assert loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in run.model.parameters())
 

@@ -121,6 +121,11 @@ class TokenDataset:
         return bool(self.meta.get("examples"))
 
     @property
+    def has_pairs(self) -> bool:
+        """Preference data: examples in (chosen, rejected) pairs, for DPO (gpt2.data.instructions)."""
+        return bool(self.meta.get("pairs"))
+
+    @property
     def vocab_size(self) -> int:
         """The tokenizer's vocabulary size (every token is below it)."""
         return int(self.meta["vocab_size"])

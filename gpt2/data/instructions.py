@@ -19,6 +19,14 @@ dataset, one example per row, in either form:
 Each piece is tokenized on its own and the pieces are concatenated. A row with neither form, an empty completion
 or reply, or a chat without an assistant message is an error naming the row.
 
+Preference pairs (`data.builder=preferences`, `data=preferences`, for DPO) are rows of a prompt or a chat with two
+replies, `{"prompt": ..., "chosen": ..., "rejected": ...}` or `{"messages": [..., {"role": "user", ...}],
+"chosen": ..., "rejected": ...}` (fields `data.prompt_field`, `data.messages_field`, `data.chosen_field`,
+`data.rejected_field`). Each row becomes two examples, the chosen one first, each rendered as above with the reply
+as the completion or as the chat's next assistant message, the loss mask on that reply and its end-of-text only.
+The two are written one after the other into the same shard (meta.json: `"pairs": true`). A missing field, an
+empty reply, or two equal replies is an error naming the row.
+
 On disk: the tokens are ordinary llm.c shards (so the dataset also reads as plain token data); next to each shard,
 `<shard>.mask.npy` holds one uint8 per token: bit 0 (TARGET) marks the tokens the loss is on, bit 1 (START) the
 first token of each example. No example spans two shards. meta.json has `"examples": true`. The training loader
@@ -74,6 +82,38 @@ def segments(row: Any, data: DataConfig, where: str) -> list[Segment]:
     )
 
 
+def pair_segments(row: Any, data: DataConfig, where: str) -> tuple[list[Segment], list[Segment]]:
+    """A preference row -> the segments of its chosen and of its rejected example (see the module docstring)."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: a preference pair is an object with a prompt or messages, chosen and rejected")
+    replies = []
+    for field in (data.chosen_field, data.rejected_field):
+        value = row.get(field)
+        if not isinstance(value, str) or not value:
+            problem = "missing" if value is None else "empty" if value == "" else f"{type(value).__name__}, not text"
+            raise UserError(f"{where}: the {field!r} reply is {problem}; every pair needs both replies")
+        replies.append(value)
+    if replies[0] == replies[1]:
+        raise UserError(f"{where}: the {data.chosen_field!r} and {data.rejected_field!r} replies are the same text")
+    if row.get(data.messages_field) is not None:
+        chat = row[data.messages_field]
+        if not isinstance(chat, list) or not chat or not isinstance(chat[-1], dict) or chat[-1].get("role") != "user":
+            raise UserError(f"{where}: {data.messages_field!r} must be a list of messages ending with a user message")
+        rendered = [
+            _chat_segments([*chat, {"role": "assistant", "content": r}], data.messages_field, where) for r in replies
+        ]
+        return tuple(
+            [(text, target and i == len(segs) - 1) for i, (text, target) in enumerate(segs)] for segs in rendered
+        )
+    prompt = row.get(data.prompt_field)
+    if not isinstance(prompt, str):
+        raise UserError(
+            f"{where}: a preference pair needs a {data.prompt_field!r} text or a {data.messages_field!r} chat "
+            "(set data.prompt_field or data.messages_field)"
+        )
+    return [(prompt, False), (replies[0], True)], [(prompt, False), (replies[1], True)]
+
+
 def _chat_segments(messages: Any, field: str, where: str) -> list[Segment]:
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: {field!r} must be a non-empty list of {{role, content}} messages")
@@ -107,18 +147,26 @@ def _chat_segments(messages: Any, field: str, where: str) -> list[Segment]:
 def encode_examples(
     rows: list[tuple[Any, str]], data: DataConfig, tokenizer: GPT2Tokenizer, num_threads: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Rows -> (tokens, mask) per example: the segments' tokens, an end-of-text after each trained segment."""
-    per_row = [segments(row, data, where) for row, where in rows]
-    ids = iter(tokenizer.encode_batch([text for segs in per_row for text, _ in segs], num_threads))
+    """Rows -> (tokens, mask) per row: the segments' tokens, an end-of-text after each trained segment; a
+    preference row's two examples one after the other (each with its START)."""
+    if data.builder == "preferences":
+        per_row = [list(pair_segments(row, data, where)) for row, where in rows]
+    else:
+        per_row = [[segments(row, data, where)] for row, where in rows]
+    ids = iter(
+        tokenizer.encode_batch([text for examples in per_row for segs in examples for text, _ in segs], num_threads)
+    )
     out = []
-    for segs in per_row:
+    for examples in per_row:
         tokens: list[int] = []
         mask: list[int] = []
-        for _, target in segs:
-            piece = next(ids) + ([tokenizer.eot_id] if target else [])
-            tokens += piece
-            mask += [TARGET if target else 0] * len(piece)
-        mask[0] |= START
+        for segs in examples:
+            start = len(mask)
+            for _, target in segs:
+                piece = next(ids) + ([tokenizer.eot_id] if target else [])
+                tokens += piece
+                mask += [TARGET if target else 0] * len(piece)
+            mask[start] |= START
         out.append((np.array(tokens, dtype=TOKEN_DTYPE), np.array(mask, dtype=np.uint8)))
     return out
 
@@ -147,7 +195,7 @@ class ExampleWriter:
         self.tokens.write(tokens)
         self.masks.append(mask)
         self.open_tokens += tokens.size
-        self.open_examples += 1
+        self.open_examples += int(np.count_nonzero(mask & START))
         if self.open_tokens == self.shard_tokens:  # the ShardWriter finished it
             self._save_mask()
 

@@ -195,6 +195,27 @@ class _Packs:
         return x, y, positions
 
 
+class _Pairs:
+    """The preference pairs of one split (`data=preferences`), numbered 0 .. count - 1: pair i is examples 2i
+    (chosen) and 2i + 1 (rejected), which preparation writes one after the other. A batch of N pairs is 2N padded
+    sequences, the N chosen ones first; the DPO loss is a mean over pairs, so a pair counts as one target."""
+
+    def __init__(self, ds: TokenDataset, split: str, block_size: int) -> None:
+        self.ds = ds
+        self.examples = _Examples(ds, split, block_size)
+        self.count = self.examples.count // 2
+        self.unit = "preference pairs"
+
+    def epoch(self) -> np.ndarray:
+        return np.arange(self.count, dtype=np.int64)
+
+    def targets(self, ids: np.ndarray) -> int:
+        return len(ids)
+
+    def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+        return self.examples.gather(np.concatenate([2 * ids, 2 * ids + 1]))
+
+
 def best_fit(sizes: np.ndarray, capacity: int) -> list[np.ndarray]:
     """Best-fit decreasing bin packing: item indices grouped into bins whose sizes sum to <= capacity. Items go
     longest first (ties by index), each into the open bin with the least room that holds it, else a new bin.
@@ -259,6 +280,8 @@ def sequences(ds: TokenDataset, split: str, block_size: int, packing: bool = Fal
     sequence or packed into rows."""
     if not ds.has_examples:
         return _Windows(ds, split, block_size)
+    if ds.has_pairs:
+        return _Pairs(ds, split, block_size)
     return (_Packs if packing else _Examples)(ds, split, block_size)
 
 
@@ -375,6 +398,8 @@ def resolve_packing(ds: TokenDataset, requested: bool | None, resumed: bool | No
             f"data.packing=true needs instruction data (prepared with data=instructions); {ds.dir} is a token "
             "stream, whose windows are full already: drop data.packing"
         )
+    if requested and ds.has_pairs:
+        raise UserError(f"data.packing=true does not apply to the preference pairs of {ds.dir}: drop data.packing")
     if resumed is not None and requested is not None and requested != resumed:
         raise UserError(
             f"data.packing={str(requested).lower()} disagrees with the run being resumed, which trains with "
@@ -382,7 +407,7 @@ def resolve_packing(ds: TokenDataset, requested: bool | None, resumed: bool | No
         )
     if requested is not None:
         return requested
-    return resumed if resumed is not None else ds.has_examples
+    return resumed if resumed is not None else ds.has_examples and not ds.has_pairs
 
 
 def check_block_size(ds: TokenDataset, block_size: int) -> None:
@@ -391,6 +416,7 @@ def check_block_size(ds: TokenDataset, block_size: int) -> None:
     training learns nothing and the val loss is 0 / 0."""
     for split in ("train", "val"):
         items = sequences(ds, split, block_size)
+        items = getattr(items, "examples", items)  # (pairs: their examples)
         if isinstance(items, _Examples) and not items.target_counts.any():
             raise UserError(
                 f"none of the {items.count:,} {split} examples of {ds.dir} has a completion token within its first "

@@ -74,7 +74,7 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
         return _adopt(data, out_dir)
     _check_ours(out_dir, [s for s in (data.source, data.val_source) if s])
     source, val_source = _open_sources(data, out_dir)
-    if data.builder == "instructions":
+    if data.builder in ("instructions", "preferences"):
         return _prepare_examples(data, out_dir, source, val_source)
     # The GPT-2 vocabulary first: fail fast when it is unavailable, before any pass over the corpus.
     tokenizer: CharTokenizer | GPT2Tokenizer | None = GPT2Tokenizer() if data.tokenizer == "gpt2" else None
@@ -108,11 +108,16 @@ def prepare(data: DataConfig, data_root: str | Path = "data", overwrite: bool = 
 
 
 def _prepare_examples(data: DataConfig, out_dir: Path, source: Source, val_source: Optional[Source]) -> Path:
-    """data.builder=instructions: rows -> example shards with loss masks (see gpt2.data.instructions)."""
+    """data.builder=instructions or preferences: rows -> example shards with loss masks (gpt2.data.instructions)."""
+    pairs = data.builder == "preferences"
     print(
         f"preparing {out_dir} from {source!r}"
         + (f" (val: {val_source!r})" if val_source else "")
-        + "; instruction examples, loss on the completions",
+        + (
+            "; preference pairs, loss masks on the replies"
+            if pairs
+            else "; instruction examples, loss on the completions"
+        ),
         flush=True,
     )
     stage = out_dir / STAGE_DIR
@@ -136,10 +141,13 @@ def _prepare_examples(data: DataConfig, out_dir: Path, source: Source, val_sourc
         split_rule=rule,
     )
     meta["examples"] = True
+    if pairs:
+        meta["pairs"] = True
     _swap_in(stage, out_dir, meta)
+    unit, per = ("pairs", 2) if pairs else ("examples", 1)
     print(
-        f"wrote {out_dir}: {_summary(out_dir / META_FILE)}; {examples['train']:,} train and "
-        f"{examples['val']:,} val examples",
+        f"wrote {out_dir}: {_summary(out_dir / META_FILE)}; {examples['train'] // per:,} train and "
+        f"{examples['val'] // per:,} val {unit}",
         flush=True,
     )
     return out_dir
@@ -147,7 +155,7 @@ def _prepare_examples(data: DataConfig, out_dir: Path, source: Source, val_sourc
 
 def _open_sources(data: DataConfig, out_dir: Path) -> tuple[Any, Any]:
     """The training source and, when `data.val_source` is set, the validation source."""
-    text_field = None if data.builder == "instructions" else data.text_field  # (rows are read whole)
+    text_field = None if data.builder in ("instructions", "preferences") else data.text_field  # (rows whole)
     common = dict(
         data_dir=out_dir,
         text_field=text_field,
