@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -202,6 +204,22 @@ def trainer(*overrides: str, typed_model_keys: frozenset[str] = frozenset()):
     from gpt2.training import Trainer
 
     return Trainer(to_object(compose(*overrides), TrainRunConfig), DistInfo(), typed_model_keys)
+
+
+def bash_blocks(text: str) -> list[str]:
+    """The ```bash blocks of a markdown text (the README's commands)."""
+    return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+
+
+def commands(block: str) -> list[list[str]]:
+    """The block's command lines (continuations joined, comments dropped), each split like a shell would."""
+    joined = block.replace("\\\n", " ")
+    out = []
+    for line in joined.splitlines():
+        argv = shlex.split(line, comments=True)
+        if argv:
+            out.append(argv)
+    return out
 
 
 def records(out: Path, kind: str = "train") -> list[dict]:

@@ -210,3 +210,45 @@ def test_objective_and_data_must_agree(prefs, sft_run, char_data, tmp_path):
         trainer(f"data.name={prefs}", "objective=dpo", f"out_dir={tmp_path / 'c'}", *TINY)
     with pytest.raises(UserError, match="dpo.beta must be > 0"):
         trainer(f"data.name={prefs}", "objective=dpo", f"init_from={sft_run}", "dpo.beta=0", f"out_dir={tmp_path}")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_readme_sft_then_dpo_recipe_runs_as_written_and_teaches_the_preferred_style(tmp_path):
+    """The README's recipe, verbatim: a supervised model that answers in either style about half the time, then
+    DPO on pairs preferring the plain one: held-out reward accuracy above 0.9, and samples follow the rule."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, bash_blocks, commands, env
+
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in bash_blocks(readme.split("**Preference tuning (DPO)**")[1]) if "objective=dpo" in b)
+    (tmp_path / "gpt2").symlink_to(ROOT / "gpt2")  # the recipe's data.source paths, from the repository root
+
+    def run(argv: list[str]) -> str:
+        assert argv[0] == "python"
+        p = subprocess.run(
+            [sys.executable, str(ROOT / argv[1]), *argv[2:]],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env(OMP_NUM_THREADS="2"),
+        )
+        assert p.returncode == 0, f"{' '.join(argv)}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+        return p.stdout
+
+    for argv in commands(block):
+        run(argv)
+    evals = records(tmp_path / "out" / "style_dpo", "eval")
+    assert evals[0]["val_loss"] == pytest.approx(np.log(2), abs=1e-4) and evals[-1]["val_reward_accuracy"] > 0.9
+
+    def plain_share(run_dir: str) -> float:
+        out = tmp_path / f"{run_dir}.jsonl"
+        prompt = "prompt=User: Name one fruit.\\nAssistant:"
+        run(["python", "sample.py", f"checkpoint=out/{run_dir}", prompt, "num_samples=40", f"output={out}"])
+        samples = [json.loads(line)["sample"] for line in out.read_text().splitlines()]
+        return sum("!!!" not in s for s in samples) / len(samples)
+
+    assert 0.25 < plain_share("style_sft") < 0.75  # the supervised model: either style
+    assert plain_share("style_dpo") >= 0.9

@@ -9,13 +9,11 @@ appended, on the tiny-shakespeare the package ships.
 from __future__ import annotations
 
 import os
-import re
-import shlex
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, bash_blocks, commands
 
 README = (ROOT / "README.md").read_text()
 ENTRY = {
@@ -25,21 +23,6 @@ ENTRY = {
     "gpt2.serve": ("serve", "ServeConfig"),
     "gpt2.export": ("export", "ExportConfig"),
 }
-
-
-def bash_blocks(text: str) -> list[str]:
-    return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-
-
-def commands(block: str) -> list[list[str]]:
-    """The block's command lines (continuations joined, comments dropped), each split like a shell would."""
-    joined = block.replace("\\\n", " ")
-    out = []
-    for line in joined.splitlines():
-        argv = shlex.split(line, comments=True)
-        if argv:
-            out.append(argv)
-    return out
 
 
 def entry_and_args(argv: list[str]) -> tuple[str, list[str]] | None:
