@@ -3,13 +3,16 @@
     python bench/finetune_memory.py                                  # the table; appends to BENCHMARKS.md
     python bench/finetune_memory.py --sizes gpt2 --no-append         # one size, print only
     python bench/finetune_memory.py --validate --sizes gpt2          # zero-matmul peaks vs real fp32 steps
+    python bench/finetune_memory.py --dpo --sizes gpt2-xl             # LoRA r16: a DPO step against the SFT step
 
 Each cell is the trainer as a user runs it, in a fresh process: `train.py init_from=<a Hugging Face-layout dir
 of that size> data.name=<tiny-shakespeare, GPT-2 BPE> model.block_size=512 train.batch_size=1 dtype=bfloat16
 train.max_iters=3` (an eval and a checkpoint included), `lora.rank=16` for LoRA, and
 `train.activation_checkpointing=true` for AC; its peak resident set size (ru_maxrss) covers loading the init,
 the optimizer, the steps, the eval and the checkpoint. The inits hold random weights (offline), written once
-to --init-dir.
+to --init-dir. `--dpo` compares, with LoRA r16, that step (objective=lm, on the instruction example shipped in
+gpt2/assets/style) with `objective=dpo` on preference pairs (batch 1 pair: two sequences of 512, and a
+reference pass with the adapters off) from the same init.
 
 On a CPU without native bf16 (AVX2 only: a bf16 matmul runs at ~0.5 GFLOP/s, so one gpt2-xl step would take
 hours), `--zero-matmuls` (the default there) replaces the results of the matrix products and of attention by
@@ -88,8 +91,11 @@ def child(overrides: list[str], zero: bool) -> dict:
     return {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "s": time.perf_counter() - t0}
 
 
-def measure(init: Path, data: Path, out: Path, lora: bool, ac: bool, dtype: str, zero: bool) -> dict:
+def measure(
+    init: Path, data: Path, out: Path, lora: bool, ac: bool, dtype: str, zero: bool, objective: str = "lm"
+) -> dict:
     overrides = [
+        f"objective={objective}",
         f"init_from={init}",
         f"data.name={data}",
         f"out_dir={out}",
@@ -143,12 +149,50 @@ def make_data(root: Path) -> Path:
     return prepare(DataConfig(name="shakespeare", source="builtin:tinyshakespeare"), data_root=root)
 
 
+def make_style_data(root: Path) -> dict[str, Path]:
+    """The shipped SFT example and its preference pairs, prepared (for --dpo)."""
+    from gpt2.config import DataConfig
+    from gpt2.data.prepare import prepare
+    from gpt2.resources import ASSETS_DIR
+
+    style = ASSETS_DIR / "style"
+    return {
+        "lm": prepare(DataConfig(name="sft", builder="instructions", source=str(style / "sft.jsonl")), root),
+        "dpo": prepare(DataConfig(name="pairs", builder="preferences", source=str(style / "pairs.jsonl")), root),
+    }
+
+
+def dpo_rows(args, init_dir: Path, zero: bool) -> str:
+    """LoRA r16, with and without AC: peak RSS of the SFT step and of the DPO step, and their ratio."""
+    lines = [
+        "| model | activation checkpointing | SFT step peak RSS (GiB) | DPO step peak RSS (GiB) | DPO / SFT |",
+        "|---|---|---:|---:|---:|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_style_data(Path(tmp))
+        for size in args.sizes.split(","):
+            init = make_init(size, init_dir)
+            for ac in (False, True):
+                cells = {}
+                for objective in ("lm", "dpo"):
+                    out = Path(tmp) / "run"
+                    cells[objective] = measure(init, data[objective], out, True, ac, "bfloat16", zero, objective)
+                    subprocess.run(["rm", "-rf", str(out)])
+                    print(size, objective, "AC" if ac else "-", cells[objective], flush=True)
+                lm, dpo = (cells[o].get("peak_gib") for o in ("lm", "dpo"))
+                ratio = f"{dpo / lm:.2f}" if lm and dpo else "-"
+                cell = [cells[o].get("error") or f"{cells[o]['peak_gib']:.2f}" for o in ("lm", "dpo")]
+                lines.append(f"| {size} | {'yes' if ac else 'no'} | {cell[0]} | {cell[1]} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="gpt2,gpt2-medium,gpt2-large,gpt2-xl")
     p.add_argument("--init-dir", default=os.path.join(tempfile.gettempdir(), "gpt2-random-inits"))
     p.add_argument("--zero-matmuls", choices=("auto", "yes", "no"), default="auto")
     p.add_argument("--validate", action="store_true", help="fp32 peaks: zero-matmul vs real steps")
+    p.add_argument("--dpo", action="store_true", help="LoRA r16: the DPO step's peak against the SFT step's")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -158,6 +202,17 @@ def main() -> None:
         return
     zero = args.zero_matmuls == "yes" or (args.zero_matmuls == "auto" and not native_bf16())
     init_dir = Path(args.init_dir)
+    if args.dpo:
+        section = (
+            f"{report.heading('DPO memory: against the same SFT step')}\n\n`{report.command_line()}` on "
+            f"{report.machine()}; LoRA r16, bf16, each cell a fresh `train.py` process (3 steps of batch 1 x 512, "
+            f"{'zero-filled matmul results, ' if zero else ''}an eval and a checkpoint), peak RSS.\n\n"
+            f"{dpo_rows(args, init_dir, zero)}\n"
+        )
+        print(section)
+        if not args.no_append:
+            report.append(section)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data(Path(tmp))
         rows = []
