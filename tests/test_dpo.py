@@ -173,18 +173,18 @@ def test_a_dpo_run_logs_rewards_learns_and_resumes_exactly(prefs, sft_run, tmp_p
         "objective=dpo",
         f"init_from={sft_run}",
         "train.batch_size=4",
-        "train.eval_interval=4",
+        "train.eval_interval=3",
         "train.eval_iters=2",
         "train.log_interval=2",
         "optim.lr=3e-3",
         "optim.warmup_iters=0",
-        "optim.lr_decay_iters=8",  # (the schedule of the 8-step run, for the 4-step one too)
+        "optim.lr_decay_iters=6",  # (the schedule of the 6-step run, for the 3-step one too)
         "data.order=epoch",
         *HERE,
     ]
-    trainer(*base, f"out_dir={tmp_path / 'full'}", "train.max_iters=8").fit()
-    trainer(*base, f"out_dir={tmp_path / 'cut'}", "train.max_iters=4").fit()
-    trainer(*base, f"out_dir={tmp_path / 'cut'}", "train.max_iters=8").fit()
+    trainer(*base, f"out_dir={tmp_path / 'full'}", "train.max_iters=6").fit()
+    trainer(*base, f"out_dir={tmp_path / 'cut'}", "train.max_iters=3").fit()
+    trainer(*base, f"out_dir={tmp_path / 'cut'}", "train.max_iters=6").fit()
     assert_same_weights(weights(tmp_path / "cut"), weights(tmp_path / "full"))
     logged = records(tmp_path / "full")
     assert {"reward_chosen", "reward_rejected", "reward_accuracy", "reward_margin"} <= logged[-1].keys()

@@ -80,21 +80,25 @@ def export(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.e2e
 def test_bad_input_is_one_line_and_nothing_is_overwritten(bpe_run, tmp_path):
+    """The command: one line on stderr, exit 2. The same checks in this process for the other bad inputs."""
+    from gpt2.errors import UserError
+
+    r = export(f"checkpoint={bpe_run}", f"out_dir={tmp_path / 'x'}", "format=onnx")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "format='onnx' is not valid" in r.stderr, r.stderr
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
-    for args, message in (
-        ([f"out_dir={tmp_path / 'x'}"], "no run to export: pass checkpoint="),
-        ([f"checkpoint={bpe_run}"], "no out_dir"),
-        ([f"checkpoint={bpe_run}", f"out_dir={tmp_path / 'x'}", "format=onnx"], "format='onnx' is not valid"),
-        ([f"checkpoint={tmp_path / 'nope'}", f"out_dir={tmp_path / 'x'}"], "nope"),
-        ([f"checkpoint={bpe_run}", f"out_dir={taken}"], f"out_dir={taken} is not empty"),
+    for keys, message in (
+        ({"out_dir": str(tmp_path / "x")}, "no run to export: pass checkpoint="),
+        ({"checkpoint": str(bpe_run)}, "no out_dir"),
+        ({"checkpoint": str(tmp_path / "nope"), "out_dir": str(tmp_path / "x")}, "nope"),
+        ({"checkpoint": str(bpe_run), "out_dir": str(taken)}, f"out_dir={taken} is not empty"),
     ):
-        r = export(*args)
-        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+        with pytest.raises(UserError, match=message):
+            run(OmegaConf.create(keys))
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
-    r = export(f"checkpoint={bpe_run}", f"out_dir={taken}", "overwrite=true")
-    assert r.returncode == 0 and (taken / "notes.txt").read_text() == "mine" and (taken / "config.json").exists()
+    run(OmegaConf.create({"checkpoint": str(bpe_run), "out_dir": str(taken), "overwrite": True}))
+    assert (taken / "notes.txt").read_text() == "mine" and (taken / "config.json").exists()
 
 
 @pytest.mark.e2e
