@@ -49,10 +49,10 @@ def check_objective(cfg: TrainRunConfig, ds: TokenDataset) -> None:
 
 
 def sequence_logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(R,) the summed log-probability of each row's targets (y != -1) given its inputs."""
-    logits, _ = model(x)  # (R, T, V)
-    logps = -F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none")
-    return logps.view_as(y).sum(1)
+    """(R,) the summed log-probability of each row's targets (y != -1) given its inputs (the LM head runs at
+    the targeted positions only)."""
+    _, losses = model(x, y, reduction="none")  # (R, T)
+    return -losses.sum(1)
 
 
 class DPO:

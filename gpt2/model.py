@@ -361,6 +361,7 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         return_logits: bool = True,
         positions: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V), loss).
 
@@ -368,9 +369,16 @@ class GPT(nn.Module):
         sampled). `loss` is the mean next-token cross-entropy over positions whose target is not -1, or None
         without targets. Training passes `return_logits=False`: the loss is then computed chunk by chunk from
         the hidden states (`gpt2.loss`) and the whole batch's logits never exist (logits is None).
+        `reduction="none"` gives each position's loss instead, (B, T) fp32 and 0 where the target is -1, from
+        the LM head applied at the targeted positions only (logits is None): per-sequence log-likelihoods (DPO).
         `kv_cache` and `positions` (packed rows): see `hidden_states`.
         """
         x = self.hidden_states(idx, kv_cache, positions)
+        if targets is not None and reduction == "none":
+            keep = targets != -1
+            logits = self.lm_head(x[keep])[:, : self.config.vocab_size]  # (targets, V)
+            losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+            return None, torch.zeros(targets.shape, dtype=losses.dtype, device=x.device).masked_scatter(keep, losses)
         if targets is not None and not return_logits:
             return None, linear_cross_entropy(
                 x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size
