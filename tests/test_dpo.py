@@ -250,5 +250,5 @@ def test_readme_sft_then_dpo_recipe_runs_as_written_and_teaches_the_preferred_st
         samples = [json.loads(line)["sample"] for line in out.read_text().splitlines()]
         return sum("!!!" not in s for s in samples) / len(samples)
 
-    assert 0.25 < plain_share("style_sft") < 0.75  # the supervised model: either style
+    assert 0.2 < plain_share("style_sft") < 0.8  # the supervised model: either style (0.5 here, bf16 and fp32)
     assert plain_share("style_dpo") >= 0.9
