@@ -252,3 +252,29 @@ def test_readme_sft_then_dpo_recipe_runs_as_written_and_teaches_the_preferred_st
 
     assert 0.2 < plain_share("style_sft") < 0.8  # the supervised model: either style (0.5 here, bf16 and fp32)
     assert plain_share("style_dpo") >= 0.9
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_two_processes_match_one_under_dpo(prefs, sft_run, tmp_path):
+    """DDP over 2 gloo ranks with gradient accumulation: the DPO loss curve is the single process's."""
+    from conftest import curve, torchrun, train
+
+    args = [
+        f"data.name={prefs}",
+        "objective=dpo",
+        f"init_from={sft_run}",
+        "train.batch_size=2",
+        "train.grad_accum_steps=2",
+        "train.max_iters=4",
+        "train.eval_interval=2",
+        "train.eval_iters=2",
+        "train.log_interval=1",
+        "optim.lr=3e-3",
+        "optim.warmup_iters=0",
+        *HERE,
+    ]
+    train([*args, f"out_dir={tmp_path / 'one'}"], tmp_path)
+    torchrun([*args, f"out_dir={tmp_path / 'two'}"], tmp_path)
+    assert curve(tmp_path / "two") == pytest.approx(curve(tmp_path / "one"), abs=1e-5, rel=0)
+    assert "reward_accuracy" in records(tmp_path / "two")[-1]
