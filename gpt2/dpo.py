@@ -50,7 +50,7 @@ def check_objective(cfg: TrainRunConfig, ds: TokenDataset) -> None:
 
 def sequence_logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(R,) the summed log-probability of each row's targets (y != -1) given its inputs (the LM head runs at
-    the targeted positions only)."""
+    the targeted positions only; on CUDA, selecting them waits for the device once per call)."""
     _, losses = model(x, y, reduction="none")  # (R, T)
     return -losses.sum(1)
 
@@ -80,7 +80,7 @@ class DPO:
             reference_logps = sequence_logps(reference, x, y)
         chosen, rejected = (self.beta * (logps - reference_logps)).chunk(2)
         loss = -F.logsigmoid(chosen - rejected).mean()
-        pairs = torch.tensor(float(len(chosen)), device=x.device)
+        pairs = torch.full((), float(len(chosen)), device=x.device)  # (a fill on the device, not a copy to it)
         stats = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(), pairs]).detach()
         return loss, stats
 
@@ -98,13 +98,13 @@ class DPO:
             model.train(training)
 
 
-def reward_metrics(stats: torch.Tensor, prefix: str = "") -> dict[str, float]:
+def reward_metrics(stats: torch.Tensor) -> dict[str, float]:
     """The metrics.jsonl keys of summed reward stats (see `DPO.loss`), means over their pairs."""
     chosen, rejected, right, pairs = stats.tolist()
     pairs = max(pairs, 1.0)
     return {
-        f"{prefix}reward_chosen": chosen / pairs,
-        f"{prefix}reward_rejected": rejected / pairs,
-        f"{prefix}reward_accuracy": right / pairs,
-        f"{prefix}reward_margin": (chosen - rejected) / pairs,
+        "reward_chosen": chosen / pairs,
+        "reward_rejected": rejected / pairs,
+        "reward_accuracy": right / pairs,
+        "reward_margin": (chosen - rejected) / pairs,
     }

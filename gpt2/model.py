@@ -371,6 +371,7 @@ class GPT(nn.Module):
         the hidden states (`gpt2.loss`) and the whole batch's logits never exist (logits is None).
         `reduction="none"` gives each position's loss instead, (B, T) fp32 and 0 where the target is -1, from
         the LM head applied at the targeted positions only (logits is None): per-sequence log-likelihoods (DPO).
+        Selecting those positions is data-dependent, so on CUDA this path waits for the device once.
         `kv_cache` and `positions` (packed rows): see `hidden_states`.
         """
         x = self.hidden_states(idx, kv_cache, positions)

@@ -306,7 +306,7 @@ class Trainer:
             distributed.all_reduce_mean(total)
             out[f"{split}_loss"] = (total[0] / total[1]).item()
             if self.dpo is not None:
-                out[f"{split}_reward_accuracy"] = reward_metrics(total[2:])["reward_accuracy"]
+                out[f"{split}_reward_accuracy"] = (total[4] / total[1]).item()  # pairs ranked right / pairs
         self.model.train()
         return out
 

@@ -165,12 +165,13 @@ class _Packs:
         self.ds = ds
         self.examples = examples = _Examples(ds, split, block_size)
         trained = np.flatnonzero(examples.target_counts > 0)
-        rows = best_fit(examples.sizes()[trained], block_size)
+        sizes = examples.sizes()[trained]
+        rows = best_fit(sizes, block_size)
         self.members = np.concatenate([trained[r] for r in rows]) if rows else np.zeros(0, dtype=np.int64)
         self.row_starts = np.cumsum([0] + [len(r) for r in rows])  # row k holds members[row_starts[k]:...[k+1]]
         self.count = len(rows)
         self.target_counts = np.add.reduceat(examples.target_counts[self.members], self.row_starts[:-1])
-        self.fill = float(examples.sizes()[trained].sum() / max(1, self.count * block_size))
+        self.fill = float(sizes.sum() / max(1, self.count * block_size))
         self.unit = f"packed rows of {examples.count - examples.untrained:,} examples"
 
     def epoch(self) -> np.ndarray:
@@ -201,7 +202,6 @@ class _Pairs:
     sequences, the N chosen ones first; the DPO loss is a mean over pairs, so a pair counts as one target."""
 
     def __init__(self, ds: TokenDataset, split: str, block_size: int) -> None:
-        self.ds = ds
         self.examples = _Examples(ds, split, block_size)
         self.count = self.examples.count // 2
         self.unit = "preference pairs"
