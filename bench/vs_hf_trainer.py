@@ -81,8 +81,8 @@ def patch_whole_batch_logits() -> None:
     from gpt2.model import GPT
 
     forward = GPT.forward
-    GPT.forward = lambda self, idx, targets=None, kv_cache=None, return_logits=True: forward(
-        self, idx, targets, kv_cache, True
+    GPT.forward = lambda self, idx, targets=None, kv_cache=None, return_logits=True, **kwargs: forward(
+        self, idx, targets, kv_cache, True, **kwargs
     )
 
 
