@@ -6,6 +6,7 @@
     model           state dict of the unwrapped, uncompiled GPT (no `_orig_mod.` / `module.` prefixes)
     model_config    GPTConfig fields, vocab_size included
     tokenizer       tokenizer.to_dict()
+    chat_template   the chat template its chat data was rendered with (gpt2.chat), or None
     config          the resolved run config (plain dict)
     optimizer       the optimizers' state keyed by parameter name, unsharded: one format for 1 process, DDP
                     and FSDP at any world size

@@ -55,6 +55,8 @@ SAMPLING_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "top_k": (lambda v: v >= 0, ">= 0 (0 disables it)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "repetition_penalty": (lambda v: v > 0, "> 0 (1 disables it)"),
+    "presence_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2] (0 disables it)"),
+    "frequency_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2] (0 disables it)"),
 }
 """The range of each sampling setting: one rule for sample.py, the Python API and the server."""
 
@@ -76,7 +78,11 @@ class SamplingParams:
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1: off)."""
     repetition_penalty: float = 1.0
-    """> 1 discourages tokens already in the context (CTRL's penalty; 1: off)."""
+    """> 1 discourages tokens already in the context, prompt included (CTRL's penalty; 1: off)."""
+    presence_penalty: float = 0.0
+    """> 0 discourages tokens already generated, once each (OpenAI's; 0: off)."""
+    frequency_penalty: float = 0.0
+    """> 0 discourages tokens already generated, by how often (OpenAI's; 0: off)."""
 
     def __post_init__(self) -> None:
         for f in fields(SamplingParams):
@@ -552,8 +558,9 @@ class ServeConfig(InferenceConfig):
     """Sequences decoded together: concurrent requests share each step (continuous batching)."""
     max_waiting: int = 64
     """Sequences that may wait for a free row; past it requests get 503 with Retry-After."""
-    max_tokens: int = 1024
-    """The largest max_tokens a request may ask for."""
+    max_tokens: Optional[int] = None
+    """The largest max_tokens a request may ask for (None: any that fits the model's context, or any at all for
+    a request that sets truncate=true, whose context window slides)."""
     model_name: Optional[str] = None
     """The model id clients name (GET /v1/models); default: the checkpoint folder's or init_from's name."""
     compile: bool = False
@@ -566,7 +573,7 @@ class ServeConfig(InferenceConfig):
         if not 0 <= self.port <= 65535:
             raise UserError(f"port must be in [0, 65535], got {self.port}")
         for key in ("max_waiting", "max_tokens"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UserError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.shutdown_timeout_s < 0:
             raise UserError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")

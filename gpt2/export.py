@@ -2,15 +2,17 @@
 
 - `format=hf`: a run as a Hugging Face GPT-2 folder that `transformers.pipeline("text-generation", model=out_dir)`
   uses as it is: config.json and model.safetensors (`gpt2.hf.save_pretrained`; a LoRA run merged onto its base)
-  plus, for GPT-2 BPE runs, the tokenizer files (vocab.json and merges.txt are the BPE files the package ships).
+  plus, for GPT-2 BPE runs, the tokenizer files (vocab.json and merges.txt are the BPE files the package ships;
+  tokenizer_config.json carries a chat run's `chat_template`).
   A char-vocabulary run has no Hugging Face tokenizer: its export holds the weights only, and says so.
 - `format=peft`: a LoRA run's adapters alone in PEFT's layout (adapter_config.json, adapter_model.safetensors),
   for `peft.PeftModel.from_pretrained(<its base as a transformers GPT2LMHeadModel>, out_dir)`. Hugging Face GPT-2
   keeps these layers as Conv1D, which PEFT adapts with the same A (r, in) and B (out, r) as ours.
 - `format=gguf`: `out_dir/model.gguf` for llama.cpp (`llama-cli -m`, llama-cpp-python, Ollama), written with
   the `gguf` package in llama.cpp's `gpt2` layout (its convert_hf_to_gguf.py's tensor names, the GPT-2 BPE
-  vocabulary and merges, end-of-text as BOS/EOS; a LoRA run merged). `dtype=float16` halves the file (1-D
-  tensors stay fp32, as llama.cpp's converter does); `float32` reproduces our greedy tokens exactly.
+  vocabulary and merges, end-of-text as BOS/EOS, a chat run's template as `tokenizer.chat_template`; a LoRA run
+  merged). `dtype=float16` halves the file (1-D tensors stay fp32, as llama.cpp's converter does); `float32`
+  reproduces our greedy tokens exactly.
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ def run(cfg: Any) -> Path:
     loaded = loading.load_checkpoint(cfg.checkpoint)
     model, tokenizer = loaded.model, loaded.tokenizer
     if cfg.format == "gguf":
-        return write_gguf(model, tokenizer, out, getattr(torch, cfg.dtype), name=Path(cfg.checkpoint).stem)
+        name = Path(cfg.checkpoint).stem
+        return write_gguf(model, tokenizer, out, getattr(torch, cfg.dtype), name, loaded.chat_template)
     save_pretrained(model, out, dtype=getattr(torch, cfg.dtype))
     if tokenizer.name == "gpt2":
-        write_gpt2_tokenizer(out, model.config.block_size)
+        write_gpt2_tokenizer(out, model.config.block_size, loaded.chat_template)
         print(f'exported {cfg.checkpoint} to {out}: transformers.pipeline("text-generation", model="{out}")')
     else:
         print(
@@ -65,8 +68,9 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         )
 
 
-def write_gpt2_tokenizer(out: Path, model_max_length: int) -> None:
-    """The files transformers' GPT2Tokenizer(Fast) loads from a folder: OpenAI's BPE files under HF's names."""
+def write_gpt2_tokenizer(out: Path, model_max_length: int, chat_template: str | None = None) -> None:
+    """The files transformers' GPT2Tokenizer(Fast) loads from a folder: OpenAI's BPE files under HF's names, and
+    the run's chat template, if it has one (then `tokenizer.apply_chat_template` renders as the run trained)."""
     shutil.copyfile(GPT2_BPE_DIR / "encoder.json", out / "vocab.json")
     shutil.copyfile(GPT2_BPE_DIR / "vocab.bpe", out / "merges.txt")
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
@@ -76,6 +80,8 @@ def write_gpt2_tokenizer(out: Path, model_max_length: int) -> None:
         "add_prefix_space": False,
         **special,
     }
+    if chat_template:
+        config["chat_template"] = chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
@@ -150,8 +156,11 @@ def gguf_tensors(model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_gguf(model: Any, tokenizer: Any, out: Path, dtype: torch.dtype, name: str) -> Path:
-    """`out/model.gguf`: the model in llama.cpp's gpt2 architecture with the GPT-2 BPE tokenizer."""
+def write_gguf(
+    model: Any, tokenizer: Any, out: Path, dtype: torch.dtype, name: str, chat_template: str | None = None
+) -> Path:
+    """`out/model.gguf`: the model in llama.cpp's gpt2 architecture with the GPT-2 BPE tokenizer (and the run's
+    chat template as `tokenizer.chat_template`, if it has one)."""
     try:
         import gguf
     except ImportError:
@@ -178,6 +187,8 @@ def write_gguf(model: Any, tokenizer: Any, out: Path, dtype: torch.dtype, name: 
     half = dtype == torch.float16
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32)
     _add_gpt2_vocab(writer, gguf)
+    if chat_template:
+        writer.add_chat_template(chat_template)
     for tensor_name, t in gguf_tensors(model).items():
         writer.add_tensor(tensor_name, t.to(torch.float16 if half and t.dim() == 2 else torch.float32).numpy())
     writer.write_header_to_file()

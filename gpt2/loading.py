@@ -14,6 +14,7 @@ evaluation configs.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ class Loaded:
     """What was loaded, for messages: `checkpoint out/run` or `gpt2 (Hugging Face GPT-2 weights)`."""
     run_config: dict[str, Any] = field(default_factory=dict)
     """The resolved config of the run that wrote the checkpoint; empty for Hugging Face weights."""
+    chat_template: str | None = None
+    """The chat template (Jinja, gpt2.chat) the model was fine-tuned with: a checkpoint's, or a Hugging Face
+    folder's tokenizer_config.json `chat_template`; None for a model never tuned on chats."""
 
 
 def load(source: str | Path, device: str | torch.device = "cpu") -> Loaded:
@@ -67,7 +71,8 @@ def load_either(checkpoint_path: str | None, init_from: str | None, device: str 
 def load_hf(name_or_dir: str, device: str | torch.device = "cpu") -> Loaded:
     """OpenAI's GPT-2 weights by name, or a Hugging Face-layout folder, with GPT-2's BPE tokenizer."""
     model = hf.load_pretrained(name_or_dir)
-    return Loaded(model.to(device).eval(), GPT2Tokenizer(), f"{name_or_dir} (Hugging Face GPT-2 weights)")
+    description = f"{name_or_dir} (Hugging Face GPT-2 weights)"
+    return Loaded(model.to(device).eval(), GPT2Tokenizer(), description, chat_template=_hf_chat_template(name_or_dir))
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
@@ -76,7 +81,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     config = ckpt.get("config", {})
     model = _merged_lora_model(ckpt, config) if config.get("lora", {}).get("rank") else model_from_state(ckpt)
     tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
-    return Loaded(model.to(device).eval(), tokenizer, f"checkpoint {path}", config)
+    return Loaded(model.to(device).eval(), tokenizer, f"checkpoint {path}", config, ckpt.get("chat_template"))
+
+
+def _hf_chat_template(name_or_dir: str) -> str | None:
+    """A Hugging Face folder's chat template (tokenizer_config.json), if it has one (an export of a chat run)."""
+    config = Path(name_or_dir) / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise UserError(f"{config} is not a JSON object ({e}); restore it from the export") from None
+    return template if isinstance(template, str) else None
 
 
 def model_from_state(ckpt: dict[str, Any]) -> GPT:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,16 @@ MODEL_KEYS = (*ARCH_KEYS, "block_size", "dropout")
 State = dict[str, torch.Tensor]
 
 
+class BuiltModel(NamedTuple):
+    model: GPT
+    """In training mode."""
+    initial: State | None
+    """Rank 0's initial weights when the model was built on the meta device."""
+    chat_template: str | None
+    """The run's chat template (gpt2.chat): its data's if the data has chats, else the one it resumes or inherits
+    from its init."""
+
+
 def build_model(
     cfg: TrainRunConfig,
     ds: TokenDataset,
@@ -44,14 +54,15 @@ def build_model(
     dtype: torch.dtype,
     ckpt: dict[str, Any] | None,
     typed: frozenset[str],
-) -> tuple[GPT, State | None]:
-    """(the model in training mode, rank 0's initial weights when the model was built on the meta device).
+) -> BuiltModel:
+    """The run's model (see `BuiltModel`).
 
     `dtype` is the training dtype; `ckpt` the checkpoint being resumed, if any; `typed` are the model.* keys typed
     on the command line (a fine-tune's architecture comes from its init, so only those are compared with it)."""
     sharded = info.is_distributed and cfg.train.parallelism == "fsdp"
     if ckpt is not None:
         check_resume(cfg, ckpt, ds, typed)
+    inherited = None if ckpt is None else ckpt.get("chat_template")
     if (
         ckpt is not None and not cfg.lora.rank
     ):  # (a LoRA run's checkpoint holds its adapters only: the base is its init)
@@ -59,7 +70,8 @@ def build_model(
     elif cfg.init_from == "scratch":
         model, initial = _new_model(GPTConfig.of(cfg.model, ds.vocab_size), ds, info, sharded, initialize=True)
     else:
-        model, initial = _model_from_init(cfg, ds, typed), None
+        (model, init_template), initial = _model_from_init(cfg, ds, typed), None
+        inherited = inherited or init_template
         if not sharded:
             model = model.to(info.device)
         else:
@@ -69,7 +81,7 @@ def build_model(
     if cfg.lora.rank:
         add_lora(model, cfg.lora, dtype)
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    return model.train(), initial
+    return BuiltModel(model.train(), initial, ds.chat_template or inherited)
 
 
 def _new_model(
@@ -88,8 +100,9 @@ def _new_model(
         return GPT(config), initial
 
 
-def _model_from_init(cfg: TrainRunConfig, ds: TokenDataset, typed: frozenset[str]) -> GPT:
-    """The fine-tuning init, checked against the data and the model.* keys typed on the command line."""
+def _model_from_init(cfg: TrainRunConfig, ds: TokenDataset, typed: frozenset[str]) -> tuple[GPT, str | None]:
+    """The fine-tuning init, checked against the data and the model.* keys typed on the command line, and its
+    chat template."""
     init_from = cfg.init_from
     loaded = loading.load(init_from)
     model, have = loaded.model, loaded.model.config
@@ -113,7 +126,7 @@ def _model_from_init(cfg: TrainRunConfig, ds: TokenDataset, typed: frozenset[str
     if dropout != have.dropout:
         model = GPT.from_state_dict(replace(model.config, dropout=dropout), model.state_dict())
     print0(f"fine-tuning from {init_from}")
-    return model
+    return model, loaded.chat_template
 
 
 def add_lora(model: GPT, lora: LoraConfig, dtype: torch.dtype) -> None:

@@ -54,6 +54,10 @@ class GPT2Tokenizer:
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
         return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
+    def encode_rendered(self, text: str) -> list[int]:
+        """Text a chat template rendered -> ids: there, `<|endoftext|>` is the end-of-text token (gpt2.chat)."""
+        return self._enc.encode(text, allowed_special={"<|endoftext|>"})
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode(list(ids))
 

@@ -94,7 +94,9 @@ class Trainer:
         check_objective(cfg, self.ds)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank, so FSDP shards agree
-        self.model, initial_state = build_model(cfg, self.ds, info, self.dtype, ckpt, typed_model_keys)
+        self.model, initial_state, self.chat_template = build_model(
+            cfg, self.ds, info, self.dtype, ckpt, typed_model_keys
+        )
         cfg.model = self.model.config.arch  # the truth, for config.yaml and the checkpoint
         self.block_size = self.model.config.block_size
         train = cfg.train
@@ -178,6 +180,7 @@ class Trainer:
         return {
             "model_config": asdict(self.model.config),
             "tokenizer": self.ds.tokenizer.to_dict(),
+            "chat_template": self.chat_template,
             "data_fingerprint": self.ds.fingerprint,
             "config": to_dict(self.cfg),
         }

@@ -103,7 +103,8 @@ def test_prepare_renders_pairs_and_chats_with_masks_on_the_completions(sft_data)
         "brown<|endoftext|>"
     )
     assert found[chat] == " answer 0<|endoftext|> the quick brown<|endoftext|>"
-    # Each piece is tokenized alone: the tokens are exactly the pieces' tokens, concatenated.
+    # Each run of text between the places where the loss starts or stops is tokenized as one string (the system
+    # message and the first user message together): the tokens of the whole rendered text (gpt2.chat).
     t, m = next((t, m) for t, m in examples_of(ds) + examples_of(ds, "val") if tok.decode(t.tolist()) == chat)
     pieces = [
         "Be brief.\n\n",
@@ -113,7 +114,7 @@ def test_prepare_renders_pairs_and_chats_with_masks_on_the_completions(sft_data)
         " the quick brown",
     ]
     expected = [
-        tok.encode(pieces[0]) + tok.encode(pieces[1]),
+        tok.encode(pieces[0] + pieces[1]),
         tok.encode(pieces[2]) + [EOT],
         tok.encode(pieces[3]),
         tok.encode(pieces[4]) + [EOT],
@@ -172,7 +173,7 @@ def test_a_step_averages_over_every_target_of_its_global_batch(sft_data, tmp_pat
             f"data.name={sft_data}",
             f"out_dir={tmp_path / 'run'}",
             *TINY,
-            "model.block_size=24",
+            "model.block_size=25",
             "train.grad_accum_steps=2",
             "model.dropout=0",
             f"data.packing={packing}",
@@ -188,7 +189,7 @@ def test_a_step_averages_over_every_target_of_its_global_batch(sft_data, tmp_pat
     assert weights[0] != weights[1]  # the case where averaging micro-batch means would be wrong
     loss, _ = trainer._accumulate_gradients()
 
-    expected = brute_force_loss(reference, [every[i] for i in example_ids(trainer.loader, ids)], 24)
+    expected = brute_force_loss(reference, [every[i] for i in example_ids(trainer.loader, ids)], 25)
     expected.backward()
     torch.testing.assert_close(loss, expected.detach(), atol=1e-5, rtol=1e-5)
     ours = dict(trainer.model.named_parameters())

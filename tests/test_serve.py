@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from conftest import ROOT, save_checkpoint
 from omegaconf import OmegaConf
 
@@ -205,14 +206,26 @@ def test_curl_streams_server_sent_events(server, greedy):
         ({"prompt": "x", "temperature": 3}, 400, "temperature", "less than or equal to 2"),
         ({"prompt": "x", "top_p": 0}, 400, "top_p", "top_p: must be in (0, 1], got 0"),
         ({"prompt": "x", "top_k": -1}, 400, "top_k", "top_k: must be >= 0"),
-        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
-        ({"prompt": "x", "max_tokens": 5000}, 400, "max_tokens", "max_tokens must be <= 1024"),
+        ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 0"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "max_tokens=0 scores the prompt without generating"),
+        (
+            {"prompt": " word" * 50, "max_tokens": 20},
+            400,
+            "prompt",
+            "This model's maximum context length is 64 tokens, however you requested 70 tokens (50 in your prompt; "
+            "20 for the completion)",
+        ),
+        ({"prompt": [[1], [2, 50257]]}, 400, "prompt[1]", "token id 50257 is not in the vocabulary [0, 50257)"),
+        ({"prompt": [1, "a"]}, 400, "prompt", "must be a string, a list of strings, a list of token ids or a list"),
+        ({"prompt": [[1], []]}, 400, "prompt", "(none empty)"),
+        ({"prompt": "x", "seed": 2**64}, 400, "seed", "less than 18446744073709551616"),
+        ({"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty", "must be in [-2, 2]"),
         ({"prompt": "x", "n": 0}, 400, "n", "greater than or equal to 1"),
         ({"prompt": []}, 400, "prompt", "give at least one prompt"),
         ({"max_tokens": 3}, 400, "prompt", "Field required"),
-        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4 stop sequences"),
-        ({"prompt": "x", "logprobs": 2}, 400, "logprobs", "not supported by this server"),
-        ({"prompt": "x", "logit_bias": {"1": 2}}, 400, None, "logit_bias is not supported"),
+        ({"prompt": "x", "logprobs": 6}, 400, "logprobs", "less than or equal to 5"),
+        ({"prompt": "x", "logit_bias": {"1": 2}}, 400, "logit_bias", "not supported by this server"),
+        ({"prompt": "x", "best_of": 2}, 400, "best_of", "not supported by this server"),
         ({"prompt": "x", "file": "/etc/passwd"}, 400, "file", "unknown field"),
         ({"prompt": "x", "model": "gpt-4"}, 404, "model", "the model 'gpt-4' does not exist"),
         ({"prompt": ["x"] * 3, "n": 100}, 400, "n", "3 prompts x n=100 is 300 sequences, more than this server"),
@@ -228,13 +241,38 @@ def test_bad_requests_get_an_error_naming_the_field_and_the_server_keeps_serving
 
 
 @pytest.mark.e2e
-def test_a_prompt_longer_than_the_context_keeps_its_tail_with_a_warning(server):
+def test_a_prompt_over_the_context_is_400_unless_the_request_truncates(server):
     reply = server.post(prompt=" word" * 100, max_tokens=5, temperature=0)  # 100 tokens, block_size 64
-    assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == 59
-    time.sleep(0.2)
-    assert "the prompt has 100 tokens, more than the model's context of 64; keeping its last 59" in "".join(
-        server.output
-    )
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded"
+    reply = server.post(prompt=" word" * 100, max_tokens=5, temperature=0, truncate=True)
+    assert reply.status_code == 200 and reply.json()["usage"] == {
+        "prompt_tokens": 59,  # the tail that leaves room for the 5 tokens
+        "completion_tokens": 5,
+        "total_tokens": 64,
+    }
+    reply = server.post(prompt="Hello", max_tokens=200, temperature=0, truncate=True, n=2)  # slides past 64
+    assert reply.status_code == 200 and reply.json()["usage"] == {
+        "prompt_tokens": 1,  # each prompt once, whatever n
+        "completion_tokens": 400,
+        "total_tokens": 401,
+    }
+
+
+@pytest.mark.e2e
+def test_any_number_of_stops_and_a_chunked_body_over_the_cap(server, greedy):
+    text = greedy[PROMPTS[1]]
+    stops = [f"never{i}" for i in range(20)] + [text[5:8]]
+    reply = server.post(prompt=PROMPTS[1], max_tokens=20, temperature=0, stop=stops)
+    assert reply.json()["choices"][0]["text"] == text[: text.index(text[5:8])]
+
+    def chunks():  # no Content-Length: the body arrives chunked
+        yield b'{"prompt": "'
+        for _ in range(9):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    reply = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert reply.status_code == 413 and "at most 8 MiB" in reply.json()["error"]["message"]
 
 
 @pytest.mark.e2e
@@ -270,11 +308,23 @@ def test_load_test_every_response_checked(server, greedy):
 
 @pytest.mark.e2e
 def test_a_client_that_leaves_mid_stream_frees_its_row(server):
-    body = {"prompt": "Hello", "max_tokens": 1000, "temperature": 1.0, "stream": True}
+    body = {"prompt": "Hello", "max_tokens": 1000, "temperature": 1.0, "stream": True, "truncate": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as reply:
         lines = reply.iter_lines()
         assert next(lines).startswith("data: ")
         assert httpx.get(server.url + "/health").json()["running"] == 1
+    for _ in range(50):
+        if httpx.get(server.url + "/health").json()["running"] == 0:
+            break
+        time.sleep(0.1)
+    assert httpx.get(server.url + "/health").json()["running"] == 0
+
+
+@pytest.mark.e2e
+def test_a_client_that_leaves_a_request_that_is_not_streamed_frees_its_row(server):
+    body = {"prompt": "Hello", "max_tokens": 100000, "temperature": 1.0, "truncate": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1)
     for _ in range(50):
         if httpx.get(server.url + "/health").json()["running"] == 0:
             break
@@ -380,3 +430,138 @@ def test_readme_serving_examples_run_as_written(server, capsys):
     scope: dict = {}
     exec(here(code), scope)
     assert len(scope["reply"].choices) == 4 and len(capsys.readouterr().out) > 10
+
+
+# ---------------------------------------------------------------------------------------------------------- scoring
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """The checkpoint's model in fp32, for log-probabilities computed directly."""
+    from gpt2.loading import load_checkpoint
+
+    return load_checkpoint(checkpoint).model
+
+
+def log_softmax_of(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]))
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+@pytest.mark.e2e
+def test_echo_logprobs_score_token_id_prompts_as_the_model_does(server, reference):
+    tok = GPT2Tokenizer()
+    prompts = [tok.encode(PROMPTS[1]), tok.encode(PROMPTS[3])]
+    reply = server.post(prompt=prompts, max_tokens=1, logprobs=3, echo=True, temperature=0).json()
+    assert reply["usage"] == {"prompt_tokens": 19, "completion_tokens": 2, "total_tokens": 21}
+    for choice, ids in zip(reply["choices"], prompts):
+        logprobs = log_softmax_of(reference, ids)
+        scores = choice["logprobs"]
+        assert len(scores["tokens"]) == len(ids) + 1 and scores["token_logprobs"][0] is None
+        assert scores["top_logprobs"][0] is None
+        expected = logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        assert torch.allclose(torch.tensor(scores["token_logprobs"][1 : len(ids)]), expected, atol=1e-4)
+        generated = int(logprobs[-1].argmax())  # greedy: the most likely next token, scored by its logits
+        assert abs(scores["token_logprobs"][-1] - float(logprobs[-1, generated])) < 1e-4
+        top = logprobs[-1].topk(3)
+        assert list(scores["top_logprobs"][-1]) == [tok.decode([i]) for i in top.indices.tolist()]
+        assert torch.allclose(torch.tensor(list(scores["top_logprobs"][-1].values())), top.values, atol=1e-4)
+        assert choice["text"] == tok.decode(ids + [generated])
+        pieces = [tok.decode([i]) for i in ids + [generated]]
+        assert scores["tokens"] == pieces
+        assert scores["text_offset"] == [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
+
+
+@pytest.mark.e2e
+def test_max_tokens_0_with_echo_scores_without_generating_and_logprobs_follow_a_completion(server, reference, greedy):
+    reply = server.post(prompt=PROMPTS[0], max_tokens=0, echo=True, logprobs=0).json()
+    choice = reply["choices"][0]
+    assert choice["text"] == PROMPTS[0] and choice["finish_reason"] == "length"
+    assert reply["usage"]["completion_tokens"] == 0 and len(choice["logprobs"]["tokens"]) == 1
+    reply = server.post(prompt=PROMPTS[1], max_tokens=5, logprobs=1, temperature=0).json()
+    choice = reply["choices"][0]
+    assert choice["text"] == GPT2Tokenizer().decode(GPT2Tokenizer().encode(greedy[PROMPTS[1]])[:5])
+    ids = GPT2Tokenizer().encode(PROMPTS[1] + choice["text"])
+    expected = log_softmax_of(reference, ids)[torch.arange(len(ids) - 6, len(ids) - 1), torch.tensor(ids[-5:])]
+    assert torch.allclose(torch.tensor(choice["logprobs"]["token_logprobs"]), expected, atol=1e-4)
+    assert choice["logprobs"]["text_offset"][0] == len(PROMPTS[1])  # offsets into prompt + completion
+    streamed = server.client.completions.create(
+        model="serve_run0", prompt=PROMPTS[1], max_tokens=5, logprobs=1, temperature=0, stream=True
+    )
+    pieces = [c.choices[0].logprobs.token_logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert torch.allclose(torch.tensor(sum(pieces, [])), expected, atol=1e-4)
+
+
+@pytest.mark.e2e
+def test_tokenize_detokenize_and_tokenizer_info(server):
+    tok = GPT2Tokenizer()
+    reply = httpx.post(server.url + "/tokenize", json={"prompt": PROMPTS[3], "add_special_tokens": False}).json()
+    assert reply == {"tokens": tok.encode(PROMPTS[3]), "count": 13, "max_model_len": 64}
+    assert httpx.post(server.url + "/detokenize", json={"tokens": reply["tokens"]}).json() == {"prompt": PROMPTS[3]}
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["eos_token_id"] == 50256 and info["chat_template"] is None
+    bad = httpx.post(server.url + "/detokenize", json={"tokens": [1, -1]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    bad = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert bad.status_code == 400 and "no chat template" in bad.json()["error"]["message"]
+
+
+@pytest.mark.e2e
+def test_penalties_are_the_samplers(server, checkpoint):
+    from gpt2.sampling import Sampler
+
+    sampler = Sampler.from_checkpoint(checkpoint, device="cpu", dtype="float32")
+    settings = {"presence_penalty": 0.5, "frequency_penalty": 1.5, "repetition_penalty": 1.3}
+    expected = sampler.generate(PROMPTS[1], max_new_tokens=20, temperature=0, **settings)[0]
+    reply = server.post(prompt=PROMPTS[1], max_tokens=20, temperature=0, **settings).json()
+    assert reply["choices"][0]["text"] == expected
+    plain = server.post(prompt=PROMPTS[1], max_tokens=20, temperature=0).json()["choices"][0]["text"]
+    assert expected != plain
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_lm_evaluation_harness_through_the_server_equals_its_hf_model_on_the_export(server, checkpoint, tmp_path):
+    """lm-evaluation-harness's `local-completions` model with its defaults (token-id prompts, the server's own
+    tokenizer through /tokenize) on a local multiple-choice and a local generate_until task: per-choice
+    log-likelihoods within 1e-3 of its `hf` model on the HF export, and the same greedy generations."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from gpt2.config import ExportConfig
+    from gpt2.export import run as export
+
+    rows = [
+        {"question": "The capital of France is", "choices": [" Paris", " London", " a city of lights"], "answer": 0},
+        {"question": "One plus one is", "choices": [" two", " three"], "answer": 0},
+        {"question": "Once upon a time", "choices": [" there", " in a land far away"], "answer": 1},
+    ]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = (
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'rows.jsonl'}\n"
+        'test_split: test\ndoc_to_text: "{{question}}"\n'
+    )
+    (tmp_path / "mc.yaml").write_text(
+        f"task: tiny_mc\n{common}output_type: multiple_choice\n"
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'
+    )
+    (tmp_path / "gen.yaml").write_text(
+        f"task: tiny_gen\n{common}output_type: generate_until\n"
+        'doc_to_target: "{{choices[answer]}}"\ngeneration_kwargs:\n  until: ["\\n\\n", "."]\n'
+        "  max_gen_toks: 8\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n"
+    )
+    export(ExportConfig(checkpoint=str(checkpoint), out_dir=str(tmp_path / "hf")))
+    tasks = TaskManager(include_path=str(tmp_path))
+
+    def evaluate(model: str, model_args: str) -> dict:
+        results = lm_eval.simple_evaluate(
+            model=model, model_args=model_args, tasks=["tiny_mc", "tiny_gen"], task_manager=tasks, log_samples=True
+        )
+        return {task: [s["resps"] for s in results["samples"][task]] for task in ("tiny_mc", "tiny_gen")}
+
+    served = evaluate("local-completions", f"base_url={server.url}/v1/completions,model=serve_run0,max_length=64")
+    hf = evaluate("hf", f"pretrained={tmp_path / 'hf'},device=cpu,dtype=float32,max_length=64")
+    assert served["tiny_gen"] == hf["tiny_gen"]
+    flat = [(a[0][0], b[0][0]) for doc_a, doc_b in zip(served["tiny_mc"], hf["tiny_mc"]) for a, b in zip(doc_a, doc_b)]
+    assert len(flat) == 7 and all(abs(a - b) < 1e-3 for a, b in flat), flat

@@ -126,6 +126,11 @@ class TokenDataset:
         return bool(self.meta.get("pairs"))
 
     @property
+    def chat_template(self) -> str | None:
+        """The chat template its chat rows were rendered with (gpt2.chat), or None: no chats."""
+        return self.meta.get("chat_template")
+
+    @property
     def vocab_size(self) -> int:
         """The tokenizer's vocabulary size (every token is below it)."""
         return int(self.meta["vocab_size"])

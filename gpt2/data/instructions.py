@@ -7,17 +7,20 @@ dataset, one example per row, in either form:
   learns where an answer stops. Nothing is inserted between the two: put the separator you will prompt with
   (e.g. "Q: ...\\nA:" and " answer") in the data.
 - `{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}` (`data.messages_field`),
-  rendered with this template, the loss on each assistant reply and its end-of-text:
+  rendered with the chat template of `gpt2.chat`, the loss on each assistant reply and its end-of-text:
 
       {system}\\n\\n                   an optional first system message
       User: {user}\\nAssistant:       each user message
        {assistant}<|endoftext|>       each assistant message (the loss is on these tokens)
 
-  so that `sample.py prompt="User: How are you?\\nAssistant:"` asks the tuned model, and it stops at its answer's
-  end-of-text. A later turn follows the end-of-text directly ("...<|endoftext|>User: ...").
+  so that `sample.py mode=chat`, the server's /v1/chat/completions and `sample.py prompt="User: How are
+  you?\\nAssistant:"` ask the tuned model, and it stops at its answer's end-of-text. A later turn follows the
+  end-of-text directly ("...<|endoftext|>User: ..."). A dataset with chats records the template in meta.json
+  (`chat_template`), and a run trained on it in its checkpoint.
 
-Each piece is tokenized on its own and the pieces are concatenated. A row with neither form, an empty completion
-or reply, or a chat without an assistant message is an error naming the row.
+A prompt and its completion are tokenized each on its own (as a completion request's prompt is); a chat is
+tokenized as its whole rendered text is (see `gpt2.chat`). A row with neither form, an empty completion or reply,
+or a chat without an assistant message is an error naming the row.
 
 Preference pairs (`data.builder=preferences`, `data=preferences`, for DPO) are rows of a prompt or a chat with two
 replies, `{"prompt": ..., "chosen": ..., "rejected": ...}` or `{"messages": [..., {"role": "user", ...}],
@@ -37,10 +40,11 @@ block_size + 1 tokens when longer (the run's summary counts those).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 
+from gpt2.chat import Segment, chat_segments, merge_segments
 from gpt2.config import DataConfig
 from gpt2.data.shards import TOKEN_DTYPE, ShardWriter, val_choice
 from gpt2.errors import UserError
@@ -50,9 +54,7 @@ from gpt2.tokenizer import GPT2Tokenizer
 TARGET = 1  # mask bit: the loss is on this token (it is a target of the token before it)
 START = 2  # mask bit: the first token of an example
 MASK_SUFFIX = ".mask.npy"
-ROLES = ("system", "user", "assistant")
 BATCH_ROWS = 1024  # rows tokenized together
-Segment = tuple[str, bool]  # (text, the loss is on it: then an end-of-text follows it)
 
 
 def mask_name(shard_file: str) -> str:
@@ -62,8 +64,8 @@ def mask_name(shard_file: str) -> str:
 
 def segments(row: Any, data: DataConfig, where: str) -> list[Segment]:
     """A row -> its text segments, each marked with whether the loss is on it (see the module docstring)."""
-    if isinstance(row, dict) and row.get(data.messages_field) is not None:
-        return _chat_segments(row[data.messages_field], data.messages_field, where)
+    if _is_chat(row, data):
+        return chat_segments(row[data.messages_field], data.messages_field, where)
     if isinstance(row, dict) and data.prompt_field in row and data.completion_field in row:
         prompt, completion = row[data.prompt_field], row[data.completion_field]
         for field, value in ((data.prompt_field, prompt), (data.completion_field, completion)):
@@ -74,7 +76,7 @@ def segments(row: Any, data: DataConfig, where: str) -> list[Segment]:
                 f"{where}: the completion ({data.completion_field!r}) is empty: there is nothing to "
                 "train on; fill it in or remove the row"
             )
-        return [(prompt, False), (completion, True)]
+        return [Segment(prompt, False), Segment(completion, True, eot=True)]
     keys = f" (keys: {', '.join(map(str, row))})" if isinstance(row, dict) else f" (a {type(row).__name__})"
     raise UserError(
         f"{where}: an example needs {data.prompt_field!r} and {data.completion_field!r} fields or a "
@@ -100,48 +102,16 @@ def pair_segments(row: Any, data: DataConfig, where: str) -> tuple[list[Segment]
         if not isinstance(chat, list) or not chat or not isinstance(chat[-1], dict) or chat[-1].get("role") != "user":
             raise UserError(f"{where}: {data.messages_field!r} must be a list of messages ending with a user message")
         rendered = [
-            _chat_segments([*chat, {"role": "assistant", "content": r}], data.messages_field, where) for r in replies
+            chat_segments([*chat, {"role": "assistant", "content": r}], data.messages_field, where) for r in replies
         ]
-        return tuple(
-            [(text, target and i == len(segs) - 1) for i, (text, target) in enumerate(segs)] for segs in rendered
-        )
+        return tuple([s._replace(target=s.target and s is segs[-1]) for s in segs] for segs in rendered)
     prompt = row.get(data.prompt_field)
     if not isinstance(prompt, str):
         raise UserError(
             f"{where}: a preference pair needs a {data.prompt_field!r} text or a {data.messages_field!r} chat "
             "(set data.prompt_field or data.messages_field)"
         )
-    return [(prompt, False), (replies[0], True)], [(prompt, False), (replies[1], True)]
-
-
-def _chat_segments(messages: Any, field: str, where: str) -> list[Segment]:
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: {field!r} must be a non-empty list of {{role, content}} messages")
-    out: list[Segment] = []
-    previous = None
-    for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        content = message.get("content") if isinstance(message, dict) else None
-        if role not in ROLES or not isinstance(content, str):
-            raise UserError(
-                f'{where}: {field}[{i}] must be {{"role": {"|".join(ROLES)}, "content": <text>}}, got {message!r:.80}'
-            )
-        if role == "system":
-            if i:
-                raise UserError(f"{where}: {field}[{i}] is a system message; only the first message may be one")
-            out.append((f"{content}\n\n", False))
-        elif role == "user":
-            out.append((f"User: {content}\nAssistant:", False))
-        else:
-            if not content:
-                raise UserError(f"{where}: {field}[{i}] is an empty assistant reply; fill it in or remove the row")
-            if previous != "user":
-                out.append(("Assistant:", False))
-            out.append((f" {content}", True))
-        previous = role
-    if not any(target for _, target in out):
-        raise UserError(f"{where}: {field!r} has no assistant message: there is nothing to train on")
-    return out
+    return tuple([Segment(prompt, False), Segment(reply, True, eot=True)] for reply in replies)
 
 
 def encode_examples(
@@ -150,22 +120,20 @@ def encode_examples(
     """Rows -> (tokens, mask) per row: the segments' tokens, an end-of-text after each trained segment; a
     preference row's two examples one after the other (each with its START)."""
     if data.builder == "preferences":
-        per_row = [list(pair_segments(row, data, where)) for row, where in rows]
+        per_row = [[merge_segments(segs) for segs in pair_segments(row, data, where)] for row, where in rows]
     else:
-        per_row = [[segments(row, data, where)] for row, where in rows]
-    ids = iter(
-        tokenizer.encode_batch([text for examples in per_row for segs in examples for text, _ in segs], num_threads)
-    )
+        per_row = [[merge_segments(segments(row, data, where))] for row, where in rows]
+    ids = iter(tokenizer.encode_batch([s.text for examples in per_row for segs in examples for s in segs], num_threads))
     out = []
     for examples in per_row:
         tokens: list[int] = []
         mask: list[int] = []
         for segs in examples:
             start = len(mask)
-            for _, target in segs:
-                piece = next(ids) + ([tokenizer.eot_id] if target else [])
+            for segment in segs:
+                piece = next(ids) + ([tokenizer.eot_id] if segment.eot else [])
                 tokens += piece
-                mask += [TARGET if target else 0] * len(piece)
+                mask += [TARGET if segment.target else 0] * len(piece)
             mask[start] |= START
         out.append((np.array(tokens, dtype=TOKEN_DTYPE), np.array(mask, dtype=np.uint8)))
     return out
@@ -218,12 +186,19 @@ class ExampleWriter:
         self.tokens.abort()
 
 
-def write_examples(
-    source: Any, val_source: Optional[Any], data: DataConfig, stage: Path, num_threads: int
-) -> tuple[dict[str, list[dict]], dict[str, int], str]:
-    """Tokenize the rows of `source` (and `val_source`) into `stage`. Returns (shard records per split,
-    examples per split, the split rule). The split: `val_source` is val; else `data.val_fraction` of the rows,
-    chosen with `data.seed` (at least one, at most all but one)."""
+class Written(NamedTuple):
+    shards: dict[str, list[dict]]
+    """The shard records of each split."""
+    examples: dict[str, int]
+    """Examples per split."""
+    split_rule: str
+    chats: bool
+    """Whether any row was a chat (rendered with gpt2.chat's template)."""
+
+
+def write_examples(source: Any, val_source: Optional[Any], data: DataConfig, stage: Path, num_threads: int) -> Written:
+    """Tokenize the rows of `source` (and `val_source`) into `stage`. The split: `val_source` is val; else
+    `data.val_fraction` of the rows, chosen with `data.seed` (at least one, at most all but one)."""
     tokenizer = GPT2Tokenizer()
     for src in (s for s in (source, val_source) if s is not None):
         next(iter(src.rows()), None)  # a text file among the sources is an error before any work
@@ -242,8 +217,10 @@ def write_examples(
         rule = f"{int(val_mask.sum())} of {n} examples val, chosen with seed {data.seed}"
     writers = {split: ExampleWriter(stage, split, data.shard_tokens) for split in ("train", "val")}
     bar = progress_bar(desc=f"tokenizing {data.name}", unit="ex", smoothing=0.1, mininterval=1.0, delay=2.0)
+    chats = False
     try:
         for batch in _batches(_split_rows(source, val_source, val_mask)):
+            chats = chats or any(_is_chat(row, data) for _, row, _ in batch)
             examples = encode_examples([(row, where) for _, row, where in batch], data, tokenizer, num_threads)
             for (split, _, where), (tokens, mask) in zip(batch, examples):
                 writers[split].write(tokens, mask, where)
@@ -256,7 +233,11 @@ def write_examples(
     finally:
         bar.close()
     counts = {split: sum(r["examples"] for r in records) for split, records in shards.items()}
-    return shards, counts, rule
+    return Written(shards, counts, rule, chats)
+
+
+def _is_chat(row: Any, data: DataConfig) -> bool:
+    return isinstance(row, dict) and row.get(data.messages_field) is not None
 
 
 def _split_rows(

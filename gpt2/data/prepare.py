@@ -34,6 +34,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from omegaconf import DictConfig
 
+from gpt2.chat import CHAT_TEMPLATE
 from gpt2.config import DataConfig, PrepareConfig, to_object
 from gpt2.data.adopt import adopt
 from gpt2.data.dataset import META_FILE, dataset_dir, new_meta, write_meta
@@ -124,23 +125,26 @@ def _prepare_examples(data: DataConfig, out_dir: Path, source: Source, val_sourc
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
-        shards, examples, rule = write_examples(source, val_source, data, stage, data.num_proc or _cpu_count())
+        written = write_examples(source, val_source, data, stage, data.num_proc or _cpu_count())
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    examples = written.examples
     if examples["train"] == 0:
         shutil.rmtree(stage, ignore_errors=True)
         raise UserError(f"data.source={data.source} holds no training examples; check the path")
     meta = new_meta(
         data,
         GPT2Tokenizer(),
-        shards,
+        written.shards,
         examples,
         source=repr(source),
         val_source=repr(val_source) if val_source else None,
-        split_rule=rule,
+        split_rule=written.split_rule,
     )
     meta["examples"] = True
+    if written.chats:
+        meta["chat_template"] = CHAT_TEMPLATE
     if pairs:
         meta["pairs"] = True
     _swap_in(stage, out_dir, meta)

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt2.config import SamplingParams
 from gpt2.model import GPT, KVCache
-from gpt2.sampling.logits import apply_repetition_penalty, sample_next_token
+from gpt2.sampling.logits import Penalties, sample_next_token
 
 DEFAULT_PARAMS = SamplingParams()
 
@@ -147,9 +147,10 @@ class Batch:
         self.lengths = [0] * rows
         self.active = [False] * rows
 
-    def start(self, row: int, ids: torch.Tensor) -> torch.Tensor:
-        """Make `row` continue prompt ids (T,) (T <= the cache's max_len); returns its next-token logits (1, V)."""
-        return self._prefill([row], ids[None])
+    def start(self, row: int, ids: torch.Tensor, every_position: bool = False) -> torch.Tensor:
+        """Make `row` continue prompt ids (T,) (T <= the cache's max_len); returns its next-token logits (1, V),
+        or with `every_position` the logits after each prompt token (T, V), fp32 (to score the prompt)."""
+        return self._prefill([row], ids[None], every_position)
 
     def start_all(self, idx: torch.Tensor) -> torch.Tensor:
         """Start every row at once on prompts of one length, idx (B, T); returns logits (B, V)."""
@@ -175,7 +176,7 @@ class Batch:
         with cached_attention(shapes_vary=not self.cache.static):
             return self.decode(self.model, token[:used, None], cache)
 
-    def _prefill(self, rows: list[int], idx: torch.Tensor) -> torch.Tensor:
+    def _prefill(self, rows: list[int], idx: torch.Tensor, every_position: bool = False) -> torch.Tensor:
         T = idx.size(1)
         if not 1 <= T <= self.cache.max_len:
             raise ValueError(f"prompt length {T} must be in [1, {self.cache.max_len}] (the KV cache's length)")
@@ -184,6 +185,8 @@ class Batch:
         for row, ids in zip(rows, idx.cpu()):
             self.tokens[row, :T], self.lengths[row], self.active[row] = ids, T, True
         with cached_attention():
+            if every_position:
+                return self.model(idx.to(self.cache.k.device), kv_cache=cache)[0][0].float()
             return self.model.last_logits(idx.to(self.cache.k.device), cache)
 
     def _slide(self, row: int) -> None:
@@ -236,16 +239,12 @@ def generate(
         logits = batch.start_all(torch.stack(rows).to(batch.cache.k.device))
     else:
         logits = torch.cat([batch.start(b, r) for b, r in enumerate(rows)])
-    seen = None  # (B, V) tokens in the context, for the repetition penalty
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=logits.device)
-        for b, r in enumerate(rows):
-            seen[b, r.to(logits.device)] = True
+    penalties = Penalties(params, rows, model.config.vocab_size, logits.device) if Penalties.needed(params) else None
     finished = torch.zeros(B, dtype=torch.bool)  # on the CPU, next to the yielded tokens
 
     for step in range(max_new_tokens):
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        if penalties is not None:
+            logits = penalties.apply(logits)
         token = sample_next_token(
             logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, generator=generator
         )  # (B,) on device
@@ -255,6 +254,6 @@ def generate(
             finished |= out == eot_id
         if step == max_new_tokens - 1 or bool(finished.all()):
             return
-        if seen is not None:
-            seen.scatter_(1, token[:, None], True)
+        if penalties is not None:
+            penalties.update(token)
         logits = batch.step(token)

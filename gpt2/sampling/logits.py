@@ -1,13 +1,18 @@
 """Pure functions over a (B, V) logits tensor: temperature, top-k, top-p, repetition penalty, and drawing the
-next token. The math runs in fp32; temperature 0 is argmax; randomness only from an explicit `torch.Generator`.
-They never modify their input.
+next token; and `Penalties`, the context each row's penalties read. The math runs in fp32; temperature 0 is
+argmax; randomness only from an explicit `torch.Generator`. They never modify their input.
 
-References: nanochat `engine.py` (sample_next_token), Holtzman et al. 2019 (top-p), Keskar et al. 2019 (CTRL).
+References: nanochat `engine.py` (sample_next_token), Holtzman et al. 2019 (top-p), Keskar et al. 2019 (CTRL),
+OpenAI's API reference (presence and frequency penalties).
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+
+from gpt2.config import SamplingParams
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -46,6 +51,36 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+class Penalties:
+    """What the context-dependent penalties of B rows read, on the logits' device: the tokens of each row's
+    prompt and output (CTRL's repetition penalty) and how often each token was generated (OpenAI's presence and
+    frequency penalties: logit - presence * [count > 0] - frequency * count). `update` after every step."""
+
+    def __init__(self, params: SamplingParams, prompts: Sequence[Sequence[int]], vocab_size: int, device) -> None:
+        self.params = params
+        self.counts = torch.zeros(len(prompts), vocab_size, device=device)
+        self.in_prompt = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+        for row, ids in enumerate(prompts):
+            self.in_prompt[row, torch.as_tensor(ids, dtype=torch.long, device=device)] = True
+
+    @staticmethod
+    def needed(params: SamplingParams) -> bool:
+        return params.repetition_penalty != 1.0 or params.presence_penalty != 0 or params.frequency_penalty != 0
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        p, generated = self.params, self.counts > 0
+        logits = apply_repetition_penalty(logits.float(), self.in_prompt | generated, p.repetition_penalty)
+        if p.presence_penalty:
+            logits = logits - p.presence_penalty * generated
+        if p.frequency_penalty:
+            logits = logits - p.frequency_penalty * self.counts
+        return logits
+
+    def update(self, tokens: torch.Tensor) -> None:
+        """Count tokens (B,), one per row, as generated."""
+        self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(self.counts[:, :1]))
 
 
 def sample_next_token(

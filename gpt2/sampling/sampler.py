@@ -10,13 +10,18 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from gpt2 import loading
+from gpt2 import chat, loading
 from gpt2.config import GenerationSettings
 from gpt2.device import resolve_device, resolve_dtype
 from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.sampling.engine import DecodeFn, decode_step, generate, use_decode_layout, window_size
 from gpt2.sampling.text import TextStream
+
+NO_CHAT_TEMPLATE = (
+    "this model has no chat template: it was not fine-tuned on chats (data=instructions with messages rows); "
+    "fine-tune it on chats, or give it a plain text prompt"
+)
 
 
 class Sampler:
@@ -38,11 +43,14 @@ class Sampler:
         device: str | torch.device = "auto",
         dtype: str = "auto",
         compile: bool = False,
+        chat_template: str | None = None,
     ) -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dtype = resolve_dtype(dtype, self.device)  # weights and KV cache: no fp32 master copy
         self.model = model.eval().to(device=self.device, dtype=self.dtype)
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        """The model's chat template (gpt2.chat), None for a model never tuned on chats."""
         if tokenizer.vocab_size > model.config.vocab_size:
             raise UserError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
@@ -58,7 +66,7 @@ class Sampler:
     def load(cls, checkpoint: str | None, init_from: str | None, **kwargs: Any) -> "Sampler":
         """From a checkpoint if given, else from `init_from` (the `checkpoint=` / `init_from=` keys)."""
         loaded = loading.load_either(checkpoint, init_from)
-        return cls(loaded.model, loaded.tokenizer, **kwargs)
+        return cls(loaded.model, loaded.tokenizer, chat_template=loaded.chat_template, **kwargs)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs: Any) -> "Sampler":
@@ -91,6 +99,13 @@ class Sampler:
             )
             ids = ids[-keep:]
         return ids
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation ({role, content} messages) -> the ids of its prompt under the model's chat template,
+        generation prompt included; UserError for a model without one."""
+        if not self.chat_template:
+            raise UserError(NO_CHAT_TEMPLATE)
+        return self.tokenizer.encode_rendered(chat.render(self.chat_template, messages))
 
     def prepare_for(self, rows: int) -> None:
         """Lay the weights out for decoding `rows` sequences at once (CPU only; see `use_decode_layout`)."""

@@ -1,7 +1,18 @@
-"""The HTTP API, as OpenAI's: `POST /v1/completions` (streamed as server-sent events when asked), `GET /v1/models`,
-`GET /health`, and the playground page at `GET /`. Errors are OpenAI's shape, {"error": {"message", "type",
-"param", "code"}}: 400 for a bad request (naming the field), 404 for another model, 503 with Retry-After when
-the queue is full. `create_app` builds the FastAPI app around a running `Scheduler`."""
+"""The HTTP API, as OpenAI's (and vLLM's for tokenizing): `POST /v1/completions` and `POST /v1/chat/completions`
+(streamed as server-sent events when asked), `POST /tokenize`, `POST /detokenize`, `GET /tokenizer_info`,
+`GET /v1/models`, `GET /health`, and the playground page at `GET /`.
+
+Completions follow OpenAI's legacy semantics, which scoring tools (lm-evaluation-harness) rely on: prompts as text
+or token ids, `logprobs` (the top 0-5 alternatives of each token) with `echo` (the prompt's tokens scored too, the
+first one null), `max_tokens=0` with `echo` to score without generating. A prompt plus max_tokens over the model's
+context is a 400 unless the request sets the `truncate` extension (the prompt keeps its tail and the context
+window slides). Chat completions render the messages with the model's chat template (`gpt2.chat`) and stop at
+end-of-text. Log-probabilities are the model's own, before temperature, top-k/p and penalties.
+
+Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad request (naming the
+field), 404 for another model, 413 for a body over MAX_BODY_BYTES, 503 with Retry-After when the queue is full.
+`create_app` builds the FastAPI app around a running `Scheduler`.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +21,25 @@ import html
 import json
 import secrets
 import time
-import warnings
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gpt2.config import sampling_range_error
+from gpt2.config import SamplingParams, sampling_range_error
 from gpt2.errors import UserError
 from gpt2.resources import PLAYGROUND_HTML
-from gpt2.sampling import SamplingParams, TextStream
-from gpt2.serve.scheduler import Event, Job, QueueFull, Row, Scheduler, log
+from gpt2.sampling import Sampler, TextStream, window_size
+from gpt2.serve.scheduler import Event, Job, QueueFull, Row, Scheduler, TokenLogprob
 
-DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
-MAX_BODY_BYTES = 8 << 20  # a request body past this is refused (413) before it is read
+DISCONNECT_POLL_S = 0.5  # how often a request checks that its client is still there
+MAX_BODY_BYTES = 8 << 20  # a request body past this is refused (413)
+MAX_LOGPROBS = 5  # the most alternatives per token a request may ask for (OpenAI's legacy limit)
+PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of lists of token ids"
 
 
 class StreamOptions(BaseModel):
@@ -34,39 +47,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions: OpenAI's fields, plus top_k. Fields OpenAI has and this server does
-    not implement are accepted only at their neutral value, so that a client's defaults pass."""
+class _GenerationRequest(BaseModel):
+    """The fields both completion endpoints take: OpenAI's, plus `top_k`, `repetition_penalty` (vLLM's names) and
+    `truncate`. Fields OpenAI has and this server does not implement are accepted only at their neutral value, so
+    that a client's defaults pass."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(1.0, le=2.0)  # (OpenAI's cap; our ranges: `_in_range`)
     top_p: float | None = 1.0
     top_k: int = 0
     n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    echo: bool = False
     user: str | None = None
-    logprobs: Literal[None] = None
-    best_of: Literal[None, 1] = None
-    suffix: Literal[None] = None
-    frequency_penalty: Literal[None, 0] = None
-    presence_penalty: Literal[None, 0] = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    repetition_penalty: float | None = 1.0
     logit_bias: dict[str, float] | None = None
+    truncate: bool = False
+    """Extension: a prompt longer than the context keeps its tail, and the context window slides past
+    block_size, instead of a 400."""
 
-    @field_validator("prompt")
-    @classmethod
-    def _some_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        if isinstance(prompt, list) and not prompt:
-            raise ValueError("give at least one prompt")
-        return prompt
-
-    @field_validator("temperature", "top_p", "top_k")
+    @field_validator("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "repetition_penalty")
     @classmethod
     def _in_range(cls, value: float | int | None, info: ValidationInfo) -> float | int | None:
         problem = None if value is None else sampling_range_error(info.field_name, value)
@@ -74,27 +80,139 @@ class CompletionRequest(BaseModel):
             raise ValueError(problem)
         return value
 
-    @field_validator("stop")
+    @field_validator("logit_bias")
     @classmethod
-    def _at_most_four_stops(cls, stop: str | list[str] | None) -> list[str]:
-        stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > 4:
-            raise ValueError(f"at most 4 stop sequences, got {len(stops)}")
-        return stops
-
-    @model_validator(mode="after")
-    def _no_logit_bias(self) -> "CompletionRequest":
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
-        return self
+    def _no_logit_bias(cls, logit_bias: dict[str, float] | None) -> None:
+        if logit_bias:
+            raise ValueError("not supported by this server")
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else self.stop or []
+
+    def params(self) -> SamplingParams:
+        """The request's sampling settings, OpenAI's defaults for nulls."""
+
+        def value(name: str, default: float) -> float:
+            got = getattr(self, name)
+            return default if got is None else got
+
+        return SamplingParams(
+            temperature=value("temperature", 1.0),
+            top_k=self.top_k,
+            top_p=value("top_p", 1.0),
+            repetition_penalty=value("repetition_penalty", 1.0),
+            presence_penalty=value("presence_penalty", 0.0),
+            frequency_penalty=value("frequency_penalty", 0.0),
+        )
 
 
-def create_app(scheduler: Scheduler, model_name: str, max_tokens: int) -> FastAPI:
-    """The app around a started `scheduler`; stopping the app (uvicorn's shutdown) stops the scheduler."""
+class CompletionRequest(_GenerationRequest):
+    """The body of POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: Literal[None, 1] = None
+    suffix: Literal[None] = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt: Any) -> Any:
+        def ids(value: Any) -> bool:
+            return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("give at least one prompt")
+        ok = (
+            isinstance(prompt, str)
+            or ids(prompt)
+            or isinstance(prompt, list)
+            and (all(isinstance(p, str) for p in prompt) or all(ids(p) and p for p in prompt))
+        )
+        if not ok:
+            raise ValueError(f"must be {PROMPT_SHAPES} (none empty)")
+        return prompt
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt, as text or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        return list(prompt)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def plain(self) -> dict[str, str]:
+        """{role, content} as the chat template reads it (OpenAI's "developer" is a system message)."""
+        content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatRequest(_GenerationRequest):
+    """The body of POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs=true")
+        return top
+
+
+class TokenizeRequest(BaseModel):
+    """The body of POST /tokenize (vLLM's): a text `prompt`, or chat `messages` rendered with the chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # (GPT-2 adds none: accepted for clients that send it)
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
+
+
+class RequestError(Exception):
+    """A request this server cannot serve as asked: HTTP `status` (400 unless said), naming `param`."""
+
+    def __init__(self, message: str, param: str | None, code: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.param, self.code, self.status = param, code, status
+
+
+def create_app(scheduler: Scheduler, model_name: str, max_tokens: int | None) -> FastAPI:
+    """The app around a started `scheduler`; stopping the app (uvicorn's shutdown) stops the scheduler.
+    `max_tokens` caps what a request may ask for (None: only the context does)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -102,19 +220,24 @@ def create_app(scheduler: Scheduler, model_name: str, max_tokens: int) -> FastAP
         await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(title="gpt2", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(_BodyLimit)
     created = int(time.time())
-
-    @app.middleware("http")
-    async def limit_body_size(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            return error(413, f"the request body must be at most {MAX_BODY_BYTES >> 20} MiB")
-        return await call_next(request)
+    sampler = scheduler.sampler
+    block_size = sampler.model.config.block_size
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         invalid_json = exc.errors()[0]["type"] == "json_invalid"
         return error(400, _validation_message(exc), param=None if invalid_json else _validation_param(exc))
+
+    @app.exception_handler(RequestError)
+    async def cannot_serve(request: Request, exc: RequestError) -> JSONResponse:
+        kind = "model_not_found" if exc.status == 404 else "invalid_request_error"
+        return error(exc.status, str(exc), param=exc.param, code=exc.code, kind=kind)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -122,50 +245,75 @@ def create_app(scheduler: Scheduler, model_name: str, max_tokens: int) -> FastAP
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "gpt2"}],
-        }
+        model = {"id": model_name, "object": "model", "created": created, "owned_by": "gpt2"}
+        return {"object": "list", "data": [{**model, "max_model_len": block_size}]}
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
         return PLAYGROUND_HTML.read_text(encoding="utf-8").replace("{{MODEL}}", html.escape(model_name))
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        eot = sampler.tokenizer.eot_id
+        eos = None if eot is None else sampler.tokenizer.decode([eot])
+        return {
+            "tokenizer_class": f"{sampler.tokenizer.name} ({type(sampler.tokenizer).__name__})",
+            "eos_token": eos,
+            "eos_token_id": eot,
+            "bos_token": eos,
+            "bos_token_id": eot,
+            "pad_token": None,
+            "model_max_length": block_size,
+            "vocab_size": sampler.tokenizer.vocab_size,
+            "chat_template": sampler.chat_template,
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        _check_model(body.model, model_name)
+        if body.messages is not None:
+            ids = _chat_ids(sampler, body.messages)
+        else:
+            ids = sampler.tokenizer.encode(body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": block_size}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        _check_model(body.model, model_name)
+        return {"prompt": sampler.tokenizer.decode(_checked_ids(sampler, body.tokens, "tokens"))}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        if body.model not in (None, model_name):
-            return error(
-                404,
-                f"the model {body.model!r} does not exist; this server serves {model_name!r}",
-                param="model",
-                kind="model_not_found",
-            )
-        if body.max_tokens is not None and body.max_tokens > max_tokens:
-            return error(
-                400,
-                f"max_tokens must be <= {max_tokens} (this server's max_tokens), got {body.max_tokens}",
-                param="max_tokens",
-            )
-        sequences = len(body.prompts) * body.n
-        if sequences > scheduler.max_waiting:
-            return error(
-                400,
-                f"{len(body.prompts)} prompts x n={body.n} is {sequences} sequences, more than this "
-                f"server queues (max_waiting={scheduler.max_waiting}); split the request",
-                param="n",
-            )
-        try:
-            job, prompt_tokens = _job(scheduler, body)
-        except UserError as e:
-            return error(400, str(e), param="prompt")
-        try:
-            scheduler.submit(job)
-        except QueueFull as e:
-            return error(503, f"server busy: {e}; retry later", kind="server_busy", headers={"Retry-After": "1"})
-        reply = _Reply(body, model_name, prompt_tokens)
-        if body.stream:
-            return StreamingResponse(_sse(job, reply, request), media_type="text/event-stream")
-        return await _complete(job, reply, request)
+        _check_model(body.model, model_name)
+        if body.max_tokens == 0 and not body.echo:
+            raise RequestError("max_tokens=0 scores the prompt without generating, which needs echo=true", "max_tokens")
+        _check_max_tokens(body.max_tokens, max_tokens)
+        prompts, echoes = [], []
+        for i, prompt in enumerate(body.prompts):
+            where = "prompt" if len(body.prompts) == 1 else f"prompt[{i}]"
+            if isinstance(prompt, str):
+                ids = sampler.tokenizer.encode(prompt) if prompt else _empty_prompt(sampler)
+            else:
+                ids = _checked_ids(sampler, prompt, where)
+            fitted = _fit(ids, body.max_tokens, body.truncate, block_size, where)
+            prompts.append(fitted)
+            echoes.append(prompt if isinstance(prompt, str) and fitted is ids else sampler.tokenizer.decode(fitted))
+        reply = _CompletionReply(body, model_name, sampler.tokenizer, prompts, echoes)
+        job = _job(scheduler, body, prompts, body.max_tokens, body.logprobs, body.echo and body.logprobs is not None)
+        return await _respond(scheduler, job, reply, body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        _check_model(body.model, model_name)
+        ids = _chat_ids(sampler, body.messages)
+        asked = body.max_completion_tokens or body.max_tokens
+        _check_max_tokens(asked, max_tokens)
+        count = asked or _room(len(ids), block_size, max_tokens)
+        ids = _fit(ids, count, body.truncate, block_size, "messages")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        reply = _ChatReply(body, model_name, sampler.tokenizer, [ids])
+        job = _job(scheduler, body, [ids], count, logprobs, False)
+        return await _respond(scheduler, job, reply, body, request)
 
     return app
 
@@ -176,10 +324,39 @@ def error(
     *,
     param: str | None = None,
     kind: str = "invalid_request_error",
+    code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over MAX_BODY_BYTES is refused with 413, whether it declares its length
+    (refused before it is read) or comes in chunks (refused once the bytes read pass the limit)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"the request body must be at most {MAX_BODY_BYTES >> 20} MiB"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return await error(413, message)(scope, receive, send)
+        read = 0
+
+        async def limited_receive() -> dict:
+            nonlocal read
+            event = await receive()
+            if event["type"] == "http.request":
+                read += len(event.get("body", b""))
+                if read > MAX_BODY_BYTES:
+                    raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, limited_receive, send)
 
 
 def _validation_param(exc: RequestValidationError) -> str | None:
@@ -194,55 +371,122 @@ def _validation_message(exc: RequestValidationError) -> str:
     param = _validation_param(exc)
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        message = "unknown field; see the OpenAI completions API for the fields"
-    if first["type"] == "literal_error":
+        message = "unknown field; see the OpenAI API reference for the fields"
+    if first["type"] == "literal_error" and param in ("best_of", "suffix"):
         message = "not supported by this server (leave it out)"
     return f"{param}: {message}" if param else message
 
 
-def _job(scheduler: Scheduler, body: CompletionRequest) -> tuple[Job, list[int]]:
-    """The rows of a request, n per prompt (choice index = prompt * n + sample), and its prompts' token counts."""
+def _check_model(asked: str | None, model_name: str) -> None:
+    if asked not in (None, model_name):
+        message = f"the model {asked!r} does not exist; this server serves {model_name!r}"
+        raise RequestError(message, "model", status=404)
+
+
+def _check_max_tokens(asked: int | None, cap: int | None) -> None:
+    if asked is not None and cap is not None and asked > cap:
+        raise RequestError(f"max_tokens must be <= {cap} (this server's max_tokens), got {asked}", "max_tokens")
+
+
+def _checked_ids(sampler: Sampler, ids: list[int], where: str) -> list[int]:
+    vocab = sampler.tokenizer.vocab_size
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise RequestError(f"{where}: token id {bad} is not in the vocabulary [0, {vocab})", where)
+    return ids
+
+
+def _empty_prompt(sampler: Sampler) -> list[int]:
+    """An empty prompt starts from end-of-text (gpt2) or a newline (char), as sample.py does."""
+    return sampler.encode_prompt("", 1)
+
+
+def _chat_ids(sampler: Sampler, messages: list[ChatMessage]) -> list[int]:
+    try:
+        return sampler.encode_chat([m.plain() for m in messages])
+    except UserError as e:
+        raise RequestError(str(e), "messages") from None
+
+
+def _room(prompt_tokens: int, block_size: int, cap: int | None) -> int:
+    """A chat reply's max_tokens when the request gives none: what the context has room for (half the context
+    when the prompt fills it: only a truncating request gets that far), within the server's cap."""
+    room = block_size - prompt_tokens if prompt_tokens < block_size else window_size(block_size)
+    return room if cap is None else min(room, cap)
+
+
+def _fit(ids: list[int], max_tokens: int, truncate: bool, block_size: int, where: str) -> list[int]:
+    """The prompt's ids if they and max_tokens fit the context; with `truncate`, its tail that leaves room for
+    max(max_tokens, block_size // 2) tokens before the window slides; otherwise a 400 in OpenAI's words."""
+    if len(ids) + max_tokens <= block_size:
+        return ids
+    if truncate:
+        return ids[-max(block_size - max_tokens, window_size(block_size)) :]
+    raise RequestError(
+        f"This model's maximum context length is {block_size} tokens, however you requested "
+        f"{len(ids) + max_tokens} tokens ({len(ids)} in your prompt; {max_tokens} for the completion). Please "
+        "reduce your prompt; or completion length (or set truncate=true to keep the prompt's tail and slide).",
+        where.split("[")[0],
+        "context_length_exceeded",
+    )
+
+
+def _job(
+    scheduler: Scheduler,
+    body: _GenerationRequest,
+    prompts: list[list[int]],
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: bool,
+) -> Job:
+    """The rows of a request, n per prompt (choice index = prompt * n + sample)."""
     sampler = scheduler.sampler
-    max_tokens = body.max_tokens or 16
-    params = SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_k=body.top_k,
-        top_p=1.0 if body.top_p is None else body.top_p,
-    )  # OpenAI's defaults for null
+    params = body.params()
     job = Job(asyncio.get_running_loop())
-    prompt_tokens = []
-    for p, prompt in enumerate(body.prompts):
-        with warnings.catch_warnings(record=True) as caught:  # a prompt longer than the context keeps its tail
-            warnings.simplefilter("always")
-            ids = sampler.encode_prompt(prompt, max_tokens)
-        for warning in caught:
-            log.warning("%s", warning.message)
-        prompt_tokens.append(len(ids))
+    for p, ids in enumerate(prompts):
         for i in range(body.n):
             index = p * body.n + i
-            generator = sampler.new_generator(None if body.seed is None else body.seed + index)
+            generator = sampler.new_generator(None if body.seed is None else (body.seed + index) % 2**64)
+            stream = TextStream(sampler.tokenizer, body.stops)
             job.rows.append(
-                Row(job, index, ids, params, generator, TextStream(sampler.tokenizer, body.stop), max_tokens)
+                Row(job, index, ids, params, generator, stream, max_tokens, logprobs, prompt_logprobs=prompt_logprobs)
             )
-    return job, prompt_tokens
+    return job
+
+
+async def _respond(scheduler: Scheduler, job: Job, reply: "_Reply", body: _GenerationRequest, request: Request) -> Any:
+    if len(job.rows) > scheduler.max_waiting:
+        raise RequestError(
+            f"{reply.choices // body.n} prompts x n={body.n} is {len(job.rows)} sequences, more than this server "
+            f"queues (max_waiting={scheduler.max_waiting}); split the request",
+            "n",
+        )
+    try:
+        scheduler.submit(job)
+    except QueueFull as e:
+        return error(503, f"server busy: {e}; retry later", kind="server_busy", headers={"Retry-After": "1"})
+    if body.stream:
+        return StreamingResponse(_sse(job, reply, request), media_type="text/event-stream")
+    return await _complete(job, reply, request)
 
 
 class _Reply:
-    """The response's fixed parts (id, model, created) and its usage count."""
+    """A response's fixed parts (id, model, created), its usage count, and how its choices are written."""
 
-    def __init__(self, body: CompletionRequest, model: str, prompt_tokens: list[int]) -> None:
-        self.body, self.model = body, model
-        self.id, self.created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
-        self.prompt_tokens = sum(prompt_tokens) * body.n
-        self.choices = len(prompt_tokens) * body.n
+    object = ""
+    chunk_object = ""
+    id_prefix = ""
 
-    def prompt_of(self, index: int) -> str:
-        return self.body.prompts[index // self.body.n]
+    def __init__(self, body: _GenerationRequest, model: str, tokenizer: Any, prompts: list[list[int]]) -> None:
+        self.body, self.model, self.tokenizer = body, model, tokenizer
+        self.id, self.created = f"{self.id_prefix}{secrets.token_hex(12)}", int(time.time())
+        self.prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, whatever n
+        self.choices = len(prompts) * body.n
 
-    def envelope(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+    def envelope(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None, chunk: bool = False):
         reply = {
             "id": self.id,
-            "object": "text_completion",
+            "object": self.chunk_object if chunk else self.object,
             "created": self.created,
             "model": self.model,
             "choices": choices,
@@ -258,23 +502,131 @@ class _Reply:
             "total_tokens": self.prompt_tokens + completion_tokens,
         }
 
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
-def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        """What a stream sends before the first event."""
+        return []
+
+    def chunk_choice(self, event: Event) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def final_choice(self, index: int, events: list[Event]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _CompletionReply(_Reply):
+    """/v1/completions: `text` choices, the prompt first with `echo`, log-probabilities in the legacy layout
+    (tokens, token_logprobs, top_logprobs, text_offset: each token's offset in prompt + completion)."""
+
+    object = chunk_object = "text_completion"
+    id_prefix = "cmpl-"
+
+    def __init__(self, body, model, tokenizer, prompts, echoes: list[str]) -> None:
+        super().__init__(body, model, tokenizer, prompts)
+        self.echoes = echoes
+        self.offsets = [0 if body.echo else len(echoes[i // body.n]) for i in range(self.choices)]
+
+    def echo(self, index: int) -> str:
+        return self.echoes[index // self.body.n] if self.body.echo else ""
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        if not self.body.echo or self.body.logprobs is not None:  # (then the prompt's tokens come as an event)
+            return []
+        return [self.envelope([self._choice(i, self.echo(i), None, [])], chunk=True) for i in range(self.choices)]
+
+    def chunk_choice(self, event: Event) -> dict[str, Any]:
+        prompt = bool(event.tokens) and event.tokens[0].logprob is None
+        text = self.echo(event.index) + event.text if prompt else event.text
+        return self._choice(event.index, text, event.finish_reason, event.tokens)
+
+    def final_choice(self, index: int, events: list[Event]) -> dict[str, Any]:
+        text = self.echo(index) + "".join(e.text for e in events)
+        reason = next((e.finish_reason for e in events if e.finish_reason), None)
+        return self._choice(index, text, reason, [t for e in events for t in e.tokens])
+
+    def _choice(self, index: int, text: str, reason: str | None, tokens: list[TokenLogprob]) -> dict[str, Any]:
+        logprobs = None
+        if self.body.logprobs is not None:
+            logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            for token in tokens:
+                piece = self.token_text(token.id)
+                logprobs["tokens"].append(piece)
+                logprobs["token_logprobs"].append(token.logprob)
+                first = token.logprob is None
+                logprobs["top_logprobs"].append(None if first else {self.token_text(i): v for i, v in token.top})
+                logprobs["text_offset"].append(self.offsets[index])
+                self.offsets[index] += len(piece)
+        return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
+
+
+class _ChatReply(_Reply):
+    """/v1/chat/completions: `message` choices (`delta` when streamed), the reply without the space the template
+    puts before it, log-probabilities in the chat layout (content: token, logprob, bytes, top_logprobs)."""
+
+    object, chunk_object = "chat.completion", "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
+    def __init__(self, body, model, tokenizer, prompts) -> None:
+        super().__init__(body, model, tokenizer, prompts)
+        self.started = [False] * self.choices
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        delta = {"role": "assistant", "content": ""}
+        return [self.envelope([self._choice(i, delta, None, [], "delta")], chunk=True) for i in range(self.choices)]
+
+    def chunk_choice(self, event: Event) -> dict[str, Any]:
+        delta = {"content": self._reply_text(event.index, event.text)} if event.text else {}
+        return self._choice(event.index, delta, event.finish_reason, event.tokens, "delta")
+
+    def final_choice(self, index: int, events: list[Event]) -> dict[str, Any]:
+        text = self._reply_text(index, "".join(e.text for e in events))
+        reason = next((e.finish_reason for e in events if e.finish_reason), None)
+        message = {"role": "assistant", "content": text}
+        return self._choice(index, message, reason, [t for e in events for t in e.tokens], "message")
+
+    def _reply_text(self, index: int, text: str) -> str:
+        """The reply's text: its first piece loses one leading space (the template's, before every reply)."""
+        if not self.started[index] and text:
+            self.started[index] = True
+            return text.removeprefix(" ")
+        return text
+
+    def _choice(self, index: int, content: dict, reason: str | None, tokens: list[TokenLogprob], key: str) -> dict:
+        logprobs = None
+        if self.body.logprobs:
+            logprobs = {
+                "content": [
+                    {**self._entry(t.id, t.logprob), "top_logprobs": [self._entry(i, v) for i, v in t.top]}
+                    for t in tokens
+                ]
+            }
+        return {"index": index, key: content, "logprobs": logprobs, "finish_reason": reason}
+
+    def _entry(self, token: int, logprob: float | None) -> dict[str, Any]:
+        text, raw = self.token_text(token), self.tokenizer.decode_bytes([token])
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
 
 async def _events(job: Job, reply: _Reply, request: Request) -> AsyncIterator[Event]:
     """The job's events until every choice has finished, or until the client goes away (checked every
-    DISCONNECT_POLL_S while no event comes). Raises RuntimeError on an error event. A job left unfinished, for
-    any reason (the client went away, the response was cancelled), is cancelled: its rows are freed."""
+    DISCONNECT_POLL_S, events or not). Raises RuntimeError on an error event. A job left unfinished, for any
+    reason (the client went away, the response was cancelled), is cancelled: its rows are freed."""
     finished = 0
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
     try:
         while finished < reply.choices:
             try:
                 event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)  # cancelling a get loses nothing
             except asyncio.TimeoutError:
+                event = None
+            if loop.time() - checked >= DISCONNECT_POLL_S:
+                checked = loop.time()
                 if await request.is_disconnected():
                     return
+            if event is None:
                 continue
             if event.error:
                 raise RuntimeError(event.error)
@@ -289,39 +641,36 @@ def _completion_tokens(job: Job) -> int:
 
 
 async def _complete(job: Job, reply: _Reply, request: Request) -> JSONResponse | dict[str, Any]:
-    texts = [reply.prompt_of(i) if reply.body.echo else "" for i in range(reply.choices)]
-    reasons: list[str | None] = [None] * reply.choices
+    events: list[list[Event]] = [[] for _ in range(reply.choices)]
     try:
         async for event in _events(job, reply, request):
-            texts[event.index] += event.text
-            reasons[event.index] = event.finish_reason or reasons[event.index]
+            events[event.index].append(event)
     except RuntimeError as e:
         return error(500, str(e), kind="server_error")
     if job.cancelled:
         return error(499, "the client closed the request")
-    choices = [_choice(i, text, reason) for i, (text, reason) in enumerate(zip(texts, reasons))]
+    choices = [reply.final_choice(i, choice_events) for i, choice_events in enumerate(events)]
     return reply.envelope(choices, reply.usage(_completion_tokens(job)))
 
 
 async def _sse(job: Job, reply: _Reply, request: Request) -> AsyncIterator[str]:
-    """Server-sent events as OpenAI streams completions: one chunk per text piece, a chunk with each choice's
-    finish_reason, a usage chunk if asked (stream_options.include_usage), then `data: [DONE]`."""
+    """Server-sent events as OpenAI streams: chunks as text comes, each choice's finish_reason, a usage chunk if
+    asked (stream_options.include_usage), then `data: [DONE]`."""
 
     def chunk(payload: dict[str, Any]) -> str:
         return f"data: {json.dumps(payload)}\n\n"
 
-    if reply.body.echo:
-        for i in range(reply.choices):
-            yield chunk(reply.envelope([_choice(i, reply.prompt_of(i), None)]))
+    for opening in reply.opening_chunks():
+        yield chunk(opening)
     events = _events(job, reply, request)
     try:
         async for event in events:
-            yield chunk(reply.envelope([_choice(event.index, event.text, event.finish_reason)]))
+            yield chunk(reply.envelope([reply.chunk_choice(event)], chunk=True))
     except RuntimeError as e:
         yield chunk({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
     finally:
         await events.aclose()  # the client went away mid-stream: cancel the job now, freeing its rows
     options = reply.body.stream_options
     if options is not None and options.include_usage:
-        yield chunk(reply.envelope([], reply.usage(_completion_tokens(job))))
+        yield chunk(reply.envelope([], reply.usage(_completion_tokens(job)), chunk=True))
     yield "data: [DONE]\n\n"

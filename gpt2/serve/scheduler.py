@@ -14,28 +14,39 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from gpt2.sampling import Batch, Sampler, SamplingParams, TextStream, sample_next_token
+from gpt2.sampling import Batch, Penalties, Sampler, SamplingParams, TextStream, sample_next_token
 
 log = logging.getLogger("gpt2.serve")
 
 
+class TokenLogprob(NamedTuple):
+    """A token of a prompt or a completion, its log-probability under the model (None for a prompt's first token,
+    which nothing predicts) and the `top` most likely tokens at its position, (id, log-probability) best first."""
+
+    id: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class Event:
-    """What a job's client receives: a text piece of choice `index`, or its end (`finish_reason` "stop" or
-    "length"), or an `error` that ends the whole job."""
+    """What a job's client receives: a text piece of choice `index` and the log-probabilities of its new tokens
+    (when asked), or its end (`finish_reason` "stop" or "length"), or an `error` that ends the whole job."""
 
     index: int
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None
+    tokens: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
 class Row:
-    """One sequence to generate: choice `index` of a job."""
+    """One sequence to generate: choice `index` of a job. `max_tokens` 0 scores the prompt only."""
 
     job: "Job"
     index: int
@@ -44,7 +55,12 @@ class Row:
     generator: torch.Generator
     stream: TextStream
     max_tokens: int
+    logprobs: int | None = None
+    """Report each generated token's log-probability and the `logprobs` most likely ones (None: no)."""
+    prompt_logprobs: bool = False
+    """Report the prompt's tokens' log-probabilities too (first, in one event)."""
     generated: int = 0
+    penalties: Penalties | None = None
 
 
 @dataclass
@@ -127,25 +143,37 @@ class Scheduler:
             return {}
         tokens = torch.zeros(len(self.slots), dtype=torch.long)
         slots = list(logits)
-        sampled = torch.cat([self._sample(self.slots[slot], logits[slot]) for slot in slots]).tolist()  # one sync
-        for slot, token in zip(slots, sampled):
+        chosen = [self._choose(self.slots[slot], logits[slot]) for slot in slots]
+        values = iter(torch.cat(chosen).tolist())  # one sync for every row's token (and log-probabilities)
+        for slot, picked in zip(slots, chosen):
             row = self.slots[slot]
-            if row.job.cancelled or self._deliver(row, token):
+            token, *scores = [next(values) for _ in range(picked.numel())]
+            if row.job.cancelled or self._deliver(row, int(token), scores):
                 self._free(slot)
             else:
-                tokens[slot] = token
+                tokens[slot] = int(token)
         if not any(self.slots):
             return {}
         out = self.batch.step(tokens.to(self.batch.cache.k.device))
         return {slot: out[slot : slot + 1] for slot, row in enumerate(self.slots) if row is not None}
 
     @staticmethod
-    def _sample(row: Row, logits: torch.Tensor) -> torch.Tensor:
-        """The row's next token (1,), on the device: each row has its own settings and generator."""
+    def _choose(row: Row, logits: torch.Tensor) -> torch.Tensor:
+        """The row's next token, on the device, as a float tensor: (token,), or with `row.logprobs` (token, its
+        log-probability, the top k's log-probabilities, their ids). Each row has its own settings and generator;
+        log-probabilities are the model's own (before temperature, top-k/p and penalties)."""
         params = row.params
-        return sample_next_token(
-            logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, generator=row.generator
+        chosen = logits if row.penalties is None else row.penalties.apply(logits)
+        token = sample_next_token(
+            chosen, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, generator=row.generator
         )
+        if row.penalties is not None:
+            row.penalties.update(token)
+        if row.logprobs is None:
+            return token.float()
+        logprobs = torch.log_softmax(logits.float(), dim=-1)[0]
+        top = torch.topk(logprobs, row.logprobs)
+        return torch.cat([token.float(), logprobs[token], top.values, top.indices.float()])
 
     def _admit(self) -> dict[int, torch.Tensor]:
         started = {}
@@ -159,24 +187,38 @@ class Scheduler:
                 continue
             slot = free[0]
             self.slots[slot] = row
-            started[slot] = self.batch.start(slot, torch.tensor(row.ids))
+            logits = self.batch.start(slot, torch.tensor(row.ids), every_position=row.prompt_logprobs)
+            if row.prompt_logprobs:
+                row.job.emit(Event(row.index, tokens=prompt_logprobs(logits, row.ids, row.logprobs or 0)))
+                logits = logits[-1:]
+            if row.max_tokens == 0:
+                row.job.emit(Event(row.index, finish_reason="length"))
+                self._free(slot)
+                continue
+            if Penalties.needed(row.params):
+                row.penalties = Penalties(row.params, [row.ids], logits.size(-1), logits.device)
+            started[slot] = logits
 
-    def _deliver(self, row: Row, token: int) -> bool:
-        """Send what `token` adds to the row's text; True when the row has finished."""
+    def _deliver(self, row: Row, token: int, scores: list[float]) -> bool:
+        """Send what `token` adds to the row's text (and its log-probabilities, `scores` from `_choose`); True
+        when the row has finished."""
         row.generated += 1
-        eot = self.sampler.tokenizer.eot_id
-        if token == eot:
-            row.job.emit(Event(row.index, row.stream.finish(), "stop"))
+        tokens = []
+        if scores:
+            k = (len(scores) - 1) // 2
+            tokens = [TokenLogprob(token, scores[0], list(zip(map(int, scores[1 + k :]), scores[1 : 1 + k])))]
+        if token == self.sampler.tokenizer.eot_id:
+            row.job.emit(Event(row.index, row.stream.finish(), "stop", tokens=tokens))
             return True
         piece = row.stream.push(token)
         if row.stream.stopped:
-            row.job.emit(Event(row.index, piece, "stop"))
+            row.job.emit(Event(row.index, piece, "stop", tokens=tokens))
             return True
         if row.generated == row.max_tokens:
-            row.job.emit(Event(row.index, piece + row.stream.finish(), "length"))
+            row.job.emit(Event(row.index, piece + row.stream.finish(), "length", tokens=tokens))
             return True
-        if piece:
-            row.job.emit(Event(row.index, piece))
+        if piece or tokens:
+            row.job.emit(Event(row.index, piece, tokens=tokens))
         return False
 
     def _free(self, slot: int) -> None:
@@ -191,3 +233,14 @@ class Scheduler:
             self._free(slot)
         for job in {id(row.job): row.job for row in rows}.values():
             job.emit(Event(-1, error=message))
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob]:
+    """The prompt's tokens scored by its prefill's logits (T, V): token t by the logits at t - 1, the first by
+    nothing (log-probability None), each with its `top` most likely alternatives."""
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)  # (T - 1, V)
+    targets = torch.tensor(ids[1:], device=logprobs.device)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    values, indices = torch.topk(logprobs, top, dim=-1)
+    tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    return [TokenLogprob(ids[0], None, [])] + [TokenLogprob(t, lp, tp) for t, lp, tp in zip(ids[1:], chosen, tops)]
