@@ -516,6 +516,11 @@ class SampleConfig(GenerationSettings, InferenceConfig):
     the prompts, samples and output of the command."""
 
     purpose: ClassVar[str] = "sample from"
+    mode: str = "generate"
+    """generate (continue prompts) or chat (talk with a model fine-tuned on chats: each line of input is a user
+    message; `gpt2-chat` is sample.py mode=chat)."""
+    system: Optional[str] = None
+    """mode=chat: a system message that opens the conversation."""
     prompt: str = ""
     """Text to continue; '-' reads stdin, 'FILE:path' reads a file; empty starts from end-of-text (gpt2) or a
     newline (char)."""
@@ -543,6 +548,10 @@ class SampleConfig(GenerationSettings, InferenceConfig):
         GenerationSettings.__post_init__(self)
         if self.num_samples < 1:
             raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.mode not in ("generate", "chat"):
+            raise UserError(f"mode={self.mode!r} is not valid; choose generate or chat")
+        if self.mode == "chat" and (self.prompt or self.prompt_file or self.prompts_file or self.output):
+            raise UserError("mode=chat reads the conversation from the terminal: drop prompt/prompts_file/output")
 
 
 @dataclass

@@ -37,7 +37,8 @@ device dtype compile seed out_dir init_from
 """.split()
 SAMPLE_KEYS = """
 checkpoint init_from prompt prompt_file prompts_file num_samples max_new_tokens temperature top_k top_p
-repetition_penalty stop ignore_eot batch_size stream output seed device dtype compile
+repetition_penalty presence_penalty frequency_penalty stop ignore_eot batch_size stream output seed device dtype compile
+mode system
 """.split()
 SERVE_KEYS = """
 checkpoint init_from batch_size device dtype host port max_waiting max_tokens model_name compile shutdown_timeout_s

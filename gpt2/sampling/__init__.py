@@ -5,6 +5,7 @@
 - `gpt2.sampling.engine`: `Batch`, `decode_step` and `generate` (KV-cached, token ids out).
 - `gpt2.sampling.text`: `TextStream`, token ids -> text pieces with stop strings.
 - `gpt2.sampling.sampler`: `Sampler`, the notebook API (`generate`, `stream`).
+- `gpt2.sampling.conversation`: `chat`, the terminal chat of `sample.py mode=chat` / `gpt2-chat`.
 - `gpt2.sampling.cli`: the `sample.py` / `gpt2-sample` command (`run`).
 """
 

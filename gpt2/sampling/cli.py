@@ -22,6 +22,7 @@ from gpt2.config import (  # importing gpt2.config registers `sample_schema` wit
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.progress import progress_bar
 from gpt2.resources import CONFIG_DIR
+from gpt2.sampling.conversation import chat
 from gpt2.sampling.sampler import Sampler
 
 
@@ -84,8 +85,11 @@ def _jsonl_prompt(line: str, where: str) -> str:
 
 def run(cfg: Any) -> list[str]:
     """Sample as `cfg` (a SampleConfig or Hydra DictConfig) says; print the samples; return them (num_samples for
-    each prompt, in input order)."""
+    each prompt, in input order; with mode=chat, the replies of the conversation)."""
     cfg = cfg if isinstance(cfg, SampleConfig) else to_object(cfg, SampleConfig)
+    if cfg.mode == "chat":
+        history = chat(_sampler(cfg), GenerationSettings.of(cfg, stop=[unescape(x) for x in cfg.stop]), cfg.system)
+        return [m["content"] for m in history if m["role"] == "assistant"]
     if cfg.output:  # before any work: a path that cannot be written would lose every sample at the end
         _append_samples(cfg.output, [], [], {})
     prompts = _prompts(cfg)
@@ -183,3 +187,9 @@ def main() -> None:
     """Console script `gpt2-sample`: the same command as `python sample.py`."""
     sys.argv = quote_free_text(sys.argv)
     hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")(exit_on_user_error(run))()
+
+
+def chat_main() -> None:
+    """Console script `gpt2-chat`: `python sample.py mode=chat`."""
+    sys.argv.insert(1, "mode=chat")
+    main()

@@ -121,12 +121,13 @@ class Sampler:
         return g
 
     def stream_rows(
-        self, prompts: list[str], *, generator: torch.Generator | None = None, **settings: Any
+        self, prompts: list[str | list[int]], *, generator: torch.Generator | None = None, **settings: Any
     ) -> Iterator[tuple[int, str]]:
-        """Continue each of `prompts` (any lengths, repeats allowed) as one batch, a row each; yield (row, text
-        piece) as text becomes safe to show (see TextStream). Every row ends with a (possibly empty) final piece."""
+        """Continue each of `prompts` (text or token ids; any lengths, repeats allowed) as one batch, a row each;
+        yield (row, text piece) as text becomes safe to show (see TextStream). Every row ends with a (possibly
+        empty) final piece."""
         generation = GenerationSettings(**settings)
-        rows = [self.encode_prompt(prompt, generation.max_new_tokens) for prompt in prompts]
+        rows = [p if isinstance(p, list) else self.encode_prompt(p, generation.max_new_tokens) for p in prompts]
         self.prepare_for(len(rows))
         generator = generator or self.new_generator(generation.seed)
         eot = None if generation.ignore_eot else self.tokenizer.eot_id
