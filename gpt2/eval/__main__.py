@@ -1,4 +1,4 @@
-"""`python -m gpt2.eval <perplexity|hellaswag> key=value ...`: dispatch to the command's `main`."""
+"""`python -m gpt2.eval <perplexity|hellaswag|harness> key=value ...`: dispatch to the command's `main`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from gpt2.eval import hellaswag, perplexity
 
 USAGE = (
     "usage: python -m gpt2.eval perplexity checkpoint=<run>|init_from=gpt2 data=<name>|text=<file> [key=value ...]\n"
-    "       python -m gpt2.eval hellaswag checkpoint=<run>|init_from=gpt2 [limit=N] [path=<jsonl>] [key=value ...]"
+    "       python -m gpt2.eval hellaswag checkpoint=<run>|init_from=gpt2 [limit=N] [path=<jsonl>] [key=value ...]\n"
+    "       python -m gpt2.eval harness checkpoint=<run>|init_from=gpt2 tasks=hellaswag,arc_easy [limit=N] [key=value]"
 )
 
 
@@ -24,7 +25,13 @@ def main(argv: list[str]) -> dict | None:
         return perplexity.main(args)
     if command == "hellaswag":
         return hellaswag.main(args)
-    raise UserError(f"unknown command {command!r}; use `python -m gpt2.eval perplexity|hellaswag key=value ...`")
+    if command == "harness":
+        from gpt2.eval import harness  # (lm-evaluation-harness is an optional extra)
+
+        return harness.main(args)
+    raise UserError(
+        f"unknown command {command!r}; use `python -m gpt2.eval perplexity|hellaswag|harness key=value ...`"
+    )
 
 
 if __name__ == "__main__":

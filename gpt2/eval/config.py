@@ -87,6 +87,41 @@ class HellaSwagConfig(InferenceConfig):
             raise UserError(f"limit must be >= 1, got {self.limit}")
 
 
+@dataclass
+class HarnessConfig(InferenceConfig):
+    """`python -m gpt2.eval harness`: lm-evaluation-harness tasks on a GPT-2 BPE model."""
+
+    purpose: ClassVar[str] = "evaluate"
+    tasks: str = ""
+    """Harness task names, comma-separated (hellaswag,arc_easy,...), or tasks of `include_path`."""
+    include_path: Optional[str] = None
+    """A folder of task YAML files of your own (the harness's `--include_path`)."""
+    limit: Optional[int] = None
+    """Examples per task at most (None: all)."""
+    num_fewshot: Optional[int] = None
+    """Few-shot examples per prompt (None: each task's default)."""
+    batch_size: int = 8
+    """Requests per forward pass."""
+    dtype: str = "float32"
+    """float32 (the default: scores comparable with other tools'), bfloat16 or float16."""
+    output: Optional[str] = None
+    """The results JSON (default: harness_<tasks>.json in the checkpoint's run folder, else in the current one)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.task_list:
+            raise UserError("give the tasks to run: tasks=hellaswag,arc_easy (the harness's task names)")
+        for key in ("limit", "num_fewshot"):
+            value = getattr(self, key)
+            if value is not None and value < (1 if key == "limit" else 0):
+                raise UserError(f"{key} must be >= {1 if key == 'limit' else 0}, got {value}")
+        check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+    @property
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+
 T = TypeVar("T")
 
 
