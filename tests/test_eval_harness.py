@@ -83,5 +83,6 @@ def test_bad_harness_commands_are_one_line(tmp_path, args, message):
     pytest.importorskip("lm_eval")
     run = save_checkpoint(tmp_path / "run", GPT2Tokenizer(), block_size=64)
     command = [sys.executable, "-m", "gpt2.eval", "harness", f"checkpoint={run}", "device=cpu", *args]
-    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"), timeout=300)
+    offline = env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=offline, timeout=300)
     assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
