@@ -203,6 +203,7 @@ def test_a_model_without_a_chat_template_is_refused(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_sample_py_chat_keeps_the_history_and_ctrl_c_stops_only_the_reply(chat_run):
     first = [{"role": "user", "content": "Name one metal."}]
     reply = greedy_reply(chat_run, first, 12)
