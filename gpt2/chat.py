@@ -22,12 +22,13 @@ after a space; end-of-text is special), so no token straddles two segments.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 from gpt2.errors import UserError
+from gpt2.tokenizer import GPT2_EOT_TEXT
 
 ROLES = ("system", "user", "assistant")
-EOT_TEXT = "<|endoftext|>"
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -96,12 +97,18 @@ def render(template: str, messages: list[dict[str, str]]) -> str:
     """The prompt text of a conversation under a recorded chat `template`, with the generation prompt, as
     `transformers`' `apply_chat_template(..., add_generation_prompt=True)` renders it (a sandboxed Jinja)."""
     from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     try:
-        return environment.from_string(template).render(
-            messages=messages, eos_token=EOT_TEXT, bos_token=EOT_TEXT, add_generation_prompt=True
+        return _compiled(template).render(
+            messages=messages, eos_token=GPT2_EOT_TEXT, bos_token=GPT2_EOT_TEXT, add_generation_prompt=True
         )
     except TemplateError as e:
         raise UserError(f"the model's chat template cannot render this conversation: {e}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(template: str) -> Any:
+    """A template compiled once (a server renders every chat request with the same one)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)

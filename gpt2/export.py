@@ -30,8 +30,7 @@ from gpt2.config import ExportConfig, to_object  # importing gpt2.config registe
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.hf import CONV1D, save_pretrained, state_dict_to_hf
 from gpt2.resources import CONFIG_DIR, GPT2_BPE_DIR
-
-EOT = "<|endoftext|>"
+from gpt2.tokenizer import GPT2_EOT_TEXT
 
 
 def run(cfg: Any) -> Path:
@@ -73,7 +72,7 @@ def write_gpt2_tokenizer(out: Path, model_max_length: int, chat_template: str | 
     the run's chat template, if it has one (then `tokenizer.apply_chat_template` renders as the run trained)."""
     shutil.copyfile(GPT2_BPE_DIR / "encoder.json", out / "vocab.json")
     shutil.copyfile(GPT2_BPE_DIR / "vocab.bpe", out / "merges.txt")
-    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    special = {"bos_token": GPT2_EOT_TEXT, "eos_token": GPT2_EOT_TEXT, "unk_token": GPT2_EOT_TEXT}
     config = {
         "tokenizer_class": "GPT2Tokenizer",
         "model_max_length": model_max_length,
@@ -206,14 +205,14 @@ def _add_gpt2_vocab(writer: Any, gguf: Any) -> None:
     tokens = sorted(encoder, key=encoder.get)
     assert [encoder[t] for t in tokens] == list(range(len(tokens)))
     merges = [line for line in (GPT2_BPE_DIR / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line]
-    types = [gguf.TokenType.CONTROL if t == EOT else gguf.TokenType.NORMAL for t in tokens]
+    types = [gguf.TokenType.CONTROL if t == GPT2_EOT_TEXT else gguf.TokenType.NORMAL for t in tokens]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(encoder[EOT])
-    writer.add_eos_token_id(encoder[EOT])
+    writer.add_bos_token_id(encoder[GPT2_EOT_TEXT])
+    writer.add_eos_token_id(encoder[GPT2_EOT_TEXT])
     writer.add_add_bos_token(False)
 
 

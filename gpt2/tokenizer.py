@@ -15,6 +15,7 @@ from gpt2.errors import UserError
 from gpt2.resources import GPT2_BPE_DIR
 
 GPT2_EOT = 50256
+GPT2_EOT_TEXT = "<|endoftext|>"  # how end-of-text is written in text that templates render
 
 
 class Tokenizer(Protocol):
@@ -56,7 +57,7 @@ class GPT2Tokenizer:
 
     def encode_rendered(self, text: str) -> list[int]:
         """Text a chat template rendered -> ids: there, `<|endoftext|>` is the end-of-text token (gpt2.chat)."""
-        return self._enc.encode(text, allowed_special={"<|endoftext|>"})
+        return self._enc.encode(text, allowed_special={GPT2_EOT_TEXT})
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode(list(ids))

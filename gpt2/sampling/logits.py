@@ -70,10 +70,11 @@ class Penalties:
         return params.repetition_penalty != 1.0 or params.presence_penalty != 0 or params.frequency_penalty != 0
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        p, generated = self.params, self.counts > 0
-        logits = apply_repetition_penalty(logits.float(), self.in_prompt | generated, p.repetition_penalty)
+        p, logits = self.params, logits.float()
+        if p.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, self.in_prompt | (self.counts > 0), p.repetition_penalty)
         if p.presence_penalty:
-            logits = logits - p.presence_penalty * generated
+            logits = logits - p.presence_penalty * (self.counts > 0)
         if p.frequency_penalty:
             logits = logits - p.frequency_penalty * self.counts
         return logits
