@@ -241,6 +241,15 @@ def test_bad_requests_get_an_error_naming_the_field_and_the_server_keeps_serving
 
 
 @pytest.mark.e2e
+def test_null_sampling_fields_take_openais_defaults(server):
+    body = {"max_tokens": None, "temperature": None, "top_p": None, "presence_penalty": None, "seed": None}
+    reply = server.post(prompt="Hello", **body)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 16
+    reply = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert reply.status_code == 400 and "no chat template" in reply.json()["error"]["message"]
+
+
+@pytest.mark.e2e
 def test_a_prompt_over_the_context_is_400_unless_the_request_truncates(server):
     reply = server.post(prompt=" word" * 100, max_tokens=5, temperature=0)  # 100 tokens, block_size 64
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded"

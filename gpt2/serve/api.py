@@ -285,9 +285,10 @@ def create_app(scheduler: Scheduler, model_name: str, max_tokens: int | None) ->
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         _check_model(body.model, model_name)
-        if body.max_tokens == 0 and not body.echo:
+        count = 16 if body.max_tokens is None else body.max_tokens  # (OpenAI's default, also for null)
+        if count == 0 and not body.echo:
             raise RequestError("max_tokens=0 scores the prompt without generating, which needs echo=true", "max_tokens")
-        _check_max_tokens(body.max_tokens, max_tokens)
+        _check_max_tokens(count, max_tokens)
         prompts, echoes = [], []
         for i, prompt in enumerate(body.prompts):
             where = "prompt" if len(body.prompts) == 1 else f"prompt[{i}]"
@@ -295,11 +296,11 @@ def create_app(scheduler: Scheduler, model_name: str, max_tokens: int | None) ->
                 ids = sampler.tokenizer.encode(prompt) if prompt else _empty_prompt(sampler)
             else:
                 ids = _checked_ids(sampler, prompt, where)
-            fitted = _fit(ids, body.max_tokens, body.truncate, block_size, where)
+            fitted = _fit(ids, count, body.truncate, block_size, where)
             prompts.append(fitted)
             echoes.append(prompt if isinstance(prompt, str) and fitted is ids else sampler.tokenizer.decode(fitted))
         reply = _CompletionReply(body, model_name, sampler.tokenizer, prompts, echoes)
-        job = _job(scheduler, body, prompts, body.max_tokens, body.logprobs, body.echo and body.logprobs is not None)
+        job = _job(scheduler, body, prompts, count, body.logprobs, body.echo and body.logprobs is not None)
         return await _respond(scheduler, job, reply, body, request)
 
     @app.post("/v1/chat/completions")
