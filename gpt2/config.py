@@ -567,6 +567,10 @@ class ServeConfig(InferenceConfig):
     """Sequences decoded together: concurrent requests share each step (continuous batching)."""
     max_waiting: int = 64
     """Sequences that may wait for a free row; past it requests get 503 with Retry-After."""
+    prefill_chunk: int = 256
+    """Prompt tokens prefilled between two decode steps: a long prompt is prefilled in chunks of this many, so
+    the running streams keep getting tokens meanwhile (smaller: steadier streams, later first token of a long
+    prompt; larger: the reverse)."""
     max_tokens: Optional[int] = None
     """The largest max_tokens a request may ask for (None: any that fits the model's context, or any at all for
     a request that sets truncate=true, whose context window slides)."""
@@ -581,7 +585,7 @@ class ServeConfig(InferenceConfig):
         super().__post_init__()
         if not 0 <= self.port <= 65535:
             raise UserError(f"port must be in [0, 65535], got {self.port}")
-        for key in ("max_waiting", "max_tokens"):
+        for key in ("max_waiting", "max_tokens", "prefill_chunk"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UserError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.shutdown_timeout_s < 0:

@@ -234,6 +234,37 @@ def test_a_row_that_starts_in_a_running_batch_gets_what_it_gets_alone():
         assert alone[0].tolist() == tokens[row][prompt_len:], row
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_a_prompt_prefilled_in_chunks_between_steps_gets_what_it_gets_alone(static):
+    """A server's long prompt: row 1 prefills in three chunks while row 0 (and then row 2, behind it) decode;
+    the steps in between must neither disturb the held row's cache nor be disturbed by it."""
+    model = tiny_model(block_size=32)
+    batch = Batch(model, rows=3, max_len=32, static=static)
+    prompt = [int(t) for t in torch.randint(0, 65, (11,), generator=torch.Generator().manual_seed(3))]
+    tokens = {0: [5, 6, 7], 1: list(prompt), 2: [8, 9]}
+
+    def greedy(logits):
+        return int(logits.argmax(-1))
+
+    with torch.inference_mode():
+        nxt = {0: greedy(batch.start(0, torch.tensor(tokens[0]))), 2: greedy(batch.start(2, torch.tensor([8, 9])))}
+        chunks = {0: (prompt[:4], batch.start), 3: (prompt[4:9], batch.extend), 5: (prompt[9:], batch.extend)}
+        for step in range(12):
+            if step in chunks:
+                ids, prefill = chunks[step]
+                logits = prefill(1, torch.tensor(ids), complete=step == 5)
+                if step == 5:
+                    nxt[1] = greedy(logits)
+            assert batch.held[1] == (step < 5)
+            for row, t in nxt.items():
+                tokens[row].append(t)
+            logits = batch.step(torch.tensor([nxt.get(row, 0) for row in range(3)]))
+            nxt = {row: greedy(logits[row]) for row in nxt}
+    for row, prompt_len in ((0, 3), (1, len(prompt)), (2, 2)):
+        alone = run(model, torch.tensor([tokens[row][:prompt_len]]), len(tokens[row]) - prompt_len)
+        assert alone[0].tolist() == tokens[row][prompt_len:], row
+
+
 def test_top_k_1_equals_greedy():
     model = tiny_model()
     idx = torch.randint(0, 65, (2, 4), generator=torch.Generator().manual_seed(4))

@@ -82,7 +82,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    s = Server(checkpoint, "batch_size=4", "max_waiting=256")
+    s = Server(checkpoint, "batch_size=4", "max_waiting=256", "prefill_chunk=5")  # prompts over 5 tokens: chunked
     yield s
     assert s.stop() == -signal.SIGTERM, "".join(s.output)
     assert "Traceback" not in "".join(s.output)
@@ -355,6 +355,41 @@ def test_a_full_queue_answers_503_with_retry_after(checkpoint):
     reply = client.post("/v1/completions", json={"prompt": "x"})
     assert reply.status_code == 503 and reply.headers["Retry-After"] == "1"
     assert "server busy" in reply.json()["error"]["message"]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_steps(checkpoint):
+    """In process, the scheduler alone: while a 60-token prompt is prefilled 4 tokens at a time, the running
+    stream gets a token after every chunk (with one whole prefill it would get none until the prompt is in)."""
+    from gpt2.config import SamplingParams
+    from gpt2.sampling import Sampler, TextStream
+    from gpt2.serve.scheduler import Job, Row, Scheduler
+
+    sampler = Sampler.from_checkpoint(checkpoint, device="cpu")
+    scheduler = Scheduler(sampler, rows=2, max_waiting=2, prefill_chunk=4)
+    events = []
+
+    def job(name: str, ids: list[int], max_tokens: int) -> Job:
+        job = Job(loop=None)
+        job.emit = lambda event: events.append((name, event))  # in the scheduler's thread, in its order
+        params, stream = SamplingParams(temperature=0.0), TextStream(sampler.tokenizer, [])
+        job.rows.append(Row(job, 0, ids, params, sampler.new_generator(0), stream, max_tokens, logprobs=0))
+        return job
+
+    scheduler.start()
+    try:
+        scheduler.submit(job("running", sampler.tokenizer.encode("Hello"), 50))
+        while len(events) < 2:
+            time.sleep(0.01)
+        submitted = len(events)
+        scheduler.submit(job("long", list(range(100, 160)), 1))
+        while not any(name == "long" for name, _ in events):
+            time.sleep(0.01)
+    finally:
+        scheduler.stop()
+    first_long = next(i for i, (name, _) in enumerate(events) if name == "long")
+    assert all(name == "running" for name, _ in events[submitted:first_long])
+    assert first_long - submitted >= 60 // 4 - 1  # one step after each chunk but the last
+    assert [e.finish_reason for name, e in events if name == "long"] == ["length"]
 
 
 @pytest.mark.e2e

@@ -129,9 +129,9 @@ def window_size(block_size: int) -> int:
 
 class Batch:
     """The rows of one KV cache, each continuing its own sequence: a row starts on its own (`start`, a prefill
-    of its prompt), all rows decode together one token per `step`, and a row whose context reaches block_size
-    slides it (its last `window_size` tokens are re-prefilled) instead of failing. A `free` row idles at
-    position 0 until it starts again, so a server's requests can join and leave a running batch.
+    of its prompt, at once or in chunks), all rows decode together one token per `step`, and a row whose context
+    reaches block_size slides it (its last `window_size` tokens are re-prefilled) instead of failing. A `free`
+    row idles at position 0 until it starts again, so a server's requests can join and leave a running batch.
 
     `static=True` makes every decode step the same shapes (see `KVCache`): compile `decode` once and it never
     recompiles, token after token. Lengths live on the host here, so no step needs a device sync.
@@ -145,45 +145,65 @@ class Batch:
         self.cache = KVCache(config, rows, max_len, device=device, dtype=model.lm_head.weight.dtype, static=static)
         self.tokens = torch.zeros(rows, max_len, dtype=torch.long)  # each row's context, on the host
         self.lengths = [0] * rows
-        self.active = [False] * rows
+        self.active = [False] * rows  # decoding: takes part in `step`
+        self.held = [False] * rows  # prefilling a prompt in chunks: keeps its positions, skips `step`
 
-    def start(self, row: int, ids: torch.Tensor, every_position: bool = False) -> torch.Tensor:
+    def start(self, row: int, ids: torch.Tensor, every_position: bool = False, complete: bool = True) -> torch.Tensor:
         """Make `row` continue prompt ids (T,) (T <= the cache's max_len); returns its next-token logits (1, V),
-        or with `every_position` the logits after each prompt token (T, V), fp32 (to score the prompt)."""
-        return self._prefill([row], ids[None], every_position)
+        or with `every_position` the logits after each prompt token (T, V), fp32 (to score the prompt). With
+        `complete=False` the prompt goes on in `extend` calls (a long prompt prefilled in chunks, between other
+        rows' steps): until the call that completes it, the row keeps its positions but takes no part in `step`."""
+        self._set_length(row, 0)
+        return self.extend(row, ids, every_position, complete)
+
+    def extend(self, row: int, ids: torch.Tensor, every_position: bool = False, complete: bool = True) -> torch.Tensor:
+        """Prefill ids (T,) after what `row` holds: the next chunk of its prompt (see `start`)."""
+        begin, T = self.lengths[row], ids.size(0)
+        if not 1 <= T <= self.cache.max_len - begin:
+            raise ValueError(f"prompt length {begin + T} must be in [1, {self.cache.max_len}] (the KV cache's length)")
+        self.tokens[row, begin : begin + T] = ids.cpu()
+        self.lengths[row], self.active[row], self.held[row] = begin + T, complete, not complete
+        return self._forward(ids[None], self.cache.rows(row, row + 1), every_position)
 
     def start_all(self, idx: torch.Tensor) -> torch.Tensor:
         """Start every row at once on prompts of one length, idx (B, T); returns logits (B, V)."""
-        return self._prefill(list(range(idx.size(0))), idx)
+        T = idx.size(1)
+        if not 1 <= T <= self.cache.max_len:
+            raise ValueError(f"prompt length {T} must be in [1, {self.cache.max_len}] (the KV cache's length)")
+        self.cache.reset()
+        self.tokens[:, :T] = idx.cpu()
+        self.lengths, self.active = [T] * len(self.lengths), [True] * len(self.lengths)
+        return self._forward(idx, self.cache)
 
     def free(self, row: int) -> None:
-        self.active[row] = False
+        self.active[row] = self.held[row] = False
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Append token (B,) to every active row (free rows ignore theirs) and return the logits after it, (B', V)
-        for the first B' rows, which hold every active one (B' = B with a static cache)."""
+        """Append token (B,) to every active row (free and held rows ignore theirs) and return the logits after
+        it, (B', V) for the first B' rows, which hold every active one (B' = B with a static cache)."""
         for row, length in enumerate(self.lengths):
-            if not self.active[row]:
-                self._set_length(row, 0)  # an idle row attends to its one position, whatever it holds
-            elif length == self.cache.max_len:
+            if self.active[row] and length == self.cache.max_len:
                 self._slide(row)
+            elif not self.active[row] and not self.held[row]:
+                self._set_length(row, 0)  # an idle row attends to its one position, whatever it holds
         rows = torch.arange(len(self.lengths))
+        # A held row gets a placeholder at its next position (below max_len: more prompt follows), which the next
+        # chunk of its prompt overwrites.
         self.tokens[rows, torch.tensor(self.lengths)] = token.cpu()
-        self.lengths = [length + 1 if active else 0 for length, active in zip(self.lengths, self.active)]
+        self.lengths = [
+            n + 1 if active else n if held else 0 for n, active, held in zip(self.lengths, self.active, self.held)
+        ]
         # Decode the rows up to the last active one only (rows start lowest-first), unless shapes must not change.
         used = len(rows) if self.cache.static else 1 + max((r for r, a in enumerate(self.active) if a), default=0)
         cache = self.cache if used == len(rows) else self.cache.rows(0, used)
         with cached_attention(shapes_vary=not self.cache.static):
-            return self.decode(self.model, token[:used, None], cache)
+            logits = self.decode(self.model, token[:used, None], cache)
+        for row in range(used):
+            if self.held[row]:
+                self._set_length(row, self.lengths[row])  # the placeholder is not part of the row
+        return logits
 
-    def _prefill(self, rows: list[int], idx: torch.Tensor, every_position: bool = False) -> torch.Tensor:
-        T = idx.size(1)
-        if not 1 <= T <= self.cache.max_len:
-            raise ValueError(f"prompt length {T} must be in [1, {self.cache.max_len}] (the KV cache's length)")
-        cache = self.cache.rows(rows[0], rows[0] + 1) if len(rows) == 1 else self.cache
-        cache.reset()
-        for row, ids in zip(rows, idx.cpu()):
-            self.tokens[row, :T], self.lengths[row], self.active[row] = ids, T, True
+    def _forward(self, idx: torch.Tensor, cache: KVCache, every_position: bool = False) -> torch.Tensor:
         with cached_attention():
             if every_position:
                 return self.model(idx.to(self.cache.k.device), kv_cache=cache)[0][0].float()

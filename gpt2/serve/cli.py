@@ -25,7 +25,7 @@ def run(cfg: Any) -> None:
     sock = listen(cfg.host, cfg.port)  # before loading the model: a port in use fails at once
     sampler = Sampler.load(cfg.checkpoint, cfg.init_from, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile)
     name = cfg.model_name or model_name(cfg.checkpoint, cfg.init_from)
-    scheduler = Scheduler(sampler, rows=cfg.batch_size, max_waiting=cfg.max_waiting)
+    scheduler = Scheduler(sampler, cfg.batch_size, cfg.max_waiting, cfg.prefill_chunk)
     scheduler.start()
     app = create_app(scheduler, name, cfg.max_tokens)
     host, port = sock.getsockname()[:2]

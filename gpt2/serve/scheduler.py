@@ -61,6 +61,11 @@ class Row:
     """Report the prompt's tokens' log-probabilities too (first, in one event)."""
     generated: int = 0
     penalties: Penalties | None = None
+    prefilled: int = 0
+    """How many prompt tokens are in the KV cache: the prompt is prefilled in chunks, between decode steps."""
+    scored: list[TokenLogprob] = field(default_factory=list)
+    """The prompt's tokens scored so far (with `prompt_logprobs`), and the logits after the last one (1, V)."""
+    last_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -81,16 +86,19 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    """Runs `sampler`'s model over up to `rows` sequences at once; at most `max_waiting` more wait for a row."""
+    """Runs `sampler`'s model over up to `rows` sequences at once; at most `max_waiting` more wait for a row.
+    Between two decode steps at most `prefill_chunk` prompt tokens are prefilled, so a long prompt that arrives
+    delays the running streams by a chunk's prefill per token, not by its whole prefill."""
 
-    def __init__(self, sampler: Sampler, rows: int, max_waiting: int) -> None:
-        self.sampler, self.max_waiting = sampler, max_waiting
+    def __init__(self, sampler: Sampler, rows: int, max_waiting: int, prefill_chunk: int = 256) -> None:
+        self.sampler, self.max_waiting, self.prefill_chunk = sampler, max_waiting, prefill_chunk
         sampler.prepare_for(rows)
         self.batch = Batch(
             sampler.model, rows, sampler.model.config.block_size, decode=sampler.decode, static=sampler.static
         )
         self.slots: list[Row | None] = [None] * rows
         self.waiting: deque[Row] = deque()
+        self.prefilling: deque[int] = deque()  # slots whose prompts are not all in the cache yet, oldest first
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="gpt2-scheduler", daemon=True)
@@ -134,11 +142,13 @@ class Scheduler:
             self._end_all("the server is shutting down")
 
     def _iteration(self, logits: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Admit waiting rows into free slots, sample one token for every running row, decode one step."""
-        logits.update(self._admit())
+        """Admit waiting rows into free slots, prefill up to `prefill_chunk` of their prompts' tokens, sample one
+        token for every running row, decode one step."""
+        self._admit()
+        logits.update(self._prefill())
         if not logits:
             with self._wake:
-                if not self.waiting and not self._stopping:
+                if not self.waiting and not self.prefilling and not self._stopping:
                     self._wake.wait()
             return {}
         tokens = torch.zeros(len(self.slots), dtype=torch.long)
@@ -152,10 +162,10 @@ class Scheduler:
                 self._free(slot)
             else:
                 tokens[slot] = int(token)
-        if not any(self.slots):
+        if not any(self.batch.active):
             return {}
         out = self.batch.step(tokens.to(self.batch.cache.k.device))
-        return {slot: out[slot : slot + 1] for slot, row in enumerate(self.slots) if row is not None}
+        return {slot: out[slot : slot + 1] for slot, active in enumerate(self.batch.active) if active}
 
     @staticmethod
     def _choose(row: Row, logits: torch.Tensor) -> torch.Tensor:
@@ -175,29 +185,51 @@ class Scheduler:
         top = torch.topk(logprobs, row.logprobs)
         return torch.cat([token.float(), logprobs[token], top.values, top.indices.float()])
 
-    def _admit(self) -> dict[int, torch.Tensor]:
-        started = {}
-        while True:
-            with self._wake:
-                free = [slot for slot, row in enumerate(self.slots) if row is None]
-                if not free or not self.waiting:
-                    return started
+    def _admit(self) -> None:
+        """Give waiting rows the free slots; their prompts are prefilled by `_prefill`."""
+        with self._wake:
+            free = [slot for slot, row in enumerate(self.slots) if row is None]
+            while free and self.waiting:
                 row = self.waiting.popleft()
+                if not row.job.cancelled:
+                    self.slots[free[0]] = row
+                    self.prefilling.append(free.pop(0))
+
+    def _prefill(self) -> dict[int, torch.Tensor]:
+        """Prefill up to `prefill_chunk` prompt tokens of the admitted rows, oldest first (a long prompt over
+        several iterations); returns the next-token logits (1, V) of the rows whose prompts are now complete."""
+        budget, ready = self.prefill_chunk, {}
+        while self.prefilling and budget:
+            slot = self.prefilling[0]
+            row = self.slots[slot]
             if row.job.cancelled:
-                continue
-            slot = free[0]
-            self.slots[slot] = row
-            logits = self.batch.start(slot, torch.tensor(row.ids), every_position=row.prompt_logprobs)
-            if row.prompt_logprobs:
-                row.job.emit(Event(row.index, tokens=prompt_logprobs(logits, row.ids, row.logprobs or 0)))
-                logits = logits[-1:]
-            if row.max_tokens == 0:
-                row.job.emit(Event(row.index, finish_reason="length"))
+                self.prefilling.popleft()
                 self._free(slot)
                 continue
-            if Penalties.needed(row.params):
-                row.penalties = Penalties(row.params, [row.ids], logits.size(-1), logits.device)
-            started[slot] = logits
+            begin = row.prefilled
+            chunk = row.ids[begin : begin + budget]
+            row.prefilled, budget = begin + len(chunk), budget - len(chunk)
+            complete = row.prefilled == len(row.ids)
+            prefill = self.batch.start if begin == 0 else self.batch.extend
+            logits = prefill(slot, torch.tensor(chunk), row.prompt_logprobs, complete)
+            if row.prompt_logprobs:
+                logits = score_prompt_chunk(row, begin, logits)
+            if complete:
+                self.prefilling.popleft()
+                self._started(slot, row, logits, ready)
+        return ready
+
+    def _started(self, slot: int, row: Row, logits: torch.Tensor, ready: dict[int, torch.Tensor]) -> None:
+        """A row whose prompt is in the cache: report its scores, then finish it (max_tokens 0) or let it decode."""
+        if row.prompt_logprobs:
+            row.job.emit(Event(row.index, tokens=row.scored))
+        if row.max_tokens == 0:
+            row.job.emit(Event(row.index, finish_reason="length"))
+            self._free(slot)
+            return
+        if Penalties.needed(row.params):
+            row.penalties = Penalties(row.params, [row.ids], logits.size(-1), logits.device)
+        ready[slot] = logits
 
     def _deliver(self, row: Row, token: int, scores: list[float]) -> bool:
         """Send what `token` adds to the row's text (and its log-probabilities, `scores` from `_choose`); True
@@ -229,18 +261,27 @@ class Scheduler:
         with self._wake:
             rows = [row for row in self.slots if row is not None] + list(self.waiting)
             self.waiting.clear()
+            self.prefilling.clear()
         for slot in range(len(self.slots)):
             self._free(slot)
         for job in {id(row.job): row.job for row in rows}.values():
             job.emit(Event(-1, error=message))
 
 
-def prompt_logprobs(logits: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob]:
-    """The prompt's tokens scored by its prefill's logits (T, V): token t by the logits at t - 1, the first by
-    nothing (log-probability None), each with its `top` most likely alternatives."""
-    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)  # (T - 1, V)
-    targets = torch.tensor(ids[1:], device=logprobs.device)
-    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-    values, indices = torch.topk(logprobs, top, dim=-1)
+def score_prompt_chunk(row: Row, begin: int, logits: torch.Tensor) -> torch.Tensor:
+    """Score the prompt tokens that a chunk's logits (T, V), from prompt position `begin`, and the previous
+    chunk's last logits predict: token t by the logits at t - 1, the first by nothing (log-probability None),
+    each with its `row.logprobs` most likely alternatives. Appends to `row.scored`; returns the last logits (1, V)."""
+    end = begin + logits.size(0)
+    if begin == 0:
+        row.scored.append(TokenLogprob(row.ids[0], None, []))
+        predicting, targets = logits[:-1], row.ids[1:end]
+    else:
+        predicting, targets = torch.cat([row.last_logits, logits[:-1]]), row.ids[begin:end]
+    row.last_logits = logits[-1:]
+    logprobs = torch.log_softmax(predicting.float(), dim=-1)  # (len(targets), V)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
+    values, indices = torch.topk(logprobs, row.logprobs or 0, dim=-1)
     tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
-    return [TokenLogprob(ids[0], None, [])] + [TokenLogprob(t, lp, tp) for t, lp, tp in zip(ids[1:], chosen, tops)]
+    row.scored += [TokenLogprob(t, lp, top) for t, lp, top in zip(targets, chosen, tops)]
+    return row.last_logits
