@@ -1,6 +1,7 @@
 """Continuous batching: one thread owns the model and decodes every running request together, one token per
-step; requests join a free row of the running batch (a prefill of their prompt) and leave it when they finish,
-so N concurrent clients share each step's weight reads instead of queueing behind each other.
+step; requests join a free row of the running batch (a prefill of their prompt, in chunks between decode steps
+so that a long prompt does not stall the running streams) and leave it when they finish, so N concurrent
+clients share each step's weight reads instead of queueing behind each other.
 
 The HTTP side (`gpt2.serve.api`) submits a `Job` and reads its events from an asyncio queue; the scheduler
 thread puts them there with `call_soon_threadsafe`. A cancelled job (its client went away) frees its rows at
@@ -64,8 +65,9 @@ class Row:
     prefilled: int = 0
     """How many prompt tokens are in the KV cache: the prompt is prefilled in chunks, between decode steps."""
     scored: list[TokenLogprob] = field(default_factory=list)
-    """The prompt's tokens scored so far (with `prompt_logprobs`), and the logits after the last one (1, V)."""
+    """The prompt's tokens scored so far (with `prompt_logprobs`)."""
     last_logits: torch.Tensor | None = None
+    """The logits after the last prompt token prefilled (1, V): they score the next chunk's first token."""
 
 
 @dataclass
