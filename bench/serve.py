@@ -73,6 +73,7 @@ def start_server(model_dir: str, rows: int, *args: str) -> tuple[subprocess.Pope
         text=True,
     )
     url = re.search(r"http://[\d.]+:\d+", proc.stdout.readline()).group(0)
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain the access log: a full pipe blocks it
     for _ in range(100):
         try:
             httpx.get(url + "/health", timeout=1, trust_env=False)

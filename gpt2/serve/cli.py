@@ -41,7 +41,9 @@ def run(cfg: Any) -> None:
 def listen(host: str, port: int) -> socket.socket:
     """A socket bound to host:port, or one UserError line (port in use, unknown address)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY only on accepted sockets that say TCP, and without it
+    # a reply written in two pieces (headers, body) waits ~40 ms for a delayed ACK on a kept-alive connection.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
