@@ -18,7 +18,7 @@ from gpt2.config import DataConfig
 from gpt2.data import TokenLoader, open_dataset
 from gpt2.data.instructions import START, TARGET
 from gpt2.data.prepare import prepare as prepare_data
-from gpt2.dpo import DPO
+from gpt2.dpo import DPO, reward_metrics
 from gpt2.errors import UserError
 from gpt2.lora import apply_lora
 from gpt2.tokenizer import GPT2Tokenizer
@@ -278,3 +278,69 @@ def test_two_processes_match_one_under_dpo(prefs, sft_run, tmp_path):
     torchrun([*args, f"out_dir={tmp_path / 'two'}"], tmp_path)
     assert curve(tmp_path / "two") == pytest.approx(curve(tmp_path / "one"), abs=1e-5, rel=0)
     assert "reward_accuracy" in records(tmp_path / "two")[-1]
+
+
+def test_the_dpo_loss_equals_trls_dpotrainer_at_its_first_step(tmp_path):
+    """The reference implementation: TRL's DPOTrainer (default sigmoid loss) on the HF exports of the same policy
+    and a separate reference model, fed the same pairs as text, gives the loss of our first step on them."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from gpt2.export import write_gpt2_tokenizer
+    from gpt2.hf import save_pretrained
+
+    plain = [row for row in pairs(12) if "prompt" in row]
+    ds = open_dataset(str(prepare(tmp_path, plain)))
+    loader = TokenLoader(ds, "train", batch_size=6, block_size=48, seed=2)
+    ids = loader.global_batch(0)
+    x, y, _ = loader.next_batch()
+    reference = tiny_gpt(vocab_size=50257, block_size=48, seed=1).eval()
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    loss, stats = DPO(beta=0.5, reference=reference).loss(policy, policy, x, y)
+
+    tok = GPT2Tokenizer()
+    rows = []  # the same pairs as text: prompt and replies decoded from the prepared tokens (end-of-text left out)
+    examples = examples_of(ds, ids)
+    for (chosen, c_target), (rejected, r_target) in zip(examples[::2], examples[1::2]):
+        prompt = tok.decode(chosen[~c_target].tolist())
+        replies = [tok.decode(t[m][:-1].tolist()) for t, m in ((chosen, c_target), (rejected, r_target))]
+        rows.append({"prompt": prompt, "chosen": replies[0], "rejected": replies[1]})
+    models = {}
+    for name, model in (("policy", policy), ("reference", reference)):
+        save_pretrained(model, tmp_path / name)
+        write_gpt2_tokenizer(tmp_path / name, 48)
+        models[name] = GPT2LMHeadModel.from_pretrained(tmp_path / name)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
+    tokenizer.pad_token = tokenizer.eos_token
+    config = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=0.5,
+        per_device_train_batch_size=6,
+        bf16=False,  # (TRL's default is bf16 mixed precision; ours here fp32)
+        use_cpu=True,
+        report_to=[],
+    )
+    trainer = trl.DPOTrainer(
+        model=models["policy"],
+        ref_model=models["reference"],
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))  # all 6 pairs (in its order: the mean does not mind)
+    trl_loss = trainer.compute_loss(trainer.model.train(), batch)
+    torch.testing.assert_close(trl_loss.detach().float(), loss.detach(), atol=1e-5, rtol=1e-5)
+    assert abs(loss.item() - np.log(2)) > 0.05  # policy != reference: not the trivial log 2
+    logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}  # (TRL's logs, unaggregated)
+    ours = reward_metrics(stats)
+    for key, theirs in (
+        ("chosen", "chosen"),
+        ("rejected", "rejected"),
+        ("accuracy", "accuracies"),
+        ("margin", "margins"),
+    ):
+        assert ours[f"reward_{key}"] == pytest.approx(logged[f"rewards/{theirs}"], abs=1e-4), key
