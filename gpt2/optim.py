@@ -90,6 +90,13 @@ class Optimizers:
                 opt.step()
 
     def state_dict(self) -> dict[str, Any]:
+        if not any(opt.state for opt in self.optimizers):
+            # Never stepped (a run stopped before its first step): torch's state-dict API would step it once
+            # with lr 0 to make a state, and the resumed run would count one Adam step too many.
+            return {
+                "state": {},
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            }
         return distributed.optimizer_state(self.model, self.optimizers)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -100,6 +107,8 @@ class Optimizers:
                 f"the checkpoint holds {len(state['param_groups'])} optimizer parameter groups but this optim.name "
                 f"builds {len(self.param_groups)}; resume with the optim.name the run started with"
             )
+        if not state["state"]:
+            return  # saved before the first step: this fresh optimizer is that state
         configured = [
             [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers
         ]

@@ -41,7 +41,8 @@ repetition_penalty presence_penalty frequency_penalty stop ignore_eot batch_size
 mode system
 """.split()
 SERVE_KEYS = """
-checkpoint init_from batch_size device dtype host port max_waiting prefill_chunk max_tokens model_name compile shutdown_timeout_s
+checkpoint init_from batch_size device dtype host port max_waiting prefill_chunk max_tokens model_name compile
+shutdown_timeout_s
 """.split()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, TRAIN, env, model_entries, records, train, trainer, weights
+from conftest import TINY, TRAIN, assert_same_weights, env, model_entries, records, train, trainer, weights
 
 
 def base(char_data: Path, out: Path, *extra: str) -> list[str]:
@@ -259,6 +259,22 @@ def test_a_signal_during_a_long_eval_stops_promptly_and_the_resume_redoes_it(cha
     assert [r["step"] for r in records(out, "eval")] == [0, 3]  # the abandoned eval was not logged
     trainer(*args, "train.max_iters=7", "train.eval_iters=2").fit()
     assert [r["step"] for r in records(out, "eval")] == [0, 3, 6, 7]  # the resume redid the eval at step 6
+
+
+def test_a_stop_during_the_step_0_eval_resumes_exactly(char_data, tmp_path):
+    """The checkpoint of a run stopped before its first step holds an optimizer that never stepped (torch's
+    optimizer state-dict API would step it once with lr 0 to make a state, and the resume would count one Adam
+    step too many)."""
+    out = tmp_path / "run"
+    stopped = trainer(*base(char_data, out, *FOUR))
+    stopped.stop.signal = signal.SIGTERM  # as if it came during the eval at step 0
+    with pytest.raises(SystemExit) as e:
+        stopped.fit()
+    assert e.value.code == 128 + signal.SIGTERM
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 0
+    trainer(*base(char_data, out, *FOUR)).fit()
+    trainer(*base(char_data, tmp_path / "whole", *FOUR)).fit()
+    assert_same_weights(weights(out), weights(tmp_path / "whole"))
 
 
 def test_an_out_dir_that_is_a_file_or_cannot_be_made_fails_before_any_work(tmp_path):
