@@ -1,8 +1,11 @@
 """Stop requests from outside a run: a scheduler's SIGTERM, Ctrl-C, a closed terminal.
 
 The first signal asks the run to stop after the current step, with a checkpoint; the trainer acts on it when its
-state is consistent. A second signal stops at once, without saving. In a distributed run the ranks agree on the
-stop through `gpt2.distributed.StopVote`, so that every rank saves the same step.
+state is consistent. Later signals change nothing: under torchrun and SLURM one stop arrives several times (the
+agent forwards its SIGTERM to every worker, and `srun`/`scancel --signal` signal every process of the step), and
+taking a repeat as "stop at once" lost the checkpoint. To stop without saving: SIGKILL (`kill -9`), or Ctrl-\\
+(SIGQUIT). In a distributed run the ranks agree on the stop through `gpt2.distributed.StopVote`, so that every rank
+saves the same step.
 """
 
 from __future__ import annotations
@@ -53,9 +56,8 @@ class StopSignals:
         return agreed and self.signal
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.signal is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        if self.signal is not None:  # a repeat (see the module docstring): the save goes on
+            return
         if signum == signal.SIGHUP and sys.stdout.isatty():  # the terminal is gone: writing to it would fail
             devnull = os.open(os.devnull, os.O_WRONLY)
             for fd in (1, 2):
@@ -63,5 +65,5 @@ class StopSignals:
         self.signal = signum  # acted on by the trainer after the current step, when its state is consistent
         print0(
             f"got {signal.Signals(signum).name}: finishing this step, then saving {self.saving_to} "
-            "(send it again to stop at once, without saving)"
+            "(further signals do not interrupt the save; kill -9 or Ctrl-\\ stops at once, without saving)"
         )

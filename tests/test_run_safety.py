@@ -118,7 +118,9 @@ def test_a_resume_drops_a_partial_metrics_line_and_stale_temporaries(char_data, 
     assert f"removed {stale[0]}, left by a save that was interrupted" in p.stdout
 
 
-def test_a_second_signal_stops_at_once(capsys):
+def test_further_signals_do_not_interrupt_the_stop(capsys):
+    """Under torchrun and SLURM one stop reaches a worker twice or more (see gpt2.stopping); the torchrun test of it
+    is tests/test_train_distributed.py::test_a_second_sigterm_under_torchrun_does_not_abort_the_save."""
     from gpt2.distributed import DistInfo
     from gpt2.stopping import STOP_SIGNALS, StopSignals
 
@@ -132,11 +134,9 @@ def test_a_second_signal_stops_at_once(capsys):
             signal.raise_signal(signal.SIGINT)
             assert stop.requested and stop.agreed() == signal.SIGINT
             assert "got SIGINT: finishing this step, then saving out/run/ckpt.pt" in capsys.readouterr().out
-            with pytest.raises(KeyboardInterrupt):
-                signal.raise_signal(signal.SIGINT)
-            with pytest.raises(SystemExit) as e:
-                stop._on_signal(signal.SIGTERM, None)
-            assert e.value.code == 128 + signal.SIGTERM
+            signal.raise_signal(signal.SIGINT)  # neither a KeyboardInterrupt nor an exit
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.agreed() == signal.SIGINT and capsys.readouterr().out == ""  # the first stands, said once
             stop.signal = None
             stop._on_signal(signal.SIGHUP, None)  # stdout is no terminal here: nothing to detach
             assert stop.signal == signal.SIGHUP and "got SIGHUP: finishing this step" in capsys.readouterr().out

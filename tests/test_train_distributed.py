@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -495,3 +496,50 @@ def test_distributed_steps_never_wait_and_every_rank_stops_after_the_same_step(c
     for rank in (0, 1):
         result = json.loads((tmp_path / f"r.{rank}").read_text())
         assert result == {"waits": [], "blocking": [], "code": 143, "stopped_at": 6, "saved": 6}, (rank, result)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_second_sigterm_under_torchrun_does_not_abort_the_save(char_data, tmp_path):  # noqa: F811
+    """A SLURM job's stop under `srun torchrun`: SIGTERM to torchrun's agent, which forwards it to its workers,
+    and 0.1 s later the scheduler's own SIGTERM to each worker. A step here takes longer than that, so the second
+    signal lands while the workers finish the step: they must still save, and the run resume bit for bit."""
+    import signal
+    import subprocess
+    import time
+
+    shape = ["model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=128", "train.batch_size=8"]
+    common = [f"data.name={char_data}", *TINY, *shape, "train.max_iters=30", "train.eval_interval=0"]
+    common += ["train.grad_accum_steps=2", "train.log_interval=1", "optim.lr_decay_iters=30", "train.parallelism=ddp"]
+    stopped = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py")]
+    agent = subprocess.Popen(
+        [*cmd, f"out_dir={stopped}", *common], cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    metrics, deadline = stopped / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline and agent.poll() is None:
+        if metrics.exists() and '"step": 3,' in metrics.read_text():
+            break
+        time.sleep(0.02)
+    workers = _children(agent.pid) if agent.poll() is None else []
+    if len(workers) != 2:
+        agent.kill()
+        pytest.fail(f"the run did not reach step 3 under torchrun:\n{agent.communicate()[0].decode()[-3000:]}")
+    agent.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    output = agent.communicate(timeout=120)[0].decode()
+    assert "stopped by signal 15 at step" in output, output[-3000:]
+    step = torch.load(stopped / "ckpt.pt", weights_only=True)["step"]
+    assert 3 <= step < 30
+    torchrun([f"out_dir={stopped}", *common], tmp_path)  # the resume
+    torchrun([f"out_dir={tmp_path / 'whole'}", *common], tmp_path)
+    ours = torch.load(stopped / "ckpt.pt", weights_only=True)["model"]
+    whole = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(ours[k], whole[k]) for k in whole)
