@@ -78,6 +78,10 @@ def run_lock(out_dir: str | Path, enabled: bool = True) -> Iterator[None]:
         os.pwrite(
             fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0
         )
+        # To the file server now: an NFS client may keep the written pages to itself until close, which comes at
+        # the run's end; other nodes (`check_shared`, a second command's message) open the file afresh and read
+        # what the server has.
+        os.fsync(fd)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

@@ -36,6 +36,21 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / "run"))
 
 
+def test_the_lock_holders_words_reach_the_file_server_before_the_run_goes_on(tmp_path, monkeypatch):
+    """On NFS other nodes see a file's new content once the writer flushes it (fsync, or close, which comes only at
+    the run's end); `check_shared` on every node reads rank 0's words from it. So: written, then fsynced, before
+    the run starts (a fake fsync records what the file held when it was called)."""
+    import os
+
+    from gpt2 import runlock
+
+    flushed = []
+    monkeypatch.setattr(runlock.os, "fsync", lambda fd: flushed.append(os.pread(fd, 256, 0).decode()))
+    with runlock.run_lock(tmp_path / "run"):
+        assert len(flushed) == 1 and flushed[0] == (tmp_path / "run" / ".lock").read_text()
+        assert flushed[0].startswith(f"pid {os.getpid()} on ")
+
+
 @pytest.mark.e2e
 def test_a_second_trainer_on_the_same_out_dir_fails_naming_the_first(char_data, tmp_path):
     out = tmp_path / "run"
