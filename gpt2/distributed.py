@@ -161,13 +161,21 @@ def zero_grad(model: nn.Module, optimizers: Any) -> None:
 
 
 @contextlib.contextmanager
-def no_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """DDP: skip the gradient all-reduce inside (micro-steps before the last of an accumulation). FSDP2 is left
-    to reduce-scatter every micro-step, so that no rank holds unsharded gradients between micro-steps (the sum
-    of the reduced shards is the reduced sum: the same gradients for more communication)."""
+def no_sync(model: nn.Module, enabled: bool = True, sharded_too: bool = False) -> Iterator[None]:
+    """DDP: skip the gradient all-reduce inside (micro-steps before the last of an accumulation). FSDP2
+    reduce-scatters every micro-step unless `sharded_too` (train.fsdp_reduce_every_micro_step=false): so by
+    default no rank holds unsharded gradients between micro-steps (the sum of the reduced shards is the reduced
+    sum: the same gradients for more communication); with `sharded_too` each rank accumulates the whole
+    gradient in fp32 and the last micro-step reduce-scatters it once."""
     if enabled and isinstance(model, nn.parallel.DistributedDataParallel):
         with model.no_sync():
             yield
+    elif enabled and sharded_too and is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
     else:
         yield
 

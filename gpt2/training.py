@@ -269,8 +269,9 @@ class Trainer:
         reward_sums = torch.zeros(4, device=self.device) if self.dpo else None
         for micro, weight in enumerate(self.loader.micro_batch_weights(self.accum)):
             batch = self.loader.next_batch()
-            # The gradient all-reduce runs once, on the last micro-step.
-            with distributed.no_sync(self.parallel_model, enabled=micro < self.accum - 1):
+            # The gradient all-reduce runs once, on the last micro-step (FSDP: unless fsdp_reduce_every_micro_step).
+            last = micro == self.accum - 1
+            with distributed.no_sync(self.parallel_model, not last, not self.cfg.train.fsdp_reduce_every_micro_step):
                 loss, rewards = self._loss(self.parallel_model, batch)
                 loss = loss * weight  # gradients of the mean over all targets of the step (1 / accum for tokens)
                 self.scaler.scale(loss).backward()

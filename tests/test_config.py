@@ -28,7 +28,7 @@ optim.schedule optim.decay_fraction optim.muon_lr optim.muon_momentum
 train.batch_size train.grad_accum_steps train.tokens_per_step train.max_iters train.epochs train.eval_interval
 train.eval_iters
 train.log_interval train.grad_clip train.parallelism train.collective_timeout_s
-train.activation_checkpointing train.early_stopping_patience
+train.activation_checkpointing train.early_stopping_patience train.fsdp_reduce_every_micro_step
 wandb.enabled wandb.project wandb.run_name wandb.mode
 eval.hellaswag_interval eval.hellaswag_limit eval.hellaswag_path
 lora.rank lora.alpha lora.dropout lora.targets

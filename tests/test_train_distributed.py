@@ -28,24 +28,19 @@ def single(char_data, tmp_path_factory) -> Path:  # noqa: F811
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "parallelism, checkpointing",
-    [("ddp", False), ("fsdp", False), ("fsdp", True)],
+    "parallelism, extra",
+    [
+        ("ddp", []),
+        ("fsdp", []),
+        ("fsdp", ["train.activation_checkpointing=true"]),
+    ],
     ids=["ddp", "fsdp", "fsdp-activation-checkpointing"],
 )
-def test_two_processes_match_one(char_data, tmp_path, single, parallelism, checkpointing):  # noqa: F811
+def test_two_processes_match_one(char_data, tmp_path, single, parallelism, extra):  # noqa: F811
     """(FSDP with activation checkpointing is how the largest models train: each block's recomputation
     all-gathers its shards again.)"""
     out = tmp_path / parallelism
-    torchrun(
-        [
-            f"data.name={char_data}",
-            f"out_dir={out}",
-            f"train.parallelism={parallelism}",
-            f"train.activation_checkpointing={str(checkpointing).lower()}",
-            *ARGS,
-        ],
-        tmp_path,
-    )
+    torchrun([f"data.name={char_data}", f"out_dir={out}", f"train.parallelism={parallelism}", *ARGS, *extra], tmp_path)
     assert len(curve(out)) == len(curve(single)) == 8 + 3  # every step and the evals at 0, 4, 8: rank 0 only
     assert curve(out) == pytest.approx(curve(single), abs=1e-5, rel=0)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -83,6 +78,20 @@ def test_an_out_dir_that_is_not_shared_by_every_rank_is_one_error(char_data, tmp
     assert f"error: out_dir={tmp_path}/node0 is not shared by every process: rank 1 on " in p.stderr, p.stderr[-3000:]
     assert "Traceback" not in p.stderr.split("error: out_dir")[0][-500:]
     assert not (tmp_path / "node0" / "ckpt.pt").exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_fsdp_reducing_once_per_step_trains_as_reducing_every_micro_step(char_data, tmp_path):  # noqa: F811
+    """train.fsdp_reduce_every_micro_step=false with 2 micro-steps per rank: the first does not reduce-scatter
+    (the FSDP micro-step test below checks that), and the run's curve is the default's."""
+    curves = []
+    for reduce_every in ("true", "false"):
+        out = tmp_path / reduce_every
+        args = [f"data.name={char_data}", f"out_dir={out}", *ARGS, "train.batch_size=2", "train.grad_accum_steps=4"]
+        torchrun([*args, "train.parallelism=fsdp", f"train.fsdp_reduce_every_micro_step={reduce_every}"], tmp_path)
+        curves.append(curve(out))
+    assert len(curves[0]) == 8 + 3 and curves[1] == pytest.approx(curves[0], abs=1e-5, rel=0)
 
 
 @pytest.mark.e2e
@@ -194,18 +203,35 @@ def _fsdp_micro_step(info) -> dict:
             _, loss = model(idx, idx, return_logits=False)
         loss.backward()
     weight = model.transformer.h[0].mlp.c_fc.weight
-    return {
+    result = {
         "param_dtype": str(policy.param_dtype),
         "reduce_dtype": str(policy.reduce_dtype),
         "grad_is_sharded": weight.grad is not None and weight.grad.to_local().shape == weight.to_local().shape,
         "grad_dtype": str(weight.grad.dtype) if weight.grad is not None else None,
     }
+    # The last micro-step of the accumulation, then the same two micro-steps with train.fsdp_reduce_every_micro_step
+    # =false: nothing is reduced until the last, and the step's gradients are the same.
+    micro_step = [(idx, True), (torch.randint(0, 64, (2, 16)), False)]
+    grads = []
+    for sharded_too in (False, True):
+        model.zero_grad(set_to_none=True)
+        for batch, before_last in micro_step:
+            with distributed.no_sync(model, enabled=before_last, sharded_too=sharded_too):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    _, loss = model(batch, batch, return_logits=False)
+                loss.backward()
+            if before_last and sharded_too:
+                result["deferred_grad_is_none"] = weight.grad is None
+        grads.append([p.grad.to_local().clone() for p in model.parameters()])
+    result["same_step_gradients"] = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    return result
 
 
 @pytest.mark.slow  # ~15 s: two spawned processes
 def test_fsdp_gathers_half_precision_weights_and_keeps_gradients_sharded_between_micro_steps(tmp_path):
     """Item 5 of the scale issue: a bf16 MixedPrecisionPolicy (fp32 gradient reduction), and after a micro-step
-    that is not the last of an accumulation each rank holds its gradient shard, not the unsharded gradient."""
+    that is not the last of an accumulation each rank holds its gradient shard, not the unsharded gradient;
+    with train.fsdp_reduce_every_micro_step=false the reduction waits for the last micro-step, same gradients."""
     import socket
 
     import torch.multiprocessing as mp
@@ -221,6 +247,8 @@ def test_fsdp_gathers_half_precision_weights_and_keeps_gradients_sharded_between
             "reduce_dtype": "torch.float32",
             "grad_is_sharded": True,
             "grad_dtype": "torch.float32",
+            "deferred_grad_is_none": True,
+            "same_step_gradients": True,
         }
 
 
