@@ -7,8 +7,8 @@ architecture: the trainer restores its weights with the rest of the state. A fin
 block_size may shrink (positions cropped) and dropout may change.
 
 Under FSDP no rank holds the whole model on its device: the model is built on the meta device and sharded before
-it has storage (`gpt2.distributed.materialize`); rank 0 keeps the initial weights on the CPU, from which they are
-broadcast into every rank's shards.
+it has storage (`gpt2.distributed.materialize`); rank 0 alone builds or loads the initial weights, on the CPU,
+from which they are broadcast into every rank's shards.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
-from gpt2 import loading
+from gpt2 import distributed, loading
 from gpt2.checkpoint import CKPT_NAME
 from gpt2.config import LoraConfig, TrainRunConfig
 from gpt2.data import TokenDataset, check_block_size
@@ -69,15 +69,13 @@ def build_model(
         model, initial = _new_model(GPTConfig(**ckpt["model_config"]), ds, info, sharded, initialize=False)
     elif cfg.init_from == "scratch":
         model, initial = _new_model(GPTConfig.of(cfg.model, ds.vocab_size), ds, info, sharded, initialize=True)
+    elif sharded:
+        model, init_template, initial = _sharded_model_from_init(cfg, ds, info, typed)
+        inherited = inherited or init_template
     else:
         (model, init_template), initial = _model_from_init(cfg, ds, typed), None
         inherited = inherited or init_template
-        if not sharded:
-            model = model.to(info.device)
-        else:
-            initial = model.state_dict() if info.is_main else {}
-            with torch.device("meta"):
-                model = GPT(model.config)
+        model = model.to(info.device)
     if cfg.lora.rank:
         add_lora(model, cfg.lora, dtype)
     model.activation_checkpointing = cfg.train.activation_checkpointing
@@ -98,6 +96,27 @@ def _new_model(
     initial = (GPT(config).state_dict() if info.is_main else {}) if initialize else None
     with torch.device("meta"):
         return GPT(config), initial
+
+
+def _sharded_model_from_init(
+    cfg: TrainRunConfig, ds: TokenDataset, info: DistInfo, typed: frozenset[str]
+) -> tuple[GPT, str | None, State]:
+    """Under FSDP: the init loaded by rank 0 alone (on every rank it would be the whole model in each process's
+    memory: 8 x 6 GB per node for gpt2-xl), which keeps its weights on the CPU as the `initial` state to shard;
+    the other ranks get its architecture, chat template or error from it, and a model on the meta device."""
+    found: tuple[dict[str, Any] | None, str | None, str | None] = (None, None, None)
+    if info.is_main:
+        try:
+            model, template = _model_from_init(cfg, ds, typed)
+            found = (asdict(model.config), template, None)
+        except UserError as e:
+            found = (None, None, str(e))
+    config, template, error = distributed.broadcast_object(found)
+    if error is not None:
+        raise UserError(error)
+    initial = model.state_dict() if info.is_main else {}
+    with torch.device("meta"):
+        return GPT(GPTConfig(**config)), template, initial
 
 
 def _model_from_init(cfg: TrainRunConfig, ds: TokenDataset, typed: frozenset[str]) -> tuple[GPT, str | None]:

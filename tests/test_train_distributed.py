@@ -571,3 +571,48 @@ def test_a_second_sigterm_under_torchrun_does_not_abort_the_save(char_data, tmp_
     ours = torch.load(stopped / "ckpt.pt", weights_only=True)["model"]
     whole = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(ours[k], whole[k]) for k in whole)
+
+
+def _fsdp_fine_tune_rank(rank: int, port: int, out: str, data: str, init: str) -> None:
+    from conftest import compose
+
+    from gpt2 import distributed, loading
+    from gpt2.config import TrainRunConfig, to_object
+    from gpt2.training import Trainer
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    loads, real = [], loading.load
+    loading.load = lambda *args, **kwargs: loads.append(str(args[0])) or real(*args, **kwargs)
+    info = distributed.init("cpu")
+    overrides = [f"data.name={data}", f"out_dir={out}/run", f"init_from={init}", "train.parallelism=fsdp", *TINY]
+    trainer = Trainer(to_object(compose(*overrides, "train.grad_accum_steps=2"), TrainRunConfig), info)
+    weights = distributed.FullModelState(trainer.model).state_dict()  # gathered to rank 0 (collective)
+    result = {"loads": loads}
+    if info.is_main:
+        init_weights = torch.load(Path(init) / "ckpt.pt", weights_only=True)["model"]
+        result["init_weights"] = all(torch.equal(weights[k], v) for k, v in init_weights.items())
+    with open(f"{out}/r.{rank}", "w") as f:
+        json.dump(result, f)
+    del trainer, weights
+    distributed.cleanup()
+
+
+@pytest.mark.slow  # ~15 s: two spawned processes
+def test_an_fsdp_fine_tune_loads_its_init_on_rank_0_alone(char_data, tmp_path):  # noqa: F811
+    """Every rank loading the init would hold the whole model in each process's memory (8 x 6 GB per node for
+    gpt2-xl): rank 0 loads it, and every rank's shards get its weights."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    init = tmp_path / "init"
+    train([f"data.name={char_data}", f"out_dir={init}", *TINY, "train.max_iters=2", "train.eval_interval=2"], tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_fine_tune_rank, args=(port, str(tmp_path), str(char_data), str(init)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"r.{rank}").read_text()) for rank in (0, 1)]
+    assert results[0] == {"loads": [str(init)], "init_weights": True}
+    assert results[1] == {"loads": []}
