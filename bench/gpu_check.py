@@ -11,7 +11,8 @@ Checks (each a row of the table it prints and appends to BENCHMARKS.md):
 6. compiled decode: the Sampler's compile=true path (static cache, CUDA graphs) gives eager's greedy text with
    one compiled graph; tokens/s of both.
 7. resume: a run stopped by SIGTERM saves, exits 143, and the same command resumes and finishes.
-8. ddp: with 2+ GPUs, torchrun with 2 processes (NCCL) gives the 1-process loss curve (bf16: within 2e-2).
+8. ddp: with 2+ GPUs, torchrun with 2 processes (NCCL), compiled, 2 micro-steps per rank (the first under no_sync),
+   gives the 1-process loss curve (bf16: within 2e-2).
 A run that fails prints the end of its stderr, a check that crashes its traceback; the table has one line each.
 On a machine where the project's venv cannot be built (no network), `python bench/gpu_check.py` runs with any
 Python that has torch and the package's requirements: the package comes from this checkout.
@@ -193,10 +194,10 @@ def check_ddp(tmp: Path) -> tuple[bool | None, str]:
     args = [
         *RUN_124M,
         "dtype=bfloat16",
-        "compile=false",
+        "compile=true",  # compiled DDP (graph breaks at its buckets) as users run it
         "train.max_iters=20",
         "train.log_interval=1",
-        "train.grad_accum_steps=2",
+        "train.grad_accum_steps=4",  # 2 micro-steps per rank: the first under no_sync
     ]
     single = train([*args, f"out_dir={tmp / 'ddp1'}"], tmp)
     cmd = [
