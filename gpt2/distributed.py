@@ -132,9 +132,12 @@ def wrap_model(
 
     DDP keeps the gradients in its all-reduce buckets (`gradient_as_bucket_view`). FSDP2 shards each transformer
     block, then the root (embeddings, final norm, tied head), in place: the returned module is `model`, now
-    holding DTensor parameters. With a bf16/fp16 `dtype`, FSDP2 gathers the parameters in that dtype (half the
-    all-gather traffic and unsharded memory) and reduces gradients in fp32; the sharded master weights and the
-    optimizer stay fp32.
+    holding DTensor parameters. With a bf16/fp16 `dtype`, FSDP2 gathers the blocks' parameters in that dtype
+    (half the all-gather traffic and unsharded memory) and reduces gradients in fp32; the sharded master weights
+    and the optimizer stay fp32. The blocks' inputs are not cast, and the root and the LayerNorms keep fp32
+    parameters, so the residual stream stays fp32 between blocks as under DDP's autocast (which runs the matmuls
+    in `dtype`): the same numerics under either parallelism, for an fp32 all-gather of the embeddings (2-5% of
+    the model) and of the LayerNorms' gains and biases (two small all-gathers more per block).
     """
     if not info.is_distributed:
         return model
@@ -142,10 +145,16 @@ def wrap_model(
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         half = dtype in (torch.bfloat16, torch.float16)
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
+        blocks = (
+            MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+            if half
+            else MixedPrecisionPolicy()
+        )
         for block in model.transformer.h:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+            if half:  # their gains and biases in fp32, as under autocast (whose LayerNorm on CPU needs them so)
+                fully_shard([block.ln_1, block.ln_2], mp_policy=MixedPrecisionPolicy())
+            fully_shard(block, mp_policy=blocks)
+        fully_shard(model, mp_policy=MixedPrecisionPolicy())
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     # Gradients as views of DDP's all-reduce buckets (kept there by `zero_grad`): no second copy of them under

@@ -90,9 +90,8 @@ def _new_model(
     check_block_size(ds, config.block_size)
     ds.check_vocab(config.vocab_size)
     check_memory(config, info.device, info.world_size if sharded else 1)
-    if not sharded:
-        with torch.device(info.device):
-            return GPT(config), None
+    if not sharded:  # initialised by the CPU's generator, as rank 0 does under FSDP: for one seed, the same
+        return GPT(config).to(info.device), None  # weights on every device and under either parallelism
     initial = (GPT(config).state_dict() if info.is_main else {}) if initialize else None
     with torch.device("meta"):
         return GPT(config), initial

@@ -198,6 +198,8 @@ def _fsdp_micro_step(info) -> dict:
     distributed.wrap_model(model, info, "fsdp", torch.bfloat16)
     policy = model.transformer.h[0]._get_fsdp_state()._mp_policy
     idx = torch.randint(0, 64, (2, 16))
+    residual = []  # the dtype of the residual stream entering block 1 (DDP's autocast keeps it fp32)
+    model.transformer.h[1].register_forward_pre_hook(lambda module, args: residual.append(str(args[0].dtype)))
     with distributed.no_sync(model, enabled=True):  # a micro-step before the last of an accumulation
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, loss = model(idx, idx, return_logits=False)
@@ -208,6 +210,7 @@ def _fsdp_micro_step(info) -> dict:
         "reduce_dtype": str(policy.reduce_dtype),
         "grad_is_sharded": weight.grad is not None and weight.grad.to_local().shape == weight.to_local().shape,
         "grad_dtype": str(weight.grad.dtype) if weight.grad is not None else None,
+        "residual_dtype": residual[0],
     }
     # The last micro-step of the accumulation, then the same two micro-steps with train.fsdp_reduce_every_micro_step
     # =false: nothing is reduced until the last, and the step's gradients are the same.
@@ -231,7 +234,8 @@ def _fsdp_micro_step(info) -> dict:
 def test_fsdp_gathers_half_precision_weights_and_keeps_gradients_sharded_between_micro_steps(tmp_path):
     """Item 5 of the scale issue: a bf16 MixedPrecisionPolicy (fp32 gradient reduction), and after a micro-step
     that is not the last of an accumulation each rank holds its gradient shard, not the unsharded gradient;
-    with train.fsdp_reduce_every_micro_step=false the reduction waits for the last micro-step, same gradients."""
+    with train.fsdp_reduce_every_micro_step=false the reduction waits for the last micro-step, same gradients;
+    the residual stream stays fp32 between blocks, as under DDP's autocast (bf16 matmuls, fp32 sums)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -247,6 +251,7 @@ def test_fsdp_gathers_half_precision_weights_and_keeps_gradients_sharded_between
             "reduce_dtype": "torch.float32",
             "grad_is_sharded": True,
             "grad_dtype": "torch.float32",
+            "residual_dtype": "torch.float32",
             "deferred_grad_is_none": True,
             "same_step_gradients": True,
         }
@@ -616,3 +621,18 @@ def test_an_fsdp_fine_tune_loads_its_init_on_rank_0_alone(char_data, tmp_path): 
     results = [json.loads((tmp_path / f"r.{rank}").read_text()) for rank in (0, 1)]
     assert results[0] == {"loads": [str(init)], "init_weights": True}
     assert results[1] == {"loads": []}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_fsdp_and_ddp_train_alike_in_bf16(char_data, tmp_path):  # noqa: F811
+    """Same seed, same batches, bf16 on 2 ranks: FSDP2 (bf16 all-gathers of the blocks, fp32 residual stream and
+    reduction) gives DDP's autocast curve."""
+    curves = []
+    for parallelism in ("ddp", "fsdp"):
+        out = tmp_path / parallelism
+        args = [f"data.name={char_data}", f"out_dir={out}", *ARGS, "dtype=bfloat16", f"train.parallelism={parallelism}"]
+        torchrun(args, tmp_path)
+        curves.append(curve(out))
+    # 2e-5 here (bf16 matmuls summed in another order); 3e-4 when FSDP kept the residual stream in bf16
+    assert curves[1] == pytest.approx(curves[0], abs=6e-5, rel=0)
