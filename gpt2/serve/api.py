@@ -11,7 +11,8 @@ end-of-text. Log-probabilities are the model's own, before temperature, top-k/p 
 
 Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad request (naming the
 field), 404 for another model, 413 for a body over MAX_BODY_BYTES, 503 with Retry-After when the queue is full.
-`create_app` builds the FastAPI app around a running `Scheduler`.
+`create_app` builds the FastAPI app around a running `Scheduler`; the request bodies are `gpt2.serve.requests`',
+the response objects `gpt2.serve.replies`'.
 """
 
 from __future__ import annotations
@@ -19,195 +20,32 @@ from __future__ import annotations
 import asyncio
 import html
 import json
-import secrets
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gpt2.config import SamplingParams, sampling_range_error
 from gpt2.errors import UserError
 from gpt2.resources import PLAYGROUND_HTML
 from gpt2.sampling import Sampler, TextStream, window_size
-from gpt2.serve.scheduler import Event, Job, QueueFull, Row, Scheduler, TokenLogprob
+from gpt2.serve.replies import ChatReply, CompletionReply, Reply
+from gpt2.serve.requests import (
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerationRequest,
+    RequestError,
+    TokenizeRequest,
+)
+from gpt2.serve.scheduler import Event, Job, QueueFull, Row, Scheduler
 
 DISCONNECT_POLL_S = 0.5  # how often a request checks that its client is still there
 MAX_BODY_BYTES = 8 << 20  # a request body past this is refused (413)
-MAX_LOGPROBS = 5  # the most alternatives per token a request may ask for (OpenAI's legacy limit)
-PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of lists of token ids"
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-
-
-class _GenerationRequest(BaseModel):
-    """The fields both completion endpoints take: OpenAI's, plus `top_k`, `repetition_penalty` (vLLM's names) and
-    `truncate`. Fields OpenAI has and this server does not implement are accepted only at their neutral value, so
-    that a client's defaults pass."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = Field(1.0, le=2.0)  # (OpenAI's cap; our ranges: `_in_range`)
-    top_p: float | None = 1.0
-    top_k: int = 0
-    n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    repetition_penalty: float | None = 1.0
-    logit_bias: dict[str, float] | None = None
-    truncate: bool = False
-    """Extension: a prompt longer than the context keeps its tail, and the context window slides past
-    block_size, instead of a 400."""
-
-    @field_validator("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "repetition_penalty")
-    @classmethod
-    def _in_range(cls, value: float | int | None, info: ValidationInfo) -> float | int | None:
-        problem = None if value is None else sampling_range_error(info.field_name, value)
-        if problem:
-            raise ValueError(problem)
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, logit_bias: dict[str, float] | None) -> None:
-        if logit_bias:
-            raise ValueError("not supported by this server")
-
-    @property
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else self.stop or []
-
-    def params(self) -> SamplingParams:
-        """The request's sampling settings, OpenAI's defaults for nulls."""
-
-        def value(name: str, default: float) -> float:
-            got = getattr(self, name)
-            return default if got is None else got
-
-        return SamplingParams(
-            temperature=value("temperature", 1.0),
-            top_k=self.top_k,
-            top_p=value("top_p", 1.0),
-            repetition_penalty=value("repetition_penalty", 1.0),
-            presence_penalty=value("presence_penalty", 0.0),
-            frequency_penalty=value("frequency_penalty", 0.0),
-        )
-
-
-class CompletionRequest(_GenerationRequest):
-    """The body of POST /v1/completions."""
-
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    best_of: Literal[None, 1] = None
-    suffix: Literal[None] = None
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _prompt_shape(cls, prompt: Any) -> Any:
-        def ids(value: Any) -> bool:
-            return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
-
-        if isinstance(prompt, list) and not prompt:
-            raise ValueError("give at least one prompt")
-        ok = (
-            isinstance(prompt, str)
-            or ids(prompt)
-            or isinstance(prompt, list)
-            and (all(isinstance(p, str) for p in prompt) or all(ids(p) and p for p in prompt))
-        )
-        if not ok:
-            raise ValueError(f"must be {PROMPT_SHAPES} (none empty)")
-        return prompt
-
-    @property
-    def prompts(self) -> list[str | list[int]]:
-        """Each prompt, as text or token ids."""
-        prompt = self.prompt
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            return [prompt]
-        return list(prompt)
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-    def plain(self) -> dict[str, str]:
-        """{role, content} as the chat template reads it (OpenAI's "developer" is a system message)."""
-        content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
-
-
-class ChatRequest(_GenerationRequest):
-    """The body of POST /v1/chat/completions."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs_needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
-        if top and not info.data.get("logprobs"):
-            raise ValueError("needs logprobs=true")
-        return top
-
-
-class TokenizeRequest(BaseModel):
-    """The body of POST /tokenize (vLLM's): a text `prompt`, or chat `messages` rendered with the chat template."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True  # (GPT-2 adds none: accepted for clients that send it)
-    add_generation_prompt: bool = True
-
-    @model_validator(mode="after")
-    def _one_input(self) -> "TokenizeRequest":
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give either prompt or messages")
-        return self
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    tokens: list[int]
-
-
-class RequestError(Exception):
-    """A request this server cannot serve as asked: HTTP `status` (400 unless said), naming `param`."""
-
-    def __init__(self, message: str, param: str | None, code: str | None = None, status: int = 400) -> None:
-        super().__init__(message)
-        self.param, self.code, self.status = param, code, status
 
 
 def create_app(scheduler: Scheduler, model_name: str, max_tokens: int | None) -> FastAPI:
@@ -299,7 +137,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_tokens: int | None) ->
             fitted = _fit(ids, count, body.truncate, block_size, where)
             prompts.append(fitted)
             echoes.append(prompt if isinstance(prompt, str) and fitted is ids else sampler.tokenizer.decode(fitted))
-        reply = _CompletionReply(body, model_name, sampler.tokenizer, prompts, echoes)
+        reply = CompletionReply(body, model_name, sampler.tokenizer, prompts, echoes)
         job = _job(scheduler, body, prompts, count, body.logprobs, body.echo and body.logprobs is not None)
         return await _respond(scheduler, job, reply, body, request)
 
@@ -312,7 +150,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_tokens: int | None) ->
         count = asked or _room(len(ids), block_size, max_tokens)
         ids = _fit(ids, count, body.truncate, block_size, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        reply = _ChatReply(body, model_name, sampler.tokenizer, [ids])
+        reply = ChatReply(body, model_name, sampler.tokenizer, [ids])
         job = _job(scheduler, body, [ids], count, logprobs, False)
         return await _respond(scheduler, job, reply, body, request)
 
@@ -434,7 +272,7 @@ def _fit(ids: list[int], max_tokens: int, truncate: bool, block_size: int, where
 
 def _job(
     scheduler: Scheduler,
-    body: _GenerationRequest,
+    body: GenerationRequest,
     prompts: list[list[int]],
     max_tokens: int,
     logprobs: int | None,
@@ -455,7 +293,7 @@ def _job(
     return job
 
 
-async def _respond(scheduler: Scheduler, job: Job, reply: "_Reply", body: _GenerationRequest, request: Request) -> Any:
+async def _respond(scheduler: Scheduler, job: Job, reply: "Reply", body: GenerationRequest, request: Request) -> Any:
     if len(job.rows) > scheduler.max_waiting:
         raise RequestError(
             f"{reply.choices // body.n} prompts x n={body.n} is {len(job.rows)} sequences, more than this server "
@@ -471,146 +309,7 @@ async def _respond(scheduler: Scheduler, job: Job, reply: "_Reply", body: _Gener
     return await _complete(job, reply, request)
 
 
-class _Reply:
-    """A response's fixed parts (id, model, created), its usage count, and how its choices are written."""
-
-    object = ""
-    chunk_object = ""
-    id_prefix = ""
-
-    def __init__(self, body: _GenerationRequest, model: str, tokenizer: Any, prompts: list[list[int]]) -> None:
-        self.body, self.model, self.tokenizer = body, model, tokenizer
-        self.id, self.created = f"{self.id_prefix}{secrets.token_hex(12)}", int(time.time())
-        self.prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, whatever n
-        self.choices = len(prompts) * body.n
-
-    def envelope(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None, chunk: bool = False):
-        reply = {
-            "id": self.id,
-            "object": self.chunk_object if chunk else self.object,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-        if usage is not None:
-            reply["usage"] = usage
-        return reply
-
-    def usage(self, completion_tokens: int) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": self.prompt_tokens + completion_tokens,
-        }
-
-    def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
-
-    def opening_chunks(self) -> list[dict[str, Any]]:
-        """What a stream sends before the first event."""
-        return []
-
-    def chunk_choice(self, event: Event) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def final_choice(self, index: int, events: list[Event]) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-class _CompletionReply(_Reply):
-    """/v1/completions: `text` choices, the prompt first with `echo`, log-probabilities in the legacy layout
-    (tokens, token_logprobs, top_logprobs, text_offset: each token's offset in prompt + completion)."""
-
-    object = chunk_object = "text_completion"
-    id_prefix = "cmpl-"
-
-    def __init__(self, body, model, tokenizer, prompts, echoes: list[str]) -> None:
-        super().__init__(body, model, tokenizer, prompts)
-        self.echoes = echoes
-        self.offsets = [0 if body.echo else len(echoes[i // body.n]) for i in range(self.choices)]
-
-    def echo(self, index: int) -> str:
-        return self.echoes[index // self.body.n] if self.body.echo else ""
-
-    def opening_chunks(self) -> list[dict[str, Any]]:
-        if not self.body.echo or self.body.logprobs is not None:  # (then the prompt's tokens come as an event)
-            return []
-        return [self.envelope([self._choice(i, self.echo(i), None, [])], chunk=True) for i in range(self.choices)]
-
-    def chunk_choice(self, event: Event) -> dict[str, Any]:
-        prompt = bool(event.tokens) and event.tokens[0].logprob is None
-        text = self.echo(event.index) + event.text if prompt else event.text
-        return self._choice(event.index, text, event.finish_reason, event.tokens)
-
-    def final_choice(self, index: int, events: list[Event]) -> dict[str, Any]:
-        text = self.echo(index) + "".join(e.text for e in events)
-        reason = next((e.finish_reason for e in events if e.finish_reason), None)
-        return self._choice(index, text, reason, [t for e in events for t in e.tokens])
-
-    def _choice(self, index: int, text: str, reason: str | None, tokens: list[TokenLogprob]) -> dict[str, Any]:
-        logprobs = None
-        if self.body.logprobs is not None:
-            logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-            for token in tokens:
-                piece = self.token_text(token.id)
-                logprobs["tokens"].append(piece)
-                logprobs["token_logprobs"].append(token.logprob)
-                first = token.logprob is None
-                logprobs["top_logprobs"].append(None if first else {self.token_text(i): v for i, v in token.top})
-                logprobs["text_offset"].append(self.offsets[index])
-                self.offsets[index] += len(piece)
-        return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
-
-
-class _ChatReply(_Reply):
-    """/v1/chat/completions: `message` choices (`delta` when streamed), the reply without the space the template
-    puts before it, log-probabilities in the chat layout (content: token, logprob, bytes, top_logprobs)."""
-
-    object, chunk_object = "chat.completion", "chat.completion.chunk"
-    id_prefix = "chatcmpl-"
-
-    def __init__(self, body, model, tokenizer, prompts) -> None:
-        super().__init__(body, model, tokenizer, prompts)
-        self.started = [False] * self.choices
-
-    def opening_chunks(self) -> list[dict[str, Any]]:
-        delta = {"role": "assistant", "content": ""}
-        return [self.envelope([self._choice(i, delta, None, [], "delta")], chunk=True) for i in range(self.choices)]
-
-    def chunk_choice(self, event: Event) -> dict[str, Any]:
-        delta = {"content": self._reply_text(event.index, event.text)} if event.text else {}
-        return self._choice(event.index, delta, event.finish_reason, event.tokens, "delta")
-
-    def final_choice(self, index: int, events: list[Event]) -> dict[str, Any]:
-        text = self._reply_text(index, "".join(e.text for e in events))
-        reason = next((e.finish_reason for e in events if e.finish_reason), None)
-        message = {"role": "assistant", "content": text}
-        return self._choice(index, message, reason, [t for e in events for t in e.tokens], "message")
-
-    def _reply_text(self, index: int, text: str) -> str:
-        """The reply's text: its first piece loses one leading space (the template's, before every reply)."""
-        if not self.started[index] and text:
-            self.started[index] = True
-            return text.removeprefix(" ")
-        return text
-
-    def _choice(self, index: int, content: dict, reason: str | None, tokens: list[TokenLogprob], key: str) -> dict:
-        logprobs = None
-        if self.body.logprobs:
-            logprobs = {
-                "content": [
-                    {**self._entry(t.id, t.logprob), "top_logprobs": [self._entry(i, v) for i, v in t.top]}
-                    for t in tokens
-                ]
-            }
-        return {"index": index, key: content, "logprobs": logprobs, "finish_reason": reason}
-
-    def _entry(self, token: int, logprob: float | None) -> dict[str, Any]:
-        text, raw = self.token_text(token), self.tokenizer.decode_bytes([token])
-        return {"token": text, "logprob": logprob, "bytes": list(raw)}
-
-
-async def _events(job: Job, reply: _Reply, request: Request) -> AsyncIterator[Event]:
+async def _events(job: Job, reply: Reply, request: Request) -> AsyncIterator[Event]:
     """The job's events until every choice has finished, or until the client goes away (checked every
     DISCONNECT_POLL_S, events or not). Raises RuntimeError on an error event. A job left unfinished, for any
     reason (the client went away, the response was cancelled), is cancelled: its rows are freed."""
@@ -641,7 +340,7 @@ def _completion_tokens(job: Job) -> int:
     return sum(row.generated for row in job.rows)
 
 
-async def _complete(job: Job, reply: _Reply, request: Request) -> JSONResponse | dict[str, Any]:
+async def _complete(job: Job, reply: Reply, request: Request) -> JSONResponse | dict[str, Any]:
     events: list[list[Event]] = [[] for _ in range(reply.choices)]
     try:
         async for event in _events(job, reply, request):
@@ -654,7 +353,7 @@ async def _complete(job: Job, reply: _Reply, request: Request) -> JSONResponse |
     return reply.envelope(choices, reply.usage(_completion_tokens(job)))
 
 
-async def _sse(job: Job, reply: _Reply, request: Request) -> AsyncIterator[str]:
+async def _sse(job: Job, reply: Reply, request: Request) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams: chunks as text comes, each choice's finish_reason, a usage chunk if
     asked (stream_options.include_usage), then `data: [DONE]`."""
 
