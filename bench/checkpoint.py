@@ -1,0 +1,139 @@
+"""What a distributed run's checkpoint costs: save and resume time, and the peak RSS of each rank, for DDP and
+FSDP2 on 2 CPU processes (gloo), GPT-2 124M and 350M shapes, fp32 AdamW.
+
+    python bench/checkpoint.py                     # ~5 minutes on 2 cores, ~16 GB of memory at 350M
+    python bench/checkpoint.py --sizes gpt2 --no-append
+
+Each case runs under `torchrun --nproc_per_node=2` in fresh processes: the model is built as the trainer builds
+it (FSDP2: on the meta device, rank 0's weights broadcast into the shards), steps twice (batch 1 x 256) so the
+optimizer has its state, then saves as `Checkpointer.save` does (every rank gives its state dict: FSDP gathers
+the full state to rank 0; rank 0 writes one ckpt.pt) and resumes as the trainer does (every rank loads ckpt.pt
+and loads it into its model and optimizer, FSDP sharding it again). Times are rank 0's wall time (each ends with
+a barrier); peak RSS is each rank's high-water mark after the step (before saving), after the save and after the
+resume, the largest of the ranks. Prints a markdown table and appends it to BENCHMARKS.md unless --no-append.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child(size: str, mode: str, out_dir: str) -> dict:
+    """Under torchrun: one case's figures (rank 0's times, the ranks' largest peak RSS in GiB)."""
+    import torch
+
+    from gpt2 import checkpoint, distributed
+    from gpt2.config import OptimConfig
+    from gpt2.model import GPT, preset
+    from gpt2.optim import build_optimizer
+
+    def peak() -> float:
+        return max(distributed.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+
+    info = distributed.init("cpu")
+    torch.manual_seed(0)
+    if mode == "fsdp":
+        with torch.device("meta"):
+            model = GPT(preset(size)).train()
+        initial = GPT(preset(size)).state_dict() if info.is_main else {}
+        wrapped = distributed.wrap_model(model, info, "fsdp")
+        distributed.materialize(model, info.device, initial)
+        del initial
+    else:
+        model = GPT(preset(size)).train()
+        wrapped = distributed.wrap_model(model, info, "ddp")
+    optimizers = build_optimizer(model, OptimConfig(), "cpu")
+    idx = torch.randint(0, 50257, (1, 256))
+    for _ in range(2):
+        wrapped(idx, idx, return_logits=False)[1].backward()
+        optimizers.step()
+        distributed.zero_grad(wrapped, optimizers)
+    figures = {"peak_step_gib": peak()}
+    weights, path = distributed.FullModelState(model), Path(out_dir) / checkpoint.CKPT_NAME
+
+    distributed.barrier()
+    t0 = time.perf_counter()
+    state = {
+        "model": weights.state_dict(),
+        "optimizer": optimizers.state_dict(),
+        "model_config": {},
+    }  # (load checks it)
+    if info.is_main:
+        checkpoint.save(path, state)
+    del state
+    distributed.barrier()
+    figures.update(save_s=time.perf_counter() - t0, peak_save_gib=peak(), file_gib=path.stat().st_size / 2**30)
+
+    t0 = time.perf_counter()
+    ckpt = checkpoint.load(path)
+    weights.load_state_dict(ckpt["model"])
+    optimizers.load_state_dict(ckpt["optimizer"])
+    del ckpt
+    distributed.barrier()
+    figures.update(resume_s=time.perf_counter() - t0, peak_resume_gib=peak())
+    del model, wrapped, optimizers, weights
+    distributed.cleanup()
+    return figures
+
+
+def run_case(size: str, mode: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
+        out = subprocess.run([*cmd, "--child", size, mode, tmp], capture_output=True, text=True, env=env)
+        if out.returncode:
+            raise SystemExit(f"{size} {mode} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["gpt2", "gpt2-medium"])
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    args = parser.parse_args()
+    if args.child:
+        figures = child(*args.child)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(figures), flush=True)
+        return
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import report
+    import torch
+
+    rows = []
+    for size in args.sizes:
+        for mode in ("ddp", "fsdp"):
+            r = run_case(size, mode)
+            rows.append(
+                f"| {size} | {mode} | {r['file_gib']:.2f} | {r['save_s']:.1f} | {r['resume_s']:.1f} | "
+                f"{r['peak_step_gib']:.2f} | {r['peak_save_gib']:.2f} | {r['peak_resume_gib']:.2f} |"
+            )
+            print(rows[-1], flush=True)
+    table = (
+        f"{report.heading('Checkpoint save and resume under torchrun')}\n\n"
+        f"`{report.command_line()}` on {report.machine()}, 2 gloo processes of {max(1, torch.get_num_threads() // 2)} "
+        "thread(s). One ckpt.pt written by rank 0 (FSDP: the full state gathered to it first), read whole by "
+        "every rank on resume. Peak RSS: the largest rank's high-water mark after the training steps, after the "
+        "save and after the resume.\n\n"
+        "| model | parallelism | ckpt.pt GiB | save s | resume s | peak GiB: steps | after save | after resume |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n"
+    )
+    print("\n" + table)
+    if not args.no_append:
+        report.append(table)
+
+
+if __name__ == "__main__":
+    main()
