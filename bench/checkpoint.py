@@ -7,10 +7,11 @@ FSDP2 on 2 CPU processes (gloo), GPT-2 124M and 350M shapes, fp32 AdamW.
 Each case runs under `torchrun --nproc_per_node=2` in fresh processes: the model is built as the trainer builds
 it (FSDP2: on the meta device, rank 0's weights broadcast into the shards), steps twice (batch 1 x 256) so the
 optimizer has its state, then saves as `Checkpointer.save` does (every rank gives its state dict: FSDP gathers
-the full state to rank 0; rank 0 writes one ckpt.pt) and resumes as the trainer does (every rank loads ckpt.pt
-and loads it into its model and optimizer, FSDP sharding it again). Times are rank 0's wall time (each ends with
-a barrier); peak RSS is each rank's high-water mark after the step (before saving), after the save and after the
-resume, the largest of the ranks. Prints a markdown table and appends it to BENCHMARKS.md unless --no-append.
+the full state to rank 0; rank 0 writes one ckpt.pt) and resumes as the trainer does (DDP: every rank loads
+ckpt.pt; FSDP: rank 0 alone reads it, and its copy is broadcast into every rank's shards). Times are rank 0's
+wall time (each ends with a barrier); peak RSS is each rank's high-water mark after the step (before saving),
+after the save and after the resume, the largest of the ranks. Prints a markdown table and appends it to
+BENCHMARKS.md unless --no-append.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def child(size: str, mode: str, out_dir: str) -> dict:
     figures.update(save_s=time.perf_counter() - t0, peak_save_gib=peak(), file_gib=path.stat().st_size / 2**30)
 
     t0 = time.perf_counter()
-    ckpt = checkpoint.load(path)
+    ckpt = checkpoint.load_for_ranks(path, info.is_main, rank_0_only=mode == "fsdp")
     weights.load_state_dict(ckpt["model"])
     optimizers.load_state_dict(ckpt["optimizer"])
     del ckpt
@@ -125,7 +126,8 @@ def main() -> None:
         f"{report.heading('Checkpoint save and resume under torchrun')}\n\n"
         f"`{report.command_line()}` on {report.machine()}, 2 gloo processes of {max(1, torch.get_num_threads() // 2)} "
         "thread(s). One ckpt.pt written by rank 0 (FSDP: the full state gathered to it first), read whole by "
-        "every rank on resume. Peak RSS: the largest rank's high-water mark after the training steps, after the "
+        "every rank on resume under DDP, by rank 0 alone under FSDP (which shards from its copy). Peak RSS: "
+        "the largest rank's high-water mark after the training steps, after the "
         "save and after the resume.\n\n"
         "| model | parallelism | ckpt.pt GiB | save s | resume s | peak GiB: steps | after save | after resume |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n"

@@ -129,6 +129,33 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     return ckpt
 
 
+def load_for_ranks(path: str | Path, is_main: bool, rank_0_only: bool) -> dict[str, Any]:
+    """The checkpoint every rank of a run resumes from. With `rank_0_only` (FSDP2, whose loads shard rank 0's
+    copies: `gpt2.distributed.FullModelState`, `load_optimizer_state`) rank 0 alone reads and checks the file, and
+    the other ranks get the rest of it from rank 0, without the model's weights and the optimizer's moments: the
+    file is read once, not once per rank, and one process holds it whole. Otherwise each rank loads it."""
+    if not rank_0_only:
+        return load(path)
+    ckpt, light = None, None
+    if is_main:
+        try:
+            ckpt = load(path)
+            light = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+            light["model"] = {}
+            if "optimizer" in ckpt:  # (whether it is empty decides whether the ranks load it together)
+                moments = ckpt["optimizer"]["state"]
+                light["optimizer"] = {
+                    "state": dict.fromkeys(moments, {}),
+                    "param_groups": ckpt["optimizer"]["param_groups"],
+                }
+        except UserError as e:
+            light = {"error": str(e)}
+    light = distributed.broadcast_object(light)
+    if "error" in light:
+        raise UserError(light["error"])
+    return ckpt if is_main else light
+
+
 def _upgrade_from_format_1(ckpt: dict[str, Any]) -> dict[str, Any]:
     """Format 1 kept each optimizer's state keyed by parameter index (so an FSDP run could not resume it) and
     one loader entry per rank. The index -> name map is rebuilt from the optimizers the run's config builds,

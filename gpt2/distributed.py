@@ -222,10 +222,11 @@ class FullModelState:
         return state if self.keys is None else {k: v for k, v in state.items() if k in self.keys}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Sharded: `state` is rank 0's whole state ({} on the other ranks), broadcast into every rank's shards."""
         if is_sharded(self.model):
             from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-            set_model_state_dict(self.model, state, options=_full_state_options())
+            set_model_state_dict(self.model, state, options=_rank_0_state_options())
         elif self.keys is None:
             self.model.load_state_dict(state)
         else:
@@ -243,10 +244,16 @@ def optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -
 
 
 def load_optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], state: dict[str, Any]) -> None:
-    """Load `optimizer_state`'s format, sharding it when `model` is FSDP2."""
+    """Load `optimizer_state`'s format. FSDP2: rank 0's state is broadcast into every rank's shards (the other
+    ranks' `state` needs its param_groups only: see `gpt2.checkpoint.load_for_ranks`)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizers, state, options=_state_options(model))
+    if not is_sharded(model):
+        set_optimizer_state_dict(model, optimizers, state, options=_state_options(model))
+        return
+    if dist.get_rank() != 0:
+        state = {"state": {}, "param_groups": state["param_groups"]}
+    set_optimizer_state_dict(model, optimizers, state, options=_rank_0_state_options())
 
 
 def _state_options(model: nn.Module) -> Any:
@@ -255,6 +262,12 @@ def _state_options(model: nn.Module) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return _full_state_options() if is_sharded(model) else StateDictOptions()
+
+
+def _rank_0_state_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 
 def _full_state_options() -> Any:

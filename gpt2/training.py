@@ -90,7 +90,9 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.ds = open_dataset(cfg.data.name)
         resuming = distributed.broadcast_object((self.out_dir / checkpoint.CKPT_NAME).exists())  # rank 0 decides
-        ckpt = checkpoint.load(self.out_dir / checkpoint.CKPT_NAME) if resuming else None
+        sharded = info.is_distributed and cfg.train.parallelism == "fsdp"
+        path = self.out_dir / checkpoint.CKPT_NAME
+        ckpt = checkpoint.load_for_ranks(path, info.is_main, rank_0_only=sharded) if resuming else None
         check_objective(cfg, self.ds)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank, so FSDP shards agree

@@ -96,7 +96,7 @@ def test_fsdp_reducing_once_per_step_trains_as_reducing_every_micro_step(char_da
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.parametrize("first, then", [("none", "fsdp"), ("fsdp", "none")])
+@pytest.mark.parametrize("first, then", [("none", "fsdp"), ("fsdp", "none"), ("fsdp", "fsdp")])
 def test_a_run_resumes_under_another_parallelism_and_world_size(char_data, tmp_path, single, first, then):  # noqa: F811
     """The optimizer state is keyed by parameter name and unsharded whatever wrote it: a 1-process run goes on
     under FSDP on 2 ranks and the other way, on the uninterrupted run's loss curve."""
@@ -578,48 +578,72 @@ def test_a_second_sigterm_under_torchrun_does_not_abort_the_save(char_data, tmp_
     assert all(torch.equal(ours[k], whole[k]) for k in whole)
 
 
-def _fsdp_fine_tune_rank(rank: int, port: int, out: str, data: str, init: str) -> None:
+def _fsdp_trainer_rank(rank: int, port: int, out: str, data: str, init: str, spied: str) -> None:
+    """Rank `rank` of 2 builds an FSDP trainer on `out`/run (fine-tuning from `init`, or resuming the run there)
+    with `spied` ("gpt2.loading.load" or "gpt2.checkpoint.load") recording its calls; writes what it saw."""
+    import importlib
+
     from conftest import compose
 
-    from gpt2 import distributed, loading
+    from gpt2 import distributed
     from gpt2.config import TrainRunConfig, to_object
     from gpt2.training import Trainer
 
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    loads, real = [], loading.load
-    loading.load = lambda *args, **kwargs: loads.append(str(args[0])) or real(*args, **kwargs)
+    module, name = spied.rsplit(".", 1)
+    module = importlib.import_module(module)
+    loads, real = [], getattr(module, name)
+    setattr(module, name, lambda *args, **kwargs: loads.append(str(args[0])) or real(*args, **kwargs))
     info = distributed.init("cpu")
     overrides = [f"data.name={data}", f"out_dir={out}/run", f"init_from={init}", "train.parallelism=fsdp", *TINY]
     trainer = Trainer(to_object(compose(*overrides, "train.grad_accum_steps=2"), TrainRunConfig), info)
     weights = distributed.FullModelState(trainer.model).state_dict()  # gathered to rank 0 (collective)
     result = {"loads": loads}
     if info.is_main:
-        init_weights = torch.load(Path(init) / "ckpt.pt", weights_only=True)["model"]
-        result["init_weights"] = all(torch.equal(weights[k], v) for k, v in init_weights.items())
+        source = Path(out) / "run" if (Path(out) / "run" / "ckpt.pt").exists() else Path(init)
+        expected = torch.load(source / "ckpt.pt", weights_only=True)["model"]
+        result["weights"] = all(torch.equal(weights[k], v) for k, v in expected.items())
     with open(f"{out}/r.{rank}", "w") as f:
         json.dump(result, f)
     del trainer, weights
     distributed.cleanup()
 
 
-@pytest.mark.slow  # ~15 s: two spawned processes
-def test_an_fsdp_fine_tune_loads_its_init_on_rank_0_alone(char_data, tmp_path):  # noqa: F811
-    """Every rank loading the init would hold the whole model in each process's memory (8 x 6 GB per node for
-    gpt2-xl): rank 0 loads it, and every rank's shards get its weights."""
+def _spawn_fsdp_trainers(tmp_path: Path, data: Path, init: Path, spied: str) -> list[dict]:
     import socket
 
     import torch.multiprocessing as mp
 
-    init = tmp_path / "init"
-    train([f"data.name={char_data}", f"out_dir={init}", *TINY, "train.max_iters=2", "train.eval_interval=2"], tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_fsdp_fine_tune_rank, args=(port, str(tmp_path), str(char_data), str(init)), nprocs=2, join=True)
-    results = [json.loads((tmp_path / f"r.{rank}").read_text()) for rank in (0, 1)]
-    assert results[0] == {"loads": [str(init)], "init_weights": True}
+    mp.spawn(_fsdp_trainer_rank, args=(port, str(tmp_path), str(data), str(init), spied), nprocs=2, join=True)
+    return [json.loads((tmp_path / f"r.{rank}").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.slow  # ~15 s: two spawned processes
+def test_an_fsdp_fine_tune_loads_its_init_on_rank_0_alone(char_data, tmp_path):  # noqa: F811
+    """Every rank loading the init would hold the whole model in each process's memory (8 x 6 GB per node for
+    gpt2-xl): rank 0 loads it, and every rank's shards get its weights."""
+    init = tmp_path / "init"
+    train([f"data.name={char_data}", f"out_dir={init}", *TINY, "train.max_iters=2", "train.eval_interval=2"], tmp_path)
+    results = _spawn_fsdp_trainers(tmp_path, char_data, init, "gpt2.loading.load")
+    assert results[0] == {"loads": [str(init)], "weights": True}
+    assert results[1] == {"loads": []}
+
+
+@pytest.mark.slow  # ~20 s: a torchrun run, then two spawned processes
+def test_an_fsdp_resume_reads_the_checkpoint_on_rank_0_alone(char_data, tmp_path):  # noqa: F811
+    """Every rank reading ckpt.pt whole would hold the whole model and optimizer state in each process (350M:
+    10.1 GiB per rank against 4.4 while training, BENCHMARKS.md): rank 0 reads it, FSDP shards from its copy."""
+    run = tmp_path / "run"
+    torchrun(
+        [f"data.name={char_data}", f"out_dir={run}", *ARGS, "train.max_iters=2", "train.parallelism=fsdp"], tmp_path
+    )
+    results = _spawn_fsdp_trainers(tmp_path, char_data, "scratch", "gpt2.checkpoint.load")
+    assert results[0] == {"loads": [str(run / "ckpt.pt")], "weights": True}
     assert results[1] == {"loads": []}
 
 
