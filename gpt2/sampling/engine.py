@@ -198,9 +198,10 @@ class Batch:
         cache = self.cache if used == len(rows) else self.cache.rows(0, used)
         with cached_attention(shapes_vary=not self.cache.static):
             logits = self.decode(self.model, token[:used, None], cache)
-        for row in range(used):
-            if self.held[row]:
-                self._set_length(row, self.lengths[row])  # the placeholder is not part of the row
+        if any(self.held):  # (a server's long prompt, prefilled in chunks; never in `generate`)
+            for row in range(used):
+                if self.held[row]:
+                    self._set_length(row, self.lengths[row])  # the placeholder is not part of the row
         return logits
 
     def _forward(self, idx: torch.Tensor, cache: KVCache, every_position: bool = False) -> torch.Tensor:
