@@ -325,10 +325,16 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them (per block,
     non-reentrant): much less memory for about a third more compute. Works with compile, DDP and FSDP."""
+    sharded_checkpoint: Optional[bool] = None
+    """Checkpoint as sharded folders (ckpt/step_*/, torch.distributed.checkpoint): every rank writes its part of
+    the model and optimizer in parallel and reads only what its shards need; loadable at any world size and
+    parallelism. null: sharded under torchrun (world size > 1), ckpt.pt in one process; false: one ckpt.pt
+    gathered and written by rank 0 (as before). `python -m gpt2.checkpoint consolidate` makes a single file."""
     collective_timeout_s: int = 1800
     """Under torchrun: seconds a rank may wait in a collective before the job fails with a timeout. It must
-    cover what rank 0 does alone while the others wait: writing a checkpoint (about 18 GB for gpt2-xl with
-    AdamW) and the first HellaSwag download. torch's own default is 10 minutes for NCCL."""
+    cover what rank 0 does alone while the others wait: the first HellaSwag download, and writing a single-file
+    checkpoint (about 18 GB for gpt2-xl with AdamW; sharded ones are written by every rank). torch's own default
+    is 10 minutes for NCCL."""
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum_steps", "max_iters", "eval_iters", "log_interval"):

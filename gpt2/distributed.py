@@ -15,7 +15,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -221,6 +221,27 @@ class FullModelState:
         state = self.model.state_dict()
         return state if self.keys is None else {k: v for k, v in state.items() if k in self.keys}
 
+    def sharded_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's part, for a sharded checkpoint: DTensors of an FSDP2 model (each rank writes its shards),
+        the module's own (whole) tensors otherwise."""
+        if not is_sharded(self.model):
+            return self.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(self.model)
+        return state if self.keys is None else {k: v for k, v in state.items() if k in self.keys}
+
+    def load_sharded(self, saved: dict[str, Any], read: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """Load from a sharded checkpoint: `read` fills this rank's part (`sharded_state_dict`'s shapes) from it
+        (`saved`, its plain part, has no weights)."""
+        state = read(self.sharded_state_dict())
+        if is_sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, state, options=StateDictOptions(strict=self.keys is None))
+        else:
+            self.model.load_state_dict(state, strict=self.keys is None)
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Sharded: `state` is rank 0's whole state ({} on the other ranks), broadcast into every rank's shards."""
         if is_sharded(self.model):
@@ -235,19 +256,27 @@ class FullModelState:
             self.model.load_state_dict(state, strict=False)
 
 
-def optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+def optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], whole: bool = True) -> dict[str, Any]:
     """The optimizers' state as one dict keyed by parameter name, unsharded: the same format whether `model`
-    runs in one process, under DDP or sharded by FSDP2, so a run resumes under any parallelism and world size."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    runs in one process, under DDP or sharded by FSDP2, so a run resumes under any parallelism and world size.
+    Without `whole`, an FSDP2 model's moments stay this rank's DTensor shards (for a sharded checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizers, options=_state_options(model))
+    options = _state_options(model) if whole else StateDictOptions()
+    return get_optimizer_state_dict(model, optimizers, options=options)
 
 
-def load_optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], state: dict[str, Any]) -> None:
+def load_optimizer_state(
+    model: nn.Module, optimizers: list[torch.optim.Optimizer], state: dict[str, Any], whole: bool = True
+) -> None:
     """Load `optimizer_state`'s format. FSDP2: rank 0's state is broadcast into every rank's shards (the other
-    ranks' `state` needs its param_groups only: see `gpt2.checkpoint.load_for_ranks`)."""
+    ranks' `state` needs its param_groups only: see `gpt2.checkpoint.load_for_ranks`); without `whole`, each
+    rank's `state` holds its own shards."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+    if not whole:
+        set_optimizer_state_dict(model, optimizers, state)
+        return
     if not is_sharded(model):
         set_optimizer_state_dict(model, optimizers, state, options=_state_options(model))
         return

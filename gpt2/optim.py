@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -89,7 +89,8 @@ class Optimizers:
             for opt in self.optimizers:
                 opt.step()
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, whole: bool = True) -> dict[str, Any]:
+        """Without `whole`: an FSDP2 model's moments as this rank's shards (a sharded checkpoint's part)."""
         if not any(opt.state for opt in self.optimizers):
             # Never stepped (a run stopped before its first step): torch's state-dict API would step it once
             # with lr 0 to make a state, and the resumed run would count one Adam step too many.
@@ -97,22 +98,41 @@ class Optimizers:
                 "state": {},
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
             }
-        return distributed.optimizer_state(self.model, self.optimizers)
+        return distributed.optimizer_state(self.model, self.optimizers, whole)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The moments and step counts come from `state`; the hyperparameters (lr, weight decay, betas, ...) stay
         the configured ones, so a changed optim.* applies from the resume step, as config.yaml says."""
+        if self._check_groups(state):
+            self._load(state, whole=True)
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        return self.state_dict(whole=False)
+
+    def load_sharded(self, saved: dict[str, Any], read: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """Load from a sharded checkpoint: `saved` is its plain part (param groups, and the names of the
+        parameters that have moments), `read` fills this rank's moments in the shapes the running model has."""
+        if self._check_groups(saved):
+            # The moments to read into: torch's state-dict API makes them for a fresh optimizer by stepping it with
+            # lr 0 and zero gradients (no weight changes); the step counts are then read from the checkpoint too.
+            moments = distributed.optimizer_state(self.model, self.optimizers, whole=False)
+            self._load({"state": read(moments["state"]), "param_groups": saved["param_groups"]}, whole=False)
+
+    def _check_groups(self, state: dict[str, Any]) -> bool:
+        """Whether `state` has moments to load (it is empty when saved before the first step: this fresh
+        optimizer is that state); a different number of parameter groups is an error."""
         if len(state["param_groups"]) != len(self.param_groups):
             raise UserError(
                 f"the checkpoint holds {len(state['param_groups'])} optimizer parameter groups but this optim.name "
                 f"builds {len(self.param_groups)}; resume with the optim.name the run started with"
             )
-        if not state["state"]:
-            return  # saved before the first step: this fresh optimizer is that state
+        return bool(state["state"])
+
+    def _load(self, state: dict[str, Any], whole: bool) -> None:
         configured = [
             [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers
         ]
-        distributed.load_optimizer_state(self.model, self.optimizers, state)
+        distributed.load_optimizer_state(self.model, self.optimizers, state, whole)
         for opt, groups in zip(self.optimizers, configured):
             for group, values in zip(opt.param_groups, groups):
                 group.update(values)

@@ -14,14 +14,12 @@ from which they are broadcast into every rank's shards.
 from __future__ import annotations
 
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 
 from gpt2 import distributed, loading
-from gpt2.checkpoint import CKPT_NAME
 from gpt2.config import LoraConfig, TrainRunConfig
 from gpt2.data import TokenDataset, check_block_size
 from gpt2.device import check_memory
@@ -205,7 +203,6 @@ def check_resume(cfg: TrainRunConfig, ckpt: dict[str, Any], ds: TokenDataset, ty
                 f"(model.{key}={ckpt['model_config'][key]}); drop the override or use a new out_dir"
             )
     ds.check_tokenizer(ckpt["tokenizer"])
-    print0(f"resuming {Path(out_dir) / CKPT_NAME} at step {ckpt['step']}")
     if ckpt.get("data_fingerprint", ds.fingerprint) != ds.fingerprint:
         print0(
             f"warning: {ds.dir} was prepared again since this run's last checkpoint: the run goes on with the new "

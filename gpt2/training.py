@@ -9,7 +9,8 @@ the checkpoint file and `Checkpointer` (which saves and restores every resumable
 `Trainer.__init__`) in `gpt2.checkpoint`.
 
 A run lives in `out_dir`: `ckpt.pt` (latest, atomic), `best.pt` (lowest val loss), the resolved
-`config.yaml` and `metrics.jsonl`. If `out_dir/ckpt.pt` exists, the same command resumes it exactly: model,
+`config.yaml` and `metrics.jsonl`; a distributed run's checkpoints are sharded folders under `ckpt/` instead
+(`gpt2.sharded_checkpoint`). If out_dir has a checkpoint, the same command resumes it exactly: model,
 optimizer, grad scaler, counters, the data-loader position, every rank's RNG states and the wandb run id are
 all in the checkpoint, so a resumed run on CPU ends with the same weights, bit for bit, as an uninterrupted one.
 SIGTERM/SIGINT/SIGHUP finish the current step, write a checkpoint and exit; `run` holds out_dir's lock.
@@ -75,7 +76,7 @@ class TrainState:
 
 
 class Trainer:
-    """Builds everything a run needs from `cfg` (resuming `out_dir/ckpt.pt` when present) and trains it.
+    """Builds everything a run needs from `cfg` (resuming out_dir's latest checkpoint when present) and trains it.
 
     Attributes: `model` (the GPT itself, compiled in place when `compile` is on; its state dict has plain keys),
     `parallel_model` (what the forward/backward go through: `model`, its DDP wrapper, or `model` sharded in
@@ -89,10 +90,9 @@ class Trainer:
         configure_backends(self.device)
         self.out_dir = Path(cfg.out_dir)
         self.ds = open_dataset(cfg.data.name)
-        resuming = distributed.broadcast_object((self.out_dir / checkpoint.CKPT_NAME).exists())  # rank 0 decides
-        sharded = info.is_distributed and cfg.train.parallelism == "fsdp"
-        path = self.out_dir / checkpoint.CKPT_NAME
-        ckpt = checkpoint.load_for_ranks(path, info.is_main, rank_0_only=sharded) if resuming else None
+        resumed = distributed.broadcast_object(checkpoint.latest(self.out_dir) if info.is_main else None)
+        fsdp = info.is_distributed and cfg.train.parallelism == "fsdp"
+        ckpt = checkpoint.load_for_ranks(resumed, info, rank_0_only=fsdp) if resumed else None
         check_objective(cfg, self.ds)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank, so FSDP shards agree
@@ -146,13 +146,14 @@ class Trainer:
             metadata=self._run_metadata,
             is_main=info.is_main,
             background=self.device.type != "cpu",  # (on the CPU a snapshot would double the run's memory)
+            sharded=info.is_distributed if train.sharded_checkpoint is None else train.sharded_checkpoint,
         )
         self.flops_per_token = self.model.flops_per_token(self.block_size)
         self.peak_flops = peak_flops(self.device, self.dtype)
         self.hellaswag = None
         if cfg.eval.hellaswag_interval:
             self.hellaswag = hellaswag.examples_for_training(cfg.eval, self.ds.tokenizer, info.is_main)
-        self.stop = StopSignals(info, saving_to=self.checkpointer.path)
+        self.stop = StopSignals(info, saving_to=self.checkpointer.where)
         self._said_early_stop = False
         self.divergence = DivergenceWatch(self.device, check_grad_norm=not self.scaler.is_enabled())
         self._clock = (time.perf_counter(), 0)  # (time, step) the speed is measured from (`_read_metrics`)
@@ -162,12 +163,14 @@ class Trainer:
         torch.manual_seed(cfg.seed + info.rank)
         self.resumed_at: int | None = None
         if ckpt is not None:
-            self._resume(ckpt)
+            self._resume(ckpt, resumed)
 
-    def _resume(self, ckpt: dict[str, Any]) -> None:
-        """Restore every component from the checkpoint. The optimizer's moments come from it, its hyperparameters
-        from this command's optim.* (said when they changed)."""
-        self.checkpointer.restore(ckpt)
+    def _resume(self, ckpt: dict[str, Any], path: Path) -> None:
+        """Restore every component from the checkpoint at `path` (a sharded one: each rank reads its part of it).
+        The optimizer's moments come from it, its hyperparameters from this command's optim.* (said when they
+        changed)."""
+        print0(f"resuming {path} at step {ckpt['step']}")
+        self.checkpointer.restore(ckpt, directory=path if path.is_dir() else None)
         self.resumed_at = self.state.step
         changed = [
             f"optim.{k} {v} -> {getattr(self.cfg.optim, k)}"
@@ -240,7 +243,7 @@ class Trainer:
     def _read_metrics(self, last: dict[str, Any]) -> dict[str, float]:
         """The metrics of a log step (metrics.jsonl keys), read from the device once: the last step's loss (mean over
         ranks) and gradient norm, and the speed over the steps since the previous log line."""
-        self.divergence.check(self.checkpointer.path)
+        self.divergence.check(self.checkpointer.where)
         loss = distributed.all_reduce_mean(last["loss"].detach().clone()).item()
         now, steps = time.perf_counter(), self.state.step - self._clock[1]
         dt = (now - self._clock[0]) / max(1, steps)
@@ -353,7 +356,7 @@ class Trainer:
         # Nothing to save before the first step (a rerun starts over identically). It also matters: gathering
         # an FSDP2 optimizer's still-empty state would initialise it with a step, changing Adam's first update.
         if self.state.step > 0:
-            self.divergence.check(self.checkpointer.path)  # never a checkpoint of a diverged state
+            self.divergence.check(self.checkpointer.where)  # never a checkpoint of a diverged state
             self.checkpointer.save(best=best)
 
     def _stopped_early(self) -> bool:
@@ -364,7 +367,7 @@ class Trainer:
         if self.info.is_main and not self._said_early_stop:
             print(
                 f"early stopping at step {self.state.step}: no new best val loss in {patience} evaluations "
-                f"(best {self.state.best_val_loss:.4f}, in {self.checkpointer.best_path})",
+                f"(best {self.state.best_val_loss:.4f}, in {self.checkpointer.best_where})",
                 flush=True,
             )
         self._said_early_stop = True
@@ -392,12 +395,12 @@ class Trainer:
         signum = self.stop.agreed(after_step)
         if not signum:
             return
-        self.divergence.check(self.checkpointer.path)
+        self.divergence.check(self.checkpointer.where)
         self.checkpointer.save()
         self.checkpointer.wait()
         print0(
             f"stopped by signal {signum} at step {self.state.step}: checkpoint saved "
-            f"to {self.checkpointer.path}; rerun the same command to resume"
+            f"to {self.checkpointer.where}; rerun the same command to resume"
         )
         raise SystemExit(128 + signum)
 

@@ -231,8 +231,11 @@ def curve(out: Path) -> list[float]:
     return [r.get("loss", r.get("val_loss")) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
-def weights(out: Path, name: str = "ckpt.pt") -> dict[str, torch.Tensor]:
-    return torch.load(out / name, weights_only=True)["model"]
+def weights(out: Path, name: str | None = None) -> dict[str, torch.Tensor]:
+    """A run's latest weights (from ckpt.pt or its sharded checkpoint), or those of the file `name` in it."""
+    from gpt2 import checkpoint
+
+    return checkpoint.load(out if name is None else out / name, optimizer=False)["model"]
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -1,5 +1,6 @@
 """Distributed training on CPU (gloo, 2 processes through torchrun): DDP and FSDP2 give the single-process loss
-curve at the same global batch, and their checkpoints are plain, full, resumable files."""
+curve at the same global batch, and their checkpoints (sharded, or single files) resume under any parallelism and
+world size."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT, TINY, curve, env, records, torchrun, train
+from conftest import ROOT, TINY, assert_same_weights, curve, env, records, torchrun, train, weights
+
+from gpt2 import checkpoint
 
 ARGS = [*TINY, "train.grad_accum_steps=2", "train.max_iters=8", "train.eval_interval=4", "train.eval_iters=3"]
 """eval_iters=3 on 2 ranks: uneven eval batches (FSDP pads them) must still average like one process."""
@@ -43,9 +46,12 @@ def test_two_processes_match_one(char_data, tmp_path, single, parallelism, extra
     torchrun([f"data.name={char_data}", f"out_dir={out}", f"train.parallelism={parallelism}", *ARGS, *extra], tmp_path)
     assert len(curve(out)) == len(curve(single)) == 8 + 3  # every step and the evals at 0, 4, 8: rank 0 only
     assert curve(out) == pytest.approx(curve(single), abs=1e-5, rel=0)
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert not (out / "ckpt.pt").exists()  # a sharded checkpoint: a part per rank, no gathered file
+    assert sorted(p.name for p in (out / "ckpt" / "step_00000008").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    ckpt = checkpoint.load(out)  # consolidated: the single-file format
     ref = torch.load(single / "ckpt.pt", weights_only=True)
     assert ckpt["model"].keys() == ref["model"].keys()  # plain keys, full (unsharded) tensors
+    assert ckpt["optimizer"]["state"].keys() == ref["optimizer"]["state"].keys()
     for k, v in ckpt["model"].items():
         torch.testing.assert_close(v, ref["model"][k], atol=1e-5, rtol=0)
     assert len(ckpt["rng"]) == 2 and ckpt["loader"].keys() == {"position", "seed"}  # one global position
@@ -96,10 +102,14 @@ def test_fsdp_reducing_once_per_step_trains_as_reducing_every_micro_step(char_da
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.parametrize("first, then", [("none", "fsdp"), ("fsdp", "none"), ("fsdp", "fsdp")])
+@pytest.mark.parametrize(
+    "first, then",
+    [("none", "fsdp"), ("fsdp", "none"), ("fsdp", "fsdp"), ("ddp", "fsdp"), ("fsdp-file", "ddp")],
+)
 def test_a_run_resumes_under_another_parallelism_and_world_size(char_data, tmp_path, single, first, then):  # noqa: F811
-    """The optimizer state is keyed by parameter name and unsharded whatever wrote it: a 1-process run goes on
-    under FSDP on 2 ranks and the other way, on the uninterrupted run's loss curve."""
+    """Whatever wrote the checkpoint: one process (ckpt.pt), 2 ranks (sharded: DCP reshards DDP's whole tensors
+    and FSDP's shards to what the resuming ranks hold), or 2 FSDP ranks writing a single file (fsdp-file), the run
+    goes on under another parallelism and world size on the uninterrupted run's loss curve."""
     out = tmp_path / "run"
     for parallelism, max_iters in ((first, 4), (then, 8)):
         args = [
@@ -111,8 +121,12 @@ def test_a_run_resumes_under_another_parallelism_and_world_size(char_data, tmp_p
         ]
         if parallelism == "none":
             train(args, tmp_path)
+        elif parallelism == "fsdp-file":
+            torchrun([*args, "train.parallelism=fsdp", "train.sharded_checkpoint=false"], tmp_path)
+            assert (out / "ckpt.pt").exists() and not (out / "ckpt").exists()
         else:
             torchrun([*args, f"train.parallelism={parallelism}"], tmp_path)
+            assert (out / "ckpt" / "latest").read_text() == f"step_{max_iters:08d}\n"
     assert curve(out) == pytest.approx(curve(single), abs=1e-4, rel=0)
 
 
@@ -476,7 +490,7 @@ def _watched_run(info, data: str, out: str) -> dict:
         code = 0
     except SystemExit as e:
         code = e.code
-    saved = torch.load(Path(out) / "run" / "ckpt.pt", weights_only=False)["step"]
+    saved = checkpoint.load(Path(out) / "run", optimizer=False)["step"]
     return {"waits": waits, "blocking": blocking, "code": code, "stopped_at": trainer.state.step, "saved": saved}
 
 
@@ -569,18 +583,17 @@ def test_a_second_sigterm_under_torchrun_does_not_abort_the_save(char_data, tmp_
             os.kill(pid, signal.SIGTERM)
     output = agent.communicate(timeout=120)[0].decode()
     assert "stopped by signal 15 at step" in output, output[-3000:]
-    step = torch.load(stopped / "ckpt.pt", weights_only=True)["step"]
+    step = checkpoint.load(stopped, optimizer=False)["step"]  # (sharded: each rank wrote its part)
     assert 3 <= step < 30
     torchrun([f"out_dir={stopped}", *common], tmp_path)  # the resume
     torchrun([f"out_dir={tmp_path / 'whole'}", *common], tmp_path)
-    ours = torch.load(stopped / "ckpt.pt", weights_only=True)["model"]
-    whole = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)["model"]
-    assert all(torch.equal(ours[k], whole[k]) for k in whole)
+    assert_same_weights(weights(stopped), weights(tmp_path / "whole"))
 
 
 def _fsdp_trainer_rank(rank: int, port: int, out: str, data: str, init: str, spied: str) -> None:
     """Rank `rank` of 2 builds an FSDP trainer on `out`/run (fine-tuning from `init`, or resuming the run there)
-    with `spied` ("gpt2.loading.load" or "gpt2.checkpoint.load") recording its calls; writes what it saw."""
+    with `spied` (e.g. "gpt2.loading.load") recording its calls; writes what it saw, and (rank 0) whether the
+    model's weights are the init's or the checkpoint's."""
     import importlib
 
     from conftest import compose
@@ -592,18 +605,20 @@ def _fsdp_trainer_rank(rank: int, port: int, out: str, data: str, init: str, spi
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
+    from gpt2 import checkpoint
+
+    run = Path(out) / "run"
+    expected = checkpoint.load(run if checkpoint.latest(run) else init, optimizer=False)["model"]
     module, name = spied.rsplit(".", 1)
     module = importlib.import_module(module)
     loads, real = [], getattr(module, name)
     setattr(module, name, lambda *args, **kwargs: loads.append(str(args[0])) or real(*args, **kwargs))
     info = distributed.init("cpu")
-    overrides = [f"data.name={data}", f"out_dir={out}/run", f"init_from={init}", "train.parallelism=fsdp", *TINY]
+    overrides = [f"data.name={data}", f"out_dir={run}", f"init_from={init}", "train.parallelism=fsdp", *TINY]
     trainer = Trainer(to_object(compose(*overrides, "train.grad_accum_steps=2"), TrainRunConfig), info)
     weights = distributed.FullModelState(trainer.model).state_dict()  # gathered to rank 0 (collective)
     result = {"loads": loads}
     if info.is_main:
-        source = Path(out) / "run" if (Path(out) / "run" / "ckpt.pt").exists() else Path(init)
-        expected = torch.load(source / "ckpt.pt", weights_only=True)["model"]
         result["weights"] = all(torch.equal(weights[k], v) for k, v in expected.items())
     with open(f"{out}/r.{rank}", "w") as f:
         json.dump(result, f)
@@ -639,12 +654,25 @@ def test_an_fsdp_resume_reads_the_checkpoint_on_rank_0_alone(char_data, tmp_path
     """Every rank reading ckpt.pt whole would hold the whole model and optimizer state in each process (350M:
     10.1 GiB per rank against 4.4 while training, BENCHMARKS.md): rank 0 reads it, FSDP shards from its copy."""
     run = tmp_path / "run"
-    torchrun(
-        [f"data.name={char_data}", f"out_dir={run}", *ARGS, "train.max_iters=2", "train.parallelism=fsdp"], tmp_path
-    )
+    args = [f"data.name={char_data}", f"out_dir={run}", *ARGS, "train.max_iters=2", "train.parallelism=fsdp"]
+    torchrun([*args, "train.sharded_checkpoint=false"], tmp_path)
     results = _spawn_fsdp_trainers(tmp_path, char_data, "scratch", "gpt2.checkpoint.load")
     assert results[0] == {"loads": [str(run / "ckpt.pt")], "weights": True}
     assert results[1] == {"loads": []}
+
+
+@pytest.mark.slow  # ~20 s: a torchrun run, then two spawned processes
+def test_an_fsdp_resume_from_a_sharded_checkpoint_reads_each_ranks_part(char_data, tmp_path):  # noqa: F811
+    """From a sharded checkpoint each rank reads its own part, straight into its shards: no rank consolidates it
+    (`checkpoint.load`, which holds all of it) and none receives it from another."""
+    run = tmp_path / "run"
+    args = [f"data.name={char_data}", f"out_dir={run}", *ARGS, "train.max_iters=2", "train.parallelism=fsdp"]
+    torchrun(args, tmp_path)
+    step = str(run / "ckpt" / "step_00000002")
+    for spied, loads in (("gpt2.checkpoint.load", []), ("gpt2.sharded_checkpoint.read", [step, step])):
+        results = _spawn_fsdp_trainers(tmp_path, char_data, "scratch", spied)
+        assert results[0] == {"loads": loads, "weights": True}  # (read: the model's part, then the optimizer's)
+        assert results[1] == {"loads": loads}
 
 
 @pytest.mark.e2e
