@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, assert_same_weights, env, trainer, weights
+from conftest import ROOT, TINY, assert_same_weights, bash_blocks, commands, env, trainer, weights
 
 from gpt2 import checkpoint, sharded_checkpoint
 from gpt2.errors import UserError
@@ -46,15 +46,17 @@ def test_a_sharded_run_resumes_exactly_and_keeps_its_latest_and_best(runs):
 
 
 def test_a_consolidated_sharded_checkpoint_is_the_single_file_of_the_same_run(runs, tmp_path):
+    """The README's command, as written, on a copy of the sharded run at its out/run."""
+    import shutil
+
     sharded, single = runs
-    out = tmp_path / "consolidated.pt"
-    p = subprocess.run(
-        [sys.executable, "-m", "gpt2.checkpoint", "consolidate", str(sharded), str(out)],
-        capture_output=True,
-        text=True,
-        env=env(),
-    )
-    assert p.returncode == 0 and p.stdout.startswith(f"wrote {out} ("), p.stderr
+    shutil.copytree(sharded, tmp_path / "out" / "run")
+    readme = (ROOT / "README.md").read_text()
+    (argv,) = [c for b in bash_blocks(readme) for c in commands(b) if c[:3] == ["python", "-m", "gpt2.checkpoint"]]
+    p = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, env=env())
+    out = tmp_path / argv[-1]
+    assert argv[3:] == ["consolidate", "out/run", "out/run.pt"]
+    assert p.returncode == 0 and p.stdout.startswith(f"wrote {argv[-1]} ("), p.stderr
     ours, theirs = torch.load(out, weights_only=True), torch.load(single / "ckpt.pt", weights_only=True)
     assert ours.keys() == theirs.keys() and ours["format_version"] == checkpoint.CHECKPOINT_FORMAT
     assert_same_weights(ours["model"], theirs["model"])
