@@ -29,6 +29,7 @@ import pickle
 import shutil
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -322,6 +323,8 @@ class Checkpointer:
         self.background, self.sharded = background, sharded
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.last_save_s = 0.0
+        """Seconds the last save took, until its file was written (0 before the first)."""
 
     @property
     def where(self) -> Path:
@@ -335,8 +338,10 @@ class Checkpointer:
     def save(self, best: bool = False) -> None:
         """Write the state to ckpt.pt (from a snapshot, in the background, with `background`); with `best`,
         best.pt then becomes a hard link to it (a copy where links are unsupported). Sharded: see the class."""
+        started = time.perf_counter()
         if self.sharded:
             self._save_sharded(best)
+            self.last_save_s = time.perf_counter() - started
             return
         state = {key: owner.state_dict() for key, owner in self.components.items()}
         for owner in self.counters:
@@ -345,10 +350,11 @@ class Checkpointer:
             self.wait()
             if self.background:
                 snapshot = _cpu_copy({**self.metadata(), **state})
-                self._writer = threading.Thread(target=self._write, args=(snapshot, best), name="checkpoint-writer")
+                args = (snapshot, best, started)
+                self._writer = threading.Thread(target=self._write, args=args, name="checkpoint-writer")
                 self._writer.start()
             else:
-                self._write({**self.metadata(), **state}, best)
+                self._write({**self.metadata(), **state}, best, started)
                 self.wait()  # raise its error now
         distributed.barrier()
 
@@ -373,9 +379,10 @@ class Checkpointer:
             error, self._error = self._error, None
             raise error
 
-    def _write(self, snapshot: dict[str, Any], best: bool) -> None:
+    def _write(self, snapshot: dict[str, Any], best: bool, started: float) -> None:
         try:
             save(self.path, snapshot)
+            self.last_save_s = time.perf_counter() - started
             if best:
                 link_or_copy(self.path, self.best_path)
             if sharded_checkpoint.root(self.out_dir).exists():  # (a sharded run went on in one process)

@@ -325,6 +325,13 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them (per block,
     non-reentrant): much less memory for about a third more compute. Works with compile, DDP and FSDP."""
+    stop_grace_s: float = 20.0
+    """Seconds from a stop signal to a saved checkpoint that the run aims for: set it below what your launcher
+    waits before killing (torchrun: 30 s after it forwards a SIGTERM; SLURM: KillWait, or the lead time of
+    --signal). A step in progress when the signal comes is finished unless finishing it (at the pace of its
+    micro-steps so far) and then saving (as long as the last save took) would pass this: then it is abandoned
+    between two micro-steps (its gradients dropped; the resume redoes it from its first micro-batch). 0: always
+    finish the step."""
     sharded_checkpoint: Optional[bool] = None
     """Checkpoint as sharded folders (ckpt/step_*/, torch.distributed.checkpoint): every rank writes its part of
     the model and optimizer in parallel and reads only what its shards need; loadable at any world size and
@@ -352,6 +359,8 @@ class TrainConfig:
             raise UserError("train.early_stopping_patience needs evaluations: set train.eval_interval > 0")
         if self.grad_clip < 0:
             raise UserError(f"train.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.stop_grace_s < 0:
+            raise UserError(f"train.stop_grace_s must be >= 0 (0: always finish the step), got {self.stop_grace_s}")
         if self.collective_timeout_s < 1:
             raise UserError(f"train.collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
         check_choice("train.parallelism", self.parallelism, ("ddp", "fsdp"))

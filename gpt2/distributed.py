@@ -305,6 +305,10 @@ def _full_state_options() -> Any:
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+SIGNAL_BITS, LATE = 0xFF, 0x100
+"""A vote is a signal number (0: none), with LATE set when a rank is past its stop grace (max-reduced)."""
+
+
 class StopVote:
     """Whether any rank was asked to stop (the signal number; 0: none), agreed on by every rank without making a
     training step wait for the device or for the other ranks.
@@ -324,9 +328,22 @@ class StopVote:
             return signal
         agreed = self._collect()
         if not agreed:
-            self.flag.fill_(signal)
-            self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        return agreed
+            self._issue(signal)
+        return agreed & SIGNAL_BITS
+
+    def between_micro_steps(self, signal: int, late: bool) -> tuple[int, bool]:
+        """(the signal, whether any rank is `late`) as of the vote issued at the previous micro-step or step end;
+        issues the next. Every rank collects the same answer at the same micro-step, so they abandon a step
+        together (see `gpt2.stopping.StopSignals.abandon_step`)."""
+        if self.group is None:
+            return signal, late
+        agreed = self._collect()
+        self._issue(max(agreed, signal | (LATE if late else 0)))
+        return agreed & SIGNAL_BITS, bool(agreed & LATE)
+
+    def _issue(self, value: int) -> None:
+        self.flag.fill_(value)
+        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
 
     def now(self, signal: int) -> int:
         if self.group is None:
@@ -334,7 +351,7 @@ class StopVote:
         agreed = self._collect()
         self.flag.fill_(max(agreed, signal))
         dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group)
-        return int(self.flag.item())
+        return int(self.flag.item()) & SIGNAL_BITS
 
     def finish(self) -> None:
         """Wait for the vote in flight (before the process group goes)."""

@@ -19,10 +19,19 @@ class RankRNG:
         self.device, self.rank = device, rank
 
     def state_dict(self) -> list[dict[str, torch.Tensor]]:  # type: ignore[override]
+        return distributed.all_gather_object(self.local_state())
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """This rank's state (no communication), for `set_local_state`."""
         state = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return distributed.all_gather_object(state)
+        return state
+
+    def set_local_state(self, state: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def load_state_dict(self, states: list[dict[str, Any]]) -> None:
         if self.rank >= len(states):

@@ -10,11 +10,13 @@ saves the same step.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gpt2.distributed import DistInfo, StopVote, print0
 
@@ -31,6 +33,7 @@ class StopSignals:
     def __init__(self, info: DistInfo, saving_to: Path) -> None:
         self.saving_to = saving_to
         self.signal: int | None = None
+        self.since = math.inf  # time.perf_counter() when this rank learnt of the stop
         self.vote = StopVote(info)
         self._previous: dict[int, Any] = {}
 
@@ -51,9 +54,20 @@ class StopSignals:
         """After a training step, the vote issued after the step before (no wait); elsewhere a vote taken now."""
         local = self.signal or 0
         agreed = self.vote.after_step(local) if after_step else self.vote.now(local)
-        if agreed and self.signal is None:
-            self.signal = agreed  # another rank's signal: this rank stops with it
+        self._learn(agreed)
         return agreed and self.signal
+
+    def abandon_step(self, late: Callable[[], bool]) -> bool:
+        """Between two micro-steps of a step: whether the ranks agree to abandon it, because a stop came and
+        `late()` (finishing the step and saving would pass the grace) holds on some rank. A distributed vote is
+        one micro-step behind, as `agreed` is one step behind."""
+        agreed, abandon = self.vote.between_micro_steps(self.signal or 0, self.signal is not None and late())
+        self._learn(agreed)
+        return abandon
+
+    def _learn(self, agreed: int) -> None:
+        if agreed and self.signal is None:  # another rank's signal: this rank stops with it
+            self.signal, self.since = agreed, time.perf_counter()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signal is not None:  # a repeat (see the module docstring): the save goes on
@@ -62,7 +76,7 @@ class StopSignals:
             devnull = os.open(os.devnull, os.O_WRONLY)
             for fd in (1, 2):
                 os.dup2(devnull, fd)
-        self.signal = signum  # acted on by the trainer after the current step, when its state is consistent
+        self.signal, self.since = signum, time.perf_counter()  # acted on by the trainer when its state is consistent
         print0(
             f"got {signal.Signals(signum).name}: finishing this step, then saving {self.saving_to} "
             "(further signals do not interrupt the save; kill -9 or Ctrl-\\ stops at once, without saving)"

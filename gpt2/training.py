@@ -132,6 +132,7 @@ class Trainer:
         if train.epochs is not None:
             train.max_iters = _steps_for_epochs(train, len(self.loader.epoch), self.loader.sequences.unit)
         self.state = TrainState()
+        self.rng = RankRNG(self.device, info.rank)
         self.logger = MetricsLogger(self.out_dir, enabled=info.is_main, wandb_cfg=cfg.wandb, run_config=to_dict(cfg))
         self.checkpointer = Checkpointer(
             self.out_dir,
@@ -140,7 +141,7 @@ class Trainer:
                 "optimizer": self.optimizers,
                 "scaler": self.scaler,
                 "loader": self.loader,
-                "rng": RankRNG(self.device, info.rank),
+                "rng": self.rng,
             },
             counters=(self.state, self.logger),
             metadata=self._run_metadata,
@@ -216,6 +217,8 @@ class Trainer:
                 if self.state.step == self._clock[1]:
                     self._restart_clock()  # the speed of training steps, not of evals or start-up
                 last = self.train_step()
+                if last is None:  # abandoned for a stop signal
+                    self._stop(self.stop.signal, abandoned=True)
                 if self.state.step % train.log_interval == 0 or self.state.step == train.max_iters:
                     self.logger.log(self._read_metrics(last), self.state.step)
                 self._stop_if_asked(after_step=True)
@@ -224,12 +227,16 @@ class Trainer:
                 self._stop_if_asked()
             self.checkpointer.wait()
 
-    def train_step(self) -> dict[str, Any]:
+    def train_step(self) -> dict[str, Any] | None:
         """One optimizer step over `accum` micro-batches per rank. Nothing here waits for the device: the loss
         and gradient norm stay on it (returned as tensors) until a log step reads them, and a NaN/inf is
-        remembered on the device by `divergence` until then."""
+        remembered on the device by `divergence` until then. None: a stop signal abandoned the step (nothing
+        changed: see `_accumulate_gradients`)."""
         lr = set_lr(self.optimizers, self.state.step, self.cfg.optim, self.cfg.train.max_iters)
-        loss, rewards = self._accumulate_gradients()
+        accumulated = self._accumulate_gradients()
+        if accumulated is None:
+            return None
+        loss, rewards = accumulated
         self.optimizers.unscale_(self.scaler)
         clip = self.cfg.train.grad_clip or math.inf  # inf: measure the norm, clip nothing
         grad_norm = clip_grad_norm_(list(self.model.parameters()), clip)
@@ -266,13 +273,23 @@ class Trainer:
     def _restart_clock(self) -> None:
         self._clock = (time.perf_counter(), self.state.step)
 
-    def _accumulate_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _accumulate_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Forward and backward over this rank's micro-batches; the gradients are of the mean loss over every
         target (DPO: pair) of the step's micro-batches on all ranks. Returns this rank's part of that loss times
-        the number of ranks (so that their mean is the loss), and with DPO the step's reward sums, on the device."""
+        the number of ranks (so that their mean is the loss), and with DPO the step's reward sums, on the device.
+        None when the ranks abandoned the step for a stop signal (train.stop_grace_s): the gradients are dropped
+        and the data position and RNG are back where the step started, so a resume redoes it exactly."""
         loss_sum = torch.zeros((), device=self.device)
         reward_sums = torch.zeros(4, device=self.device) if self.dpo else None
+        abandonable = self.accum > 1 and self.cfg.train.stop_grace_s > 0
+        started = time.perf_counter()
+        start = (self.loader.state_dict(), self.rng.local_state()) if abandonable else None
         for micro, weight in enumerate(self.loader.micro_batch_weights(self.accum)):
+            if micro and start and self.stop.abandon_step(lambda: self._past_grace(started, micro)):
+                distributed.zero_grad(self.parallel_model, self.optimizers)
+                self.loader.load_state_dict(start[0])
+                self.rng.set_local_state(start[1])
+                return None
             batch = self.loader.next_batch()
             # The gradient all-reduce runs once, on the last micro-step (FSDP: unless fsdp_reduce_every_micro_step).
             last = micro == self.accum - 1
@@ -284,6 +301,13 @@ class Trainer:
             if rewards is not None:
                 reward_sums += rewards
         return loss_sum, reward_sums
+
+    def _past_grace(self, started: float, done: int) -> bool:
+        """Whether finishing this step (at the pace of its `done` micro-steps so far) and then saving (as long as
+        the last save took) would end more than train.stop_grace_s after the stop signal."""
+        now = time.perf_counter()
+        finish = now + (now - started) / done * (self.accum - done) + self.checkpointer.last_save_s
+        return finish > self.stop.since + self.cfg.train.stop_grace_s
 
     def _loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mean loss of a batch through `model` (the chunked loss, gpt2.loss) and, with DPO, its reward sums."""
@@ -393,13 +417,17 @@ class Trainer:
         must agree (the save is collective): after a training step on the vote issued after the step before
         (no wait), elsewhere on a vote taken now."""
         signum = self.stop.agreed(after_step)
-        if not signum:
-            return
+        if signum:
+            self._stop(signum)
+
+    def _stop(self, signum: int, abandoned: bool = False) -> None:
+        """Save a checkpoint of the current step and exit 128 + signal (every rank: the save is collective)."""
         self.divergence.check(self.checkpointer.where)
         self.checkpointer.save()
         self.checkpointer.wait()
+        why = f" (step {self.state.step + 1} abandoned to save within train.stop_grace_s)" if abandoned else ""
         print0(
-            f"stopped by signal {signum} at step {self.state.step}: checkpoint saved "
+            f"stopped by signal {signum} at step {self.state.step}{why}: checkpoint saved "
             f"to {self.checkpointer.where}; rerun the same command to resume"
         )
         raise SystemExit(128 + signum)

@@ -344,3 +344,35 @@ def test_a_checkpoint_of_format_1_resumes_exactly(char_data, tmp_path):
     for key in full:
         assert torch.equal(resumed[key], full[key]), key
     assert torch.load(old / "ckpt.pt", weights_only=True)["format_version"] == 2
+
+
+@pytest.mark.parametrize("grace_s, saved_at", [(0.001, 3), (1000.0, 4)], ids=["past-grace", "within-grace"])
+def test_a_stop_abandons_a_step_that_would_end_past_the_grace_and_the_resume_redoes_it(
+    char_data, tmp_path, grace_s, saved_at
+):
+    """A signal during step 4's second micro-step (of 4): with a 1 ms grace the step is abandoned before its third
+    (gradients dropped; the data position and the dropout RNG rewound), so the checkpoint is step 3's and the
+    resume redoes step 4 from its first micro-batch; with a long grace the step is finished and saved. Either way
+    the resumed run ends bit for bit where an uninterrupted one does (dropout on: a rewind that missed the RNG
+    would show)."""
+    args = [*FOUR, "train.max_iters=6", "train.eval_interval=0", "train.grad_accum_steps=4", "model.dropout=0.1"]
+    out = tmp_path / "run"
+    stopped = trainer(*base(char_data, out, *args, f"train.stop_grace_s={grace_s}"))
+    next_batch, calls = stopped.loader.next_batch, []
+
+    def signalled_next_batch():
+        calls.append(stopped.state.step)
+        if calls.count(3) == 2:  # step 4's second micro-batch
+            stopped.stop._on_signal(signal.SIGTERM, None)
+        return next_batch()
+
+    stopped.loader.next_batch = signalled_next_batch
+    with pytest.raises(SystemExit) as e:
+        stopped.fit()
+    assert e.value.code == 128 + signal.SIGTERM
+    assert calls.count(3) == (2 if saved_at == 3 else 4)
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    assert saved["step"] == saved_at and saved["loader"]["position"] == 4 * saved_at
+    trainer(*base(char_data, out, *args)).fit()
+    trainer(*base(char_data, tmp_path / "whole", *args)).fit()
+    assert_same_weights(weights(out), weights(tmp_path / "whole"))

@@ -545,6 +545,72 @@ def test_distributed_steps_never_wait_and_every_rank_stops_after_the_same_step(c
         assert result == {"waits": [], "blocking": [], "code": 143, "stopped_at": 6, "saved": 6}, (rank, result)
 
 
+def _abandoning_rank(rank: int, port: int, data: str, out: str) -> None:
+    """One rank of the stop-grace test: rank 1 alone is signalled during step 3's second micro-step (of 4)."""
+    import signal
+
+    from conftest import compose
+
+    from gpt2 import distributed
+    from gpt2.config import TrainRunConfig, to_object
+    from gpt2.training import Trainer
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)  # as torchrun's ranks run (conftest.env): the resume must be bit for bit
+    info = distributed.init("cpu")
+    trainer = Trainer(
+        to_object(compose(*GRACE_ARGS(data, f"{out}/run"), "train.stop_grace_s=0.001"), TrainRunConfig), info
+    )
+    next_batch, calls = trainer.loader.next_batch, []
+
+    def signalled_next_batch():
+        calls.append(trainer.state.step)
+        if rank == 1 and calls.count(2) == 2:
+            trainer.stop._on_signal(signal.SIGTERM, None)
+        return next_batch()
+
+    trainer.loader.next_batch = signalled_next_batch
+    try:
+        trainer.fit()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    with open(f"{out}/r.{rank}", "w") as f:
+        json.dump({"code": code, "step_3_micro_steps": calls.count(2)}, f)
+    distributed.cleanup()
+
+
+def GRACE_ARGS(data: str, out: str) -> list[str]:  # noqa: N802
+    return [f"data.name={data}", f"out_dir={out}", *ARGS, "train.grad_accum_steps=8", "model.dropout=0.1"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow  # ~30 s: two spawned ranks, then two torchrun runs
+def test_every_rank_abandons_a_step_that_would_end_past_the_stop_grace(char_data, tmp_path):  # noqa: F811
+    """A signal to rank 1 alone during step 3 with a 1 ms train.stop_grace_s: both ranks learn it from the vote
+    between micro-steps, abandon step 3 at the same micro-step (the vote is one micro-step behind: after its
+    third of 4), and save step 2; the resume under torchrun redoes step 3 and ends bit for bit where an
+    uninterrupted run does (dropout on: each rank's RNG was rewound)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_abandoning_rank, args=(port, str(char_data), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"r.{rank}").read_text())
+        assert result == {"code": 143, "step_3_micro_steps": 3}, (rank, result)
+    assert checkpoint.load(tmp_path / "run", optimizer=False)["step"] == 2
+    torchrun(GRACE_ARGS(char_data, tmp_path / "run"), tmp_path)
+    torchrun(GRACE_ARGS(char_data, tmp_path / "whole"), tmp_path)
+    assert curve(tmp_path / "run")[-1] == curve(tmp_path / "whole")[-1]
+    assert_same_weights(weights(tmp_path / "run"), weights(tmp_path / "whole"))
+
+
 def _children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
