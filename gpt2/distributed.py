@@ -31,6 +31,8 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    local_rank: int = 0
+    """The rank among the processes of this node (torchrun's LOCAL_RANK)."""
 
     @property
     def is_main(self) -> bool:
@@ -64,7 +66,7 @@ def init(device_name: str = "auto", timeout_s: int = 1800) -> DistInfo:
             device_id=device if backend == "nccl" else None,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    return DistInfo(rank=rank, world_size=world_size, device=device)
+    return DistInfo(rank=rank, world_size=world_size, device=device, local_rank=local_rank)
 
 
 def cuda_device(local_rank: int) -> torch.device:

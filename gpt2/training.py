@@ -153,7 +153,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, self.dtype)
         self.hellaswag = None
         if cfg.eval.hellaswag_interval:
-            self.hellaswag = hellaswag.examples_for_training(cfg.eval, self.ds.tokenizer, info.is_main)
+            self.hellaswag = hellaswag.examples_for_training(cfg.eval, self.ds.tokenizer, info)
         self.stop = StopSignals(info, saving_to=self.checkpointer.where)
         self._said_early_stop = False
         self.divergence = DivergenceWatch(self.device, check_grad_norm=not self.scaler.is_enabled())

@@ -29,6 +29,7 @@ train.batch_size train.grad_accum_steps train.tokens_per_step train.max_iters tr
 train.eval_iters
 train.log_interval train.grad_clip train.parallelism train.collective_timeout_s
 train.activation_checkpointing train.early_stopping_patience train.fsdp_reduce_every_micro_step
+train.sharded_checkpoint train.stop_grace_s
 wandb.enabled wandb.project wandb.run_name wandb.mode
 eval.hellaswag_interval eval.hellaswag_limit eval.hellaswag_path
 lora.rank lora.alpha lora.dropout lora.targets

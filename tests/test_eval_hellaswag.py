@@ -346,3 +346,50 @@ def test_two_gloo_ranks_all_reduce_to_the_single_process_result(tmp_path, tok, e
     got = json.loads((tmp_path / "r.json").read_text())
     assert got.pop("metrics") == {"hellaswag_acc": expected["acc"], "hellaswag_acc_norm": expected["acc_norm"]}
     assert got == expected and expected["n"] == 5
+
+
+def _downloading_rank(rank: int, local_ranks: list[int], init_file: str, jsonl: str, out: str) -> None:
+    """A rank whose node is its local rank's: it caches HellaSwag in out/node<rank - local rank>/, downloading
+    through a stand-in that copies `jsonl` and counts."""
+    import os
+    import shutil
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from gpt2.config import EvalConfig
+    from gpt2.distributed import DistInfo
+
+    os.environ["XDG_CACHE_HOME"] = f"{out}/node{rank - local_ranks[rank]}"
+    downloads = []
+
+    def download(url: str, dest: Path) -> Path:
+        downloads.append(url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(jsonl, dest))
+
+    hellaswag.download = download
+    world_size = len(local_ranks)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        info = DistInfo(rank=rank, world_size=world_size, local_rank=local_ranks[rank])
+        examples = hellaswag.examples_for_training(EvalConfig(hellaswag_interval=1), SimpleNamespace(name="gpt2"), info)
+        with open(f"{out}/r.{rank}", "w") as f:
+            json.dump({"downloads": len(downloads), "examples": len(examples)}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # ~15 s: twice three spawned processes
+@pytest.mark.parametrize(
+    "local_ranks, downloads", [([0, 1, 2], [1, 0, 0]), ([0, 0, 1], [1, 1, 0])], ids=["one-node", "two-node-caches"]
+)
+def test_hellaswag_for_training_is_downloaded_once_per_cache(tmp_path, local_ranks, downloads):
+    """Rank 0 downloads first; then the first rank of each other node, if its (node-local) cache still lacks the
+    file; no two ranks of a node download it (two-node-caches: ranks 1 and 2 are the second node)."""
+    import torch.multiprocessing as mp
+
+    write_jsonl(tmp_path / "hs.jsonl")
+    args = (local_ranks, str(tmp_path / "init"), str(tmp_path / "hs.jsonl"), str(tmp_path))
+    mp.spawn(_downloading_rank, args=args, nprocs=len(local_ranks), join=True)
+    results = [json.loads((tmp_path / f"r.{rank}").read_text()) for rank in range(len(local_ranks))]
+    assert results == [{"downloads": n, "examples": 5} for n in downloads]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from gpt2 import distributed, files, loading
 from gpt2.config import EvalConfig
 from gpt2.device import autocast, resolve_device, resolve_dtype
+from gpt2.distributed import DistInfo
 from gpt2.errors import UserError, exit_on_user_error
 from gpt2.eval.config import HellaSwagConfig, default_cache_dir, parse
 from gpt2.model import GPT
@@ -238,13 +239,15 @@ def all_reduce(result: dict[str, float | int], device: torch.device | str) -> di
     return _result(*(int(c) for c in counts.tolist()))
 
 
-def examples_for_training(cfg: EvalConfig, tokenizer: Any, is_main: bool) -> list[Example]:
+def examples_for_training(cfg: EvalConfig, tokenizer: Any, info: DistInfo) -> list[Example]:
     """The examples in-training HellaSwag scores (`eval.hellaswag_*`): checked before training starts, and
-    downloaded once, by rank 0, while the other ranks wait."""
+    downloaded once while the other ranks wait: by rank 0, then by the first rank of each node whose cache that
+    did not fill (a cache in a node-local home directory), never by every rank of a node at once."""
     check_tokenizer(tokenizer)
-    if is_main:
-        load_examples(cfg.hellaswag_path, cfg.hellaswag_limit)
-    distributed.barrier()
+    for downloads in (info.is_main, info.local_rank == 0 and not info.is_main):
+        if downloads:
+            load_examples(cfg.hellaswag_path, cfg.hellaswag_limit)
+        distributed.barrier()
     return load_examples(cfg.hellaswag_path, cfg.hellaswag_limit)
 
 
