@@ -89,7 +89,7 @@ def write_peft_adapter(run: str, out: Path, dtype: torch.dtype) -> Path:
     """A LoRA run's adapters in PEFT's files; UserError for a run without LoRA."""
     from safetensors.torch import save_file
 
-    ckpt = checkpoint.load(run)
+    ckpt = checkpoint.load(run, optimizer=False)
     config = ckpt.get("config", {})
     lora = config.get("lora", {})
     if not lora.get("rank"):

@@ -77,7 +77,7 @@ def load_hf(name_or_dir: str, device: str | torch.device = "cpu") -> Loaded:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """One of our checkpoints (a run's out_dir or a .pt file); a LoRA run's comes merged onto its base."""
-    ckpt = checkpoint.load(path)
+    ckpt = checkpoint.load(path, optimizer=False)  # (a sharded run: its optimizer moments are not read)
     config = ckpt.get("config", {})
     model = _merged_lora_model(ckpt, config) if config.get("lora", {}).get("rank") else model_from_state(ckpt)
     tokenizer = tokenizer_from_dict(ckpt["tokenizer"])

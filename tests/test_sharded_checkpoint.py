@@ -78,6 +78,15 @@ def test_a_checkpoint_argument_names_a_run_its_sharded_folder_or_a_pointer(runs)
     assert "optimizer" not in checkpoint.load(sharded, optimizer=False)  # (sampling and export need the model only)
 
 
+def test_sampling_serving_and_export_load_a_sharded_run_as_its_weights(runs):
+    from gpt2 import loading
+
+    sharded, single = runs
+    loaded = loading.load(sharded)
+    assert loaded.description == f"checkpoint {sharded}" and loaded.tokenizer.name == "char"
+    assert_same_weights(loaded.model.state_dict(), weights(single))
+
+
 def test_a_damaged_sharded_checkpoint_is_named_not_loaded(runs, tmp_path):
     import shutil
 
