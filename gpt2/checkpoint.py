@@ -81,10 +81,13 @@ def _tensors(obj: Any):
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     """Delete the temporary files of saves that never finished (`.ckpt.pt.<pid>.tmp`, up to a full checkpoint
-    each). Call it only while holding the run's lock: then no save is in progress. Returns what it removed."""
+    each; the sharded folders no pointer names). Call it only while holding the run's lock: then no save is in
+    progress. Returns what it removed."""
     stale = sorted(Path(run_dir).glob(".*.pt.*.tmp"))
     for path in stale:
         path.unlink(missing_ok=True)
+    if sharded_checkpoint.root(run_dir).is_dir():
+        stale += sharded_checkpoint.remove_unnamed(run_dir)
     return stale
 
 

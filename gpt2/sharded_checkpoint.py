@@ -140,12 +140,15 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def remove_unnamed(run_dir: Path) -> None:
-    """Delete the checkpoints no pointer names: older ones, and the parts of saves that never finished."""
+def remove_unnamed(run_dir: str | Path) -> list[Path]:
+    """Delete the checkpoints no pointer names: older ones, and the parts of saves that never finished. Returns
+    what it removed."""
     keep = {p.name for p in (named(run_dir, pointer) for pointer in POINTERS) if p is not None}
-    for path in root(run_dir).iterdir():
-        if path.is_dir() and _STEP_DIR.fullmatch(path.name) and path.name not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+    unnamed = [p for p in sorted(root(run_dir).iterdir()) if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    unnamed = [p for p in unnamed if p.name not in keep]
+    for path in unnamed:
+        shutil.rmtree(path, ignore_errors=True)
+    return unnamed
 
 
 def remove_replaced(run_dir: Path, best: bool) -> None:

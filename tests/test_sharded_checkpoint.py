@@ -118,6 +118,18 @@ def test_a_damaged_sharded_checkpoint_is_named_not_loaded(runs, tmp_path):
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
 
 
+def test_a_save_cut_short_leaves_a_folder_that_the_next_run_removes(runs, tmp_path):
+    import shutil
+
+    run = Path(shutil.copytree(runs[0], tmp_path / "run"))
+    partial = run / "ckpt" / "step_00000006"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"part of a rank's tensors")  # killed before .metadata and the pointer
+    assert checkpoint.resolve(run) == run / "ckpt" / "step_00000004"  # never named: never loaded
+    assert checkpoint.remove_stale_temporaries(run) == [partial]
+    assert not partial.exists() and checkpoint.load(run)["step"] == 4
+
+
 def test_a_failed_sharded_save_is_one_line_and_keeps_the_previous_checkpoint(char_data, tmp_path, monkeypatch):
     import errno
 
