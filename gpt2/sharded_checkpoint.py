@@ -78,20 +78,31 @@ def save(run_dir: Path, state: dict[str, Any], tensors: dict[str, Any], step: in
     files = distributed.all_gather_object(files)
     errors = [e for e in distributed.all_gather_object(error) if e]
     if errors:
-        free = shutil.disk_usage(directory.parent).free / 2**20
-        raise UserError(
-            f"sharded checkpoint {directory} not written ({errors[0]}); the previous checkpoint is kept. "
-            f"{directory.parent} has {free:,.0f} MiB free: free some space, then rerun the same command to resume"
-        )
+        if is_main:
+            shutil.rmtree(directory, ignore_errors=True)  # (what the ranks wrote of it)
+        raise _not_written(directory, errors[0])
     if is_main:
-        manifest = {name: entry for rank_files in files for name, entry in rank_files.items()}
-        atomic_write(directory / STATE_NAME, lambda f: torch.save({**state, "files": manifest}, f))
-        fsync_dir(directory)
-        for pointer in ("latest", "best") if best else ("latest",):
-            atomic_write_text(root(run_dir) / pointer, directory.name + "\n")
+        try:
+            manifest = {name: entry for rank_files in files for name, entry in rank_files.items()}
+            atomic_write(directory / STATE_NAME, lambda f: torch.save({**state, "files": manifest}, f))
+            fsync_dir(directory)
+            for pointer in ("latest", "best") if best else ("latest",):
+                atomic_write_text(root(run_dir) / pointer, directory.name + "\n")
+        except (OSError, RuntimeError) as e:  # (torch.save reports a failed write as a RuntimeError)
+            error = _reason(e)
         remove_unnamed(run_dir)
-    distributed.barrier()
+    error = distributed.broadcast_object(error)  # (every rank waits for rank 0 here)
+    if error:
+        raise _not_written(directory, error)
     return directory
+
+
+def _not_written(directory: Path, reason: str) -> UserError:
+    free = shutil.disk_usage(directory.parent).free / 2**20
+    return UserError(
+        f"sharded checkpoint {directory} not written ({reason}); the previous checkpoint is kept. "
+        f"{directory.parent} has {free:,.0f} MiB free: free some space, then rerun the same command to resume"
+    )
 
 
 def _one_process() -> bool:

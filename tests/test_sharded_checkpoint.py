@@ -151,6 +151,13 @@ def test_a_failed_sharded_save_is_one_line_and_keeps_the_previous_checkpoint(cha
     assert "MiB free" in message and "\n" not in message
     assert sharded_checkpoint.named(run) == run / "ckpt" / "step_00000002"
     assert checkpoint.load(run)["step"] == 2
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["best", "latest", "step_00000002"]
+
+    monkeypatch.undo()  # the tensors are written; then rank 0's state.pt is not
+    monkeypatch.setattr(sharded_checkpoint, "atomic_write", lambda *args: full_disk())
+    with pytest.raises(UserError, match=r"step_00000002-2 not written \(OSError: No space left on device\); the prev"):
+        stopped.checkpointer.save()
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["best", "latest", "step_00000002"]
 
 
 def test_a_run_that_goes_on_in_one_file_replaces_its_sharded_checkpoints(char_data, runs, tmp_path):

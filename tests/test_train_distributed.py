@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -176,15 +177,7 @@ def _waiting_rank(rank: int, port: int, out: str) -> None:
 def test_the_collective_timeout_key_reaches_the_process_group(tmp_path):
     """train.collective_timeout_s is the process group's timeout: a rank left waiting longer fails instead of
     hanging (torchrun then stops the job)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_waiting_rank, args=(port, str(tmp_path / "r")), nprocs=2, join=True)
-    waiting = json.loads((tmp_path / "r.1").read_text())
+    waiting = _spawn_two(_waiting_rank, tmp_path, str(tmp_path / "r"))[1]
     assert waiting["outcome"] != "passed" and waiting["waited"] < 6, waiting
 
 
@@ -250,16 +243,7 @@ def test_fsdp_gathers_half_precision_weights_and_keeps_gradients_sharded_between
     that is not the last of an accumulation each rank holds its gradient shard, not the unsharded gradient;
     with train.fsdp_reduce_every_micro_step=false the reduction waits for the last micro-step, same gradients;
     the residual stream stays fp32 between blocks, as under DDP's autocast (bf16 matmuls, fp32 sums)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fsdp_rank, args=(port, str(tmp_path / "r")), nprocs=2, join=True)
-    for rank in (0, 1):
-        result = json.loads((tmp_path / f"r.{rank}").read_text())
+    for result in _spawn_two(_fsdp_rank, tmp_path, str(tmp_path / "r")):
         assert result == {
             "param_dtype": "torch.bfloat16",
             "reduce_dtype": "torch.float32",
@@ -532,16 +516,7 @@ def test_distributed_steps_never_wait_and_every_rank_stops_after_the_same_step(c
     """Under 2 gloo ranks a training step and the stop check after it read nothing from the device and wait for
     no collective: the stop vote of the step before is collected, the next one issued in the background. A
     signal to one rank during step 5 stops both after step 6, whose checkpoint they save, exiting 143."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_voting_rank, args=(port, str(char_data), str(tmp_path)), nprocs=2, join=True)
-    for rank in (0, 1):
-        result = json.loads((tmp_path / f"r.{rank}").read_text())
+    for rank, result in enumerate(_spawn_two(_voting_rank, tmp_path, str(char_data), str(tmp_path))):
         assert result == {"waits": [], "blocking": [], "code": 143, "stopped_at": 6, "saved": 6}, (rank, result)
 
 
@@ -593,16 +568,7 @@ def test_every_rank_abandons_a_step_that_would_end_past_the_stop_grace(char_data
     between micro-steps, abandon step 3 at the same micro-step (the vote is one micro-step behind: after its
     third of 4), and save step 2; the resume under torchrun redoes step 3 and ends bit for bit where an
     uninterrupted run does (dropout on: each rank's RNG was rewound)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_abandoning_rank, args=(port, str(char_data), str(tmp_path)), nprocs=2, join=True)
-    for rank in (0, 1):
-        result = json.loads((tmp_path / f"r.{rank}").read_text())
+    for rank, result in enumerate(_spawn_two(_abandoning_rank, tmp_path, str(char_data), str(tmp_path))):
         assert result == {"code": 143, "step_3_micro_steps": 3}, (rank, result)
     assert checkpoint.load(tmp_path / "run", optimizer=False)["step"] == 2
     torchrun(GRACE_ARGS(char_data, tmp_path / "run"), tmp_path)
@@ -693,6 +659,12 @@ def _fsdp_trainer_rank(rank: int, port: int, out: str, data: str, init: str, spi
 
 
 def _spawn_fsdp_trainers(tmp_path: Path, data: Path, init: Path, spied: str) -> list[dict]:
+    return _spawn_two(_fsdp_trainer_rank, tmp_path, str(tmp_path), str(data), str(init), spied)
+
+
+def _spawn_two(rank_fn: Callable[..., None], tmp_path: Path, *args: Any) -> list[dict]:
+    """`rank_fn(rank, port, *args)` in 2 spawned processes that meet at a free port; each writes what it found to
+    tmp_path/r.<rank> (JSON), returned in rank order."""
     import socket
 
     import torch.multiprocessing as mp
@@ -700,7 +672,7 @@ def _spawn_fsdp_trainers(tmp_path: Path, data: Path, init: Path, spied: str) -> 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_fsdp_trainer_rank, args=(port, str(tmp_path), str(data), str(init), spied), nprocs=2, join=True)
+    mp.spawn(rank_fn, args=(port, *args), nprocs=2, join=True)
     return [json.loads((tmp_path / f"r.{rank}").read_text()) for rank in (0, 1)]
 
 
