@@ -300,13 +300,13 @@ class Checkpointer:
     With `sharded`, each save is a folder under `ckpt/` (`gpt2.sharded_checkpoint`): every rank writes its part
     of the model and optimizer (`SHARDED_COMPONENTS`), rank 0 the rest, and a rank holds nothing it did not
     already. Otherwise the components gather sharded or per-rank state into ckpt.pt (and `best.pt`), which rank 0
-    writes. With `background` (training on an accelerator), those writes do not stall training: `save` copies
-    the state to CPU memory (a snapshot that later steps cannot change), then rank 0 writes it in a background
-    thread while training goes on. One write at a time: the next `save`, and `wait()` (at the end of a run,
-    before a stop's exit), wait for the previous one and raise its error, if any. Without it (training on the
-    CPU, where the state already is in CPU memory and a snapshot would double the run's footprint: 25 GB more
-    for a full gpt2-xl fine-tune) rank 0 writes the live state before `save` returns. Either way a kill
-    mid-write leaves the previous checkpoint.
+    writes. With `background` (training on an accelerator), writes do not stall training: `save` copies the
+    state to CPU memory (a snapshot that later steps cannot change: each rank its part when sharded, rank 0 the
+    whole otherwise), then writes it on a background thread while training goes on. One write at a time: the
+    next `save`, and `wait()` (at the end of a run, before a stop's exit; every rank), wait for the previous one
+    and raise its error, if any. Without it (training on the CPU, where the state already is in CPU memory and a
+    snapshot would double the run's footprint: 25 GB more for a full gpt2-xl fine-tune) the live state is
+    written before `save` returns. Either way a kill mid-write leaves the previous checkpoint.
     """
 
     def __init__(
@@ -326,6 +326,7 @@ class Checkpointer:
         self.background, self.sharded = background, sharded
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._group: Any = None  # the gloo group of background sharded writes, made at the first
         self.last_save_s = 0.0
         """Seconds the last save took, until its file was written (0 before the first)."""
 
@@ -343,8 +344,7 @@ class Checkpointer:
         best.pt then becomes a hard link to it (a copy where links are unsupported). Sharded: see the class."""
         started = time.perf_counter()
         if self.sharded:
-            self._save_sharded(best)
-            self.last_save_s = time.perf_counter() - started
+            self._save_sharded(best, started)
             return
         state = {key: owner.state_dict() for key, owner in self.components.items()}
         for owner in self.counters:
@@ -361,17 +361,38 @@ class Checkpointer:
                 self.wait()  # raise its error now
         distributed.barrier()
 
-    def _save_sharded(self, best: bool) -> None:
+    def _save_sharded(self, best: bool, started: float) -> None:
+        """Every rank: the sharded checkpoint, written before returning, or with `background` from a CPU snapshot
+        on a thread of every rank (`wait` joins it)."""
         tensors = {key: self.components[key].sharded_state_dict() for key in SHARDED_COMPONENTS}  # type: ignore[attr-defined]
         state = {key: owner.state_dict() for key, owner in self.components.items() if key not in tensors}
         for owner in self.counters:
             state.update(owner.state_dict())
         plain = _light({"format_version": CHECKPOINT_FORMAT, **self.metadata(), **state, **tensors})
         tensors["optimizer"] = tensors["optimizer"]["state"]  # (its param groups are in the plain part)
-        sharded_checkpoint.save(self.out_dir, plain, tensors, state["step"], best, self.is_main)
-        if self.is_main:  # the files of a run that went on under torchrun are older
-            for replaced in (self.path, self.best_path) if best else (self.path,):
-                replaced.unlink(missing_ok=True)
+        self.wait()
+        args = (self.out_dir, plain, tensors, state["step"], best, self.is_main)
+        if not self.background:
+            self._finish_sharded(lambda: sharded_checkpoint.save(*args), best, started)
+            self.wait()  # raise its error now
+            return
+        if self._group is None:
+            self._group = distributed.cpu_group()
+        finish = sharded_checkpoint.save_in_background(*args, self._group)
+        self._writer = threading.Thread(
+            target=self._finish_sharded, args=(finish, best, started), name="checkpoint-writer"
+        )
+        self._writer.start()
+
+    def _finish_sharded(self, write: Callable[[], Path], best: bool, started: float) -> None:
+        try:
+            write()
+            self.last_save_s = time.perf_counter() - started
+            if self.is_main:  # the files of a run that went on under torchrun are older
+                for replaced in (self.path, self.best_path) if best else (self.path,):
+                    replaced.unlink(missing_ok=True)
+        except BaseException as e:  # noqa: BLE001  (raised in the training thread by wait())
+            self._error = e
 
     def wait(self) -> None:
         """Wait for the write in progress (if any) to finish; raise its error (a full disk: UserError)."""

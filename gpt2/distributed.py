@@ -375,22 +375,29 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_object(obj: Any) -> list[Any]:
+def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
     """Every rank's `obj`, in rank order (e.g. per-rank loader and RNG states for the checkpoint)."""
     if not dist.is_initialized():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
+def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
     """`obj` from rank `src` on every rank."""
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def cpu_group() -> Any:
+    """A new gloo process group over every rank (None in one process): for work that talks between ranks on
+    another thread than training's, or on the CPU whatever the device. Every rank must create it, in the same
+    order."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
 
 
 def barrier() -> None:

@@ -26,7 +26,7 @@ import shutil
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -71,12 +71,56 @@ def save(run_dir: Path, state: dict[str, Any], tensors: dict[str, Any], step: in
     directory = root(run_dir) / distributed.broadcast_object(_new_name(run_dir, step) if is_main else None)
     try:
         with _single_process_quietly():
-            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(directory, sync_files=True), no_dist=_one_process())
-        files, error = _own_files(directory), None
+            dcp.save(tensors, storage_writer=_writer(directory), no_dist=_one_process())
+        error = None
     except (CheckpointException, OSError, RuntimeError) as e:
+        error = _reason(e)
+    return _finish(run_dir, directory, state, best, is_main, error)
+
+
+def save_in_background(
+    run_dir: Path, state: dict[str, Any], tensors: dict[str, Any], step: int, best: bool, is_main: bool, group: Any
+) -> Callable[[], Path]:
+    """`save`, with the writing in the background: `tensors` are copied to CPU memory now (a snapshot that later
+    steps cannot change), and the returned function, run on another thread on every rank, waits for the write
+    and names the checkpoint as `save` does. The ranks talk over `group`, a gloo group (`distributed.cpu_group`)
+    that nothing else uses meanwhile."""
+    import torch.distributed.checkpoint as dcp
+
+    name = distributed.broadcast_object(_new_name(run_dir, step) if is_main else None, group=group)
+    directory = root(run_dir) / name
+    written = dcp.async_save(tensors, storage_writer=_writer(directory), process_group=group)
+
+    def finish() -> Path:
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            written.result()
+            error = None
+        except (CheckpointException, OSError, RuntimeError) as e:
+            error = _reason(e)
+        return _finish(run_dir, directory, state, best, is_main, error, group)
+
+    return finish
+
+
+def _writer(directory: Path) -> Any:
+    import torch.distributed.checkpoint as dcp
+
+    return dcp.FileSystemWriter(directory, sync_files=True)
+
+
+def _finish(
+    run_dir: Path, directory: Path, state: dict[str, Any], best: bool, is_main: bool, error: str | None, group=None
+) -> Path:
+    """After every rank wrote its part (or failed to: `error`): rank 0 writes state.pt with the data files' sizes
+    and CRC-32s and names the checkpoint, or every rank raises the first error."""
+    try:
+        files = _own_files(directory) if error is None else {}
+    except OSError as e:
         files, error = {}, _reason(e)
-    files = distributed.all_gather_object(files)
-    errors = [e for e in distributed.all_gather_object(error) if e]
+    files = distributed.all_gather_object(files, group=group)
+    errors = [e for e in distributed.all_gather_object(error, group=group) if e]
     if errors:
         if is_main:
             shutil.rmtree(directory, ignore_errors=True)  # (what the ranks wrote of it)
@@ -91,7 +135,7 @@ def save(run_dir: Path, state: dict[str, Any], tensors: dict[str, Any], step: in
         except (OSError, RuntimeError) as e:  # (torch.save reports a failed write as a RuntimeError)
             error = _reason(e)
         remove_unnamed(run_dir)
-    error = distributed.broadcast_object(error)  # (every rank waits for rank 0 here)
+    error = distributed.broadcast_object(error, group=group)  # (every rank waits for rank 0 here)
     if error:
         raise _not_written(directory, error)
     return directory

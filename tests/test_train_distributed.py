@@ -713,6 +713,66 @@ def test_an_fsdp_resume_from_a_sharded_checkpoint_reads_each_ranks_part(char_dat
         assert results[1] == {"loads": loads}
 
 
+def _background_saving_rank(rank: int, port: int, out: str) -> None:
+    """One FSDP rank of the background-save test: a step, a save, then the weights change while it is written."""
+    from dataclasses import asdict
+
+    from gpt2 import distributed
+    from gpt2.config import OptimConfig
+    from gpt2.model import GPT, GPTConfig
+    from gpt2.optim import build_optimizer
+
+    class Step:
+        def state_dict(self) -> dict:
+            return {"step": 1}
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    info = distributed.init("cpu")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    distributed.wrap_model(model, info, "fsdp")
+    optimizers = build_optimizer(model, OptimConfig(name="adamw"), "cpu")
+    idx = torch.randint(0, 64, (2, 16))
+    model(idx, idx)[1].backward()
+    optimizers.step()
+    weights = distributed.FullModelState(model)
+    expected, moments = weights.state_dict(), optimizers.state_dict().get("state")  # gathered to rank 0 (collective)
+    checkpointer = checkpoint.Checkpointer(
+        out,
+        components={"model": weights, "optimizer": optimizers},
+        counters=(Step(),),
+        metadata=lambda: {"model_config": asdict(model.config)},
+        is_main=info.is_main,
+        background=True,
+        sharded=True,
+    )
+    checkpointer.save()
+    with torch.no_grad():
+        for p in model.parameters():  # the next steps, while the checkpoint is written
+            p.add_(1.0)
+    checkpointer.wait()
+    if info.is_main:
+        saved = checkpoint.load(out)
+        same = all(torch.equal(saved["model"][k], v) for k, v in expected.items())
+        with open(f"{out}/r.0", "w") as f:
+            same_moments = saved["optimizer"]["state"].keys() == moments.keys()
+            json.dump({"same": same, "step": saved["step"], "same_moments": same_moments}, f)
+    else:
+        Path(f"{out}/r.1").write_text("{}")
+    distributed.cleanup()
+
+
+@pytest.mark.slow  # ~10 s: two spawned processes
+def test_a_background_sharded_save_writes_the_weights_of_the_moment_it_was_asked(tmp_path):
+    """What training on GPUs does (Checkpointer with background=True): each rank's part is copied to CPU memory
+    when `save` returns and written on a thread over a gloo group of its own, so the weights changing meanwhile
+    (the next steps) do not reach the checkpoint; `wait` names it once every rank's part is on disk."""
+    results = _spawn_two(_background_saving_rank, tmp_path, str(tmp_path))
+    assert results[0] == {"same": True, "step": 1, "same_moments": True}
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_fsdp_and_ddp_train_alike_in_bf16(char_data, tmp_path):  # noqa: F811
