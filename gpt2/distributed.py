@@ -264,7 +264,9 @@ def optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], w
     Without `whole`, an FSDP2 model's moments stay this rank's DTensor shards (for a sharded checkpoint)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    options = _state_options(model) if whole else StateDictOptions()
+    # Gathered for a sharded model; a plain model's own state is already full and FQN-keyed (and torch's
+    # full-state path would need an optimizer that has stepped).
+    options = _full_state_options() if whole and is_sharded(model) else StateDictOptions()
     return get_optimizer_state_dict(model, optimizers, options=options)
 
 
@@ -276,23 +278,12 @@ def load_optimizer_state(
     rank's `state` holds its own shards."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    if not whole:
+    if not (whole and is_sharded(model)):  # this rank's own shards, or a plain model's whole state
         set_optimizer_state_dict(model, optimizers, state)
-        return
-    if not is_sharded(model):
-        set_optimizer_state_dict(model, optimizers, state, options=_state_options(model))
         return
     if dist.get_rank() != 0:
         state = {"state": {}, "param_groups": state["param_groups"]}
     set_optimizer_state_dict(model, optimizers, state, options=_rank_0_state_options())
-
-
-def _state_options(model: nn.Module) -> Any:
-    """Full (gathered) state for a sharded model; a plain model's own state is already full and FQN-keyed (and
-    torch's full-state loader would need an optimizer that has stepped)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return _full_state_options() if is_sharded(model) else StateDictOptions()
 
 
 def _rank_0_state_options() -> Any:
