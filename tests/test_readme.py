@@ -26,12 +26,12 @@ ENTRY = {
 
 
 def entry_and_args(argv: list[str]) -> tuple[str, list[str]] | None:
-    """(entry point, its arguments) of a README command, whether it starts with python, torchrun or a pipe."""
+    """(entry point, its arguments) of a README command, whether it starts with python, torchrun, srun or a pipe."""
     if "|" in argv:
         argv = argv[argv.index("|") + 1 :]
     for i, word in enumerate(argv):
-        if word in ENTRY and argv[0] in ("python", "torchrun"):
-            return word, [a for a in argv[i + 1 :] if a not in ("-m", "--cfg", "job")]
+        if word in ENTRY and argv[0] in ("python", "torchrun", "srun"):
+            return word, [a for a in argv[i + 1 :] if a not in ("-m", "--cfg", "job", "&")]
     if argv[:2] == ["python", "-m"] and argv[2] in ("gpt2.eval", "gpt2.serve", "gpt2.export"):
         return argv[2], argv[3:]
     return None
