@@ -26,6 +26,8 @@ from gpt2.model import PRESETS, ModelConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that capture CUDA graphs
 MIN_SHARD_TOKENS = 1025
 """Tokens a shard holds at least: one window (block_size + 1) of GPT-2's 1024-token context."""
 
@@ -455,6 +457,9 @@ class TrainRunConfig:
     """auto (bf16 where supported, else fp16 with GradScaler on CUDA), float32, bfloat16 or float16."""
     compile: Optional[bool] = None
     """torch.compile the model (None: on for CUDA, off elsewhere)."""
+    compile_mode: str = "default"
+    """torch.compile's mode when compile is on: default, reduce-overhead (CUDA graphs), max-autotune (autotuned
+    kernels and CUDA graphs) or max-autotune-no-cudagraphs."""
     seed: int = 1337
     out_dir: str = "out/run"
     """Run directory: ckpt.pt, config.yaml, metrics.jsonl. Rerunning with the same out_dir resumes."""
@@ -465,6 +470,7 @@ class TrainRunConfig:
     def __post_init__(self) -> None:
         check_device("device", self.device)
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         check_choice("objective", self.objective, ("lm", "dpo"))
         if self.objective == "dpo" and self.init_from == "scratch":
             raise UserError(

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from gpt2 import checkpoint, distributed
 from gpt2.checkpoint import Checkpointer
 from gpt2.cli import job_out_dir, typed_keys
-from gpt2.config import TrainConfig, TrainRunConfig, check_no_preparation_keys, to_dict, to_object
+from gpt2.config import CUDA_GRAPH_MODES, TrainConfig, TrainRunConfig, check_no_preparation_keys, to_dict, to_object
 from gpt2.data import Batch, TokenLoader, eval_batches, open_dataset
 from gpt2.data.loader import resolve_packing
 from gpt2.device import autocast, configure_backends, resolve_dtype
@@ -111,7 +111,7 @@ class Trainer:
         self.compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self.dpo = DPO.for_run(cfg, self.device) if cfg.objective == "dpo" else None
         if self.compile:
-            _compile(self.model, train.parallelism if info.is_distributed else "none")
+            _compile(self.model, train.parallelism if info.is_distributed else "none", cfg.compile_mode)
         self.parallel_model = distributed.wrap_model(self.model, info, train.parallelism, self.dtype)
         if distributed.is_sharded(self.parallel_model):
             distributed.materialize(self.model, self.device, initial_state)
@@ -311,6 +311,8 @@ class Trainer:
 
     def _loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mean loss of a batch through `model` (the chunked loss, gpt2.loss) and, with DPO, its reward sums."""
+        if self.compile and self.cfg.compile_mode in CUDA_GRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()  # each pass is new: its outputs replace the last pass's
         with autocast(self.device, self.dtype):
             if self.dpo is not None:
                 return self.dpo.loss(model, self.model, batch.x, batch.y)
@@ -434,11 +436,13 @@ class Trainer:
 
     def _print_summary(self) -> None:
         train, info = self.cfg.train, self.info
+        compile_mode = f" ({self.cfg.compile_mode})" if self.compile else ""
+        parallelism = train.parallelism if info.is_distributed else "none"
         print0(
             f"model: {self.model.num_params() / 1e6:.2f}M parameters ({self.model.config.n_layer} layers, "
             f"{self.model.config.n_embd} wide, context {self.block_size}, vocab {self.model.config.vocab_size})\n"
             f"device: {self.device} x {info.world_size}, dtype {str(self.dtype).removeprefix('torch.')}, "
-            f"compile {self.compile}, parallelism {train.parallelism if info.is_distributed else 'none'}\n"
+            f"compile {self.compile}{compile_mode}, parallelism {parallelism}\n"
             f"batch: {self.tokens_per_step:,} tokens per step = {train.batch_size} sequences x {self.block_size} "
             f"tokens x {self.accum} micro-steps x {info.world_size} ranks; {train.max_iters} steps; "
             f"out_dir {self.out_dir}\n"
@@ -490,14 +494,21 @@ def _grad_accum_steps(train: TrainConfig, block_size: int, world_size: int) -> i
     return steps
 
 
-def _compile(model: GPT, parallelism: str) -> None:
-    """torch.compile in place (the module and its state-dict keys stay as they are). Under FSDP2, each block
-    is compiled on its own (as torchtitan), so the per-block all-gathers stay outside the compiled graphs."""
+def _compile(model: GPT, parallelism: str, mode: str) -> None:
+    """torch.compile in place (the module and its state-dict keys stay as they are) in `mode` (compile_mode).
+    Under FSDP2, each block is compiled on its own (as torchtitan), so the per-block all-gathers stay outside the
+    compiled graphs; CUDA graphs cannot capture those, so the modes that make them are refused there."""
+    options = {} if mode == "default" else {"mode": mode}
     if parallelism == "fsdp":
+        if mode in CUDA_GRAPH_MODES:
+            raise UserError(
+                f"compile_mode={mode} captures CUDA graphs, which cannot hold FSDP's all-gathers; with "
+                "train.parallelism=fsdp use compile_mode=default or max-autotune-no-cudagraphs"
+            )
         for block in model.transformer.h:
-            block.compile()
+            block.compile(**options)
     else:
-        model.compile()
+        model.compile(**options)
 
 
 def run(cfg: DictConfig) -> None:

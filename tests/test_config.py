@@ -34,7 +34,7 @@ wandb.enabled wandb.project wandb.run_name wandb.mode
 eval.hellaswag_interval eval.hellaswag_limit eval.hellaswag_path
 lora.rank lora.alpha lora.dropout lora.targets
 dpo.beta objective
-device dtype compile seed out_dir init_from
+device dtype compile compile_mode seed out_dir init_from
 """.split()
 SAMPLE_KEYS = """
 checkpoint init_from prompt prompt_file prompts_file num_samples max_new_tokens temperature top_k top_p
@@ -127,6 +127,7 @@ def test_every_field_is_documented():
         ),
         (config.TrainRunConfig, {"device": "tpu"}, "device='tpu' is not valid"),
         (config.TrainRunConfig, {"dtype": "fp8"}, "dtype='fp8' is not valid"),
+        (config.TrainRunConfig, {"compile_mode": "fast"}, "compile_mode='fast' is not valid; choose one of: default,"),
         (config.TrainRunConfig, {"optim": {"name": "muon"}, "train": {"parallelism": "fsdp"}}, "needs whole matrices"),
         (config.SampleConfig, {"init_from": "gpt2", "top_p": 0.0}, "top_p must be in (0, 1]"),
         (config.SampleConfig, {"init_from": "gpt2", "temperature": -1}, "temperature must be >= 0"),

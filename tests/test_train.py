@@ -320,6 +320,30 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(char_data, t
     assert ckpt["step"] == 5 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs", "reduce-overhead"])
+def test_compile_mode_is_the_mode_torch_compile_gets(char_data, tmp_path, monkeypatch, mode):
+    """compile_mode reaches torch.compile (default: torch's own default, no mode passed); the modes that capture
+    CUDA graphs mark each forward as a new graph step, and FSDP, whose all-gathers no graph can hold, refuses them."""
+    from gpt2.training import _compile
+
+    compiled, steps_marked = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: compiled.append((self, options)))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps_marked.append(1))
+    run = trainer(f"data.name={char_data}", f"out_dir={tmp_path}", *TINY, "compile=true", f"compile_mode={mode}")
+    expected = {} if mode == "default" else {"mode": mode}
+    assert compiled == [(run.model, expected)]
+    run.train_step()
+    assert len(steps_marked) == (run.accum if mode == "reduce-overhead" else 0)
+
+    compiled.clear()
+    if mode == "reduce-overhead":
+        with pytest.raises(UserError, match="compile_mode=reduce-overhead captures CUDA graphs, which cannot hold"):
+            _compile(run.model, "fsdp", mode)
+    else:
+        _compile(run.model, "fsdp", mode)
+        assert compiled == [(block, expected) for block in run.model.transformer.h]
+
+
 def test_a_training_step_never_waits_for_the_device(char_data, tmp_path, monkeypatch):
     """No host sync in train_step: the loss and gradient norm stay device tensors until a log step reads them
     (on a GPU the CPU then runs ahead and prepares the next batch while the current one computes)."""
