@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -118,22 +119,28 @@ def our_overrides(data: Path, out: Path, batch: int, steps: int, mode: str, devi
     return overrides + ["compile=true", "dtype=bfloat16"]
 
 
-def timed_steps(command: list[str], cwd: Path, line: re.Pattern, warmup: int) -> tuple[float | None, str]:
+def timed_steps(
+    command: list[str], cwd: Path, line: re.Pattern, warmup: int, timeout: float
+) -> tuple[float | None, str]:
     """Seconds per step between the log lines of step `warmup` and the last one, stamped as they arrive; None
-    (and the end of stderr) when the run fails."""
+    (and the end of stderr) when the run fails or outlasts `timeout` seconds (then it is killed)."""
     stamps: dict[int, float] = {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
         for text in proc.stdout:
             match = line.match(text)
             if match:
                 stamps[int(match.group(1))] = time.perf_counter()
+        killer.cancel()
         err.seek(0)
         tail = err.read()[-3000:]
     after = sorted(step for step in stamps if step >= warmup)
     if proc.wait() or len(after) < 2:
-        return None, tail or f"exit status {proc.returncode}, {len(stamps)} log lines"
+        killed = f"killed after --run-timeout {timeout:.0f} s; " if proc.returncode == -9 else ""
+        return None, killed + (tail or f"exit status {proc.returncode}, {len(stamps)} log lines")
     first, last = after[0], after[-1]
     return (stamps[last] - stamps[first]) / (last - first), ""
 
@@ -198,7 +205,7 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict]:
                 else:
                     overrides = our_overrides(ours_data, out, batch, args.steps, mode, args.device, args.rehearse)
                     command, cwd, line = [sys.executable, str(ROOT / "train.py"), *overrides], work, OUR_LINE
-                seconds, error = timed_steps(command, cwd, line, args.warmup)
+                seconds, error = timed_steps(command, cwd, line, args.warmup, args.run_timeout)
                 if error:
                     print(f"{who} ({mode}) at batch {batch} failed; the end of its stderr:\n{error}", file=sys.stderr)
                 results.append({"who": who, "mode": mode, "batch": batch, "round": round_, "s": seconds})
@@ -235,6 +242,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="alternating runs of each trainer per micro-batch")
     p.add_argument("--steps", type=int, default=60, help="steps of each run")
     p.add_argument("--warmup", type=int, default=20, help="steps before the timing starts (a multiple of 10)")
+    p.add_argument("--run-timeout", type=float, default=300, help="seconds before a run is killed (a failed row)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--rehearse", action="store_true", help="a 2-layer fp32 model without compile (a CPU dry run)")
     p.add_argument("--no-profile", action="store_true", help="skip the profiled step")
