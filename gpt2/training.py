@@ -460,6 +460,8 @@ class Trainer:
         warning = schedule_warning(self.cfg.optim, train.max_iters)
         if warning:
             print0(warning)
+        if not self.compile and self.cfg.compile_mode != "default":
+            print0(f"warning: compile_mode={self.cfg.compile_mode} does nothing while compile is off; set compile=true")
 
 
 def _steps_for_epochs(train: TrainConfig, per_epoch: int, unit: str) -> int:

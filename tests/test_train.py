@@ -344,6 +344,16 @@ def test_compile_mode_is_the_mode_torch_compile_gets(char_data, tmp_path, monkey
         assert compiled == [(block, expected) for block in run.model.transformer.h]
 
 
+def test_a_compile_mode_without_compile_is_said_to_do_nothing(char_data, tmp_path, capsys):
+    run = trainer(
+        f"data.name={char_data}", f"out_dir={tmp_path}", *TINY, "train.max_iters=1", "compile_mode=max-autotune"
+    )
+    run.fit()
+    assert "warning: compile_mode=max-autotune does nothing while compile is off; set compile=true" in (
+        capsys.readouterr().out
+    )
+
+
 def test_a_training_step_never_waits_for_the_device(char_data, tmp_path, monkeypatch):
     """No host sync in train_step: the loss and gradient norm stay device tensors until a log step reads them
     (on a GPU the CPU then runs ahead and prepares the next batch while the current one computes)."""
