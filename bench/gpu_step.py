@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -271,12 +272,18 @@ def main() -> None:
         work = Path(d)
         results = measure(args, work)
         text = table(results, model.config.block_size, model.flops_per_token(), peak_flops(device, dtype))
+        print(text, flush=True)  # before the profile: what was measured is out whatever happens next
         if not args.no_profile:
             first = args.micro_batches[0], args.compile_modes[0]
-            text += "\n\n" + profile_table(
-                work / "data" / "shakespeare", work, *first, args.device, args.rehearse, args.warmup
-            )
-    print(text)
+            try:
+                kernels = profile_table(
+                    work / "data" / "shakespeare", work, *first, args.device, args.rehearse, args.warmup
+                )
+            except Exception:  # the measured table is still worth recording
+                traceback.print_exc()
+                kernels = "The profiled step failed (its traceback is in the command's output)."
+            print(f"\n{kernels}")
+            text += f"\n\n{kernels}"
     section = (
         f"{report.heading('GPT-2 124M training step against nanoGPT on the GPU')}\n\n`{report.command_line()}` on "
         f"{report.machine(device)}, nanoGPT at its checkout's HEAD (config/train_gpt2.py), one micro-step per "
