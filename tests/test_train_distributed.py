@@ -146,7 +146,7 @@ def test_compiled_runs_match_one_eager_process(char_data, tmp_path, single, para
         "train.eval_interval=0",
     ]
     stdout = torchrun([f"data.name={char_data}", f"out_dir={out}", *ARGS, *args], tmp_path)
-    assert f"compile True, parallelism {parallelism}" in stdout
+    assert f"compile True (default), parallelism {parallelism}" in stdout
     losses = [r["loss"] for r in records(out)]
     assert losses == pytest.approx([r["loss"] for r in records(single)][:4], abs=1e-4, rel=0)
 
