@@ -1,6 +1,6 @@
 """The GPU training step of GPT-2 124M, side by side with nanoGPT's `train.py` at its 124M config.
 
-    python bench/gpu_step.py --nanogpt /path/to/nanoGPT            # ~8 minutes on one H100/H200
+    python bench/gpu_step.py --nanogpt /path/to/nanoGPT            # 6 runs, each compiling once (not yet timed)
     python bench/gpu_step.py --nanogpt /path/to/nanoGPT --micro-batches 16 --compile-modes default,reduce-overhead
     python bench/gpu_step.py --device cpu --rehearse --no-append    # the same plumbing on a CPU, 2-layer model
 
@@ -76,7 +76,8 @@ def prepare_tokens(work: Path) -> tuple[Path, Path]:
     return ours, nano
 
 
-def nanogpt_command(nano: Path, data: Path, out: Path, batch: int, steps: int, device: str, rehearse: bool):
+def nanogpt_command(data: Path, out: Path, batch: int, steps: int, device: str, rehearse: bool) -> list[str]:
+    """nanoGPT's train.py at its 124M config, one micro-step of `batch` per step (run from its checkout)."""
     args = [
         sys.executable,
         "train.py",
@@ -94,11 +95,11 @@ def nanogpt_command(nano: Path, data: Path, out: Path, batch: int, steps: int, d
     ]
     if rehearse:
         args += [f"--{k}={v}" for k, v in REHEARSAL.items()] + ["--compile=False", "--dtype=float32"]
-    return args, nano
+    return args
 
 
 def our_overrides(data: Path, out: Path, batch: int, steps: int, mode: str, device: str, rehearse: bool):
-    """train.py's overrides for our side of a run (the trainer's whole configuration)."""
+    """train.py's overrides for our side of a run."""
     overrides = [
         "experiment=gpt2_124m_owt",
         f"data.name={data}",
@@ -199,10 +200,8 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict]:
             for who, mode in runs:
                 out = work / f"{who}_{batch}_{mode}_{round_}"
                 if who == "nanoGPT":
-                    command, cwd = nanogpt_command(
-                        args.nanogpt, nano_data, out, batch, args.steps, args.device, args.rehearse
-                    )
-                    line = NANO_LINE
+                    command = nanogpt_command(nano_data, out, batch, args.steps, args.device, args.rehearse)
+                    cwd, line = args.nanogpt, NANO_LINE
                 else:
                     overrides = our_overrides(ours_data, out, batch, args.steps, mode, args.device, args.rehearse)
                     command, cwd, line = [sys.executable, str(ROOT / "train.py"), *overrides], work, OUR_LINE
@@ -220,7 +219,7 @@ def table(results: list[dict], block_size: int, flops_per_token: float, peak: fl
         "| micro-batch | trainer | compile mode | ms/step (median of rounds) | tokens/s | MFU | vs nanoGPT |",
         "|---:|---|---|---:|---:|---:|---:|",
     ]
-    keys = sorted({(r["batch"], r["who"], r["mode"]) for r in results}, key=lambda k: (k[0], k[1] != "nanoGPT"))
+    keys = sorted({(r["batch"], r["who"], r["mode"]) for r in results}, key=lambda k: (k[0], k[1] != "nanoGPT", k[2]))
     for batch, who, mode in keys:
         times = [r["s"] for r in results if (r["batch"], r["who"], r["mode"]) == (batch, who, mode) and r["s"]]
         peer = [r["s"] for r in results if (r["batch"], r["who"]) == (batch, "nanoGPT") and r["s"]]
