@@ -5,9 +5,9 @@
     python bench/sample.py --ragged           # prompts of different lengths, batched: vs transformers, left-padded
 
 For batch 1 and 8, a prompt of 4 tokens and `--new-tokens` new ones (sampling: temperature 1, top_k 200):
-- `gpt2 engine`: `gpt2.sampling.generate` on the model as `Sampler` prepares it (on CPU, weights in the
-  layout that suits the batch size, see `use_decode_layout`), KV cache preallocated once;
-- `gpt2 engine, nn.Linear layout` (batch 1): the same without the one-row layout, to show what it buys;
+- `gpt2 engine`: `gpt2.sampling.generate` on the model as `Sampler` prepares it (on CPU, Linears of the kind
+  that decodes fastest there, see `use_decode_layout`), KV cache preallocated once;
+- `gpt2 engine, plain nn.Linear` (batch 1): the same with PyTorch's own Linear, to show what that buys;
 - `gpt2 engine, bfloat16` (batch 1): weights and cache in bf16, the alternative `dtype=auto` was measured against;
 - `gpt2 engine, compiled decode` (batch 1, with --compiled): `torch.compile`'d decode step on a static KV cache;
 - `no KV cache`: the same model, a full forward over the whole context for every token (`--nocache-tokens`
@@ -24,8 +24,8 @@ also gets its weight stream: one decode step reads every weight once (the ~124M 
 table), so GB/s = steps/s x weight bytes, against this machine's copy bandwidth measured at the start (read +
 write bytes of a 256 MB `copy_`, best of 5): the limit of one-row decoding. Prints a markdown table and appends
 it to BENCHMARKS.md unless --no-append. The batch-1 fp32 engine and transformers are also profiled (64 tokens,
-torch.profiler, fastest of 3 alternating runs): the share of their time in matrix products (aten::addmm /
-aten::mm, or oneDNN's prepacked linear), the GB/s those stream, and the ratio to transformers an engine with no
+torch.profiler, fastest of 3 alternating runs): the share of their time in matrix products (`MATMUL_OPS`:
+PyTorch's, MKL's and oneDNN's), the GB/s those stream, and the ratio to transformers an engine with no
 work outside them would reach.
 
 --ragged instead: `--prompts` prompts of 4 to 64 tokens, greedy, `--new-tokens` each, generated in batches of
@@ -56,8 +56,8 @@ PARAMS = SamplingParams(temperature=1.0, top_k=200)
 
 
 def engine(model: GPT, idx: torch.Tensor, n: int, layout: bool = True, **kw) -> int:
-    if layout:  # as the Sampler does: the weight layout that suits this many rows
-        use_decode_layout(model, idx.size(0))
+    if layout:  # as the Sampler does
+        use_decode_layout(model)
     steps = sum(1 for _ in generate(model, idx, n, PARAMS, generator=torch.Generator().manual_seed(0), **kw))
     return steps * idx.size(0)
 
@@ -93,7 +93,7 @@ GREEDY = SamplingParams(temperature=0.0)
 
 def engine_ragged(model: GPT, prompts: list[list[int]], n: int, batch_size: int) -> list[list[int]]:
     out = []
-    use_decode_layout(model, batch_size)
+    use_decode_layout(model)
     for start in range(0, len(prompts), batch_size):
         steps = torch.stack(list(generate(model, prompts[start : start + batch_size], n, GREEDY)), dim=1)
         out += steps.tolist()
@@ -195,11 +195,11 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / best
 
 
-MATMUL_OPS = ("aten::addmm", "aten::mm", "mkldnn::_linear_pointwise")
+MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
 
 
 def matmul_profile(run: Callable[[], int]) -> tuple[float, float]:
-    """(seconds, of which in matrix products: aten::addmm / aten::mm / oneDNN's prepacked linear) of one `run`."""
+    """(seconds, of which in matrix products: `MATMUL_OPS`) of one `run`."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -266,9 +266,7 @@ def main() -> None:
             ("transformers generate", "float32", n, lambda: hf_generate(hf_model, idx, n)),
         ]
         if B == 1:
-            cases.insert(
-                1, ("gpt2 engine, nn.Linear layout", "float32", n, lambda: engine(plain, idx, n, layout=False))
-            )
+            cases.insert(1, ("gpt2 engine, plain nn.Linear", "float32", n, lambda: engine(plain, idx, n, layout=False)))
             cases.insert(2, ("gpt2 engine, bfloat16", "bfloat16", n, lambda: engine(ours_bf16, idx, n)))
             cases.append(("transformers generate, bfloat16", "bfloat16", nc, lambda: hf_generate(hf_bf16, idx, nc)))
             for dtype, llm in llamas.items():
@@ -313,7 +311,7 @@ def main() -> None:
     (ours_s, ours_mm), (hf_s, hf_mm) = min(r[0] for r in runs), min(r[1] for r in runs)
     profiled = (
         f"Profiled at batch 1 in fp32 (64 tokens): the engine spends {ours_mm / ours_s:.0%} of its time in "
-        f"matrix products (aten::addmm/mm, mkldnn::_linear_pointwise), which stream the weights at "
+        f"matrix products ({', '.join(MATMUL_OPS)}), which stream the weights at "
         f"{n * weight_bytes(ours) / ours_mm / 1e9:.1f} GB/s, transformers {hf_mm / hf_s:.0%}; an engine doing "
         f"nothing but these products would be {hf_s / ours_mm:.2f}x transformers."
     )

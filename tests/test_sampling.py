@@ -387,24 +387,57 @@ def test_empty_prompt_starts_from_newline_for_char_and_eot_for_gpt2():
     assert sampler.encode_prompt("", 10) == [3]
 
 
-def test_decode_layout_keeps_values_tie_and_logits(monkeypatch):
+@pytest.mark.parametrize("bias", [True, False])
+def test_row_block_linears_split_few_rows_by_thread_and_keep_values_tie_and_logits(monkeypatch, bias):
+    """Where prepacking does not pay, every Linear (the tied LM head too) becomes a RowBlockLinear: products of
+    few rows run as one batched product over blocks of output rows, one block per thread (the largest divisor
+    of the output size that is at most the thread count), with the logits and greedy tokens of nn.Linear and
+    nothing else changed; more rows, gradients, or another dtype take nn.Linear's own path."""
+    from torch.profiler import profile
+
     from gpt2.sampling import engine
 
-    monkeypatch.setattr(engine, "prepacking_pays", lambda: False)  # the layouts of CPUs without native bf16
-    model = tiny_model()
-    idx = torch.randint(0, 65, (2, 10), generator=torch.Generator().manual_seed(9))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    logits = model(idx)[0]
-    for rows, contiguous in ((1, False), (8, True), (1, False)):  # one row: (in, out) storage; more: nn.Linear's
-        use_decode_layout(model, rows)
-        assert model.lm_head.weight is model.transformer.wte.weight
-        assert model.transformer.h[0].mlp.c_fc.weight.is_contiguous() == contiguous
-        after = model.state_dict()
-        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-        torch.testing.assert_close(model(idx)[0], logits, atol=1e-5, rtol=1e-5)
-        assert torch.equal(run(model, idx, 20), uncached_greedy(model, idx, 20))
-    half = use_decode_layout(tiny_model().to(torch.bfloat16), rows=1)  # its fast kernel wants (out, in)
-    assert half.transformer.h[0].mlp.c_fc.weight.is_contiguous() and half.lm_head.weight.is_contiguous()
+    monkeypatch.setattr(engine, "prepacking_pays", lambda: False)  # the kind CPUs without native bf16 get
+    reference = tiny_model()  # n_embd 32: outputs of 96 (qkv), 32, 128 (MLP, padded vocab)
+    if not bias:
+        reference = tiny_gpt(65, 32, bias=False).eval()
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    model = use_decode_layout(copy.deepcopy(reference))
+    assert (
+        type(model.transformer.h[0].mlp.c_fc) is engine.RowBlockLinear and type(model.lm_head) is engine.RowBlockLinear
+    )
+    assert model.lm_head.weight is model.transformer.wte.weight
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    def batched_products(idx: torch.Tensor) -> int:
+        """How many more batched products `model` runs than `reference` (whose attention may have some)."""
+        counts, logits = [], []
+        for m in (model, reference):
+            with torch.no_grad(), profile() as prof:
+                logits.append(m(idx)[0])
+            counts.append(sum(e.count for e in prof.key_averages() if e.key in ("aten::bmm", "aten::baddbmm")))
+        torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+        return counts[0] - counts[1]
+
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            few = torch.randint(0, 65, (2, 10), generator=torch.Generator().manual_seed(n))  # 20 rows
+            many = torch.randint(0, 65, (3, 32), generator=torch.Generator().manual_seed(n))  # 96 rows: MKL's
+            assert batched_products(few) == (0 if n == 1 else 2 * 4 + 1)  # 4 Linears per layer and the head
+            assert batched_products(many) == 0
+            assert torch.equal(run(model, few, 20), uncached_greedy(reference, few, 20))
+    finally:
+        torch.set_num_threads(threads)
+    model.requires_grad_(True)
+    model(few, few)[1].backward()  # training: nn.Linear's forward, gradients and all
+    assert model.transformer.h[0].mlp.c_fc.weight.grad is not None
+    reference_half = copy.deepcopy(reference).to(torch.bfloat16)
+    half = use_decode_layout(copy.deepcopy(reference_half))  # bf16: PyTorch's own kernel is the faster one
+    with torch.no_grad():
+        assert torch.equal(half(few)[0], reference_half(few)[0])
 
 
 @pytest.mark.slow
@@ -434,7 +467,7 @@ def test_prepacked_linears_give_the_same_logits_and_leave_training_to_nn_linear(
         pytest.skip("oneDNN has no bf16 linear on this CPU (AVX2 only): prepacking is never used on it")
     monkeypatch.setattr(engine, "prepacking_pays", lambda: True)
     reference = tiny_model().to(dtype)
-    model = use_decode_layout(copy.deepcopy(reference), rows=1)
+    model = use_decode_layout(copy.deepcopy(reference))
     assert isinstance(model.transformer.h[0].mlp.c_fc, engine.PackedLinear)
     assert isinstance(model.lm_head, engine.PackedLinear) and model.lm_head.weight is model.transformer.wte.weight
     assert model.state_dict().keys() == reference.state_dict().keys()
@@ -445,7 +478,7 @@ def test_prepacked_linears_give_the_same_logits_and_leave_training_to_nn_linear(
     if dtype == torch.float32:
         assert torch.equal(run(model, idx, 20), run(reference, idx, 20))
     packed = model.transformer.h[0].mlp.c_fc.packed
-    use_decode_layout(model, rows=8)  # packed weights serve any number of rows: nothing is laid out again
+    use_decode_layout(model)  # a second call packs nothing again
     assert model.transformer.h[0].mlp.c_fc.packed is packed
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], reference(idx)[0], **tolerance)

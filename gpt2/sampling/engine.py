@@ -13,6 +13,7 @@ References: gpt-fast `generate.py` (prefill/decode split, sampling without a hos
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -27,38 +28,21 @@ DEFAULT_PARAMS = SamplingParams()
 
 
 @torch.no_grad()
-def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
-    """Lay out each Linear weight, and the tied `wte`/`lm_head` matrix, for decoding `rows` sequences at once:
-    for one row of an fp32 model as the transpose of a contiguous (in, out) tensor, otherwise in nn.Linear's own
-    (out, in). Same shapes and values either way, other strides; one weight is copied at a time and nothing is
-    kept twice. On CPUs with native bf16 the weights instead keep nn.Linear's layout for any `rows`, and every
-    Linear (the LM head too) gets a copy of its weight prepacked for oneDNN (`PackedLinear`), once: this costs
-    the weights' size again. Returns `model` (changed in place; a no-op when it already has that layout).
+def use_decode_layout(model: GPT) -> GPT:
+    """Make every Linear of `model` (the LM head too) the fast kind for decoding on this CPU, in place: on CPUs
+    with native bf16 a `PackedLinear` (a copy of its weight prepacked for oneDNN, made once: this costs the
+    weights' size again), elsewhere a `RowBlockLinear` (nothing copied). Either way parameters, state dict,
+    values and training stay nn.Linear's. Returns `model` (a no-op when its Linears already are that kind).
 
-    Why: on CPU, decoding is a chain of matrix products of few rows, bound by memory bandwidth. MKL streams
-    one fp32 row faster against the (in, out) layout (the LM head most of all); with several rows, and for bf16
-    and fp16 (PyTorch's reduced-precision matrix-vector kernel), the (out, in) layout is the fast one. Where the
-    CPU has native bf16, oneDNN's products against a prepacked weight beat both, in bf16 and fp32
-    (bench/sample.py and BENCHMARKS.md have the figures). The sampler uses this on CPU only.
+    Why: on CPU, decoding is a chain of matrix products of few rows, bound by memory bandwidth; PyTorch's usual
+    kernels leave cores idle on them. Where the CPU has native bf16, oneDNN's products against a prepacked
+    weight are the fast ones, in bf16 and fp32; elsewhere fp32 products split into one block of output rows per
+    thread are (bench/sample.py and BENCHMARKS.md have the figures). The sampler uses this on CPU only.
     """
-    prepack = prepacking_pays()
-    one_row = rows == 1 and model.lm_head.weight.dtype == torch.float32 and not prepack
-
-    def relaid(weight: torch.Tensor) -> nn.Parameter:
-        data = weight.t().contiguous().t() if one_row else weight.contiguous()
-        return nn.Parameter(data, requires_grad=False)
-
-    wte = model.transformer.wte
-    if wte.weight.is_contiguous() == one_row:
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module is not model.lm_head:
-                module.weight = relaid(module.weight)
-        wte.weight = relaid(wte.weight)
-        model.lm_head.weight = wte.weight  # keep the tie
-    if prepack:
-        for module in model.modules():
-            if isinstance(module, nn.Linear):  # the LM head too: its packed copy is not the embedding's
-                PackedLinear.pack(module)
+    kind = PackedLinear if prepacking_pays() else RowBlockLinear
+    for module in model.modules():
+        if type(module) in (nn.Linear, kind):  # not LoRA's layers, whose forward is their own
+            kind.adopt(module)
     return model
 
 
@@ -78,7 +62,7 @@ class PackedLinear(nn.Linear):
     packed_from: tuple  # where and how the weight `packed` was made from lies: a new layout packs again
 
     @staticmethod
-    def pack(module: nn.Linear) -> None:
+    def adopt(module: nn.Linear) -> None:
         if isinstance(module, PackedLinear) and module.is_current():
             return
         module.__class__ = PackedLinear
@@ -99,6 +83,48 @@ class PackedLinear(nn.Linear):
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class RowBlockLinear(nn.Linear):
+    """An nn.Linear whose fp32 products of at most `MAX_ROWS` rows (decoding), when nothing needs gradients and
+    torch.compile is not tracing, split the weight into one block of output rows per thread: one batched
+    product over the blocks, each block on a core of its own, as llama.cpp shares a matrix-vector product among
+    its threads. Such products are bound by memory bandwidth, which one core does not reach, and MKL's products
+    of few rows were measured keeping to one core. Nothing is copied: a block is a view of the (out, in)
+    weight. Parameters, state dict and training are nn.Linear's."""
+
+    MAX_ROWS = 64  # measured against MKL's own product: faster up to 64 rows, even at 128, slower at 512
+
+    @staticmethod
+    def adopt(module: nn.Linear) -> None:
+        module.__class__ = RowBlockLinear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # inductor plans its own products
+            return super().forward(x)
+        rows = x.reshape(-1, x.shape[-1])
+        blocks = _divisor_at_most(self.out_features, torch.get_num_threads())
+        if (
+            blocks == 1
+            or rows.shape[0] > self.MAX_ROWS
+            or not (x.dtype == self.weight.dtype == torch.float32 and self.weight.is_contiguous())
+            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        ):
+            return super().forward(x)
+        weight = self.weight.view(blocks, -1, self.in_features)  # (blocks, out / blocks, in)
+        columns = rows.t().expand(blocks, -1, -1)  # (blocks, in, rows)
+        if self.bias is None:
+            y = torch.bmm(weight, columns)
+        else:
+            y = torch.baddbmm(self.bias.view(blocks, -1, 1), weight, columns)
+        y = y.permute(2, 0, 1).contiguous()  # (rows, blocks, out / blocks): a copy unless one row
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+@functools.cache
+def _divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of n that is at most limit."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
 def decode_step(model: GPT, token: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:

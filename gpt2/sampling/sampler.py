@@ -48,6 +48,8 @@ class Sampler:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dtype = resolve_dtype(dtype, self.device)  # weights and KV cache: no fp32 master copy
         self.model = model.eval().to(device=self.device, dtype=self.dtype)
+        if self.device.type == "cpu":
+            use_decode_layout(self.model)
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         """The model's chat template (gpt2.chat), None for a model never tuned on chats."""
@@ -107,11 +109,6 @@ class Sampler:
             raise UserError(NO_CHAT_TEMPLATE)
         return self.tokenizer.encode_rendered(chat.render(self.chat_template, messages))
 
-    def prepare_for(self, rows: int) -> None:
-        """Lay the weights out for decoding `rows` sequences at once (CPU only; see `use_decode_layout`)."""
-        if self.device.type == "cpu":
-            use_decode_layout(self.model, rows)
-
     def new_generator(self, seed: int | None) -> torch.Generator:
         g = torch.Generator(device=self.device)
         if seed is None:
@@ -128,7 +125,6 @@ class Sampler:
         empty) final piece."""
         generation = GenerationSettings(**settings)
         rows = [p if isinstance(p, list) else self.encode_prompt(p, generation.max_new_tokens) for p in prompts]
-        self.prepare_for(len(rows))
         generator = generator or self.new_generator(generation.seed)
         eot = None if generation.ignore_eot else self.tokenizer.eot_id
         streams = [TextStream(self.tokenizer, generation.stop) for _ in rows]
