@@ -390,14 +390,16 @@ def test_empty_prompt_starts_from_newline_for_char_and_eot_for_gpt2():
 @pytest.mark.parametrize("bias", [True, False])
 def test_row_block_linears_split_few_rows_by_thread_and_keep_values_tie_and_logits(monkeypatch, bias):
     """Where prepacking does not pay, every Linear (the tied LM head too) becomes a RowBlockLinear: products of
-    few rows run as one batched product over blocks of output rows, one block per thread (the largest divisor
-    of the output size that is at most the thread count), with the logits and greedy tokens of nn.Linear and
-    nothing else changed; more rows, gradients, or another dtype take nn.Linear's own path."""
+    few rows by a large enough weight run as one batched product over blocks of output rows, one block per
+    thread (the largest divisor of the output size that is at most the thread count), with the logits and
+    greedy tokens of nn.Linear and nothing else changed; more rows, smaller weights, gradients, or another dtype
+    take nn.Linear's own path."""
     from torch.profiler import profile
 
     from gpt2.sampling import engine
 
     monkeypatch.setattr(engine, "prepacking_pays", lambda: False)  # the kind CPUs without native bf16 get
+    monkeypatch.setattr(engine.RowBlockLinear, "MIN_WEIGHT", 32 * 32)  # every weight of this tiny model splits
     reference = tiny_model()  # n_embd 32: outputs of 96 (qkv), 32, 128 (MLP, padded vocab)
     if not bias:
         reference = tiny_gpt(65, 32, bias=False).eval()
@@ -428,6 +430,9 @@ def test_row_block_linears_split_few_rows_by_thread_and_keep_values_tie_and_logi
             many = torch.randint(0, 65, (3, 32), generator=torch.Generator().manual_seed(n))  # 96 rows: MKL's
             assert batched_products(few) == (0 if n == 1 else 2 * 4 + 1)  # 4 Linears per layer and the head
             assert batched_products(many) == 0
+            monkeypatch.setattr(engine.RowBlockLinear, "MIN_WEIGHT", 96 * 32 + 1)  # only the MLP's and the head's
+            assert batched_products(few) == (0 if n == 1 else 2 * 2 + 1)
+            monkeypatch.setattr(engine.RowBlockLinear, "MIN_WEIGHT", 32 * 32)
             assert torch.equal(run(model, few, 20), uncached_greedy(reference, few, 20))
     finally:
         torch.set_num_threads(threads)

@@ -86,37 +86,41 @@ class PackedLinear(nn.Linear):
 
 
 class RowBlockLinear(nn.Linear):
-    """An nn.Linear whose fp32 products of at most `MAX_ROWS` rows (decoding), when nothing needs gradients and
-    torch.compile is not tracing, split the weight into one block of output rows per thread: one batched
-    product over the blocks, each block on a core of its own, as llama.cpp shares a matrix-vector product among
-    its threads. Such products are bound by memory bandwidth, which one core does not reach, and MKL's products
-    of few rows were measured keeping to one core. Nothing is copied: a block is a view of the (out, in)
-    weight. Parameters, state dict and training are nn.Linear's."""
+    """An nn.Linear whose fp32 products of at most `MAX_ROWS` rows (decoding) with a weight of at least
+    `MIN_WEIGHT` elements, when nothing needs gradients and torch.compile is not tracing, split the weight into
+    one block of output rows per thread: one batched product over the blocks, each block on a core of its own,
+    as llama.cpp shares a matrix-vector product among its threads. Such products are bound by memory bandwidth,
+    which one core does not reach, and MKL's products of few rows were measured keeping to one core. Nothing is
+    copied: a block is a view of the (out, in) weight. Parameters, state dict and training are nn.Linear's."""
 
     MAX_ROWS = 64  # measured against MKL's own product: faster up to 64 rows, even at 128, slower at 512
+    MIN_WEIGHT = 1 << 17  # elements (512 KB in fp32): a smaller product does not repay waking the other threads
 
     @staticmethod
     def adopt(module: nn.Linear) -> None:
         module.__class__ = RowBlockLinear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # inductor plans its own products
-            return super().forward(x)
-        rows = x.reshape(-1, x.shape[-1])
-        blocks = _divisor_at_most(self.out_features, torch.get_num_threads())
+        weight = self.weight
         if (
-            blocks == 1
-            or rows.shape[0] > self.MAX_ROWS
-            or not (x.dtype == self.weight.dtype == torch.float32 and self.weight.is_contiguous())
-            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            x.dtype != torch.float32
+            or weight.dtype != torch.float32
+            or weight.numel() < self.MIN_WEIGHT
+            or x.numel() > self.MAX_ROWS * self.in_features
+            or not weight.is_contiguous()
+            or torch.compiler.is_compiling()  # inductor plans its own products
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):
             return super().forward(x)
-        weight = self.weight.view(blocks, -1, self.in_features)  # (blocks, out / blocks, in)
-        columns = rows.t().expand(blocks, -1, -1)  # (blocks, in, rows)
+        blocks = _divisor_at_most(self.out_features, torch.get_num_threads())
+        if blocks == 1:
+            return super().forward(x)
+        blocked = weight.view(blocks, -1, self.in_features)  # (blocks, out / blocks, in)
+        columns = x.reshape(-1, self.in_features).t().expand(blocks, -1, -1)  # (blocks, in, rows)
         if self.bias is None:
-            y = torch.bmm(weight, columns)
+            y = torch.bmm(blocked, columns)
         else:
-            y = torch.baddbmm(self.bias.view(blocks, -1, 1), weight, columns)
+            y = torch.baddbmm(self.bias.view(blocks, -1, 1), blocked, columns)
         y = y.permute(2, 0, 1).contiguous()  # (rows, blocks, out / blocks): a copy unless one row
         return y.view(*x.shape[:-1], self.out_features)
 
