@@ -316,8 +316,9 @@ def main() -> None:
         f"nothing but these products would be {hf_s / ours_mm:.2f}x transformers."
     )
     print(profiled)
+    cpu_kind = "with" if report.native_bf16() else "without"  # one section each: their kernels differ
     header = (
-        f"{report.heading('Sampling speed')}\n\n"
+        f"{report.heading(f'Sampling speed on a CPU {cpu_kind} native bf16')}\n\n"
         f"`python bench/sample.py --new-tokens {args.new_tokens} --nocache-tokens {args.nocache_tokens} "
         f"--reps {args.reps}{f' --threads {args.threads}' if args.threads else ''}` on {report.machine()}, "
         f"{torch.get_num_threads()} threads (load average {load:.1f} at start: the machine is shared, so compare "
