@@ -6,7 +6,7 @@
 
 For batch 1 and 8, a prompt of 4 tokens and `--new-tokens` new ones (sampling: temperature 1, top_k 200):
 - `gpt2 engine`: `gpt2.sampling.generate` on the model as `Sampler` prepares it (on CPU, Linears of the kind
-  that decodes fastest there, see `use_decode_layout`), KV cache preallocated once;
+  that decodes fastest there, see `use_decode_linears`), KV cache preallocated once;
 - `gpt2 engine, plain nn.Linear` (batch 1): the same with PyTorch's own Linear, to show what that buys;
 - `gpt2 engine, bfloat16` (batch 1): weights and cache in bf16, the alternative `dtype=auto` was measured against;
 - `gpt2 engine, compiled decode` (batch 1, with --compiled): `torch.compile`'d decode step on a static KV cache;
@@ -49,15 +49,15 @@ import torch
 
 from gpt2.hf import save_pretrained
 from gpt2.model import GPT, GPTConfig
-from gpt2.sampling import SamplingParams, decode_step, generate, sample_next_token, use_decode_layout
+from gpt2.sampling import SamplingParams, decode_step, generate, sample_next_token, use_decode_linears
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = SamplingParams(temperature=1.0, top_k=200)
 
 
-def engine(model: GPT, idx: torch.Tensor, n: int, layout: bool = True, **kw) -> int:
-    if layout:  # as the Sampler does
-        use_decode_layout(model)
+def engine(model: GPT, idx: torch.Tensor, n: int, decode_linears: bool = True, **kw) -> int:
+    if decode_linears:  # as the Sampler does
+        use_decode_linears(model)
     steps = sum(1 for _ in generate(model, idx, n, PARAMS, generator=torch.Generator().manual_seed(0), **kw))
     return steps * idx.size(0)
 
@@ -93,7 +93,7 @@ GREEDY = SamplingParams(temperature=0.0)
 
 def engine_ragged(model: GPT, prompts: list[list[int]], n: int, batch_size: int) -> list[list[int]]:
     out = []
-    use_decode_layout(model)
+    use_decode_linears(model)
     for start in range(0, len(prompts), batch_size):
         steps = torch.stack(list(generate(model, prompts[start : start + batch_size], n, GREEDY)), dim=1)
         out += steps.tolist()
@@ -239,7 +239,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(plain, tmp)
         hf_model = GPT2LMHeadModel.from_pretrained(tmp).eval()
-    ours = use_decode_layout(copy.deepcopy(plain))
+    ours = use_decode_linears(copy.deepcopy(plain))
     if args.ragged:
         table = ragged(args, ours, hf_model)
         print("\n" + table)
@@ -249,7 +249,7 @@ def main() -> None:
     compiled = torch.compile(decode_step) if args.compiled else None
     # bf16 at batch 1 on every CPU: without native bf16 its matrix products are emulated (slow), but one row
     # is a matrix-vector product, which PyTorch's reduced-precision kernel streams at fp32's bytes/s.
-    ours_bf16 = use_decode_layout(copy.deepcopy(plain).to(torch.bfloat16))
+    ours_bf16 = use_decode_linears(copy.deepcopy(plain).to(torch.bfloat16))
     hf_bf16 = copy.deepcopy(hf_model).to(torch.bfloat16)
     gguf_dir = tempfile.TemporaryDirectory()
     llamas = llama_cpp_models(plain, Path(gguf_dir.name))
@@ -266,7 +266,9 @@ def main() -> None:
             ("transformers generate", "float32", n, lambda: hf_generate(hf_model, idx, n)),
         ]
         if B == 1:
-            cases.insert(1, ("gpt2 engine, plain nn.Linear", "float32", n, lambda: engine(plain, idx, n, layout=False)))
+            cases.insert(
+                1, ("gpt2 engine, plain nn.Linear", "float32", n, lambda: engine(plain, idx, n, decode_linears=False))
+            )
             cases.insert(2, ("gpt2 engine, bfloat16", "bfloat16", n, lambda: engine(ours_bf16, idx, n)))
             cases.append(("transformers generate, bfloat16", "bfloat16", nc, lambda: hf_generate(hf_bf16, idx, nc)))
             for dtype, llm in llamas.items():

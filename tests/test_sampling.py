@@ -21,7 +21,7 @@ from gpt2.sampling import (
     sample_next_token,
     top_k_filter,
     top_p_filter,
-    use_decode_layout,
+    use_decode_linears,
     window_size,
 )
 from gpt2.tokenizer import CharTokenizer
@@ -404,7 +404,7 @@ def test_row_block_linears_split_few_rows_by_thread_and_keep_values_tie_and_logi
     if not bias:
         reference = tiny_gpt(65, 32, bias=False).eval()
     before = {k: v.clone() for k, v in reference.state_dict().items()}
-    model = use_decode_layout(copy.deepcopy(reference))
+    model = use_decode_linears(copy.deepcopy(reference))
     assert (
         type(model.transformer.h[0].mlp.c_fc) is engine.RowBlockLinear and type(model.lm_head) is engine.RowBlockLinear
     )
@@ -440,7 +440,7 @@ def test_row_block_linears_split_few_rows_by_thread_and_keep_values_tie_and_logi
     model(few, few)[1].backward()  # training: nn.Linear's forward, gradients and all
     assert model.transformer.h[0].mlp.c_fc.weight.grad is not None
     reference_half = copy.deepcopy(reference).to(torch.bfloat16)
-    half = use_decode_layout(copy.deepcopy(reference_half))  # bf16: PyTorch's own kernel is the faster one
+    half = use_decode_linears(copy.deepcopy(reference_half))  # bf16: PyTorch's own kernel is the faster one
     with torch.no_grad():
         assert torch.equal(half(few)[0], reference_half(few)[0])
 
@@ -472,7 +472,7 @@ def test_prepacked_linears_give_the_same_logits_and_leave_training_to_nn_linear(
         pytest.skip("oneDNN has no bf16 linear on this CPU (AVX2 only): prepacking is never used on it")
     monkeypatch.setattr(engine, "prepacking_pays", lambda: True)
     reference = tiny_model().to(dtype)
-    model = use_decode_layout(copy.deepcopy(reference))
+    model = use_decode_linears(copy.deepcopy(reference))
     assert isinstance(model.transformer.h[0].mlp.c_fc, engine.PackedLinear)
     assert isinstance(model.lm_head, engine.PackedLinear) and model.lm_head.weight is model.transformer.wte.weight
     assert model.state_dict().keys() == reference.state_dict().keys()
@@ -483,7 +483,7 @@ def test_prepacked_linears_give_the_same_logits_and_leave_training_to_nn_linear(
     if dtype == torch.float32:
         assert torch.equal(run(model, idx, 20), run(reference, idx, 20))
     packed = model.transformer.h[0].mlp.c_fc.packed
-    use_decode_layout(model)  # a second call packs nothing again
+    use_decode_linears(model)  # a second call packs nothing again
     assert model.transformer.h[0].mlp.c_fc.packed is packed
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], reference(idx)[0], **tolerance)

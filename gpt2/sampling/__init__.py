@@ -11,7 +11,7 @@
 
 from gpt2.config import GenerationSettings, SamplingParams
 from gpt2.sampling.cli import run, unescape
-from gpt2.sampling.engine import Batch, decode_step, generate, use_decode_layout, window_size
+from gpt2.sampling.engine import Batch, decode_step, generate, use_decode_linears, window_size
 from gpt2.sampling.logits import (
     Penalties,
     apply_repetition_penalty,
@@ -39,6 +39,6 @@ __all__ = [
     "top_k_filter",
     "top_p_filter",
     "unescape",
-    "use_decode_layout",
+    "use_decode_linears",
     "window_size",
 ]

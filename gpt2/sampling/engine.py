@@ -28,7 +28,7 @@ DEFAULT_PARAMS = SamplingParams()
 
 
 @torch.no_grad()
-def use_decode_layout(model: GPT) -> GPT:
+def use_decode_linears(model: GPT) -> GPT:
     """Make every Linear of `model` (the LM head too) the fast kind for decoding on this CPU, in place: on CPUs
     with native bf16 a `PackedLinear` (a copy of its weight prepacked for oneDNN, made once: this costs the
     weights' size again), elsewhere a `RowBlockLinear` (nothing copied). Either way parameters, state dict,

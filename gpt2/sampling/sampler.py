@@ -15,7 +15,7 @@ from gpt2.config import GenerationSettings
 from gpt2.device import resolve_device, resolve_dtype
 from gpt2.errors import UserError
 from gpt2.model import GPT
-from gpt2.sampling.engine import DecodeFn, decode_step, generate, use_decode_layout, window_size
+from gpt2.sampling.engine import DecodeFn, decode_step, generate, use_decode_linears, window_size
 from gpt2.sampling.text import TextStream
 
 NO_CHAT_TEMPLATE = (
@@ -32,7 +32,8 @@ class Sampler:
         for piece in s.stream("ROMEO:", max_new_tokens=100): print(piece, end="", flush=True)
 
     `generate` returns the continuations (the prompt not included). Keyword arguments are the fields of
-    `GenerationSettings`. The Sampler takes over `model`: it is moved, cast and (on CPU) re-laid out in place.
+    `GenerationSettings`. The Sampler takes over `model`: it is moved, cast and (on CPU) given the Linears
+    that decode fastest there (`use_decode_linears`), in place.
     """
 
     def __init__(
@@ -49,7 +50,7 @@ class Sampler:
         self.dtype = resolve_dtype(dtype, self.device)  # weights and KV cache: no fp32 master copy
         self.model = model.eval().to(device=self.device, dtype=self.dtype)
         if self.device.type == "cpu":
-            use_decode_layout(self.model)
+            use_decode_linears(self.model)
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         """The model's chat template (gpt2.chat), None for a model never tuned on chats."""
