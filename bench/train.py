@@ -1,10 +1,14 @@
 """Training throughput: tokens/s and MFU of the real `Trainer.train_step`, fp32 vs bf16, eager vs compiled.
 
-    python bench/train.py                    # both models, all four variants; appends to BENCHMARKS.md
+    python bench/train.py                    # the first two models, all four variants; appends to BENCHMARKS.md
     python bench/train.py --models cpu_recipe --steps 5 --no-append
+    python bench/train.py --models gpu_recipe --dtypes bfloat16 --modes eager --steps 4 --warmup 2
 
-Models: the CPU recipe (experiment=shakespeare_char_cpu: 4 layers, 128 wide, context 64, batch 12) and the
-6-layer shakespeare_char model (384 wide, context 256; batch 8 here instead of 64 so a CPU step takes ~1 s).
+Models: the CPU recipe (experiment=shakespeare_char_cpu: 4 layers, 128 wide, context 64, batch 12), the
+6-layer shakespeare_char model (384 wide, context 256; batch 8 here instead of 64 so a CPU step takes ~1 s,
+dropout off) and, when asked for, `gpu_recipe`: that model exactly as nanoGPT's GPU recipe trains it (batch 64,
+dropout 0.2), whose bf16 step on a CPU with native bf16 is measured against that CPU's bf16 matmul ceiling (on
+a CPU without it, bf16 is emulated and a step takes minutes).
 MFU is against the device's peak (`gpt2.flops.peak_flops`): on a CPU, the measured matmul ceiling in the
 same dtype. Uses data/shakespeare_char when prepared, else prepares tiny-shakespeare into a temp dir.
 """
@@ -12,7 +16,6 @@ same dtype. Uses data/shakespeare_char when prepared, else prepares tiny-shakesp
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -35,7 +38,9 @@ from gpt2.training import Trainer  # noqa: E402
 MODELS = {
     "cpu_recipe": ["experiment=shakespeare_char_cpu"],
     "shakespeare_char": ["experiment=shakespeare_char", "train.batch_size=8", "model.dropout=0.0", "device=auto"],
+    "gpu_recipe": ["experiment=shakespeare_char", "device=auto"],
 }
+DEFAULT_MODELS = ["cpu_recipe", "shakespeare_char"]
 
 
 def dataset() -> str:
@@ -79,9 +84,21 @@ def measure(overrides: list[str], warmup: int, steps: int) -> dict[str, float]:
     }
 
 
+def peak_text(cuda: torch.device | None) -> str:
+    if cuda is not None:
+        return "the GPU's datasheet peak in the same dtype (`gpt2.flops.peak_flops`)"
+    ceilings = ", ".join(
+        f"{name}: {peak_flops(torch.device('cpu'), dtype) / 1e9:.0f} GFLOP/s"
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    )
+    return f"the matmul ceiling of this CPU measured in the same dtype ({ceilings})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
@@ -91,8 +108,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for model in args.models:
-            for dtype in ("float32", "bfloat16"):
-                for compiled in (False, True):
+            for dtype in args.dtypes:
+                for compiled in (mode == "compiled" for mode in args.modes):
                     overrides = [
                         *MODELS[model],
                         f"data.name={data}",
@@ -109,20 +126,15 @@ def main() -> None:
                         flush=True,
                     )
 
-    device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
+    cuda = torch.device("cuda") if torch.cuda.is_available() else None
     lines = [
         "",
         report.heading("Training throughput"),
         "",
-        f"`python bench/train.py --steps {args.steps} --warmup {args.warmup}` on a 2-core x86 CPU sandbox "
-        f"({device}, {torch.get_num_threads()} threads), torch {torch.__version__}. The real `Trainer.train_step` "
-        "(forward, backward, clip, AdamW), averaged over the timed steps after warmup. MFU = "
-        "`flops_per_token()` x tokens/s over the measured matmul ceiling of this CPU in the same dtype ("
-        + ", ".join(
-            f"{k}: {peak_flops(torch.device('cpu'), d) / 1e9:.0f} GFLOP/s"
-            for k, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))
-        )
-        + "). The machine is shared with other jobs, so expect ±20% noise.",
+        f"`{report.command_line()}` on {report.machine(cuda)}, {torch.get_num_threads()} threads. The real "
+        "`Trainer.train_step` (forward, backward, clip, AdamW), averaged over the timed steps after warmup. MFU = "
+        f"`flops_per_token()` x tokens/s over {peak_text(cuda)}. The machine is shared with other jobs, so expect "
+        "±20% noise.",
         "",
         "| model | params (M) | dtype | mode | ms/step | tokens/s | MFU |",
         "|---|---:|---|---|---:|---:|---:|",
