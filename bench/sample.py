@@ -57,7 +57,7 @@ PARAMS = SamplingParams(temperature=1.0, top_k=200)
 
 def engine(model: GPT, idx: torch.Tensor, n: int, decode_linears: bool = True, **kw) -> int:
     if decode_linears:  # as the Sampler does
-        use_decode_linears(model)
+        use_decode_linears(model, idx.size(0))
     steps = sum(1 for _ in generate(model, idx, n, PARAMS, generator=torch.Generator().manual_seed(0), **kw))
     return steps * idx.size(0)
 
@@ -93,7 +93,7 @@ GREEDY = SamplingParams(temperature=0.0)
 
 def engine_ragged(model: GPT, prompts: list[list[int]], n: int, batch_size: int) -> list[list[int]]:
     out = []
-    use_decode_linears(model)
+    use_decode_linears(model, batch_size)
     for start in range(0, len(prompts), batch_size):
         steps = torch.stack(list(generate(model, prompts[start : start + batch_size], n, GREEDY)), dim=1)
         out += steps.tolist()

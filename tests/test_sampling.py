@@ -392,25 +392,17 @@ def test_row_block_linears_split_few_rows_by_thread_and_keep_values_tie_and_logi
     """Where prepacking does not pay, every Linear (the tied LM head too) becomes a RowBlockLinear: products of
     few rows by a large enough weight run as one batched product over blocks of output rows, one block per
     thread (the largest divisor of the output size that is at most the thread count), with the logits and
-    greedy tokens of nn.Linear and nothing else changed; more rows, smaller weights, gradients, or another dtype
-    take nn.Linear's own path."""
+    greedy tokens of nn.Linear and nothing else changed; more rows, smaller weights, gradients, another dtype,
+    or the (in, out) storage an fp32 model gets for one row on one thread take nn.Linear's own path."""
     from torch.profiler import profile
 
     from gpt2.sampling import engine
 
     monkeypatch.setattr(engine, "prepacking_pays", lambda: False)  # the kind CPUs without native bf16 get
     monkeypatch.setattr(engine.RowBlockLinear, "MIN_WEIGHT", 32 * 32)  # every weight of this tiny model splits
-    reference = tiny_model()  # n_embd 32: outputs of 96 (qkv), 32, 128 (MLP, padded vocab)
-    if not bias:
-        reference = tiny_gpt(65, 32, bias=False).eval()
+    reference = tiny_model() if bias else tiny_gpt(65, 32, bias=False).eval()  # outputs of 96, 32, 128 (MLP, head)
     before = {k: v.clone() for k, v in reference.state_dict().items()}
-    model = use_decode_linears(copy.deepcopy(reference))
-    assert (
-        type(model.transformer.h[0].mlp.c_fc) is engine.RowBlockLinear and type(model.lm_head) is engine.RowBlockLinear
-    )
-    assert model.lm_head.weight is model.transformer.wte.weight
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    model = copy.deepcopy(reference)
 
     def batched_products(idx: torch.Tensor) -> int:
         """How many more batched products `model` runs than `reference` (whose attention may have some)."""
@@ -424,23 +416,39 @@ def test_row_block_linears_split_few_rows_by_thread_and_keep_values_tie_and_logi
 
     threads = torch.get_num_threads()
     try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            few = torch.randint(0, 65, (2, 10), generator=torch.Generator().manual_seed(n))  # 20 rows
-            many = torch.randint(0, 65, (3, 32), generator=torch.Generator().manual_seed(n))  # 96 rows: MKL's
-            assert batched_products(few) == (0 if n == 1 else 2 * 4 + 1)  # 4 Linears per layer and the head
-            assert batched_products(many) == 0
-            monkeypatch.setattr(engine.RowBlockLinear, "MIN_WEIGHT", 96 * 32 + 1)  # only the MLP's and the head's
-            assert batched_products(few) == (0 if n == 1 else 2 * 2 + 1)
-            monkeypatch.setattr(engine.RowBlockLinear, "MIN_WEIGHT", 32 * 32)
-            assert torch.equal(run(model, few, 20), uncached_greedy(reference, few, 20))
+        for prepared_threads, rows in ((1, 1), (2, 1), (1, 8), (1, 1)):
+            torch.set_num_threads(prepared_threads)
+            use_decode_linears(model, rows)
+            transposed = prepared_threads == 1 and rows == 1  # stored (in, out)
+            fc = model.transformer.h[0].mlp.c_fc
+            assert type(fc) is engine.RowBlockLinear and type(model.lm_head) is engine.RowBlockLinear
+            assert fc.weight.is_contiguous() != transposed and fc.weight.t().is_contiguous() == transposed
+            assert model.lm_head.weight is model.transformer.wte.weight
+            after = model.state_dict()
+            assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                few = torch.randint(0, 65, (2, 10), generator=torch.Generator().manual_seed(n))  # 20 rows
+                many = torch.randint(0, 65, (3, 32), generator=torch.Generator().manual_seed(n))  # 96: MKL's
+                split = n > 1 and not transposed
+                assert batched_products(few) == (2 * 4 + 1 if split else 0)  # 4 Linears per layer and the head
+                assert batched_products(many) == 0
+                monkeypatch.setattr(engine.RowBlockLinear, "MIN_WEIGHT", 96 * 32 + 1)  # the MLP's and the head's
+                assert batched_products(few) == (2 * 2 + 1 if split else 0)
+                monkeypatch.setattr(engine.RowBlockLinear, "MIN_WEIGHT", 32 * 32)
+                assert torch.equal(run(model, few[:rows], 20), uncached_greedy(reference, few[:rows], 20))
     finally:
         torch.set_num_threads(threads)
     model.requires_grad_(True)
     model(few, few)[1].backward()  # training: nn.Linear's forward, gradients and all
     assert model.transformer.h[0].mlp.c_fc.weight.grad is not None
     reference_half = copy.deepcopy(reference).to(torch.bfloat16)
-    half = use_decode_linears(copy.deepcopy(reference_half))  # bf16: PyTorch's own kernel is the faster one
+    torch.set_num_threads(1)
+    try:
+        half = use_decode_linears(copy.deepcopy(reference_half), rows=1)  # bf16: PyTorch's kernel, (out, in)
+    finally:
+        torch.set_num_threads(threads)
+    assert half.transformer.h[0].mlp.c_fc.weight.is_contiguous() and half.lm_head.weight.is_contiguous()
     with torch.no_grad():
         assert torch.equal(half(few)[0], reference_half(few)[0])
 
@@ -483,7 +491,7 @@ def test_prepacked_linears_give_the_same_logits_and_leave_training_to_nn_linear(
     if dtype == torch.float32:
         assert torch.equal(run(model, idx, 20), run(reference, idx, 20))
     packed = model.transformer.h[0].mlp.c_fc.packed
-    use_decode_linears(model)  # a second call packs nothing again
+    use_decode_linears(model, rows=8)  # packed weights serve any number of rows: nothing is packed again
     assert model.transformer.h[0].mlp.c_fc.packed is packed
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], reference(idx)[0], **tolerance)

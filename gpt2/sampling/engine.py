@@ -28,21 +28,36 @@ DEFAULT_PARAMS = SamplingParams()
 
 
 @torch.no_grad()
-def use_decode_linears(model: GPT) -> GPT:
-    """Make every Linear of `model` (the LM head too) the fast kind for decoding on this CPU, in place: on CPUs
-    with native bf16 a `PackedLinear` (a copy of its weight prepacked for oneDNN, made once: this costs the
-    weights' size again), elsewhere a `RowBlockLinear` (nothing copied). Either way parameters, state dict,
-    values and training stay nn.Linear's. Returns `model` (a no-op when its Linears already are that kind).
+def use_decode_linears(model: GPT, rows: int = 1) -> GPT:
+    """Make every Linear of `model` (the LM head too) the fast kind for decoding `rows` sequences at once on this
+    CPU, in place. On CPUs with native bf16: a `PackedLinear` (a copy of its weight prepacked for oneDNN, made
+    once: this costs the weights' size again). Elsewhere: a `RowBlockLinear`, its weight in nn.Linear's (out,
+    in) layout; but with one thread, for one row of an fp32 model, every weight (the tied `wte`/`lm_head` matrix
+    too) is stored as the transpose of a contiguous (in, out) tensor instead: same shapes and values, other
+    strides; one weight is copied at a time and nothing is kept twice. Either way parameters, state dict and
+    training stay nn.Linear's. Returns `model` (a no-op when it is already so).
 
-    Why: on CPU, decoding is a chain of matrix products of few rows, bound by memory bandwidth; PyTorch's usual
-    kernels leave cores idle on them. Where the CPU has native bf16, oneDNN's products against a prepacked
-    weight are the fast ones, in bf16 and fp32; elsewhere fp32 products split into one block of output rows per
-    thread are (bench/sample.py and BENCHMARKS.md have the figures). The sampler uses this on CPU only.
+    Why: on CPU, decoding is a chain of matrix products of few rows, bound by memory bandwidth, and PyTorch's
+    usual kernels leave cores idle on them: split by rows, one block per thread, they use every core. On one
+    core, MKL streams one fp32 row faster from the (in, out) layout. Where the CPU has native bf16, oneDNN's
+    products against a prepacked weight are the fast ones, in bf16 and fp32 (bench/sample.py and BENCHMARKS.md
+    have the figures). The sampler uses this on CPU.
     """
-    kind = PackedLinear if prepacking_pays() else RowBlockLinear
-    for module in model.modules():
-        if type(module) in (nn.Linear, kind):  # not LoRA's layers, whose forward is their own
-            kind.adopt(module)
+    if prepacking_pays():
+        for module in model.modules():
+            if type(module) in (nn.Linear, PackedLinear):  # not LoRA's layers, whose forward is their own
+                PackedLinear.adopt(module)
+        return model
+    linears = [m for m in model.modules() if type(m) in (nn.Linear, RowBlockLinear) and m is not model.lm_head]
+    transposed = rows == 1 and model.lm_head.weight.dtype == torch.float32 and torch.get_num_threads() == 1
+    wte = model.transformer.wte
+    if wte.weight.is_contiguous() == transposed:  # not stored that way yet
+        for module in [*linears, wte]:
+            data = module.weight.t().contiguous().t() if transposed else module.weight.contiguous()
+            module.weight = nn.Parameter(data, requires_grad=False)
+        model.lm_head.weight = wte.weight  # keep the tie
+    for module in [*linears, model.lm_head]:
+        RowBlockLinear.adopt(module)
     return model
 
 
@@ -88,10 +103,10 @@ class PackedLinear(nn.Linear):
 class RowBlockLinear(nn.Linear):
     """An nn.Linear whose fp32 products of at most `MAX_ROWS` rows (decoding) with a weight of at least
     `MIN_WEIGHT` elements, when nothing needs gradients and torch.compile is not tracing, split the weight into
-    one block of output rows per thread: one batched product over the blocks, each block on a core of its own,
-    as llama.cpp shares a matrix-vector product among its threads. Such products are bound by memory bandwidth,
-    which one core does not reach, and MKL's products of few rows were measured keeping to one core. Nothing is
-    copied: a block is a view of the (out, in) weight. Parameters, state dict and training are nn.Linear's."""
+    one block of outputs per thread: one batched product over the blocks, each block on a core of its own, as
+    llama.cpp shares a matrix-vector product among its threads. Such products are bound by memory bandwidth,
+    which one core does not reach, and MKL's products of few rows were measured keeping to one core. A block is
+    a view of the (out, in) weight: nothing is copied. Parameters, state dict and training are nn.Linear's."""
 
     MAX_ROWS = 64  # measured against MKL's own product: faster up to 64 rows, even at 128, slower at 512
     MIN_WEIGHT = 1 << 17  # elements (512 KB in fp32): a smaller product does not repay waking the other threads
@@ -107,7 +122,7 @@ class RowBlockLinear(nn.Linear):
             or weight.dtype != torch.float32
             or weight.numel() < self.MIN_WEIGHT
             or x.numel() > self.MAX_ROWS * self.in_features
-            or not weight.is_contiguous()
+            or not weight.is_contiguous()  # (stored (in, out) for one thread: see use_decode_linears)
             or torch.compiler.is_compiling()  # inductor plans its own products
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):

@@ -33,7 +33,7 @@ class Sampler:
 
     `generate` returns the continuations (the prompt not included). Keyword arguments are the fields of
     `GenerationSettings`. The Sampler takes over `model`: it is moved, cast and (on CPU) given the Linears
-    that decode fastest there (`use_decode_linears`), in place.
+    that decode fastest there for each call's number of rows (`use_decode_linears`), in place.
     """
 
     def __init__(
@@ -49,8 +49,6 @@ class Sampler:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dtype = resolve_dtype(dtype, self.device)  # weights and KV cache: no fp32 master copy
         self.model = model.eval().to(device=self.device, dtype=self.dtype)
-        if self.device.type == "cpu":
-            use_decode_linears(self.model)
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         """The model's chat template (gpt2.chat), None for a model never tuned on chats."""
@@ -110,6 +108,12 @@ class Sampler:
             raise UserError(NO_CHAT_TEMPLATE)
         return self.tokenizer.encode_rendered(chat.render(self.chat_template, messages))
 
+    def prepare_for(self, rows: int) -> None:
+        """Give the model the Linears that decode `rows` sequences at once fastest (CPU only; see
+        `use_decode_linears`)."""
+        if self.device.type == "cpu":
+            use_decode_linears(self.model, rows)
+
     def new_generator(self, seed: int | None) -> torch.Generator:
         g = torch.Generator(device=self.device)
         if seed is None:
@@ -126,6 +130,7 @@ class Sampler:
         empty) final piece."""
         generation = GenerationSettings(**settings)
         rows = [p if isinstance(p, list) else self.encode_prompt(p, generation.max_new_tokens) for p in prompts]
+        self.prepare_for(len(rows))
         generator = generator or self.new_generator(generation.seed)
         eot = None if generation.ignore_eot else self.tokenizer.eot_id
         streams = [TextStream(self.tokenizer, generation.stop) for _ in rows]

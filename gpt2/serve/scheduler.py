@@ -94,6 +94,7 @@ class Scheduler:
 
     def __init__(self, sampler: Sampler, rows: int, max_waiting: int, prefill_chunk: int = 256) -> None:
         self.sampler, self.max_waiting, self.prefill_chunk = sampler, max_waiting, prefill_chunk
+        sampler.prepare_for(rows)
         self.batch = Batch(
             sampler.model, rows, sampler.model.config.block_size, decode=sampler.decode, static=sampler.static
         )
