@@ -32,16 +32,16 @@ def use_decode_linears(model: GPT, rows: int = 1) -> GPT:
     """Make every Linear of `model` (the LM head too) the fast kind for decoding `rows` sequences at once on this
     CPU, in place. On CPUs with native bf16: a `PackedLinear` (a copy of its weight prepacked for oneDNN, made
     once: this costs the weights' size again). Elsewhere: a `RowBlockLinear`, its weight in nn.Linear's (out,
-    in) layout; but with one thread, for one row of an fp32 model, every weight (the tied `wte`/`lm_head` matrix
-    too) is stored as the transpose of a contiguous (in, out) tensor instead: same shapes and values, other
-    strides; one weight is copied at a time and nothing is kept twice. Either way parameters, state dict and
-    training stay nn.Linear's. Returns `model` (a no-op when it is already so).
+    in) layout; but for one row of an fp32 model every weight (the tied `wte`/`lm_head` matrix too) is stored as
+    the transpose of a contiguous (in, out) tensor instead: same shapes and values, other strides; one weight is
+    copied at a time and nothing is kept twice. Either way parameters, state dict and training stay
+    nn.Linear's. Returns `model` (a no-op when it is already so).
 
     Why: on CPU, decoding is a chain of matrix products of few rows, bound by memory bandwidth, and PyTorch's
-    usual kernels leave cores idle on them: split by rows, one block per thread, they use every core. On one
-    core, MKL streams one fp32 row faster from the (in, out) layout. Where the CPU has native bf16, oneDNN's
-    products against a prepacked weight are the fast ones, in bf16 and fp32 (bench/sample.py and BENCHMARKS.md
-    have the figures). The sampler uses this on CPU.
+    usual kernels leave cores idle on them: split into one block per thread, they use every core. MKL streams
+    one fp32 row fastest through the (in, out) layout, more rows through (out, in). Where the CPU has native
+    bf16, oneDNN's products against a prepacked weight are the fast ones, in bf16 and fp32 (bench/sample.py and
+    BENCHMARKS.md have the figures). The sampler uses this on CPU.
     """
     if prepacking_pays():
         for module in model.modules():
@@ -49,7 +49,7 @@ def use_decode_linears(model: GPT, rows: int = 1) -> GPT:
                 PackedLinear.adopt(module)
         return model
     linears = [m for m in model.modules() if type(m) in (nn.Linear, RowBlockLinear) and m is not model.lm_head]
-    transposed = rows == 1 and model.lm_head.weight.dtype == torch.float32 and torch.get_num_threads() == 1
+    transposed = rows == 1 and model.lm_head.weight.dtype == torch.float32
     wte = model.transformer.wte
     if wte.weight.is_contiguous() == transposed:  # not stored that way yet
         for module in [*linears, wte]:
@@ -102,11 +102,13 @@ class PackedLinear(nn.Linear):
 
 class RowBlockLinear(nn.Linear):
     """An nn.Linear whose fp32 products of at most `MAX_ROWS` rows (decoding) with a weight of at least
-    `MIN_WEIGHT` elements, when nothing needs gradients and torch.compile is not tracing, split the weight into
-    one block of outputs per thread: one batched product over the blocks, each block on a core of its own, as
-    llama.cpp shares a matrix-vector product among its threads. Such products are bound by memory bandwidth,
-    which one core does not reach, and MKL's products of few rows were measured keeping to one core. A block is
-    a view of the (out, in) weight: nothing is copied. Parameters, state dict and training are nn.Linear's."""
+    `MIN_WEIGHT` elements, when nothing needs gradients and torch.compile is not tracing, split the weight's
+    storage into one block of rows per thread: one batched product over the blocks, each block on a core of its
+    own, as llama.cpp shares a matrix-vector product among its threads. Stored (out, in), a block is a slice of
+    the outputs; stored (in, out) (see `use_decode_linears`), a slice of the inputs, whose partial products are
+    summed. Such products are bound by memory bandwidth, which one core does not reach, and MKL's products of
+    few rows were measured keeping to one core. A block is a view: nothing is copied. Parameters, state dict
+    and training are nn.Linear's."""
 
     MAX_ROWS = 64  # measured against MKL's own product: faster up to 64 rows, even at 128, slower at 512
     MIN_WEIGHT = 1 << 17  # elements (512 KB in fp32): a smaller product does not repay waking the other threads
@@ -122,21 +124,33 @@ class RowBlockLinear(nn.Linear):
             or weight.dtype != torch.float32
             or weight.numel() < self.MIN_WEIGHT
             or x.numel() > self.MAX_ROWS * self.in_features
-            or not weight.is_contiguous()  # (stored (in, out) for one thread: see use_decode_linears)
             or torch.compiler.is_compiling()  # inductor plans its own products
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):
             return super().forward(x)
-        blocks = _divisor_at_most(self.out_features, torch.get_num_threads())
-        if blocks == 1:
-            return super().forward(x)
-        blocked = weight.view(blocks, -1, self.in_features)  # (blocks, out / blocks, in)
-        columns = x.reshape(-1, self.in_features).t().expand(blocks, -1, -1)  # (blocks, in, rows)
-        if self.bias is None:
-            y = torch.bmm(blocked, columns)
+        rows = x.reshape(-1, self.in_features)
+        if weight.is_contiguous():  # stored (out, in): blocks of outputs, side by side
+            blocks = _divisor_at_most(self.out_features, torch.get_num_threads())
+            if blocks == 1:
+                return super().forward(x)
+            blocked = weight.view(blocks, -1, self.in_features)  # (blocks, out / blocks, in)
+            columns = rows.t().expand(blocks, -1, -1)  # (blocks, in, rows)
+            if self.bias is None:
+                y = torch.bmm(blocked, columns)
+            else:
+                y = torch.baddbmm(self.bias.view(blocks, -1, 1), blocked, columns)
+            y = y.permute(2, 0, 1).contiguous()  # (rows, blocks, out / blocks): a copy unless one row
+        elif weight.t().is_contiguous():  # stored (in, out): blocks of inputs, their partial products summed
+            blocks = _divisor_at_most(self.in_features, torch.get_num_threads())
+            if blocks == 1:
+                return super().forward(x)
+            blocked = weight.t().view(blocks, -1, self.out_features)  # (blocks, in / blocks, out)
+            parts = rows.view(-1, blocks, self.in_features // blocks).transpose(0, 1)  # (blocks, rows, in / blocks)
+            y = torch.bmm(parts, blocked).sum(0)
+            if self.bias is not None:
+                y += self.bias
         else:
-            y = torch.baddbmm(self.bias.view(blocks, -1, 1), blocked, columns)
-        y = y.permute(2, 0, 1).contiguous()  # (rows, blocks, out / blocks): a copy unless one row
+            return super().forward(x)
         return y.view(*x.shape[:-1], self.out_features)
 
 
